@@ -1,0 +1,125 @@
+"""Normalised rows -> token examples for each objective, with truncation and packing.
+
+Example shapes:
+
+- sft / pt: ``{"input_ids": [...], "labels": [...]}`` (labels -100 where masked)
+- cls: ``{"input_ids": [...], "label": int}``
+- rm / dpo: ``{"chosen_input_ids", "chosen_labels", "rejected_input_ids", "rejected_labels"}``
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import DataError
+from .chat import IGNORE, ChatRenderer, bos_ids, encode, eos_id
+
+BATCH = 1000  # rows per tokenizer call for plain texts
+
+
+@dataclass
+class Tokenized:
+    """Examples built from a list of rows plus the rows dropped on the way."""
+
+    examples: list[dict[str, Any]] = field(default_factory=list)
+    dropped: list[str] = field(default_factory=list)
+
+
+def _encode_many(tokenizer, texts: list[str]) -> list[list[int]]:
+    out: list[list[int]] = []
+    for i in range(0, len(texts), BATCH):
+        out += [list(x) for x in tokenizer(texts[i : i + BATCH], add_special_tokens=False, verbose=False)["input_ids"]]
+    return out
+
+
+def _no_labels(loc: str, max_seq_len: int) -> str:
+    return f"{loc}: no trainable tokens left after truncation to max_seq_len={max_seq_len}"
+
+
+def tokenize_lm(rows, fmt: str, tokenizer, renderer: ChatRenderer, *, max_seq_len: int,
+                objective: str, packing: bool) -> Tokenized:
+    """sft/pt examples. ``rows`` are ``(loc, canonical dict)`` pairs."""
+    if fmt == "text":
+        return _text(rows, tokenizer, max_seq_len=max_seq_len, packing=packing)
+    out = Tokenized()
+    for loc, row in rows:
+        if fmt == "alpaca":
+            ids, labels = renderer.alpaca(row)
+        else:
+            ids, labels = renderer.messages(row["messages"])
+        if objective == "pt":
+            labels = list(ids)
+        ids, labels = ids[:max_seq_len], labels[:max_seq_len]
+        if all(x == IGNORE for x in labels):
+            out.dropped.append(_no_labels(loc, max_seq_len))
+            continue
+        out.examples.append({"input_ids": ids, "labels": labels})
+    return out
+
+
+def _text(rows, tokenizer, *, max_seq_len: int, packing: bool) -> Tokenized:
+    """One document per row: ``bos? + text + eos``; packed into max_seq_len blocks if asked."""
+    bos, eos = bos_ids(tokenizer), eos_id(tokenizer)
+    docs = [bos + ids + [eos] for ids in _encode_many(tokenizer, [r["text"] for _, r in rows])]
+    out = Tokenized()
+    if packing:
+        stream = [t for doc in docs for t in doc]
+        for i in range(0, len(stream), max_seq_len):
+            block = stream[i : i + max_seq_len]
+            out.examples.append({"input_ids": block, "labels": list(block)})
+        return out
+    for doc in docs:
+        doc = doc[:max_seq_len]
+        out.examples.append({"input_ids": doc, "labels": list(doc)})
+    return out
+
+
+def tokenize_cls(rows, tokenizer, label_ids: dict, *, max_seq_len: int) -> Tokenized:
+    """cls examples: the tokenizer's own special tokens, ``text_pair`` as second segment."""
+    out = Tokenized()
+    for i in range(0, len(rows), BATCH):
+        chunk = [r for _, r in rows[i : i + BATCH]]
+        texts = [r["text"] for r in chunk]
+        pairs = [r["text_pair"] for r in chunk]
+        if any(p is None for p in pairs) and not all(p is None for p in pairs):
+            raise DataError(f"{rows[i][0]}: field 'text_pair' is set on some rows but not others; "
+                            "give it on every row or on none")
+        enc = tokenizer(texts, None if pairs[0] is None else pairs, truncation=True,
+                        max_length=max_seq_len)
+        for ids, r in zip(enc["input_ids"], chunk):
+            out.examples.append({"input_ids": list(ids), "label": label_ids[r["label"]]})
+    return out
+
+
+def tokenize_pref(rows, tokenizer, renderer: ChatRenderer, *, max_seq_len: int) -> Tokenized:
+    """rm/dpo examples; the prompt is masked, the response is trained.
+
+    Str rows are concatenated as ``bos? + prompt + response + eos`` (no template, like the
+    classic HH format). Message-list rows go through the chat renderer with only the last
+    assistant turn trained; ``prompt`` is prepended when the lists hold only assistant turns.
+    """
+    out = Tokenized()
+    for loc, row in rows:
+        ex: dict[str, Any] = {}
+        for side in ("chosen", "rejected"):
+            ids, labels = _pref_side(row["prompt"], row[side], tokenizer, renderer)
+            ids, labels = ids[:max_seq_len], labels[:max_seq_len]
+            ex[f"{side}_input_ids"], ex[f"{side}_labels"] = ids, labels
+        if any(all(x == IGNORE for x in ex[f"{s}_labels"]) for s in ("chosen", "rejected")):
+            out.dropped.append(_no_labels(loc, max_seq_len))
+            continue
+        out.examples.append(ex)
+    return out
+
+
+def _pref_side(prompt, response, tokenizer, renderer: ChatRenderer) -> tuple[list[int], list[int]]:
+    if isinstance(response, str):
+        head = renderer.bos + encode(tokenizer, prompt)
+        body = encode(tokenizer, response) + [eos_id(tokenizer)]
+        return head + body, [IGNORE] * len(head) + body
+    msgs = list(response)
+    if prompt is not None and all(m["role"] == "assistant" for m in msgs):
+        turns = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
+        msgs = turns + msgs
+    return renderer.messages(msgs, last_only=True)
