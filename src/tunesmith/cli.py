@@ -1,0 +1,83 @@
+"""The tunesmith command line: one entry point for every workflow step."""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+from .errors import TunesmithError
+
+
+def _cmd_train(args) -> None:
+    from . import api
+    if args.resume:
+        overrides = ([args.config] if args.config and "=" in args.config else []) + args.overrides
+        api.train(None, resume=args.resume, **dict(o.split("=", 1) for o in _check(overrides)))
+        return
+    if not args.config:
+        raise TunesmithError("train: give a config file (e.g. examples/quickstart.yaml) or --resume RUN_DIR")
+    from . import config as config_mod
+    from .train import runner
+    runner.run(config_mod.load(args.config, _check(args.overrides)))
+
+
+def _check(overrides: list[str]) -> list[str]:
+    for o in overrides:
+        if "=" not in o:
+            raise TunesmithError(f"override {o!r}: expected key.sub=value, e.g. train.lr=1e-4")
+    return overrides
+
+
+def _cmd_methods(args) -> None:
+    from . import api
+    rows = api.methods()
+    w = max(len(r["name"]) for r in rows)
+    for r in rows:
+        print(f"{r['name']:<{w}}  {r['family']:<9}  {r['summary']}")
+
+
+def _cmd_merge(args) -> None:
+    from . import api
+    out = api.merge(args.run_dir, args.out_dir)
+    print(f"merged model written to {out}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="tunesmith", description="Fine-tune language models.")
+    sub = p.add_subparsers(dest="command", required=True)
+    t = sub.add_parser("train", help="run a fine-tune from a YAML config")
+    t.add_argument("config", nargs="?", help="YAML config file")
+    t.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. train.lr=1e-4")
+    t.add_argument("--resume", metavar="RUN_DIR", help="continue a stopped run from its last checkpoint")
+    t.set_defaults(fn=_cmd_train)
+    m = sub.add_parser("methods", help="list the registered fine-tuning methods")
+    m.set_defaults(fn=_cmd_methods)
+    g = sub.add_parser("merge", help="merge a run's adapter into a plain transformers model directory")
+    g.add_argument("run_dir")
+    g.add_argument("out_dir")
+    g.set_defaults(fn=_cmd_merge)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    for noisy in ("transformers", "httpx", "urllib3"):
+        logging.getLogger(noisy).setLevel(logging.ERROR)
+    args = build_parser().parse_args(argv)
+    try:
+        args.fn(args)
+    except TunesmithError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except ValueError as e:  # DataError and pydantic errors surfacing from user input
+        if type(e).__module__.startswith("tunesmith"):
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        raise
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,187 @@
+"""The run config: pydantic models for the YAML sections model, method, data, train, output.
+
+Every field is documented once, on the field; the README's reference and CLI help come from
+these descriptions. Unknown keys are errors. YAML is read with ``yaml.safe_load`` only.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, ValidationError, field_validator, model_validator
+
+from .data import DataConfig
+from .errors import ConfigError, did_you_mean
+from .methods import registry
+from .methods.registry import MethodConfig
+from .models.loader import ModelConfig
+
+SECTIONS = ("model", "method", "data", "train", "output")
+
+
+class TrainConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    objective: str = Field("auto", description="Training objective: sft, pt, cls (auto: from data.format).")
+    max_steps: int | None = Field(None, ge=1, description="Optimizer steps; overrides epochs when set.")
+    epochs: float | None = Field(None, gt=0, description="Passes over the training data (default 1 when max_steps is unset).")
+    lr: float = Field(2e-4, gt=0, description="Peak learning rate.")
+    batch_size: int = Field(4, ge=1, description="Examples per micro-batch.")
+    grad_accum: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
+    max_seq_len: int = Field(512, ge=8, description="Tokens per example after truncation (block size when packing).")
+    seed: int = Field(42, description="Seed for initialisation, data order, splits and dropout.")
+    scheduler: Literal["constant", "linear", "cosine"] = Field("cosine", description="Learning-rate schedule after warmup.")
+    warmup_steps: int = Field(0, ge=0, description="Linear warmup steps from 0 to lr.")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay (matrices only).")
+    optimizer: Literal["adamw"] = Field("adamw", description="Optimizer (fused on CUDA).")
+    adam_betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas.")
+    adam_eps: float = Field(1e-8, gt=0, description="AdamW epsilon.")
+    max_grad_norm: float | None = Field(1.0, description="Gradient clipping norm; null disables.")
+    precision: Literal["auto", "fp32", "bf16"] = Field(
+        "auto", description="Compute precision: auto = bf16 autocast on CUDA, fp32 on CPU.")
+    gradient_checkpointing: bool = Field(False, description="Recompute activations in backward to save memory.")
+    eval_every: int | None = Field(None, ge=1, description="Evaluate every N steps (always at start and end).")
+    eval_batches: int | None = Field(None, ge=1, description="Cap on evaluation batches (null = the whole set).")
+    save_every: int | None = Field(None, ge=1, description="Checkpoint every N steps (default: at each eval and at the end).")
+    keep_checkpoints: int = Field(2, ge=1, description="Checkpoints kept in checkpoints/ (oldest removed first).")
+    log_every: int = Field(1, ge=1, description="Write a train-loss line to metrics.jsonl every N steps.")
+    progress: bool = Field(True, description="Show a progress bar.")
+
+    @model_validator(mode="after")
+    def _check(self):
+        if self.max_steps is not None and self.epochs is not None:
+            raise ValueError("set either max_steps or epochs, not both")
+        return self
+
+
+class OutputConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    dir: str = Field("runs/run", description="Run directory; if it exists a suffix -2, -3, … is added.")
+    plot: bool = Field(True, description="Draw loss.png (train and eval curves).")
+
+
+class RunConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    method: SerializeAsAny[MethodConfig] = Field(description="Method name plus its fields (see `tunesmith methods`).")
+    data: DataConfig
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    output: OutputConfig = Field(default_factory=OutputConfig)
+
+    @field_validator("method", mode="before")
+    @classmethod
+    def _method(cls, v: Any):
+        if isinstance(v, MethodConfig):
+            return v
+        if isinstance(v, str):
+            v = {"name": v}
+        return registry.build_config(v)
+
+
+def _format_errors(err: ValidationError, prefix: str = "") -> str:
+    lines = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"])
+        where = f"{prefix}{loc}" if loc else prefix.rstrip(".")
+        if e["type"] == "extra_forbidden":
+            lines.append(f"{where}: unknown key{_key_hint(e['loc'])}")
+        elif e["type"] == "missing":
+            lines.append(f"{where}: required field is missing")
+        else:
+            lines.append(f"{where}: {e['msg']} (got {e.get('input')!r})")
+    return "; ".join(lines)
+
+
+def _key_hint(loc) -> str:
+    *parent, key = [str(p) for p in loc]
+    fields = _fields_at(parent)
+    return f" '{key}'{did_you_mean(key, fields)}; valid keys: {', '.join(fields)}" if fields else ""
+
+
+def _fields_at(path: list[str]) -> list[str]:
+    model: Any = RunConfig
+    for p in path:
+        info = getattr(model, "model_fields", {}).get(p)
+        if info is None:
+            return []
+        model = info.annotation
+        model = getattr(model, "__origin__", model)
+        if not hasattr(model, "model_fields"):
+            return []
+    return list(model.model_fields)
+
+
+def validate(data: dict, source: str = "config") -> RunConfig:
+    """Validate a config dict; errors name the source, the field, the value and what is valid."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: expected a mapping with sections {', '.join(SECTIONS)}")
+    unknown = [k for k in data if k not in SECTIONS]
+    if unknown:
+        k = unknown[0]
+        raise ConfigError(f"{source}: unknown section '{k}'{did_you_mean(k, SECTIONS)}; valid: {', '.join(SECTIONS)}")
+    method = data.get("method")
+    try:
+        if isinstance(method, dict):  # validate the method first so its errors say method.<field>
+            registry.build_config(method)
+        return RunConfig.model_validate(data)
+    except ValidationError as e:
+        prefix = "method." if e.title != "RunConfig" else ""
+        raise ConfigError(f"{source}: {_format_errors(e, prefix)}") from None
+
+
+def load_yaml(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {str(path)!r} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: invalid YAML: {e}") from None
+    return data or {}
+
+
+def apply_overrides(data: dict, overrides: list[str] | dict[str, Any]) -> dict:
+    """Apply ``a.b=value`` overrides (values parsed as YAML scalars) to a config dict, returning a copy."""
+    import copy
+    out = copy.deepcopy(data)
+    items = overrides.items() if isinstance(overrides, dict) else [_split(o) for o in overrides]
+    for key, value in items:
+        parts = key.split(".")
+        if parts[0] not in SECTIONS:
+            raise ConfigError(f"override {key!r}: unknown section '{parts[0]}'{did_you_mean(parts[0], SECTIONS)}; "
+                              f"valid: {', '.join(SECTIONS)}")
+        node = out
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {key!r}: '{p}' is not a section")
+        node[parts[-1]] = value
+    return out
+
+
+def _split(item: str) -> tuple[str, Any]:
+    if "=" not in item:
+        raise ConfigError(f"override {item!r}: expected key.sub=value, e.g. train.lr=1e-4")
+    key, raw = item.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.strip(), value
+
+
+def load(path_or_dict: str | Path | dict | RunConfig, overrides=None) -> RunConfig:
+    """Config from a YAML path, a dict or a RunConfig, with optional overrides."""
+    if isinstance(path_or_dict, RunConfig):
+        if not overrides:
+            return path_or_dict
+        path_or_dict = path_or_dict.model_dump(mode="json")
+    source = str(path_or_dict) if isinstance(path_or_dict, (str, Path)) else "config"
+    data = load_yaml(path_or_dict) if isinstance(path_or_dict, (str, Path)) else path_or_dict
+    if overrides:
+        data = apply_overrides(data, overrides)
+    return validate(data, source)
+
+
+def dump(cfg: RunConfig) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

@@ -1,0 +1,37 @@
+"""Full fine-tuning: every parameter trains; the result is a plain transformers model directory."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from torch import nn
+
+from .registry import Method, MethodConfig, register
+
+
+class FullConfig(MethodConfig):
+    name: Literal["full"] = "full"
+
+
+@register
+class Full(Method):
+    name = "full"
+    family = "full"
+    summary = "Full fine-tuning: every weight trains; saves a transformers model directory."
+    Config = FullConfig
+    artifact = "model"
+    upcast_trainable = False
+
+    def apply(self, model: nn.Module) -> nn.Module:
+        for p in model.parameters():
+            p.requires_grad_(True)
+        return model
+
+    def save(self, model: nn.Module, out_dir: Path, base_name: str) -> Path:
+        path = out_dir / "model"
+        model.save_pretrained(path)
+        return path
+
+    @classmethod
+    def load_artifact(cls, model: nn.Module, path: Path) -> nn.Module:
+        return model  # the artifact is itself a full model; the loader reads it directly

@@ -1,0 +1,208 @@
+"""LoRA: low-rank adaptation (Hu et al. 2021, "LoRA: Low-Rank Adaptation of Large Language Models").
+
+h = W0 x + (alpha / r) * B A x    (eq. 3), with A: r x d_in, B: d_out x r, B = 0 at init.
+rsLoRA (Kalajdzievski 2023) scales by alpha / sqrt(r) instead.
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Literal
+
+import torch
+from pydantic import Field, field_validator
+from torch import nn
+
+from . import peft_format
+from .inject import TunedLayer, freeze_all, inject, resolve_targets, tuned_layers, unfreeze_modules, unwrap
+from .registry import Method, MethodConfig, attach, register
+from ..models.targets import task_heads
+
+
+class LoraConfig(MethodConfig):
+    name: Literal["lora"] = "lora"
+    r: int = Field(8, ge=1, description="Rank of the update B·A.")
+    alpha: float = Field(16.0, gt=0, description="Scale numerator: the update is multiplied by alpha/r.")
+    dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the adapter's input.")
+    target_modules: str | list[str] | None = Field(
+        None, description="Module names (suffix match), a full-match regex, 'all-linear', or null for "
+                          "the architecture's attention and MLP projections.")
+    bias: Literal["none", "all", "lora_only"] = Field(
+        "none", description="Which biases train: none, all biases, or those of adapted layers.")
+    init: Literal["kaiming", "gaussian", "zero_b"] = Field(
+        "kaiming", description="A's init (B is always zero): kaiming = peft's default kaiming-uniform; "
+                               "gaussian = N(0, 1/r²) as peft's 'gaussian'; zero_b = the paper's N(0, 1/d_in).")
+    use_rslora: bool = Field(False, description="Scale by alpha/sqrt(r) (rsLoRA) instead of alpha/r.")
+    modules_to_save: list[str] | None = Field(
+        None, description="Extra modules trained in full and saved with the adapter (task heads are added "
+                          "automatically for classification).")
+
+    @field_validator("target_modules")
+    @classmethod
+    def _nonempty(cls, v):
+        if isinstance(v, list) and not v:
+            raise ValueError("empty list; give module names, a regex, 'all-linear' or null")
+        return v
+
+
+class LoraLinear(TunedLayer):
+    """nn.Linear plus a low-rank update; parameter names match peft's (lora_A, lora_B)."""
+
+    def __init__(self, base: nn.Linear, r: int, alpha: float, dropout: float, use_rslora: bool = False):
+        super().__init__(base)
+        self.r = r
+        self.scaling = alpha / (math.sqrt(r) if use_rslora else r)
+        w = base.weight
+        self.lora_A = nn.Linear(base.in_features, r, bias=False, device=w.device, dtype=w.dtype)
+        self.lora_B = nn.Linear(r, base.out_features, bias=False, device=w.device, dtype=w.dtype)
+        self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+
+    def reset(self, init: str) -> None:
+        with torch.no_grad():
+            if init == "kaiming":
+                nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
+            elif init == "gaussian":
+                nn.init.normal_(self.lora_A.weight, std=1 / self.r)
+            elif init == "zero_b":
+                nn.init.normal_(self.lora_A.weight, std=1 / math.sqrt(self.lora_A.in_features))
+            else:
+                raise ValueError(f"unknown LoRA init {init!r}")
+            nn.init.zeros_(self.lora_B.weight)
+
+    def delta_weight(self) -> torch.Tensor:
+        """ΔW = scaling · B A, shape (d_out, d_in)."""
+        return (self.lora_B.weight @ self.lora_A.weight) * self.scaling
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base_layer(x)
+        if self.merged or self.disabled:
+            return y
+        a = self.lora_A.weight
+        return y + self.lora_B(self.lora_A(self.lora_dropout(x.to(a.dtype)))).to(y.dtype) * self.scaling
+
+    def merge(self) -> None:
+        if not self.merged:
+            self.base_layer.weight.data += self.delta_weight().to(self.base_layer.weight.dtype)
+            self.merged = True
+
+    def unmerge(self) -> None:
+        if self.merged:
+            self.base_layer.weight.data -= self.delta_weight().to(self.base_layer.weight.dtype)
+            self.merged = False
+
+
+class LowRankMethod(Method):
+    """Shared behaviour of the LoRA family: wrapping, bias/heads, peft-format save and load."""
+
+    family = "low-rank"
+    peft_type = "LORA"
+
+    def make_layer(self, name: str, base: nn.Module) -> TunedLayer:
+        raise NotImplementedError
+
+    def apply(self, model: nn.Module) -> nn.Module:
+        cfg = self.cfg
+        freeze_all(model)
+        self.targets = inject(model, cfg.target_modules, self.make_layer)
+        for _, layer in tuned_layers(model):
+            for n, p in layer.named_parameters():
+                if not n.startswith("base_layer."):
+                    p.requires_grad_(True)
+        self._apply_bias(model)
+        self.saved_modules = unfreeze_modules(model, self.modules_to_save(model))
+        return model
+
+    def modules_to_save(self, model: nn.Module) -> list[str]:
+        return list(dict.fromkeys((self.cfg.modules_to_save or []) + task_heads(model)))
+
+    def _apply_bias(self, model: nn.Module) -> None:
+        bias = getattr(self.cfg, "bias", "none")
+        if bias == "all":
+            for n, p in model.named_parameters():
+                if n.endswith("bias"):
+                    p.requires_grad_(True)
+        elif bias == "lora_only":
+            for _, layer in tuned_layers(model):
+                if getattr(layer.base_layer, "bias", None) is not None:
+                    layer.base_layer.bias.requires_grad_(True)
+
+    def peft_config(self, model: nn.Module, base_name: str) -> dict:
+        cfg = self.cfg
+        targets = cfg.target_modules
+        if targets is None or targets == "all-linear":
+            targets = sorted({n.rsplit(".", 1)[-1] for n in self.targets})
+        return {
+            "peft_type": self.peft_type, "task_type": peft_format.task_type(model),
+            "base_model_name_or_path": base_name, "r": cfg.r, "lora_alpha": cfg.alpha,
+            "lora_dropout": cfg.dropout, "target_modules": targets, "bias": cfg.bias,
+            "use_rslora": cfg.use_rslora, "modules_to_save": self.modules_to_save(model) or None,
+            "init_lora_weights": True, "fan_in_fan_out": False, "inference_mode": True,
+            "use_dora": False, "rank_pattern": {}, "alpha_pattern": {}, "layers_to_transform": None,
+        }
+
+    def save(self, model: nn.Module, out_dir: Path, base_name: str) -> Path:
+        state = self.trainable_state(model)
+        meta = {"method": self.cfg.model_dump(mode="json"), "base": base_name}
+        return peft_format.write_adapter(out_dir / "adapter", self.peft_config(model, base_name), state, meta)
+
+    def trainable_state(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        # peft names the bias of a wrapped layer <path>.bias, not <path>.base_layer.bias
+        return {n.replace(".base_layer.", "."): p.detach() for n, p in model.named_parameters() if p.requires_grad}
+
+    def load_trainable_state(self, model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+        peft_format.load_into(model, state, Path("<checkpoint>"))
+
+    @classmethod
+    def config_from_peft(cls, peft_cfg: dict) -> MethodConfig:
+        return cls.Config(name=cls.name, r=peft_cfg["r"], alpha=peft_cfg.get("lora_alpha", 8),
+                          dropout=peft_cfg.get("lora_dropout", 0.0),
+                          target_modules=_as_targets(peft_cfg.get("target_modules")),
+                          bias=peft_cfg.get("bias", "none"), use_rslora=peft_cfg.get("use_rslora", False),
+                          modules_to_save=peft_cfg.get("modules_to_save"))
+
+    @classmethod
+    def load_artifact(cls, model: nn.Module, path: Path) -> nn.Module:
+        peft_cfg, state = peft_format.read_adapter(path)
+        meta = path / peft_format.META_NAME
+        cfg = (cls.Config.model_validate(json.loads(meta.read_text())["method"]) if meta.is_file()
+               else cls.config_from_peft(peft_cfg))
+        method = cls(cfg)
+        method.apply(model)
+        peft_format.load_into(model, state, path)
+        attach(model, method)
+        return model
+
+    def merge(self, model: nn.Module) -> nn.Module:
+        for _, layer in tuned_layers(model):
+            layer.merge()
+        return unwrap(model)
+
+
+def _as_targets(t):
+    return sorted(t) if isinstance(t, (list, set, tuple)) else t
+
+
+@register
+class Lora(LowRankMethod):
+    name = "lora"
+    summary = "Low-rank update B·A beside frozen linear layers (Hu et al. 2021); rsLoRA scaling option."
+    Config = LoraConfig
+
+    def make_layer(self, name: str, base: nn.Module) -> LoraLinear:
+        layer = LoraLinear(base, self.cfg.r, self.cfg.alpha, self.cfg.dropout, self.cfg.use_rslora)
+        layer.reset(self.cfg.init)
+        return layer
+
+
+def lora_trainable_count(model: nn.Module, r: int, targets: list[str]) -> int:
+    """Closed form: sum over targets of r·(d_in + d_out)."""
+    total = 0
+    for n in targets:
+        m = model.get_submodule(n)
+        base = m.base_layer if isinstance(m, TunedLayer) else m
+        total += r * (base.in_features + base.out_features)
+    return total
+
+
+__all__ = ["Lora", "LoraConfig", "LoraLinear", "LowRankMethod", "lora_trainable_count", "resolve_targets"]

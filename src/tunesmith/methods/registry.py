@@ -1,0 +1,158 @@
+"""The method registry: the only list of fine-tuning methods in tunesmith.
+
+A method is a subclass of :class:`Method` with a pydantic ``Config`` and an ``apply``; it is
+registered by name with :func:`register`. CLI help, docs tables, tests and benchmarks all read
+:func:`all_methods`. Every module in ``tunesmith.methods`` is imported on first use, so a new
+method is one new file.
+"""
+from __future__ import annotations
+
+import importlib
+import pkgutil
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from torch import nn
+
+from ..errors import ConfigError, did_you_mean
+
+FAMILIES = ("full", "selective", "additive", "low-rank")
+_REGISTRY: dict[str, type["Method"]] = {}
+_NOT_METHODS = {"registry", "inject", "layers", "peft_format", "delta"}
+
+
+class MethodConfig(BaseModel):
+    """Fields common to every method; each method's Config subclasses this."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    name: str = Field(description="Registered method name (see `tunesmith methods`).")
+
+
+class Method:
+    """A fine-tuning method. Subclasses set the class attributes and override ``apply``.
+
+    Hooks default to doing nothing, so the training loop calls them unconditionally and never
+    branches on the method's name.
+    """
+
+    name: ClassVar[str]
+    family: ClassVar[str]
+    summary: ClassVar[str]
+    Config: ClassVar[type[MethodConfig]] = MethodConfig
+    #: "adapter" (peft-format adapter/), "model" (full transformers dir) or "delta" (changed tensors).
+    artifact: ClassVar[str] = "adapter"
+    #: peft's ``peft_type`` for methods whose adapters peft can load (None: tunesmith-only format).
+    peft_type: ClassVar[str | None] = None
+    #: Keep trainable weights in fp32 when the base model is bf16/fp16.
+    upcast_trainable: ClassVar[bool] = True
+
+    def __init__(self, cfg: MethodConfig):
+        self.cfg = cfg
+
+    # -- building -------------------------------------------------------------------------
+    def apply(self, model: nn.Module) -> nn.Module:
+        """Wrap or mark modules of ``model`` in place and return it. Sets requires_grad."""
+        raise NotImplementedError
+
+    def prepare(self, model: nn.Module, batches, objective) -> None:
+        """Called once before training with an iterable of training batches (e.g. Fisher masks)."""
+
+    # -- training hooks -------------------------------------------------------------------
+    def param_groups(self, model: nn.Module, lr: float, weight_decay: float) -> list[dict]:
+        """Optimizer parameter groups; decay applies to matrices only."""
+        decay, no_decay = [], []
+        for p in model.parameters():
+            if p.requires_grad:
+                (decay if p.ndim >= 2 else no_decay).append(p)
+        groups = [{"params": decay, "lr": lr, "weight_decay": weight_decay},
+                  {"params": no_decay, "lr": lr, "weight_decay": 0.0}]
+        return [g for g in groups if g["params"]]
+
+    def on_step_begin(self, model: nn.Module, step: int) -> None:
+        """Before the forward passes of optimizer step ``step`` (0-based)."""
+
+    def regularization(self, model: nn.Module) -> torch.Tensor | None:
+        """An extra loss term added to the objective, or None."""
+        return None
+
+    def before_optimizer_step(self, model: nn.Module, step: int) -> None:
+        """After backward and clipping, before ``optimizer.step()`` (gradient masks go here)."""
+
+    def after_optimizer_step(self, model: nn.Module, step: int) -> None:
+        """After ``optimizer.step()`` (rank allocation, re-masking)."""
+
+    # -- state ----------------------------------------------------------------------------
+    def trainable_state(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        """What a checkpoint must hold to restore the method's weights: trainable params + state."""
+        return {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+
+    def load_trainable_state(self, model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+        params = dict(model.named_parameters())
+        missing = [k for k in state if k not in params]
+        if missing:
+            raise ConfigError(f"checkpoint holds tensors the model lacks: {missing[:5]}")
+        with torch.no_grad():
+            for k, v in state.items():
+                params[k].copy_(v)
+
+    def save(self, model: nn.Module, out_dir: Path, base_name: str) -> Path:
+        """Write the final artifact under ``out_dir`` and return its path."""
+        raise NotImplementedError
+
+    @classmethod
+    def load_artifact(cls, model: nn.Module, path: Path) -> nn.Module:
+        """Rebuild the method on a freshly loaded base ``model`` from a saved artifact."""
+        raise NotImplementedError
+
+    def merge(self, model: nn.Module) -> nn.Module:
+        """Fold the method into plain transformers modules and return the model."""
+        return model
+
+
+def register(cls: type[Method]) -> type[Method]:
+    """Class decorator: add a method to the registry under ``cls.name``."""
+    if cls.family not in FAMILIES:
+        raise ValueError(f"method {cls.name}: family {cls.family!r} not in {FAMILIES}")
+    if cls.name in _REGISTRY and _REGISTRY[cls.name] is not cls:
+        raise ValueError(f"method name {cls.name!r} registered twice")
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+def _discover() -> None:
+    pkg = importlib.import_module("tunesmith.methods")
+    for info in pkgutil.iter_modules(pkg.__path__):
+        if info.name not in _NOT_METHODS and not info.name.startswith("_"):
+            importlib.import_module(f"tunesmith.methods.{info.name}")
+
+
+def all_methods() -> dict[str, type[Method]]:
+    """Every registered method by name, in registration order."""
+    _discover()
+    return dict(_REGISTRY)
+
+
+def get(name: str) -> type[Method]:
+    methods = all_methods()
+    if name not in methods:
+        raise ConfigError(f"method.name: unknown method {name!r}{did_you_mean(name, methods)}; "
+                          f"valid: {', '.join(methods)}")
+    return methods[name]
+
+
+def build_config(data: dict[str, Any]) -> MethodConfig:
+    """Validate a ``method:`` section against the named method's Config."""
+    if not isinstance(data, dict) or "name" not in data:
+        raise ConfigError("method: needs a 'name' (see `tunesmith methods`)")
+    return get(data["name"]).Config.model_validate(data)
+
+
+def attached(model: nn.Module) -> Method | None:
+    """The method applied to ``model`` by tunesmith, if any."""
+    return getattr(model, "_tunesmith_method", None)
+
+
+def attach(model: nn.Module, method: Method) -> None:
+    object.__setattr__(model, "_tunesmith_method", method)

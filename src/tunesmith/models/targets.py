@@ -1,0 +1,54 @@
+"""Default target modules per architecture family: data, not code.
+
+Keys are transformers ``config.model_type`` values. ``attention`` and ``mlp`` list the leaf names
+of the linear layers; ``head`` lists task-head module names that stay trainable for
+classification (peft's ``modules_to_save``).
+"""
+from __future__ import annotations
+
+from torch import nn
+
+_LLAMA = {
+    "attention": ["q_proj", "k_proj", "v_proj", "o_proj"],
+    "mlp": ["gate_proj", "up_proj", "down_proj"],
+    "keys": ["k_proj"], "values": ["v_proj"], "ff_out": ["down_proj"],
+    "layers": r"model\.layers\.(\d+)\.",
+}
+_BERT = {
+    "attention": ["query", "key", "value", "attention.output.dense"],
+    "mlp": ["intermediate.dense", "output.dense"],
+    "keys": ["key"], "values": ["value"], "ff_out": ["output.dense"],
+    "layers": r"(?:bert|roberta|model)?\.?encoder\.layer\.(\d+)\.",
+}
+
+ARCHITECTURES: dict[str, dict] = {
+    **{t: _LLAMA for t in ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text",
+                           "phi3", "olmo", "olmo2", "granite", "smollm3")},
+    **{t: _BERT for t in ("bert", "roberta", "xlm-roberta", "electra", "camembert")},
+}
+
+#: Task-head module names (trainable alongside any method for classification).
+HEADS = ["score", "classifier", "pooler.dense"]
+
+
+def arch(model: nn.Module) -> dict:
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    if model_type not in ARCHITECTURES:
+        return {}
+    return ARCHITECTURES[model_type]
+
+
+def default_targets(model: nn.Module) -> list[str] | str:
+    """All linear layers of the blocks for known architectures; ``all-linear`` otherwise."""
+    a = arch(model)
+    return a["attention"] + a["mlp"] if a else "all-linear"
+
+
+def head_names() -> list[str]:
+    return ["score", "classifier", "lm_head"]
+
+
+def task_heads(model: nn.Module) -> list[str]:
+    """Names of the classification head modules present in ``model``."""
+    names = {n for n, _ in model.named_modules()}
+    return [h for h in ("score", "classifier") if h in names]

@@ -1,0 +1,1 @@
+"""The training loop, objectives, checkpoints and run outputs."""

@@ -1,0 +1,75 @@
+"""Checkpoints: trainable weights, optimizer, scheduler, RNG states and data position.
+
+Each is written to ``step-N.tmp`` and renamed to ``step-N`` only when complete, so a run stopped
+mid-write never leaves a checkpoint that looks whole.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from ..errors import ConfigError
+
+
+def rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save(ckpt_root: Path, step: int, *, trainable: dict[str, torch.Tensor], optimizer, scheduler,
+         position: dict, keep: int) -> Path:
+    final = ckpt_root / f"step-{step}"
+    tmp = ckpt_root / f"step-{step}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_file({k: v.detach().contiguous().cpu() for k, v in trainable.items()}, str(tmp / "trainable.safetensors"))
+    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+    torch.save(rng_state(), tmp / "rng.pt")
+    (tmp / "state.json").write_text(json.dumps({"step": step, **position}, indent=2))
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    for old in list_checkpoints(ckpt_root)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def list_checkpoints(ckpt_root: Path) -> list[Path]:
+    if not ckpt_root.is_dir():
+        return []
+    done = [p for p in ckpt_root.glob("step-*") if p.is_dir() and not p.name.endswith(".tmp")
+            and (p / "state.json").is_file()]
+    return sorted(done, key=lambda p: int(p.name.split("-")[1]))
+
+
+def latest(run_dir: Path) -> Path:
+    ckpts = list_checkpoints(run_dir / "checkpoints")
+    if not ckpts:
+        raise ConfigError(f"--resume {run_dir}: no complete checkpoint under {run_dir / 'checkpoints'}")
+    return ckpts[-1]
+
+
+def load(path: Path, *, method, model, optimizer, scheduler) -> dict:
+    """Restore everything saved at ``path``; returns the saved position (step, micro-batch count …)."""
+    method.load_trainable_state(model, load_file(str(path / "trainable.safetensors")))
+    optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu", weights_only=False))
+    scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=False))
+    set_rng_state(torch.load(path / "rng.pt", weights_only=False))
+    return json.loads((path / "state.json").read_text())

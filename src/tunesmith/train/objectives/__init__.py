@@ -1,0 +1,61 @@
+"""Training objectives, registered by name like methods. One file each."""
+from __future__ import annotations
+
+import importlib
+import pkgutil
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+from ...errors import ConfigError, did_you_mean
+
+_OBJECTIVES: dict[str, type["Objective"]] = {}
+
+
+class Objective:
+    """Computes a loss from a batch. ``loss`` returns (sum of per-item losses, item count, extra sums).
+
+    The loop divides the summed loss by the item count of the whole optimizer step, so gradient
+    accumulation weights every token (or example) equally.
+    """
+
+    name: ClassVar[str]
+    summary: ClassVar[str]
+    task: ClassVar[str] = "causal_lm"       # model head to load: causal_lm | classification
+    data_objective: ClassVar[str] = "sft"   # what build_datasets produces
+    formats: ClassVar[tuple[str, ...]] = ()  # data formats this objective is chosen for by default
+
+    def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int, dict]:
+        raise NotImplementedError
+
+    def count(self, batch: dict[str, torch.Tensor]) -> int:
+        """Items the loss is averaged over (known before the forward pass)."""
+        raise NotImplementedError
+
+
+def register(cls):
+    _OBJECTIVES[cls.name] = cls
+    return cls
+
+
+def all_objectives() -> dict[str, type[Objective]]:
+    for info in pkgutil.iter_modules(__path__):
+        importlib.import_module(f"{__name__}.{info.name}")
+    return dict(_OBJECTIVES)
+
+
+def get(name: str) -> Objective:
+    objs = all_objectives()
+    if name not in objs:
+        raise ConfigError(f"train.objective: unknown objective {name!r}{did_you_mean(name, objs)}; "
+                          f"valid: auto, {', '.join(objs)}")
+    return objs[name]()
+
+
+def for_format(fmt: str) -> str:
+    """The default objective for a data format."""
+    for name, cls in all_objectives().items():
+        if fmt in cls.formats:
+            return name
+    raise ConfigError(f"train.objective: no default objective for data format {fmt!r}; set train.objective")

@@ -1,0 +1,24 @@
+"""Sequence classification: cross-entropy of the task head's logits against the label."""
+from __future__ import annotations
+
+import torch.nn.functional as F
+
+from . import Objective, register
+
+
+@register
+class Classification(Objective):
+    name = "cls"
+    summary = "Sequence classification with a task head (encoders and decoders)."
+    task = "classification"
+    data_objective = "cls"
+    formats = ("classification",)
+
+    def count(self, batch):
+        return int(batch["label"].numel())
+
+    def loss(self, model, batch):
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
+        loss = F.cross_entropy(logits, batch["label"], reduction="sum")
+        correct = (logits.argmax(-1) == batch["label"]).sum().item()
+        return loss, self.count(batch), {"correct": correct}

@@ -1,0 +1,77 @@
+"""Run outputs: metrics.jsonl, loss.png, the end-of-run summary and peak memory."""
+from __future__ import annotations
+
+import json
+import resource
+import sys
+from pathlib import Path
+
+import torch
+
+
+class MetricsLog:
+    """Appends one JSON object per line; on resume, lines after the checkpoint step are dropped."""
+
+    def __init__(self, path: Path, resume_step: int | None = None):
+        self.path = path
+        if resume_step is not None and path.is_file():
+            kept = [l for l in path.read_text().splitlines() if l and json.loads(l).get("step", 0) <= resume_step]
+            path.write_text("".join(l + "\n" for l in kept))
+
+    def write(self, record: dict) -> None:
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def read(self) -> list[dict]:
+        return [json.loads(l) for l in self.path.read_text().splitlines() if l] if self.path.is_file() else []
+
+
+def peak_memory_gib(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    return kb / (2**30 if sys.platform == "darwin" else 2**20)
+
+
+def plot_losses(records: list[dict], path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    train = [(r["step"], r["loss"]) for r in records if r.get("split") == "train"]
+    evals = [(r["step"], r["loss"]) for r in records if r.get("split") == "eval"]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    if train:
+        ax.plot(*zip(*train), label="train", lw=1)
+    if evals:
+        ax.plot(*zip(*evals), "o-", label="eval", lw=1.5)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def format_summary(s: dict) -> str:
+    def f(x, spec=".4f"):
+        return "-" if x is None else format(x, spec)
+    lines = [
+        f"run directory      {s['run_dir']}",
+        f"method             {s['method']}",
+        f"parameters         {s['trainable_params']:,} trainable / {s['total_params']:,} total "
+        f"({s['trainable_pct']:.4f}%)",
+        f"steps              {s['steps']}  ({s['train_tokens']:,} tokens)",
+        f"train loss         {f(s.get('train_loss_before'))} -> {f(s.get('train_loss_after'))}",
+        f"eval loss          {f(s.get('eval_loss_before'))} -> {f(s.get('eval_loss_after'))}",
+    ]
+    if s.get("eval_accuracy_after") is not None:
+        lines.append(f"eval accuracy      {f(s.get('eval_accuracy_before'))} -> {f(s.get('eval_accuracy_after'))}")
+    if s.get("data_skipped"):
+        lines.append(f"rows skipped       {s['data_skipped']}")
+    lines += [
+        f"time               {s['time_s']:.1f} s  ({s['tokens_per_s']:.0f} tokens/s)",
+        f"peak memory        {s['peak_memory_gib']:.2f} GiB ({s['device']})",
+        f"saved              {s['artifact']}",
+    ]
+    return "\n".join(lines)
