@@ -3,8 +3,8 @@
 With a chat template (``tokenizer.chat_template``) the conversation is rendered once with
 ``apply_chat_template``; each assistant turn's character span is found by rendering the
 prefix before it (with the generation prompt) and the prefix through it, and tokens whose
-offsets start inside a span are trained. The span runs to the end of the turn, so the
-template's end-of-turn marker is trained too.
+characters lie mostly inside a span are trained. The span runs to the end of the turn
+(trailing newlines excluded), so the template's end-of-turn marker is trained too.
 
 Without a template a plain fallback is used, and ``eos`` is appended to every answer:
 
@@ -178,9 +178,17 @@ class ChatRenderer:
                 labels[a:b] = ids[a:b]
             return ids, labels
         labels, k = [IGNORE] * len(ids), 0
-        for j, (start, _end) in enumerate(offsets):
+        for j, (start, end) in enumerate(offsets):
             while k < len(spans) and start >= spans[k][1]:
                 k += 1
-            if k < len(spans) and spans[k][0] <= start:
+            if k < len(spans) and _inside(start, end, spans[k]):
                 labels[j] = ids[j]
         return ids, labels
+
+
+def _inside(start: int, end: int, span: tuple[int, int]) -> bool:
+    """Token [start, end) belongs to span: more than half its characters lie inside it."""
+    if end <= start:
+        return span[0] <= start < span[1]
+    overlap = min(end, span[1]) - max(start, span[0])
+    return 2 * overlap > end - start

@@ -85,6 +85,7 @@ def _json(full: str, name: str) -> Iterator[Row]:
 
 
 def _csv(full: str, name: str) -> Iterator[Row]:
+    """Header row names the fields; every value is a str and an empty cell is null."""
     with open(full, encoding="utf-8", newline="") as fh:
         reader = csv.DictReader(fh)
         for row in reader:
@@ -92,7 +93,7 @@ def _csv(full: str, name: str) -> Iterator[Row]:
             loc = f"{name}:{reader.line_num}"
             if None in row:
                 raise DataError(f"{loc}: more values than header columns {reader.fieldnames}")
-            yield Row(loc, dict(row))
+            yield Row(loc, {k: (None if v == "" else v) for k, v in row.items()})
 
 
 def _parquet(full: str, name: str) -> Iterator[Row]:
