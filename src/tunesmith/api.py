@@ -69,8 +69,7 @@ def _method_for_adapter(path: Path, peft_cfg: dict) -> type[registry.Method]:
         return registry.get(json.loads(meta.read_text())["method"]["name"])
     ptype = peft_cfg.get("peft_type")
     for cls in registry.all_methods().values():
-        accepts = getattr(cls, "accepts_peft", None)
-        if cls.peft_type == ptype and (accepts is None or accepts(peft_cfg)):
+        if cls.accepts_peft(peft_cfg):
             return cls
     raise ConfigError(f"{path}: peft_type {ptype!r} is not supported by any tunesmith method")
 

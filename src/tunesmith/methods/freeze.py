@@ -99,6 +99,13 @@ class Freeze(Method):
     Config = FreezeConfig
     artifact = "delta"
     upcast_trainable = False
+    identity_at_init = True
+    mergeable = True
+    invariant_cases = [
+        {},
+        {"options": {"layers": [0], "embeddings": True, "exclude": ["norm"]}},
+        {"arch": "bert", "task": "classification", "options": {"layers": "first 1"}},
+    ]
 
     def trainable_names(self, model: nn.Module) -> list[str]:
         cfg = self.cfg

@@ -21,6 +21,9 @@ class Full(Method):
     Config = FullConfig
     artifact = "model"
     upcast_trainable = False
+    identity_at_init = True
+    mergeable = True
+    invariant_cases = [{}, {"arch": "bert", "task": "classification"}]
 
     def apply(self, model: nn.Module) -> nn.Module:
         for p in model.parameters():

@@ -97,6 +97,14 @@ class LowRankMethod(Method):
 
     family = "low-rank"
     peft_type = "LORA"
+    identity_at_init = True
+    mergeable = True
+    invariant_cases = [
+        {},
+        {"options": {"r": 4, "target_modules": ["q_proj", "v_proj"], "bias": "all", "use_rslora": True}},
+        {"arch": "qwen2", "options": {"bias": "lora_only", "init": "gaussian"}},
+        {"arch": "bert", "task": "classification", "options": {"r": 2}},
+    ]
 
     def make_layer(self, name: str, base: nn.Module) -> TunedLayer:
         raise NotImplementedError
@@ -186,8 +194,13 @@ def _as_targets(t):
 @register
 class Lora(LowRankMethod):
     name = "lora"
+    loads_peft = True
     summary = "Low-rank update B·A beside frozen linear layers (Hu et al. 2021); rsLoRA scaling option."
     Config = LoraConfig
+
+    @classmethod
+    def accepts_peft(cls, peft_cfg: dict) -> bool:
+        return super().accepts_peft(peft_cfg) and not peft_cfg.get("use_dora")
 
     def make_layer(self, name: str, base: nn.Module) -> LoraLinear:
         layer = LoraLinear(base, self.cfg.r, self.cfg.alpha, self.cfg.dropout, self.cfg.use_rslora)

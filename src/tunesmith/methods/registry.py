@@ -45,11 +45,23 @@ class Method:
     artifact: ClassVar[str] = "adapter"
     #: peft's ``peft_type`` for methods whose adapters peft can load (None: tunesmith-only format).
     peft_type: ClassVar[str | None] = None
+    #: Whether ``tunesmith.load`` picks this method for a plain peft adapter (see accepts_peft).
+    loads_peft: ClassVar[bool] = False
+    #: Invariant-matrix declarations (tests/methods/test_invariants.py): the output equals the
+    #: base model's at init; merge() folds the method into plain weights; configs to test.
+    identity_at_init: ClassVar[bool] = False
+    mergeable: ClassVar[bool] = False
+    invariant_cases: ClassVar[list[dict]] = [{}]
     #: Keep trainable weights in fp32 when the base model is bf16/fp16.
     upcast_trainable: ClassVar[bool] = True
 
     def __init__(self, cfg: MethodConfig):
         self.cfg = cfg
+
+    @classmethod
+    def accepts_peft(cls, peft_cfg: dict) -> bool:
+        """Whether a peft adapter_config.json (without tunesmith.json) is loaded by this method."""
+        return cls.loads_peft and cls.peft_type == peft_cfg.get("peft_type")
 
     # -- building -------------------------------------------------------------------------
     def apply(self, model: nn.Module) -> nn.Module:

@@ -1,0 +1,22 @@
+"""Shared fixtures: the local BERT tokenizer and small data files."""
+from __future__ import annotations
+
+import pytest
+
+from helpers import alpaca_rows, cls_rows, write_jsonl
+from tunesmith.models.loader import ModelConfig, load_tokenizer
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    return load_tokenizer(ModelConfig(name_or_path="random:llama"))
+
+
+@pytest.fixture
+def alpaca_file(tmp_path):
+    return write_jsonl(tmp_path / "train.jsonl", alpaca_rows())
+
+
+@pytest.fixture
+def cls_file(tmp_path):
+    return write_jsonl(tmp_path / "cls.jsonl", cls_rows())

@@ -1,0 +1,61 @@
+"""Test helpers: tiny random models, small data, comparisons. Import as `from helpers import ...`."""
+from __future__ import annotations
+
+import json
+import os
+import random
+
+import torch
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from tunesmith.models.loader import ModelConfig, load_model, load_tokenizer  # noqa: E402
+
+
+def tiny(arch: str = "llama", task: str = "causal_lm", seed: int = 0, num_labels: int = 2, **overrides):
+    """A tiny randomly initialised model (fp32, CPU)."""
+    cfg = ModelConfig(name_or_path=f"random:{arch}", device="cpu", dtype="float32", random_overrides=overrides)
+    return load_model(cfg, task=task, num_labels=num_labels, seed=seed)
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def alpaca_rows(n: int = 48, seed: int = 0):
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        a, b = rng.randint(0, 30), rng.randint(0, 30)
+        rows.append({"instruction": f"Add {a} and {b}.", "input": "", "output": f"{a} plus {b} is {a + b}."})
+    return rows
+
+
+def cls_rows(n: int = 48, seed: int = 0):
+    rng = random.Random(seed)
+    pos, neg = ["great", "lovely", "superb", "fine"], ["awful", "bad", "dull", "poor"]
+    rows = []
+    for _ in range(n):
+        label = rng.randint(0, 1)
+        word = rng.choice(pos if label else neg)
+        rows.append({"text": f"the film was {word} and {rng.choice(pos if label else neg)}", "label": label})
+    return rows
+
+
+def ids(batch: int = 2, length: int = 12, vocab: int = 1000, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(5, vocab, (batch, length), generator=g)
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30))
+
+
+def run_config(train_file, tmp_path, method: dict, model: str = "random:llama", **train):
+    """A small RunConfig dict for end-to-end tests."""
+    t = {"max_steps": 4, "batch_size": 4, "lr": 1e-3, "max_seq_len": 64, "progress": False}
+    t.update(train)
+    return {"model": {"name_or_path": model, "device": "cpu"}, "method": method,
+            "data": {"train": str(train_file)}, "train": t, "output": {"dir": str(tmp_path / "run"), "plot": False}}
