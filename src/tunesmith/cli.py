@@ -57,7 +57,16 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("run_dir")
     g.add_argument("out_dir")
     g.set_defaults(fn=_cmd_merge)
+    for mod in _command_modules():
+        mod.add(sub)
     return p
+
+
+def _command_modules():
+    import importlib
+    import pkgutil
+    from . import commands
+    return [importlib.import_module(f"{commands.__name__}.{i.name}") for i in pkgutil.iter_modules(commands.__path__)]
 
 
 def main(argv: list[str] | None = None) -> int:
