@@ -56,6 +56,7 @@ class ChatRenderer:
         self.has_template = bool(getattr(tokenizer, "chat_template", None))
         self.bos = bos_ids(tokenizer)
         self._system_ok: bool | None = None
+        self._specials: list[str] | None = None
 
     # ---- public -------------------------------------------------------------------------
     def alpaca(self, row: dict[str, Any]) -> tuple[list[int], list[int]]:
@@ -159,11 +160,22 @@ class ChatRenderer:
                             "cannot locate the answer to train on")
         end = start + len(msg["content"])
         tail = full[end:]
-        for special in sorted(getattr(self.tok, "all_special_tokens", []), key=len, reverse=True):
+        for special in self._special_strings():
             if special and tail.lstrip(" \n").startswith(special):
                 end += len(tail) - len(tail.lstrip(" \n")) + len(special)
                 break
         return start, end
+
+    def _special_strings(self) -> list[str]:
+        """Special token strings (longest first): named specials and added tokens marked special."""
+        if self._specials is not None:
+            return self._specials
+        found = set(getattr(self.tok, "all_special_tokens", []) or [])
+        for added in (getattr(self.tok, "added_tokens_decoder", None) or {}).values():
+            if getattr(added, "special", False):
+                found.add(str(added))
+        self._specials = sorted(found, key=len, reverse=True)
+        return self._specials
 
     def _templated(self, msgs: Messages, last_only: bool) -> tuple[list[int], list[int]]:
         full, spans = self._spans(msgs, last_only)
