@@ -15,7 +15,8 @@ def doc_ids(tok, ds):
 
 
 def build(tok, objective="pt", seed=0, **cfg):
-    cfg.setdefault("packing", False) if objective == "pt" else None
+    if objective == "pt":
+        cfg.setdefault("packing", False)
     return build_datasets(DataConfig(**cfg), tok, max_seq_len=64, objective=objective, seed=seed)
 
 

@@ -142,3 +142,19 @@ def test_skip_with_every_row_bad_is_still_an_error(write, bert_tok):
     path = write("allbad.jsonl", [{"instruction": "x"}] * 3 + [{"instruction": "y", "output": 3}])
     with pytest.raises(DataError, match=r"allbad\.jsonl: every row is invalid.*allbad\.jsonl:1: missing field"):
         _build(path, bert_tok, on_error="skip", format="alpaca")
+
+
+def test_preference_row_errors(write, bert_tok):
+    path = write("p.jsonl", [ROWS["preference"], {"chosen": "a", "rejected": "b"}])
+    with pytest.raises(DataError, match=r"p\.jsonl:2: missing field 'prompt' \(format preference expects"):
+        _build(path, bert_tok, "rm")
+    turns = [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]
+    path = write("q.jsonl", [{"prompt": "q", "chosen": turns, "rejected": "b"}])
+    with pytest.raises(DataError, match=r"q\.jsonl:1: fields 'chosen' and 'rejected' must both be str"):
+        _build(path, bert_tok, "dpo")
+
+
+def test_messages_without_assistant_turn(write, bert_tok):
+    path = write("m.jsonl", [{"messages": [{"role": "user", "content": "hi"}]}])
+    with pytest.raises(DataError, match=r"m\.jsonl:1: field 'messages' has no assistant turn"):
+        _build(path, bert_tok)
