@@ -99,3 +99,10 @@ def test_csv_string_digit_labels_become_ints(write, bert_tok):
     rows = [{"text": f"t{i}", "label": str(i % 3)} for i in range(6)]
     tr, _, rep = build(bert_tok, "cls", train=write("c.csv", rows), val_split=0)
     assert [ex["label"] for ex in tr] == [0, 1, 2, 0, 1, 2] and rep.num_labels == 3
+
+
+def test_label_vocabulary_comes_from_the_whole_train_file(write, bert_tok):
+    rows = [{"text": f"t{i}", "label": "common"} for i in range(19)] + [{"text": "x", "label": "rare"}]
+    for seed in range(4):  # whichever split holds the rare row, both labels are known
+        tr, va, rep = build(bert_tok, "cls", seed=seed, train=write("c.jsonl", rows), val_split=0.25)
+        assert rep.label_names == ["common", "rare"] and len(tr) + len(va) == 20

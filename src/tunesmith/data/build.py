@@ -109,23 +109,21 @@ def build_datasets(cfg: DataConfig, tokenizer, *, max_seq_len: int, objective: s
 
     skips = _Skips()
     train = _validate(raw, fmt, cfg.on_error, skips, cfg.train)
+    names = mapping = None
+    if fmt == "classification":  # vocabulary from the whole train file, before any split
+        names, mapping = label_vocab(train, cfg.label_names, cfg.train)
+        known = "in data.label_names" if cfg.label_names else "among the train labels"
+        train = _check_labels(train, mapping, names, known, cfg.on_error, skips, cfg.train)
     val_name = cfg.validation or f"{cfg.train} (validation split)"
     if cfg.validation:
         vraw = [apply_field_map(r, cfg.field_map) for r in read_rows(cfg.validation, None, "validation file")]
         val = _validate(vraw, fmt, cfg.on_error, skips, cfg.validation)
+        if mapping is not None:
+            val = _check_labels(val, mapping, names, known, cfg.on_error, skips, cfg.validation)
     elif cfg.val_split > 0:
         train, val = _split(train, cfg.val_split, seed, cfg.train)
     else:
         val = None
-
-    names = mapping = None
-    if fmt == "classification":
-        names, mapping = label_vocab(train, cfg.label_names, cfg.train)
-        known = "in data.label_names" if cfg.label_names else "among the train labels"
-        train = _check_labels(train, mapping, names, known, cfg, skips, cfg.train)
-        if val is not None:
-            val = _check_labels(val, mapping, names, "among the train labels" if not cfg.label_names
-                                else known, cfg, skips, val_name)
 
     def tok(rows, path: str) -> TokenizedDataset:
         out = _tokenize(rows, fmt, objective, tokenizer, cfg, mapping, max_seq_len, packing)
@@ -145,9 +143,9 @@ def build_datasets(cfg: DataConfig, tokenizer, *, max_seq_len: int, objective: s
     return train_ds, val_ds, report
 
 
-def _check_labels(rows, mapping, names, known, cfg: DataConfig, skips: _Skips, path: str):
+def _check_labels(rows, mapping, names, known, on_error: str, skips: _Skips, path: str):
     good, bad = check_labels(rows, mapping, names, known)
-    if bad and cfg.on_error == "raise":
+    if bad and on_error == "raise":
         raise DataError(bad[0])
     if not good:
         raise DataError(f"{path}: no row has a known label; first error: {bad[0]}")
