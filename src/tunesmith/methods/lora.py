@@ -2,6 +2,10 @@
 
 h = W0 x + (alpha / r) * B A x    (eq. 3), with A: r x d_in, B: d_out x r, B = 0 at init.
 rsLoRA (Kalajdzievski 2023) scales by alpha / sqrt(r) instead.
+PiSSA (Meng et al. 2024, "PiSSA: Principal Singular Values and Singular Vectors Adaptation"):
+A, B start from the top-r SVD of W0 and the base keeps the residual W_res = W0 - scaling * B A.
+LoRA+ (Hayou et al. 2024, "LoRA+: Efficient Low Rank Adaptation of Large Models"): B trains
+with learning rate lr_ratio_b * lr.
 """
 from __future__ import annotations
 
@@ -17,6 +21,7 @@ from torch import nn
 from . import peft_format
 from .inject import TunedLayer, freeze_all, inject, resolve_targets, tuned_layers, unfreeze_modules, unwrap
 from .registry import Method, MethodConfig, attach, register
+from ..errors import ConfigError
 from ..models.targets import task_heads
 
 
@@ -30,10 +35,15 @@ class LoraConfig(MethodConfig):
                           "the architecture's attention and MLP projections.")
     bias: Literal["none", "all", "lora_only"] = Field(
         "none", description="Which biases train: none, all biases, or those of adapted layers.")
-    init: Literal["kaiming", "gaussian", "zero_b"] = Field(
-        "kaiming", description="A's init (B is always zero): kaiming = peft's default kaiming-uniform; "
-                               "gaussian = N(0, 1/r²) as peft's 'gaussian'; zero_b = the paper's N(0, 1/d_in).")
+    init: Literal["kaiming", "gaussian", "zero_b", "pissa"] = Field(
+        "kaiming", description="Adapter init. B = 0 and A is: kaiming = peft's default kaiming-uniform; "
+                               "gaussian = N(0, 1/r²) as peft's 'gaussian'; zero_b = the paper's N(0, 1/d_in). "
+                               "pissa = A, B from the top-r singular vectors of W and the base weight replaced "
+                               "by the residual (peft's init_lora_weights='pissa'); saved as a rank-2r LoRA "
+                               "for the original base, as peft's path_initial_model_for_weight_conversion.")
     use_rslora: bool = Field(False, description="Scale by alpha/sqrt(r) (rsLoRA) instead of alpha/r.")
+    lr_ratio_b: float = Field(1.0, gt=0, description="LoRA+: B's learning rate is lr_ratio_b × train.lr "
+                                                     "(the paper suggests 16; 1 = plain LoRA).")
     modules_to_save: list[str] | None = Field(
         None, description="Extra modules trained in full and saved with the adapter (task heads are added "
                           "automatically for classification).")
@@ -54,8 +64,10 @@ class LoraLinear(TunedLayer):
         self.r = r
         self.scaling = alpha / (math.sqrt(r) if use_rslora else r)
         w = base.weight
-        self.lora_A = nn.Linear(base.in_features, r, bias=False, device=w.device, dtype=w.dtype)
-        self.lora_B = nn.Linear(r, base.out_features, bias=False, device=w.device, dtype=w.dtype)
+        # a quantized base (uint8 storage) gets adapters in its compute dtype
+        dtype = w.dtype if w.dtype.is_floating_point else getattr(base, "compute_dtype", None) or torch.bfloat16
+        self.lora_A = nn.Linear(base.in_features, r, bias=False, device=w.device, dtype=dtype)
+        self.lora_B = nn.Linear(r, base.out_features, bias=False, device=w.device, dtype=dtype)
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
 
     def reset(self, init: str) -> None:
@@ -92,6 +104,44 @@ class LoraLinear(TunedLayer):
             self.merged = False
 
 
+class PissaLinear(LoraLinear):
+    """LoRA whose A, B start as the principal singular directions of W (PiSSA, Meng et al. 2024, §3).
+
+    W = U S V^T; B0 = U_r sqrt(S_r / scaling), A0 = sqrt(S_r / scaling) V_r^T and the base weight
+    becomes W_res = W - scaling * B0 A0, so the output at init equals the base's. A0 and B0 are kept
+    (not saved) so that ``disabled`` computes the original W x and saving can express the update
+    against the original W: ΔW = scaling (B A - B0 A0) = scaling [B | -B0] [A; A0].
+    """
+
+    def reset(self, init: str) -> None:
+        w = self.base_layer.weight
+        if not w.dtype.is_floating_point:
+            raise TypeError("PiSSA needs a float base weight (initialise before quantizing)")
+        u, s, vh = torch.linalg.svd(w.detach().float(), full_matrices=False)
+        s_r = s[: self.r] / self.scaling
+        b0 = u[:, : self.r] @ torch.diag(torch.sqrt(s_r))   # (d_out, r)
+        a0 = torch.diag(torch.sqrt(s_r)) @ vh[: self.r]     # (r, d_in)
+        with torch.no_grad():
+            self.lora_A.weight.copy_(a0)
+            self.lora_B.weight.copy_(b0)
+            w.copy_((w.float() - self.scaling * b0 @ a0).to(w.dtype))
+        self.register_buffer("pissa_A0", a0.to(self.lora_A.weight.dtype), persistent=False)
+        self.register_buffer("pissa_B0", b0.to(self.lora_B.weight.dtype), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = super().forward(x)
+        if self.disabled and not self.merged:  # the original base: W_res x + scaling B0 A0 x
+            a0 = self.pissa_A0
+            y = y + (x.to(a0.dtype) @ a0.T @ self.pissa_B0.T).to(y.dtype) * self.scaling
+        return y
+
+    def as_plain_lora(self, prefix: str, state: dict[str, torch.Tensor]) -> None:
+        """Rewrite this layer's A, B in ``state`` as the rank-2r LoRA for the original base weight."""
+        a, b = state[prefix + "lora_A.weight"], state[prefix + "lora_B.weight"]
+        state[prefix + "lora_A.weight"] = torch.cat([a, self.pissa_A0.to(a.dtype)], dim=0)
+        state[prefix + "lora_B.weight"] = torch.cat([b, -self.pissa_B0.to(b.dtype)], dim=1)
+
+
 class LowRankMethod(Method):
     """Shared behaviour of the LoRA family: wrapping, bias/heads, peft-format save and load."""
 
@@ -122,7 +172,20 @@ class LowRankMethod(Method):
         return model
 
     def modules_to_save(self, model: nn.Module) -> list[str]:
-        return list(dict.fromkeys((self.cfg.modules_to_save or []) + task_heads(model)))
+        return list(dict.fromkeys((getattr(self.cfg, "modules_to_save", None) or []) + task_heads(model)))
+
+    def param_groups(self, model: nn.Module, lr: float, weight_decay: float) -> list[dict]:
+        """Decay on matrices only; B matrices (and B biases) at lr_ratio_b × lr (LoRA+, Hayou et al. 2024 §4)."""
+        ratio = getattr(self.cfg, "lr_ratio_b", 1.0)
+        b_ids = {id(p) for _, layer in tuned_layers(model) for n, p in layer.named_parameters()
+                 if n.startswith("lora_B")}
+        buckets: dict[tuple[bool, bool], list] = {(b, d): [] for b in (False, True) for d in (True, False)}
+        for p in model.parameters():
+            if p.requires_grad:
+                buckets[(id(p) in b_ids, p.ndim >= 2)].append(p)
+        groups = [{"params": ps, "lr": lr * ratio if is_b else lr, "weight_decay": weight_decay if decay else 0.0}
+                  for (is_b, decay), ps in buckets.items()]
+        return [g for g in groups if g["params"]]
 
     def _apply_bias(self, model: nn.Module) -> None:
         bias = getattr(self.cfg, "bias", "none")
@@ -151,8 +214,13 @@ class LowRankMethod(Method):
 
     def save(self, model: nn.Module, out_dir: Path, base_name: str) -> Path:
         state = self.trainable_state(model)
+        peft_cfg = self.peft_config(model, base_name)
         meta = {"method": self.cfg.model_dump(mode="json"), "base": base_name}
-        return peft_format.write_adapter(out_dir / "adapter", self.peft_config(model, base_name), state, meta)
+        self.to_portable(model, state, peft_cfg, meta)
+        return peft_format.write_adapter(out_dir / "adapter", peft_cfg, state, meta)
+
+    def to_portable(self, model: nn.Module, state: dict, peft_cfg: dict, meta: dict) -> None:
+        """Rewrite what ``save`` writes so that it applies to the unmodified base model (no-op here)."""
 
     def trainable_state(self, model: nn.Module) -> dict[str, torch.Tensor]:
         # peft names the bias of a wrapped layer <path>.bias, not <path>.base_layer.bias
@@ -163,11 +231,15 @@ class LowRankMethod(Method):
 
     @classmethod
     def config_from_peft(cls, peft_cfg: dict) -> MethodConfig:
+        if peft_cfg.get("rank_pattern") or peft_cfg.get("alpha_pattern"):
+            raise ConfigError("adapter_config.json: rank_pattern/alpha_pattern (per-module ranks) are not "
+                              "supported for peft_type LORA; merge the adapter in peft instead")
         return cls.Config(name=cls.name, r=peft_cfg["r"], alpha=peft_cfg.get("lora_alpha", 8),
                           dropout=peft_cfg.get("lora_dropout", 0.0),
                           target_modules=_as_targets(peft_cfg.get("target_modules")),
                           bias=peft_cfg.get("bias", "none"), use_rslora=peft_cfg.get("use_rslora", False),
-                          modules_to_save=peft_cfg.get("modules_to_save"))
+                          modules_to_save=peft_cfg.get("modules_to_save"),
+                          init=_init_from_peft(peft_cfg.get("init_lora_weights", True)))
 
     @classmethod
     def load_artifact(cls, model: nn.Module, path: Path) -> nn.Module:
@@ -191,21 +263,54 @@ def _as_targets(t):
     return sorted(t) if isinstance(t, (list, set, tuple)) else t
 
 
+def _init_from_peft(init) -> str:
+    """peft's init_lora_weights as our ``init``. Inits that rewrite the base weight must be re-run at
+    load time (peft does the same); only the deterministic one, exact-SVD PiSSA, can be."""
+    if init == "pissa" or init == "gaussian":
+        return init
+    if isinstance(init, str) and init.lower().startswith(("pissa_niter", "olora", "corda", "loftq", "lora_ga")):
+        raise ConfigError(f"adapter_config.json: init_lora_weights={init!r} changes the base weights in a way "
+                          "tunesmith cannot redo; convert it in peft with save_pretrained(..., "
+                          "path_initial_model_for_weight_conversion=...) and load that")
+    return "kaiming"
+
+
 @register
 class Lora(LowRankMethod):
     name = "lora"
     loads_peft = True
-    summary = "Low-rank update B·A beside frozen linear layers (Hu et al. 2021); rsLoRA scaling option."
+    summary = "Low-rank update B·A beside frozen linear layers (Hu et al. 2021); rsLoRA, PiSSA init, LoRA+."
     Config = LoraConfig
+    invariant_cases = LowRankMethod.invariant_cases + [
+        {"options": {"init": "pissa", "r": 4, "use_rslora": True, "lr_ratio_b": 16.0}},
+        {"arch": "qwen2", "options": {"init": "pissa", "target_modules": ["q_proj", "down_proj"], "bias": "lora_only"}},
+    ]
 
     @classmethod
     def accepts_peft(cls, peft_cfg: dict) -> bool:
         return super().accepts_peft(peft_cfg) and not peft_cfg.get("use_dora")
 
     def make_layer(self, name: str, base: nn.Module) -> LoraLinear:
-        layer = LoraLinear(base, self.cfg.r, self.cfg.alpha, self.cfg.dropout, self.cfg.use_rslora)
+        layer_cls = _LAYER_FOR_INIT.get(self.cfg.init, LoraLinear)
+        layer = layer_cls(base, self.cfg.r, self.cfg.alpha, self.cfg.dropout, self.cfg.use_rslora)
         layer.reset(self.cfg.init)
         return layer
+
+    def to_portable(self, model: nn.Module, state: dict, peft_cfg: dict, meta: dict) -> None:
+        """PiSSA changed the base weight: save ΔW = scaling (B A - B0 A0) as a rank-2r LoRA for the
+        original base, exactly as peft's ``save_pretrained(path_initial_model_for_weight_conversion=...)``."""
+        pissa = [(n, layer) for n, layer in tuned_layers(model) if isinstance(layer, PissaLinear)]
+        for name, layer in pissa:
+            layer.as_plain_lora(name + ".", state)
+        if pissa:
+            cfg = self.cfg
+            alpha = cfg.alpha * (math.sqrt(2) if cfg.use_rslora else 2)  # keeps scaling for rank 2r
+            peft_cfg.update(r=2 * cfg.r, lora_alpha=alpha)
+            meta["method"].update(r=2 * cfg.r, alpha=alpha, init="kaiming")
+            meta["converted_from"] = "pissa"
+
+
+_LAYER_FOR_INIT: dict[str, type[LoraLinear]] = {"pissa": PissaLinear}
 
 
 def lora_trainable_count(model: nn.Module, r: int, targets: list[str]) -> int:
@@ -218,4 +323,4 @@ def lora_trainable_count(model: nn.Module, r: int, targets: list[str]) -> int:
     return total
 
 
-__all__ = ["Lora", "LoraConfig", "LoraLinear", "LowRankMethod", "lora_trainable_count", "resolve_targets"]
+__all__ = ["Lora", "LoraConfig", "LoraLinear", "LowRankMethod", "PissaLinear", "lora_trainable_count", "resolve_targets"]
