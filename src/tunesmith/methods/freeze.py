@@ -1,5 +1,15 @@
 """Layer freezing: train chosen transformer blocks (and optionally embeddings/heads), freeze the rest.
 
+Policies, combined as a union of selections minus ``exclude``:
+
+* ``layers``: blocks by index, range, ``first k``/``last k``, ``all``/``none``; with
+  ``layer_types`` only those parameter types inside the chosen blocks (e.g. their attention);
+* ``types``: parameter types trained everywhere — ``norms`` (LayerNorm/RMSNorm), ``biases``,
+  ``attention`` and ``mlp`` (the projections named by ``models/targets.py``; other
+  architectures fall back to module names containing attn/attention resp. mlp/ffn/intermediate);
+* ``embeddings`` (the input embeddings), ``head`` (the task head), ``include`` regexes;
+* ``exclude`` regexes remove parameters from all of the above.
+
 Blocks are found without per-architecture code: the model's largest ``nn.ModuleList`` (by
 parameter count) is taken as its stack of layers. Only the trained tensors are saved, as a delta
 against the base model.
@@ -14,11 +24,15 @@ from pydantic import Field, field_validator
 from torch import nn
 
 from ..errors import ConfigError
-from ..models.targets import task_heads
+from ..models.targets import arch, task_heads
 from . import delta
+from .inject import matches
 from .registry import Method, MethodConfig, register
 
 LayerSpec = int | str
+ParamType = Literal["norms", "biases", "attention", "mlp"]
+_FALLBACK = {"attention": r"(^|\.)[^.]*(attn|attention)[^.]*(\.|$)",
+             "mlp": r"(^|\.)[^.]*(mlp|ffn|feed_forward|intermediate)[^.]*(\.|$)"}
 
 
 class FreezeConfig(MethodConfig):
@@ -30,6 +44,11 @@ class FreezeConfig(MethodConfig):
                                                                  "further parameters to train.")
     exclude: list[str] = Field(default_factory=list, description="Regexes of parameters kept frozen even if "
                                                                  "selected above.")
+    types: list[ParamType] = Field(
+        default_factory=list, description="Parameter types trained in every layer besides the selection above: "
+                                          "norms, biases, attention (projections), mlp (projections).")
+    layer_types: list[ParamType] | None = Field(
+        None, description="Within the chosen layers train only these parameter types (null: all of them).")
     embeddings: bool = Field(False, description="Also train the input embeddings.")
     head: bool | None = Field(None, description="Train the task head (null: yes for classification heads).")
 
@@ -55,6 +74,34 @@ def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
     if best is None:
         raise ConfigError(f"method freeze: {type(model).__name__} has no ModuleList of layers")
     return best
+
+
+def _is_norm(module: nn.Module) -> bool:
+    return isinstance(module, (nn.LayerNorm, nn.GroupNorm)) or "Norm" in type(module).__name__
+
+
+def param_types(model: nn.Module) -> dict[str, set[str]]:
+    """The :data:`ParamType` s of every parameter, by name (attention wins over mlp for BERT's
+    ``attention.output.dense``, which both suffix lists match)."""
+    a = arch(model)
+    modules = dict(model.named_modules())
+    out: dict[str, set[str]] = {}
+    for n, _ in model.named_parameters():
+        mod_name, _, leaf = n.rpartition(".")
+        module = modules.get(mod_name)
+        kinds: set[str] = set()
+        if leaf == "bias":
+            kinds.add("biases")
+        if module is not None and _is_norm(module):
+            kinds.add("norms")
+        elif isinstance(module, nn.Linear):
+            for kind in ("attention", "mlp"):
+                hit = matches(mod_name, a[kind]) if a else re.search(_FALLBACK[kind], mod_name)
+                if hit:
+                    kinds.add(kind)
+                    break
+        out[n] = kinds
+    return out
 
 
 def parse_layers(spec: LayerSpec | list[LayerSpec], n: int) -> list[int]:
@@ -95,7 +142,8 @@ def parse_layers(spec: LayerSpec | list[LayerSpec], n: int) -> list[int]:
 class Freeze(Method):
     name = "freeze"
     family = "selective"
-    summary = "Train chosen layers (index, range, first/last k, regex), freeze the rest; saves a delta."
+    summary = ("Train chosen layers (index, range, first/last k), parameter types (norms, biases, attention, "
+               "mlp), embeddings or regexes; freeze the rest; saves a delta.")
     Config = FreezeConfig
     artifact = "delta"
     upcast_trainable = False
@@ -105,6 +153,8 @@ class Freeze(Method):
         {},
         {"options": {"layers": [0], "embeddings": True, "exclude": ["norm"]}},
         {"arch": "bert", "task": "classification", "options": {"layers": "first 1"}},
+        {"options": {"layers": "last 1", "layer_types": ["attention"], "types": ["norms"]}},
+        {"arch": "bert", "task": "classification", "options": {"layers": "none", "types": ["biases", "mlp"]}},
     ]
 
     def trainable_names(self, model: nn.Module) -> list[str]:
@@ -115,15 +165,18 @@ class Freeze(Method):
         heads = tuple(f"{h}." for h in task_heads(model)) if cfg.head is not False else ()
         emb = model.get_input_embeddings() if cfg.embeddings else None
         emb_ids = {id(p) for p in emb.parameters()} if emb is not None else set()
+        kinds = param_types(model)
+        in_layer = set(cfg.layer_types) if cfg.layer_types is not None else None
         names = []
         for n, p in model.named_parameters():
-            keep = n.startswith(layer_prefixes) or (heads and n.startswith(heads)) or id(p) in emb_ids
-            keep = keep or any(re.search(r, n) for r in cfg.include)
+            layer_ok = n.startswith(layer_prefixes) and (in_layer is None or bool(kinds[n] & in_layer))
+            keep = layer_ok or bool(kinds[n] & set(cfg.types)) or id(p) in emb_ids
+            keep = keep or bool(heads and n.startswith(heads)) or any(re.search(r, n) for r in cfg.include)
             if keep and not any(re.search(r, n) for r in cfg.exclude):
                 names.append(n)
         if not names:
-            raise ConfigError(f"method freeze: the selection (layers={cfg.layers!r}, include={cfg.include}) "
-                              "leaves no parameter to train")
+            raise ConfigError(f"method freeze: the selection (layers={cfg.layers!r}, layer_types={cfg.layer_types}, "
+                              f"types={cfg.types}, include={cfg.include}) leaves no parameter to train")
         return names
 
     def apply(self, model: nn.Module) -> nn.Module:

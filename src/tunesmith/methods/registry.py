@@ -95,6 +95,17 @@ class Method:
     def after_optimizer_step(self, model: nn.Module, step: int) -> None:
         """After ``optimizer.step()`` (rank allocation, re-masking)."""
 
+    def param_counts(self, model: nn.Module) -> tuple[int, int]:
+        """(trainable, total) parameters for the run summary; methods whose trainable tensors stand
+        in for entries of frozen base tensors override it so that those are not counted twice."""
+        seen, trainable, total = set(), 0, 0
+        for p in model.parameters():
+            if id(p) not in seen:
+                seen.add(id(p))
+                total += p.numel()
+                trainable += p.numel() if p.requires_grad else 0
+        return trainable, total
+
     # -- state ----------------------------------------------------------------------------
     def trainable_state(self, model: nn.Module) -> dict[str, torch.Tensor]:
         """What a checkpoint must hold to restore the method's weights: trainable params + state."""

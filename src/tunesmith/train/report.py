@@ -72,6 +72,7 @@ def format_summary(s: dict) -> str:
     lines += [
         f"time               {s['time_s']:.1f} s  ({s['tokens_per_s']:.0f} tokens/s)",
         f"peak memory        {s['peak_memory_gib']:.2f} GiB ({s['device']})",
-        f"saved              {s['artifact']}",
+        f"optimizer state    {s.get('optimizer_state_bytes', 0) / 2**20:.2f} MiB",
+        f"saved              {s['artifact']}  ({s.get('artifact_bytes', 0) / 2**20:.2f} MiB)",
     ]
     return "\n".join(lines)

@@ -98,6 +98,17 @@ def count_params(model) -> tuple[int, int]:
     return trainable, total
 
 
+def optimizer_state_bytes(optimizer) -> int:
+    """Bytes held by the optimizer's per-parameter state (AdamW: the two moments and the step)."""
+    return sum(t.numel() * t.element_size() for st in optimizer.state.values() for t in st.values()
+               if torch.is_tensor(t))
+
+
+def path_bytes(path: Path) -> int:
+    path = Path(path)
+    return path.stat().st_size if path.is_file() else sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
 def run(cfg: RunConfig, resume: Path | None = None) -> RunResult:
     t_start = time.perf_counter()
     objective_name = resolve_objective(cfg)
@@ -157,6 +168,7 @@ def run(cfg: RunConfig, resume: Path | None = None) -> RunResult:
     if cfg.output.plot:
         plot_losses(records, run_dir / "loss.png")
     summary = _summary(cfg, run_dir, model, method, state, records, report, artifact, device, t_start)
+    summary.update(optimizer_state_bytes=optimizer_state_bytes(optimizer), artifact_bytes=path_bytes(artifact))
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     if tc.progress:
         print(format_summary(summary), flush=True)
@@ -164,7 +176,7 @@ def run(cfg: RunConfig, resume: Path | None = None) -> RunResult:
 
 
 def _summary(cfg, run_dir, model, method, state, records, report, artifact, device, t_start) -> dict:
-    trainable, total = count_params(model)
+    trainable, total = method.param_counts(model)
     probes = [r for r in records if r["split"] == "train_probe"]
     evals = [r for r in records if r["split"] == "eval"]
     first_eval = evals[0] if evals and evals[0]["step"] == 0 else {}

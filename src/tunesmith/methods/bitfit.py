@@ -1,0 +1,137 @@
+"""BitFit: train only the bias terms (Ben Zaken, Ravfogel & Goldberg 2022, "BitFit: Simple
+Parameter-efficient Fine-tuning for Transformer-based Masked Language-models", ACL).
+
+Every affine map keeps its weights and trains its bias: y = W x + b with only b (and the task head
+of a classifier) trainable — the query/key/value/output, MLP and LayerNorm biases (§2).
+
+Llama-style models have no biases. ``add_missing_biases`` then adds zero-initialised biases to
+linear layers (so the model is unchanged at init) and trains those:
+
+* ``auto`` (default): to the attention and MLP projections, only when the model has no bias
+  parameter of its own (Llama, Mistral, SmolLM); models with biases (BERT, Qwen2) are left as is;
+* ``true``: to every attention and MLP projection that lacks one (Qwen2: o_proj and the MLP too);
+* ``false``: never (a model without biases is then an error);
+* a list of module names (peft-style suffixes, e.g. ``[q_proj, v_proj]``): to those modules.
+
+Added biases load back through the method. ``merge`` stores them in a plain transformers model
+when the architecture has a config switch for them (Llama's ``attention_bias``/``mlp_bias``;
+sibling projections of the switched group get zero biases, which change nothing); otherwise
+merging says so and the run still loads with ``tunesmith.load``.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import torch
+from pydantic import Field, field_validator
+from torch import nn
+
+from ..errors import ConfigError
+from ..models.targets import arch
+from . import delta
+from ._sparse import head_prefixes
+from .inject import freeze_all, matches, resolve_targets
+from .registry import Method, MethodConfig, attach, register
+
+#: transformers config switches that give a group of projections biases (data, not code).
+BIAS_SWITCHES = {"attention_bias": "attention", "mlp_bias": "mlp"}
+
+
+class BitFitConfig(MethodConfig):
+    name: Literal["bitfit"] = "bitfit"
+    add_missing_biases: Literal["auto"] | bool | list[str] = Field(
+        "auto", description="Zero-initialised biases for linear layers without one: auto (attention and MLP "
+                            "projections, only if the model has no biases), true (every such projection "
+                            "lacking one), false (never), or a list of module names.")
+
+    @field_validator("add_missing_biases")
+    @classmethod
+    def _nonempty(cls, v):
+        if isinstance(v, list) and not v:
+            raise ValueError("empty list; give module names, auto, true or false")
+        return v
+
+
+def _has_bias(model: nn.Module, heads: tuple[str, ...]) -> bool:
+    return any(n.endswith(".bias") and not n.startswith(heads) for n, _ in model.named_parameters())
+
+
+def add_bias(layer: nn.Linear) -> None:
+    w = layer.weight
+    layer.bias = nn.Parameter(torch.zeros(layer.out_features, dtype=w.dtype, device=w.device))
+
+
+@register
+class BitFit(Method):
+    name = "bitfit"
+    family = "selective"
+    summary = "Train only the biases (plus the task head) (Ben Zaken et al. 2022); adds zero biases to bias-free models."
+    Config = BitFitConfig
+    artifact = "delta"
+    identity_at_init = True
+    mergeable = True
+    invariant_cases = [
+        {},
+        {"arch": "qwen2"},
+        {"options": {"add_missing_biases": ["q_proj", "v_proj", "down_proj"]}},
+        {"arch": "bert", "task": "classification"},
+    ]
+
+    def bias_targets(self, model: nn.Module) -> list[str]:
+        """Linear layers that get a new zero bias."""
+        spec = self.cfg.add_missing_biases
+        if spec is False or (spec == "auto" and _has_bias(model, head_prefixes(model))):
+            return []
+        names = resolve_targets(model, None if spec in ("auto", True) else spec,
+                                field="method.add_missing_biases")
+        return [n for n in names if model.get_submodule(n).bias is None]
+
+    def apply(self, model: nn.Module) -> nn.Module:
+        freeze_all(model)
+        self.added = self.bias_targets(model)
+        for n in self.added:
+            add_bias(model.get_submodule(n))
+        heads = head_prefixes(model)
+        biases = 0
+        for n, p in model.named_parameters():
+            is_bias = n.endswith(".bias") and not n.startswith(heads)
+            biases += is_bias
+            p.requires_grad_(is_bias or n.startswith(heads))
+        if not biases:
+            raise ConfigError(f"method bitfit: {type(model).__name__} has no bias parameters and "
+                              f"method.add_missing_biases is {self.cfg.add_missing_biases!r}; set it to auto, "
+                              "true or a list of linear modules")
+        return model
+
+    def save(self, model: nn.Module, out_dir: Path, base_name: str) -> Path:
+        return delta.write_delta(out_dir / "delta", self.trainable_state(model), base=base_name,
+                                 method=self.cfg.model_dump(mode="json"))
+
+    @classmethod
+    def load_artifact(cls, model: nn.Module, path: Path) -> nn.Module:
+        method = cls(cls.Config.model_validate(delta.read_config(path)["method"]))
+        method.apply(model)  # re-adds the same biases, then the delta fills them
+        delta.apply_delta(model, path)
+        attach(model, method)
+        return model
+
+    def merge(self, model: nn.Module) -> nn.Module:
+        """Turn on the config switches that make the added biases part of a plain model."""
+        left = set(getattr(self, "added", []))
+        groups = arch(model)
+        for switch, group in BIAS_SWITCHES.items():
+            if not left or not groups or not hasattr(model.config, switch):
+                continue
+            members = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and matches(n, groups[group])]
+            if left & set(members):
+                for n in members:
+                    if model.get_submodule(n).bias is None:
+                        add_bias(model.get_submodule(n))
+                setattr(model.config, switch, True)
+                left -= set(members)
+        if left:
+            raise ConfigError(f"method bitfit: biases added to {sorted(left)[:3]} cannot be stored in a plain "
+                              f"{model.config.model_type} model (no config switch for them); load the run with "
+                              "tunesmith.load instead of merging")
+        return model

@@ -1,0 +1,65 @@
+"""FishMask: train a fixed sparse mask of the parameters with the largest Fisher information
+(Sung, Nair & Raffel 2021, "Training Neural Networks with Fixed Sparse Masks", NeurIPS).
+
+The mask keeps the k entries with the largest diagonal empirical Fisher (their eq. 2, with the
+observed label), estimated once before training over ``fisher_samples`` training examples:
+
+    F̂(θ_j) = 1/N · Σ_{i=1..N} (∂ log p_θ(y_i | x_i) / ∂θ_j)²,      mask = top-k_j F̂(θ_j)
+
+k is one global budget over all base tensors (``fraction`` of them, or ``count``); only those
+entries train. The optimizer holds k values and 2·k Adam moments (not dense state); the task head
+of a classifier trains in full. The checkpoint is a sparse delta (indices + values).
+``selection: random`` gives the paper's random-mask baseline.
+"""
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, model_validator
+from torch import nn
+
+from ._fisher import budget, empirical_fisher, random_scores
+from ._sparse import SparseMaskMethod
+from .registry import MethodConfig, register
+
+DEFAULT_FRACTION = 0.005
+
+
+class FishMaskConfig(MethodConfig):
+    name: Literal["fishmask"] = "fishmask"
+    fraction: float | None = Field(
+        None, gt=0, le=1, description=f"Fraction of the base model's entries to train (default "
+                                      f"{DEFAULT_FRACTION} = 0.5% when count is unset).")
+    count: int | None = Field(None, ge=1, description="Number of entries to train (instead of fraction).")
+    fisher_samples: int = Field(1024, ge=1, description="Training examples over which the Fisher is estimated "
+                                                        "(one backward pass each).")
+    selection: Literal["fisher", "random"] = Field(
+        "fisher", description="How the mask is chosen: fisher (FishMask) or random (the paper's baseline).")
+
+    @model_validator(mode="after")
+    def _one_budget(self):
+        if self.fraction is not None and self.count is not None:
+            raise ValueError(f"set either method.fraction ({self.fraction}) or method.count ({self.count}), not both")
+        return self
+
+
+@register
+class FishMask(SparseMaskMethod):
+    name = "fishmask"
+    summary = "Train the top-k Fisher-information entries, a fixed sparse mask (Sung et al. 2021); sparse delta."
+    Config = FishMaskConfig
+    invariant_cases = [
+        {},
+        {"options": {"count": 5000}},
+        {"arch": "qwen2", "options": {"fraction": 0.05, "selection": "random"}},
+        {"arch": "bert", "task": "classification", "options": {"fraction": 0.01}},
+    ]
+
+    def budget_of(self, total: int) -> int:
+        return budget(total, self.cfg.fraction or DEFAULT_FRACTION, self.cfg.count)
+
+    def scores(self, model: nn.Module, batches, objective, tensors):
+        if self.cfg.selection == "random":
+            return random_scores(tensors)
+        fisher, self.fisher_examples = empirical_fisher(model, batches, objective, tensors, self.cfg.fisher_samples)
+        return fisher
