@@ -1,0 +1,228 @@
+"""Virtual tokens: the shared machinery of prompt, P-tuning (v1/v2) and prefix tuning.
+
+The trained tensors live in a :class:`VirtualTokens` module attached to the model as
+``prompt_encoder``. Hooks on the model's backbone (``model.base_model``: LlamaModel, BertModel …)
+add the virtual tokens inside, so ``model(input_ids=..., attention_mask=...)`` takes plain inputs
+and returns outputs aligned with the real tokens; objectives, classification heads (last non-pad
+token, [CLS] pooler) and ``model.generate`` work unchanged. No model class is subclassed.
+
+* Input level (prompt tuning, P-tuning v1): on a fresh call (no cache, or an empty one) ``n``
+  placeholder ids are put before ``input_ids``; a hook on the input embedding module replaces their
+  embeddings by the prompts; the backbone's hidden states of the ``n`` virtual positions are
+  dropped on the way out. Layout: ``[virtual × n][input tokens]``, as in HF peft.
+* Key/value level (prefix tuning, P-tuning v2): on a fresh call the backbone's
+  ``transformers.DynamicCache`` is filled with ``n`` trained key/value vectors per layer (the
+  public ``Cache.update`` API), so the real tokens attend to them and sit at positions ``n..``.
+
+In both cases the 2-D attention mask gets ``n`` ones in front, and ``position_ids`` (and
+``cache_position`` where a model still takes it) are shifted by ``n``, on every call: during
+generation the cache holds the virtual tokens and the caller's counters do not.
+"""
+from __future__ import annotations
+
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+from ..errors import ConfigError
+from .inject import TunedLayer
+
+ATTR = "prompt_encoder"
+
+
+def text_config(model: nn.Module):
+    cfg = model.config
+    return cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+
+
+def dims(model: nn.Module) -> dict[str, int]:
+    """Hidden size, layer count and key/value shape of a transformers model, from its config."""
+    cfg = text_config(model)
+    heads = cfg.num_attention_heads
+    kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+    return {"hidden": model.get_input_embeddings().weight.shape[1], "layers": cfg.num_hidden_layers,
+            "heads": heads, "kv_heads": kv_heads, "head_dim": head_dim}
+
+
+class VirtualTokens(TunedLayer):
+    """``n`` virtual tokens and the hooks that add them; ``disabled`` turns the hooks off.
+
+    Subclasses define how the tensor is produced (a table, an MLP, an LSTM …) via ``table()``,
+    which returns the (folded) tensor that is saved: ``(n, width)``.
+    """
+
+    input_level: ClassVar[bool]
+
+    def __init__(self, num_virtual_tokens: int):
+        super().__init__(nn.Identity())
+        self.num_virtual_tokens = num_virtual_tokens
+        self._added = 0
+        self._pending = False
+
+    def table(self) -> torch.Tensor:
+        raise NotImplementedError
+
+    # -- installation ---------------------------------------------------------------------
+    def install(self, model: nn.Module) -> None:
+        if hasattr(model, ATTR):
+            raise ConfigError(f"{type(model).__name__} already carries virtual tokens; apply one prompt method only")
+        model.add_module(ATTR, self)
+        backbone = getattr(model, "base_model", model)
+        self.pad_id = getattr(text_config(model), "pad_token_id", None) or 0
+        backbone.register_forward_pre_hook(self._pre_hook, with_kwargs=True)
+        backbone.register_forward_hook(self._post_hook)
+        if self.input_level:
+            model.get_input_embeddings().register_forward_hook(self._embed_hook)
+
+    # -- hooks ----------------------------------------------------------------------------
+    def _pre_hook(self, module, args, kwargs):
+        self._added = 0
+        if self.disabled:
+            return None
+        kwargs = dict(kwargs)
+        if args:
+            if len(args) > 1 or "input_ids" in kwargs:
+                raise TypeError("a model with virtual tokens takes its inputs as keyword arguments")
+            kwargs["input_ids"] = args[0]
+        cache = kwargs.get("past_key_values")
+        fresh = cache is None or (hasattr(cache, "get_seq_length") and cache.get_seq_length() == 0)
+        ref = kwargs.get("input_ids")
+        ref = ref if ref is not None else kwargs["inputs_embeds"]
+        n, batch, device = self.num_virtual_tokens, ref.shape[0], ref.device
+        added = n if (fresh and self.input_level) else 0
+        mask = kwargs.get("attention_mask")
+        if mask is not None:
+            if mask.dim() != 2:
+                raise ValueError("virtual tokens need a 2-D attention mask (batch, length)")
+            kwargs["attention_mask"] = torch.cat([mask.new_ones(batch, n), mask], dim=1)
+        for key in ("position_ids", "cache_position"):
+            if kwargs.get(key) is not None:
+                kwargs[key] = _shift(kwargs[key], n, added)
+        if fresh:
+            self._begin(module, kwargs, batch, device)
+        self._added = added
+        return (), kwargs
+
+    def _begin(self, backbone, kwargs, batch, device) -> None:
+        """Add the virtual tokens to a fresh call's inputs (subclass family specific)."""
+        raise NotImplementedError
+
+    def _post_hook(self, module, args, output):
+        n, self._added = self._added, 0
+        if n and isinstance(output, dict):
+            for key in ("last_hidden_state", "logits"):
+                if output.get(key) is not None and output[key].dim() >= 3:
+                    output[key] = output[key][:, n:]
+            if output.get("hidden_states") is not None:
+                output["hidden_states"] = tuple(h[:, n:] for h in output["hidden_states"])
+        return output
+
+    def _embed_hook(self, module, args, output):
+        return output  # input-level subclasses override
+
+
+def _shift(t: torch.Tensor, n: int, added: int) -> torch.Tensor:
+    """Positions of real tokens move by ``n``; ``added`` new virtual positions 0..added-1 go first."""
+    t = t + n
+    if not added:
+        return t
+    head = torch.arange(added, device=t.device, dtype=t.dtype)  # (added,)
+    head = head.expand(*t.shape[:-1], added)                    # (..., added)
+    return torch.cat([head, t], dim=-1)
+
+
+class InputPrompt(VirtualTokens):
+    """Virtual-token embeddings before the input (Lester et al. 2021; Liu et al. 2021).
+
+    ``table()`` is ``(n, hidden)``: the embeddings that replace the ``n`` placeholder ids.
+    """
+
+    input_level = True
+
+    def _begin(self, backbone, kwargs, batch, device) -> None:
+        n = self.num_virtual_tokens
+        if kwargs.get("input_ids") is not None:
+            ids = kwargs["input_ids"]
+            kwargs["input_ids"] = torch.cat([ids.new_full((batch, n), self.pad_id), ids], dim=1)
+            self._pending = True
+        else:
+            emb = kwargs["inputs_embeds"]
+            prompts = self.table().to(emb.dtype).unsqueeze(0).expand(batch, -1, -1)  # (B, n, H)
+            kwargs["inputs_embeds"] = torch.cat([prompts, emb], dim=1)
+        if kwargs.get("token_type_ids") is not None:
+            tt = kwargs["token_type_ids"]
+            kwargs["token_type_ids"] = torch.cat([tt.new_zeros(batch, n), tt], dim=1)
+
+    def _embed_hook(self, module, args, output):
+        if not self._pending:
+            return output
+        self._pending = False
+        n = self.num_virtual_tokens
+        prompts = self.table().to(output.dtype).unsqueeze(0).expand(output.shape[0], -1, -1)  # (B, n, H)
+        return torch.cat([prompts, output[:, n:]], dim=1)
+
+
+class KVPrefix(VirtualTokens):
+    """Trained keys and values before every layer's own (Li & Liang 2021; Liu et al. 2022).
+
+    ``table()`` is ``(n, layers * 2 * kv_heads * head_dim)`` in HF peft's layout: for token i and
+    layer l, key = slot 2l and value = slot 2l+1.
+    """
+
+    input_level = False
+
+    def __init__(self, num_virtual_tokens: int, shape: dict[str, int]):
+        super().__init__(num_virtual_tokens)
+        self.shape = dict(shape)
+
+    def width(self) -> int:
+        s = self.shape
+        return s["layers"] * 2 * s["kv_heads"] * s["head_dim"]
+
+    def _begin(self, backbone, kwargs, batch, device) -> None:
+        from transformers import DynamicCache
+        s, n = self.shape, self.num_virtual_tokens
+        cache = kwargs.get("past_key_values")
+        if cache is None:
+            cache = DynamicCache(config=backbone.config)
+        dtype = backbone.get_input_embeddings().weight.dtype
+        kv = self.table().to(dtype).view(n, s["layers"] * 2, s["kv_heads"], s["head_dim"])
+        kv = kv.permute(1, 2, 0, 3)                          # (layers*2, kv_heads, n, head_dim)
+        kv = kv.unsqueeze(1).expand(-1, batch, -1, -1, -1)   # (layers*2, B, kv_heads, n, head_dim)
+        for layer in range(s["layers"]):
+            cache.update(kv[2 * layer], kv[2 * layer + 1], layer)
+        kwargs["past_key_values"] = cache
+
+
+class PromptTable(InputPrompt):
+    """A plain table of prompt embeddings (prompt tuning, and folded P-tuning)."""
+
+    def __init__(self, num_virtual_tokens: int, hidden: int, init: torch.Tensor | None = None):
+        super().__init__(num_virtual_tokens)
+        self.embedding = nn.Embedding(num_virtual_tokens, hidden)
+        if init is not None:
+            with torch.no_grad():
+                self.embedding.weight.copy_(init)
+
+    def table(self) -> torch.Tensor:
+        return self.embedding.weight
+
+
+class PrefixTable(KVPrefix):
+    """A plain table of per-layer keys and values (P-tuning v2, and folded prefix tuning)."""
+
+    def __init__(self, num_virtual_tokens: int, shape: dict[str, int], init: torch.Tensor | None = None):
+        super().__init__(num_virtual_tokens, shape)
+        self.embedding = nn.Embedding(num_virtual_tokens, self.width())
+        if init is not None:
+            with torch.no_grad():
+                self.embedding.weight.copy_(init)
+
+    def table(self) -> torch.Tensor:
+        return self.embedding.weight
+
+
+def carrier(model: nn.Module) -> VirtualTokens:
+    return getattr(model, ATTR)

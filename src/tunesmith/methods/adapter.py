@@ -1,0 +1,205 @@
+"""Bottleneck adapters (Houlsby et al. 2019, "Parameter-Efficient Transfer Learning for NLP").
+
+An adapter maps h ↦ h + s · f(h W_down + b_down) W_up + b_up (§2.1, Fig. 2): a down-projection
+to m = d / reduction_factor, a nonlinearity f and an up-projection, with a residual. Placements:
+
+* ``houlsby`` — after the attention and after the feed-forward sublayer of every block, on the
+  sublayer's output projection before the block's residual (and LayerNorm, in BERT).
+* ``pfeiffer`` — after the feed-forward sublayer only (Pfeiffer et al. 2021, AdapterFusion).
+* ``parallel`` — beside the feed-forward sublayer: FFN(x) + s · f(x W_down) W_up from the
+  sublayer's input x (He et al. 2022, "Towards a Unified View of Parameter-Efficient Transfer
+  Learning", §3, eq. 6 with scaling s = 4 by default).
+
+Initialisation is near-identity (§3.6): W_down ~ truncated N(0, 10⁻²); W_up and the biases start
+at zero, so the adapted model equals the base model exactly at step 0 (He et al. 2022 / LoRA's
+choice; Houlsby draw W_up with the same small std). The modules come from the architecture's
+target-module data (``attn_out``, ``ff_in``, ``ff_out`` in models/targets.py).
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Literal
+
+import torch
+from pydantic import Field
+from torch import nn
+
+from ..errors import ConfigError
+from ..models.targets import arch, task_heads
+from . import peft_format
+from .inject import TunedLayer, freeze_all, replace_module, resolve_targets, tuned_layers, unfreeze_modules
+from .registry import Method, MethodConfig, attach, register
+
+NONLINEARITIES = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU, "tanh": nn.Tanh}
+
+
+class AdapterConfig(MethodConfig):
+    name: Literal["adapter"] = "adapter"
+    reduction_factor: float = Field(16.0, gt=0, description="Bottleneck size m = hidden_size / reduction_factor "
+                                                            "(at least 1).")
+    placement: Literal["houlsby", "pfeiffer", "parallel"] = Field(
+        "houlsby", description="houlsby: after attention and feed-forward; pfeiffer: after feed-forward only; "
+                               "parallel: beside the feed-forward sublayer (He et al. 2022).")
+    nonlinearity: Literal["relu", "gelu", "silu", "tanh"] = Field("relu", description="Bottleneck nonlinearity f.")
+    scaling: float | None = Field(None, gt=0, description="Scale s of the adapter's output (null: 1 for houlsby/"
+                                                          "pfeiffer, 4 for parallel).")
+
+
+class Bottleneck(nn.Module):
+    """h ↦ f(h W_down + b_down) W_up + b_up, d → m → d."""
+
+    def __init__(self, d: int, m: int, act: str, like: torch.Tensor):
+        super().__init__()
+        self.down = nn.Linear(d, m, device=like.device, dtype=like.dtype)
+        self.act = NONLINEARITIES[act]()
+        self.up = nn.Linear(m, d, device=like.device, dtype=like.dtype)
+        with torch.no_grad():
+            nn.init.trunc_normal_(self.down.weight, std=1e-2, a=-2e-2, b=2e-2)
+            for t in (self.down.bias, self.up.weight, self.up.bias):
+                nn.init.zeros_(t)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        w = self.down.weight
+        return self.up(self.act(self.down(h.to(w.dtype)))).to(h.dtype)
+
+
+class SerialAdapter(TunedLayer):
+    """Output projection of a sublayer followed by an adapter: y = Wx; y + s · A(y)."""
+
+    def __init__(self, base: nn.Linear, m: int, act: str, scaling: float):
+        super().__init__(base)
+        self.adapter = Bottleneck(base.out_features, m, act, base.weight)
+        self.scaling = scaling
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base_layer(x)
+        if self.disabled:
+            return y
+        return y + self.scaling * self.adapter(y)
+
+
+class InputTap(TunedLayer):
+    """The feed-forward input projection; it keeps its input for the parallel adapter of its block."""
+
+    last_input: torch.Tensor | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.last_input = x
+        return self.base_layer(x)
+
+
+class ParallelAdapter(TunedLayer):
+    """Feed-forward output projection plus s · A(x), x the sublayer's input (read from its tap)."""
+
+    def __init__(self, base: nn.Linear, tap: InputTap, m: int, act: str, scaling: float):
+        super().__init__(base)
+        d = tap.base_layer.in_features
+        if d != base.out_features:
+            raise ConfigError(f"method.placement: parallel needs the feed-forward input width ({d}) to equal "
+                              f"its output width ({base.out_features})")
+        self.adapter = Bottleneck(d, m, act, base.weight)
+        self.scaling = scaling
+        object.__setattr__(self, "tap", tap)  # a reference, not a submodule
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base_layer(x)
+        h, self.tap.last_input = self.tap.last_input, None
+        if self.disabled:
+            return y
+        return y + self.scaling * self.adapter(h)
+
+
+def _names(model: nn.Module, key: str) -> list[str]:
+    a = arch(model)
+    if not a or key not in a:
+        raise ConfigError(f"method adapter: no {key!r} module names for model type "
+                          f"{getattr(model.config, 'model_type', '?')!r} in models/targets.py")
+    return resolve_targets(model, a[key], field=f"method adapter ({key})")
+
+
+def _ff_out(model: nn.Module) -> list[str]:
+    attn_out = set(_names(model, "attn_out"))
+    return [n for n in _names(model, "ff_out") if n not in attn_out]
+
+
+def _serial(model: nn.Module, sites: list[str], m: int, act: str, scaling: float) -> None:
+    for n in sites:
+        replace_module(model, n, SerialAdapter(model.get_submodule(n), m, act, scaling))
+
+
+def _houlsby(model: nn.Module, m: int, act: str, scaling: float) -> None:
+    _serial(model, _names(model, "attn_out") + _ff_out(model), m, act, scaling)
+
+
+def _pfeiffer(model: nn.Module, m: int, act: str, scaling: float) -> None:
+    _serial(model, _ff_out(model), m, act, scaling)
+
+
+def _parallel(model: nn.Module, m: int, act: str, scaling: float) -> None:
+    ff_in = _names(model, "ff_in")
+    for n in _ff_out(model):
+        src = max(ff_in, key=lambda c: len(os.path.commonprefix([c, n])))  # the same block's input projection
+        tap = model.get_submodule(src)
+        if not isinstance(tap, InputTap):
+            tap = InputTap(tap)
+            replace_module(model, src, tap)
+        replace_module(model, n, ParallelAdapter(model.get_submodule(n), tap, m, act, scaling))
+
+
+#: placement -> (where the adapters go, default output scale)
+PLACEMENTS = {"houlsby": (_houlsby, 1.0), "pfeiffer": (_pfeiffer, 1.0), "parallel": (_parallel, 4.0)}
+
+
+@register
+class Adapter(Method):
+    name = "adapter"
+    family = "additive"
+    summary = "Bottleneck adapters after attention/FFN (Houlsby 2019), FFN only (Pfeiffer) or parallel (He 2022)."
+    Config = AdapterConfig
+    identity_at_init = True
+    mergeable = False  # the nonlinearity keeps the adapter out of the weights
+    invariant_cases = [
+        {},
+        {"arch": "qwen2", "options": {"placement": "parallel", "reduction_factor": 8, "nonlinearity": "gelu"}},
+        {"arch": "bert", "task": "classification", "options": {"placement": "pfeiffer"}},
+        {"arch": "bert", "task": "classification", "options": {"placement": "parallel"}},
+    ]
+
+    def bottleneck(self, model: nn.Module) -> int:
+        return max(1, int(model.get_input_embeddings().weight.shape[1] / self.cfg.reduction_factor))
+
+    def apply(self, model: nn.Module) -> nn.Module:
+        cfg = self.cfg
+        freeze_all(model)
+        place, default_scale = PLACEMENTS[cfg.placement]
+        place(model, self.bottleneck(model), cfg.nonlinearity, cfg.scaling or default_scale)
+        for _, layer in tuned_layers(model):
+            for p in layer.parameters():
+                p.requires_grad_(True)
+            for p in layer.base_layer.parameters():
+                p.requires_grad_(False)
+        self.saved_modules = unfreeze_modules(model, task_heads(model))
+        return model
+
+    def save(self, model: nn.Module, out_dir: Path, base_name: str) -> Path:
+        state = self.trainable_state(model)
+        config = {"peft_type": None, "task_type": peft_format.task_type(model), "base_model_name_or_path": base_name,
+                  "tunesmith_method": self.name}
+        meta = {"method": self.cfg.model_dump(mode="json"), "base": base_name}
+        return peft_format.write_adapter(out_dir / "adapter", config, state, meta)
+
+    @classmethod
+    def load_artifact(cls, model: nn.Module, path: Path) -> nn.Module:
+        _, state = peft_format.read_adapter(path)
+        method = cls(cls.Config.model_validate(json.loads((path / peft_format.META_NAME).read_text())["method"]))
+        method.apply(model)
+        peft_format.load_into(model, state, path)
+        attach(model, method)
+        return model
+
+
+def adapter_trainable_count(d: int, m: int, sites: int) -> int:
+    """Closed form: per adapter 2·d·m + m + d."""
+    return sites * (2 * d * m + m + d)

@@ -1,0 +1,185 @@
+"""(IA)³ (Liu et al. 2022, "Few-Shot Parameter-Efficient Fine-Tuning is Better and Cheaper than
+In-Context Learning"), §3.3.
+
+Learned vectors rescale the keys, the values and the feed-forward intermediate activations:
+softmax(Q (l_k ⊙ K)ᵀ / √d) (l_v ⊙ V) and (l_ff ⊙ γ(W_1 x)) W_2, all initialised to ones (so the
+model starts as the base model). Keys/values scale the projection's output; feed-forward
+modules scale the input of the feed-forward output projection, as in HF peft (parameter
+``ia3_l``, shape (d_out, 1) or (1, d_in), saved under peft's key names). Both fold into the
+weights: W ← diag(l) W (and the bias) for outputs, W ← W diag(l) for inputs.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Literal
+
+import torch
+from pydantic import Field, field_validator
+from torch import nn
+
+from ..errors import ConfigError
+from ..models.targets import arch, task_heads
+from . import peft_format
+from .inject import TunedLayer, freeze_all, inject, matches, resolve_targets, tuned_layers, unfreeze_modules, unwrap
+from .registry import Method, MethodConfig, attach, register
+
+Targets = str | list[str] | None
+
+
+class Ia3Config(MethodConfig):
+    name: Literal["ia3"] = "ia3"
+    target_modules: Targets = Field(
+        None, description="Linear layers to rescale (suffix match or full-match regex); null: the "
+                          "architecture's key, value and feed-forward output projections.")
+    feedforward_modules: Targets = Field(
+        None, description="Which of target_modules are feed-forward output layers whose input is rescaled "
+                          "(the others rescale their output); null: the feed-forward output projections.")
+
+    @field_validator("target_modules", "feedforward_modules")
+    @classmethod
+    def _nonempty(cls, v):
+        if isinstance(v, list) and not v:
+            raise ValueError("empty list; give module names, a regex or null")
+        return v
+
+
+class Ia3Out(TunedLayer):
+    """y = l ⊙ (W x + b), l ∈ R^{d_out} (keys, values)."""
+
+    def __init__(self, base: nn.Linear):
+        super().__init__(base)
+        w = base.weight
+        self.ia3_l = nn.Parameter(torch.ones(base.out_features, 1, device=w.device, dtype=w.dtype))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base_layer(x)
+        if self.merged or self.disabled:
+            return y
+        return (y * self.ia3_l.flatten()).to(y.dtype)
+
+    def merge(self) -> None:
+        if not self.merged:
+            self._scale(self.ia3_l.data)
+            self.merged = True
+
+    def unmerge(self) -> None:
+        if self.merged:
+            self._scale(1.0 / self.ia3_l.data)
+            self.merged = False
+
+    def _scale(self, l: torch.Tensor) -> None:
+        base = self.base_layer
+        base.weight.data = (base.weight.data * l).to(base.weight.dtype)           # rows: diag(l) W
+        if base.bias is not None:
+            base.bias.data = (base.bias.data * l.flatten()).to(base.bias.dtype)
+
+
+class Ia3In(Ia3Out):
+    """y = W (l ⊙ x) + b, l ∈ R^{d_in} (feed-forward intermediate activations)."""
+
+    def __init__(self, base: nn.Linear):
+        TunedLayer.__init__(self, base)
+        w = base.weight
+        self.ia3_l = nn.Parameter(torch.ones(1, base.in_features, device=w.device, dtype=w.dtype))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.merged or self.disabled:
+            return self.base_layer(x)
+        return self.base_layer((x * self.ia3_l.flatten()).to(x.dtype))
+
+    def _scale(self, l: torch.Tensor) -> None:
+        base = self.base_layer
+        base.weight.data = (base.weight.data * l).to(base.weight.dtype)           # columns: W diag(l)
+
+
+def default_targets(model: nn.Module) -> tuple[list[str], list[str]]:
+    a = arch(model)
+    if not a:
+        raise ConfigError(f"method.target_modules: no default (IA)³ targets for model type "
+                          f"{getattr(model.config, 'model_type', '?')!r}; set target_modules and feedforward_modules")
+    return a["keys"] + a["values"] + a["ff_out"], a["ff_out"]
+
+
+@register
+class Ia3(Method):
+    name = "ia3"
+    family = "additive"
+    summary = "(IA)³: learned rescaling of keys, values and feed-forward activations; merges (Liu et al. 2022)."
+    Config = Ia3Config
+    peft_type = "IA3"
+    loads_peft = True
+    identity_at_init = True
+    mergeable = True
+    invariant_cases = [
+        {},
+        {"arch": "qwen2", "options": {"target_modules": ["v_proj", "up_proj", "down_proj"],
+                                      "feedforward_modules": ["down_proj"]}},
+        {"arch": "bert", "task": "classification"},
+    ]
+
+    def specs(self, model: nn.Module) -> tuple[Targets, Targets]:
+        targets, ff = self.cfg.target_modules, self.cfg.feedforward_modules
+        if targets is None:
+            targets, default_ff = default_targets(model)
+            ff = default_ff if ff is None else ff
+        return targets, ([] if ff is None else ff)
+
+    def apply(self, model: nn.Module) -> nn.Module:
+        freeze_all(model)
+        targets, ff = self.specs(model)
+        names = resolve_targets(model, targets)
+        ff_names = {n for n in names if ff and matches(n, ff)}
+        if ff and not ff_names:
+            raise ConfigError(f"method.feedforward_modules: {ff!r} matches none of the target modules "
+                              f"({', '.join(sorted({n.rsplit('.', 1)[-1] for n in names}))})")
+        inject(model, targets, lambda n, m: Ia3In(m) if n in ff_names else Ia3Out(m))
+        self.targets, self.ff_targets = names, sorted(ff_names)
+        for _, layer in tuned_layers(model):
+            layer.ia3_l.requires_grad_(True)
+        self.saved_modules = unfreeze_modules(model, task_heads(model))
+        return model
+
+    def peft_config(self, model: nn.Module, base_name: str) -> dict:
+        targets, ff = self.specs(model)
+        return {"peft_type": "IA3", "task_type": peft_format.task_type(model),
+                "base_model_name_or_path": base_name,
+                "target_modules": targets if isinstance(targets, str) else sorted(targets),
+                "feedforward_modules": ff if isinstance(ff, str) else sorted(ff),
+                "fan_in_fan_out": False, "init_ia3_weights": True, "inference_mode": True,
+                "modules_to_save": self.saved_modules or None}
+
+    def save(self, model: nn.Module, out_dir: Path, base_name: str) -> Path:
+        state = {n.replace(".base_layer.", "."): p.detach() for n, p in model.named_parameters() if p.requires_grad}
+        meta = {"method": self.cfg.model_dump(mode="json"), "base": base_name}
+        return peft_format.write_adapter(out_dir / "adapter", self.peft_config(model, base_name), state, meta)
+
+    @classmethod
+    def load_artifact(cls, model: nn.Module, path: Path) -> nn.Module:
+        peft_cfg, state = peft_format.read_adapter(path)
+        meta = path / peft_format.META_NAME
+        if meta.is_file():
+            cfg = cls.Config.model_validate(json.loads(meta.read_text())["method"])
+        else:
+            cfg = cls.Config(name=cls.name, target_modules=peft_cfg.get("target_modules"),
+                             feedforward_modules=peft_cfg.get("feedforward_modules") or None)
+        method = cls(cfg)
+        method.apply(model)
+        peft_format.load_into(model, state, path)
+        attach(model, method)
+        return model
+
+    def merge(self, model: nn.Module) -> nn.Module:
+        for _, layer in tuned_layers(model):
+            layer.merge()
+        return unwrap(model)
+
+
+def ia3_trainable_count(model: nn.Module, targets: list[str], ff_targets: list[str]) -> int:
+    """Closed form: d_out for each rescaled output, d_in for each rescaled feed-forward input."""
+    total = 0
+    for n in targets:
+        m = model.get_submodule(n)
+        base = m.base_layer if isinstance(m, TunedLayer) else m
+        total += base.in_features if n in ff_targets else base.out_features
+    return total

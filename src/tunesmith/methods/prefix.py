@@ -1,0 +1,74 @@
+"""Prefix tuning (Li & Liang 2021, "Prefix-Tuning: Optimizing Continuous Prompts for Generation").
+
+Every attention layer l attends over [P_k^l; K^l] and [P_v^l; V^l]: n trained key/value vectors
+before the real ones (§4.1, h_i = P_θ[i,:] for i in the prefix). Training optimises the
+reparameterisation P_θ = MLP_θ(P'_θ) (§4.3, eq. 5): a small table P' ∈ R^{n×d_kv} through
+Linear(d_kv → reparam_hidden) · tanh · Linear(→ layers·2·d_kv), as HF peft's PrefixEncoder with
+prefix_projection. After training only P_θ is kept (the MLP is folded away) and inference reads
+it from the table. The prefix enters through transformers' DynamicCache, so ``model.generate``
+and the KV cache work as for any prompt.
+"""
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from pydantic import Field
+from torch import nn
+
+from ._prompting import KVPrefixMethod
+from ._virtual import KVPrefix, dims
+from .registry import MethodConfig, register
+
+
+class PrefixConfig(MethodConfig):
+    name: Literal["prefix"] = "prefix"
+    num_virtual_tokens: int = Field(20, ge=1, le=512, description="Prefix length: trained key/value vectors per "
+                                                                   "layer.")
+    reparam_hidden: int = Field(512, ge=1, description="Hidden size of the training-time MLP that produces the "
+                                                       "prefix (folded away after training).")
+
+
+class PrefixMlp(KVPrefix):
+    """P = Linear2(tanh(Linear1(P'))), P' ∈ R^{n×d_kv}; names match peft (embedding, transform)."""
+
+    def __init__(self, n: int, shape: dict[str, int], hidden: int):
+        super().__init__(n, shape)
+        d_kv = shape["kv_heads"] * shape["head_dim"]
+        self.embedding = nn.Embedding(n, d_kv)
+        self.transform = nn.Sequential(nn.Linear(d_kv, hidden), nn.Tanh(), nn.Linear(hidden, self.width()))
+
+    def table(self) -> torch.Tensor:
+        return self.transform(self.embedding.weight)       # (n, layers·2·d_kv)
+
+
+@register
+class Prefix(KVPrefixMethod):
+    name = "prefix"
+    summary = "Prefix tuning: trained key/value prefixes in every layer via a folded MLP (Li & Liang 2021)."
+    Config = PrefixConfig
+    peft_type = "PREFIX_TUNING"
+    invariant_cases = [
+        {},
+        {"arch": "qwen2", "options": {"num_virtual_tokens": 3, "reparam_hidden": 8}},
+        {"arch": "bert", "task": "classification", "options": {"num_virtual_tokens": 4}},
+    ]
+
+    def make(self, model: nn.Module) -> PrefixMlp:
+        return PrefixMlp(self.cfg.num_virtual_tokens, dims(model), self.cfg.reparam_hidden)
+
+    def peft_fields(self, model: nn.Module) -> dict:
+        return {"prefix_projection": True, "encoder_hidden_size": self.cfg.reparam_hidden}
+
+    @classmethod
+    def config_from_peft(cls, peft_cfg: dict):
+        return cls.Config(name=cls.name, num_virtual_tokens=peft_cfg["num_virtual_tokens"],
+                          reparam_hidden=peft_cfg.get("encoder_hidden_size") or 512)
+
+
+def prefix_trainable_count(model: nn.Module, n: int, hidden: int) -> int:
+    """Closed form: n·d_kv + (d_kv·h + h) + (h·L·2·d_kv + L·2·d_kv)."""
+    d = dims(model)
+    d_kv = d["kv_heads"] * d["head_dim"]
+    out = d["layers"] * 2 * d_kv
+    return n * d_kv + d_kv * hidden + hidden + hidden * out + out

@@ -1,0 +1,46 @@
+"""P-tuning v2 (Liu et al. 2022, "P-Tuning v2: Prompt Tuning Can Be Comparable to Fine-tuning
+Universally Across Scales and Tasks").
+
+Deep prompt tuning (§3.2, Fig. 2b): trained prompts at every layer, not only at the input; each
+layer l attends over [P_k^l; K^l] and [P_v^l; V^l], with the prompts trained directly, without the
+reparameterisation encoder of prefix tuning (§3.3, "Reparameterization": dropped by default).
+The official implementation stores one (n, layers·2·d_kv) table, as here; the keys/values enter
+through transformers' DynamicCache, so generation with the KV cache works.
+"""
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+from torch import nn
+
+from ._prompting import KVPrefixMethod
+from ._virtual import PrefixTable, dims
+from .registry import MethodConfig, register
+
+
+class PtuningV2Config(MethodConfig):
+    name: Literal["ptuning_v2"] = "ptuning_v2"
+    num_virtual_tokens: int = Field(20, ge=1, le=512, description="Prompt length: trained key/value vectors per "
+                                                                   "layer.")
+
+
+@register
+class PtuningV2(KVPrefixMethod):
+    name = "ptuning_v2"
+    summary = "P-tuning v2: deep prompts (keys/values) at every layer, no reparameterisation (Liu et al. 2022)."
+    Config = PtuningV2Config
+    peft_type = "PREFIX_TUNING"
+    loads_peft = False  # a plain peft prefix adapter loads as `prefix`; the folded forms are identical
+
+    def make(self, model: nn.Module) -> PrefixTable:
+        return PrefixTable(self.cfg.num_virtual_tokens, dims(model))
+
+    def peft_fields(self, model: nn.Module) -> dict:
+        return {"prefix_projection": False}
+
+
+def ptuning_v2_trainable_count(model: nn.Module, n: int) -> int:
+    """Closed form: n · layers · 2 · kv_heads · head_dim."""
+    d = dims(model)
+    return n * d["layers"] * 2 * d["kv_heads"] * d["head_dim"]
