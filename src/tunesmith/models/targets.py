@@ -2,7 +2,10 @@
 
 Keys are transformers ``config.model_type`` values. ``attention`` and ``mlp`` list the leaf names
 of the linear layers; ``head`` lists task-head module names that stay trainable for
-classification (peft's ``modules_to_save``).
+classification (peft's ``modules_to_save``). ``attn_out``, ``ff_in`` and ``ff_out`` name the
+attention output projection and the feed-forward input/output projections (suffix match: on
+BERT ``output.dense`` also matches ``attention.output.dense``; subtract ``attn_out`` to mean the
+feed-forward output only).
 """
 from __future__ import annotations
 
@@ -12,12 +15,14 @@ _LLAMA = {
     "attention": ["q_proj", "k_proj", "v_proj", "o_proj"],
     "mlp": ["gate_proj", "up_proj", "down_proj"],
     "keys": ["k_proj"], "values": ["v_proj"], "ff_out": ["down_proj"],
+    "attn_out": ["o_proj"], "ff_in": ["up_proj"],
     "layers": r"model\.layers\.(\d+)\.",
 }
 _BERT = {
     "attention": ["query", "key", "value", "attention.output.dense"],
     "mlp": ["intermediate.dense", "output.dense"],
     "keys": ["key"], "values": ["value"], "ff_out": ["output.dense"],
+    "attn_out": ["attention.output.dense"], "ff_in": ["intermediate.dense"],
     "layers": r"(?:bert|roberta|model)?\.?encoder\.layer\.(\d+)\.",
 }
 
