@@ -1,0 +1,119 @@
+"""DoRA: weight-decomposed low-rank adaptation (Liu et al. 2024, "DoRA: Weight-Decomposed Low-Rank
+Adaptation", eq. 5):
+
+    W' = m · (W0 + s·B A) / ||W0 + s·B A||_c
+
+with a learned magnitude m (one entry per output feature, initialised to ||W0||_c) and the norm
+taken per output row of the (d_out, d_in) weight, i.e. per column of the paper's (d_in, d_out) W.
+As in §4.3 of the paper (and peft), the norm is treated as a constant in backward.
+"""
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from pydantic import field_validator
+from torch import nn
+
+from .lora import LoraConfig, LoraLinear, LowRankMethod
+from .registry import register
+
+
+class DoraConfig(LoraConfig):
+    name: Literal["dora"] = "dora"
+
+    @field_validator("init")
+    @classmethod
+    def _no_pissa(cls, v):
+        if v == "pissa":
+            raise ValueError("init 'pissa' is not supported with dora; valid: kaiming, gaussian, zero_b")
+        return v
+
+
+class DoraLinear(LoraLinear):
+    """LoRA plus a magnitude vector ``lora_magnitude_vector`` (peft's key name), shape (d_out,)."""
+
+    def __init__(self, base: nn.Linear, r: int, alpha: float, dropout: float, use_rslora: bool = False):
+        super().__init__(base, r, alpha, dropout, use_rslora)
+        a = self.lora_A.weight
+        self.lora_magnitude_vector = nn.Parameter(torch.empty(base.out_features, device=a.device, dtype=a.dtype))
+
+    def reset(self, init: str) -> None:
+        super().reset(init)
+        with torch.no_grad():
+            self.lora_magnitude_vector.copy_(self.weight_norm())
+
+    def weight_norm(self) -> torch.Tensor:
+        """||W0 + s·B A|| per output feature, detached (DoRA §4.3); shape (d_out,)."""
+        with torch.no_grad():
+            a = self.lora_A.weight
+            w = self.base_layer.weight.to(a.dtype) + self.scaling * (self.lora_B.weight @ a)
+            return torch.linalg.norm(w, dim=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base_layer(x)
+        if self.merged or self.disabled:
+            return y
+        a = self.lora_A.weight
+        xa = x.to(a.dtype)
+        xd = self.lora_dropout(xa)
+        scale = self.lora_magnitude_vector / self.weight_norm()            # (d_out,)
+        if xd is xa:  # no dropout active: reuse the base output without its bias
+            bias = self.base_layer.bias
+            base = (y if bias is None else y - bias).to(a.dtype)
+        else:
+            base = F.linear(xd, self.base_layer.weight.to(a.dtype))
+        lora = self.lora_B(self.lora_A(xd)) * self.scaling
+        return y + ((scale - 1) * base + scale * lora).to(y.dtype)
+
+    def merge(self) -> None:
+        if not self.merged:
+            w = self.base_layer.weight
+            norm = self.weight_norm()
+            self.register_buffer("_merge_norm", norm, persistent=False)
+            factor = (self.lora_magnitude_vector.detach() / norm).unsqueeze(1)   # (d_out, 1)
+            w.data = (factor * (w.data.to(norm.dtype) + self.delta_weight().detach())).to(w.dtype)
+            self.merged = True
+
+    def unmerge(self) -> None:
+        if self.merged:
+            w = self.base_layer.weight
+            factor = (self.lora_magnitude_vector.detach() / self._merge_norm).unsqueeze(1)
+            w.data = (w.data.to(factor.dtype) / factor - self.delta_weight().detach()).to(w.dtype)
+            self.merged = False
+
+
+@register
+class Dora(LowRankMethod):
+    name = "dora"
+    loads_peft = True
+    summary = "Weight-decomposed LoRA: learned magnitude × direction of W + B·A (Liu et al. 2024)."
+    Config = DoraConfig
+    invariant_cases = [
+        {},
+        {"options": {"r": 4, "target_modules": ["q_proj", "v_proj"], "bias": "all", "use_rslora": True}},
+        {"arch": "qwen2", "options": {"bias": "lora_only", "init": "gaussian", "lr_ratio_b": 4.0}},
+        {"arch": "bert", "task": "classification", "options": {"r": 2}},
+    ]
+
+    @classmethod
+    def accepts_peft(cls, peft_cfg: dict) -> bool:
+        return cls.peft_type == peft_cfg.get("peft_type") and bool(peft_cfg.get("use_dora"))
+
+    def make_layer(self, name: str, base: nn.Module) -> DoraLinear:
+        layer = DoraLinear(base, self.cfg.r, self.cfg.alpha, self.cfg.dropout, self.cfg.use_rslora)
+        layer.reset(self.cfg.init)
+        return layer
+
+    def peft_config(self, model: nn.Module, base_name: str) -> dict:
+        return {**super().peft_config(model, base_name), "use_dora": True}
+
+
+def dora_trainable_count(model: nn.Module, r: int, targets: list[str]) -> int:
+    """Closed form: sum over targets of r·(d_in + d_out) + d_out."""
+    total = 0
+    for n in targets:
+        base = model.get_submodule(n).base_layer
+        total += r * (base.in_features + base.out_features) + base.out_features
+    return total
