@@ -110,7 +110,7 @@ def train_curve(model, steps: int = 30, lr: float = 1e-2, extra=None, after_step
         if after_step:
             after_step(step)
         opt.zero_grad(set_to_none=True)
-        losses.append(out.loss.item())
+        losses.append(loss.item())
     return losses
 
 
