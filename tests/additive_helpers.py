@@ -118,15 +118,16 @@ def bert_layer(layer, h: torch.Tensor, *, prefix=None, attn_adapter=None, ff_ada
     heads = att.self.num_attention_heads
     B, T, D = h.shape
     split = lambda t: t.view(B, -1, heads, D // heads).transpose(1, 2)  # noqa: E731  (B, heads, T, hd)
-    q, k, v = split(att.self.query(h)), split(att.self.key(h)), split(att.self.value(h))
+    lin = lambda mod, t: F.linear(t, mod.weight, mod.bias)  # noqa: E731  the plain layer, not a wrapper
+    q, k, v = split(lin(att.self.query, h)), split(lin(att.self.key, h)), split(lin(att.self.value, h))
     if prefix is not None:
         k = torch.cat([prefix[0].expand(B, -1, -1, -1), k], dim=2)
         v = torch.cat([prefix[1].expand(B, -1, -1, -1), v], dim=2)
     a = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(D // heads), dim=-1) @ v  # (B, heads, T, hd)
-    a = att.output.dense(a.transpose(1, 2).reshape(B, T, D))
+    a = lin(att.output.dense, a.transpose(1, 2).reshape(B, T, D))
     a = a + attn_adapter(a) if attn_adapter is not None else a
     x = att.output.LayerNorm(a + h)
-    f = layer.output.dense(layer.intermediate(x))
+    f = lin(layer.output.dense, layer.intermediate.intermediate_act_fn(lin(layer.intermediate.dense, x)))
     f = f + ff_adapter(f) if ff_adapter is not None else f
     f = f + parallel(x) if parallel is not None else f
     return layer.output.LayerNorm(f + x)

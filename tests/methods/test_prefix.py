@@ -1,0 +1,87 @@
+"""Prefix tuning: peft parity (logits incl. GQA and BERT, 30-step curve), the folded MLP, peft
+interop, the gradient-checkpointing guard, closed-form count, the one loop."""
+from __future__ import annotations
+
+import pytest
+import torch
+from peft import PeftModel, PrefixTuningConfig, get_peft_model
+
+import tunesmith
+from additive_helpers import copy, copy_encoder, curve, lm_batches, logits, max_rel_diff, perturb, small, train_and_reload
+from helpers import rel_err
+from tunesmith.errors import ConfigError
+from tunesmith.methods import registry
+from tunesmith.methods.prefix import prefix_trainable_count
+
+N, H = 4, 16
+
+
+def _pair(arch="llama", task="causal_lm"):
+    base = small(arch, task)
+    ours = tunesmith.apply(copy.deepcopy(base), "prefix", num_virtual_tokens=N, reparam_hidden=H)
+    theirs = get_peft_model(copy.deepcopy(base), PrefixTuningConfig(
+        task_type="CAUSAL_LM" if task == "causal_lm" else "SEQ_CLS", num_virtual_tokens=N,
+        prefix_projection=True, encoder_hidden_size=H))
+    copy_encoder(ours, theirs)
+    return base, ours, theirs
+
+
+@pytest.mark.parametrize("arch,task", [("llama", "causal_lm"), ("qwen2", "causal_lm"), ("bert", "classification"),
+                                       ("llama", "classification")])
+def test_logits_match_peft(arch, task):
+    _, ours, theirs = _pair(arch, task)
+    perturb(ours.prompt_encoder)  # peft keeps its own copy of the task head
+    copy_encoder(ours, theirs)
+    b = lm_batches(1)[0]
+    assert rel_err(logits(ours, b), logits(theirs, b)) <= 1e-5
+
+
+def test_loss_curve_matches_peft():
+    _, ours, theirs = _pair()
+    batches = lm_batches()
+    a, b = curve(ours, batches, lr=3e-3), curve(theirs, batches, lr=3e-3)
+    assert sum(a[-5:]) / 5 < a[0]
+    assert max_rel_diff(a, b) <= 0.01
+
+
+def test_mlp_is_folded_away_and_peft_loads_it(tmp_path):
+    base, ours, _ = _pair("qwen2")
+    perturb(ours)
+    path = registry.attached(ours).save(ours, tmp_path, "unused")
+    loaded = registry.get("prefix").load_artifact(copy.deepcopy(base), path)
+    assert not hasattr(loaded.prompt_encoder, "transform")  # inference reads a plain table
+    b = lm_batches(1)[0]
+    assert rel_err(logits(loaded, b), logits(ours, b)) <= 1e-6
+    theirs = PeftModel.from_pretrained(copy.deepcopy(base), str(path))
+    assert rel_err(logits(theirs, b), logits(ours, b)) <= 1e-5
+
+
+def test_gradient_checkpointing_is_refused():
+    m = small()
+    m.gradient_checkpointing_enable()
+    method = registry.get("prefix")(registry.build_config({"name": "prefix"}))
+    method.apply(m)
+    with pytest.raises(ConfigError, match="gradient_checkpointing"):
+        method.prepare(m, iter(()), None)
+
+
+def test_trainable_count_closed_form():
+    m = tunesmith.apply(small("qwen2"), "prefix", num_virtual_tokens=N, reparam_hidden=H)
+    assert sum(p.numel() for p in m.parameters() if p.requires_grad) == prefix_trainable_count(m, N, H)
+
+
+@pytest.mark.parametrize("objective", ["sft", "pt", "cls"])
+def test_trains_in_the_loop_and_round_trips(tmp_path, objective):
+    res = train_and_reload(tmp_path, {"name": "prefix", "num_virtual_tokens": 4, "reparam_hidden": 16}, objective)
+    assert res["change"] > 1e-4 and res["reload_err"] < 1e-6
+
+
+def test_decoder_classification_reads_the_last_real_token():
+    m = tunesmith.apply(small("llama", "classification"), "prefix", num_virtual_tokens=N, reparam_hidden=H)
+    perturb(m)
+    b = lm_batches(1)[0]
+    x, mask = b["input_ids"][:1, :6], torch.ones(1, 6, dtype=torch.long)
+    padded = torch.cat([x, torch.zeros(1, 3, dtype=torch.long)], 1)  # right padding with pad id 0
+    pmask = torch.cat([mask, torch.zeros(1, 3, dtype=torch.long)], 1)
+    a = logits(m, {"input_ids": x, "attention_mask": mask})
+    assert rel_err(logits(m, {"input_ids": padded, "attention_mask": pmask}), a) <= 1e-5
