@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import tunesmith
+from tunesmith import api  # api.train: `tunesmith.train` is shadowed by the subpackage once imported
 from tunesmith.errors import ConfigError
 from tunesmith.methods import registry
 from tunesmith.methods.adalora import AdaLora, adalora_trainable_count
@@ -130,7 +131,7 @@ def test_run_end_to_end(alpaca_file, tmp_path):
     from helpers import run_config
     cfg = run_config(alpaca_file, tmp_path, {"name": "adalora", "init_r": 4, "target_r": 2, "total_steps": 6,
                                              "tinit": 1, "tfinal": 2}, max_steps=6)
-    run_dir, metrics = tunesmith.train(cfg)
+    run_dir, metrics = api.train(cfg)
     assert metrics["train_loss_after"] < metrics["train_loss_before"]
     assert json.loads((run_dir / "adapter" / "adapter_config.json").read_text())["rank_pattern"]
     ckpt = next((run_dir / "checkpoints").iterdir())

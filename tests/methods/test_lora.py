@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import tunesmith
+from tunesmith import api  # api.train: `tunesmith.train` is shadowed by the subpackage once imported
 from tunesmith.errors import ConfigError
 from tunesmith.methods import registry
 from tunesmith.methods.lora import Lora, LoraLinear, PissaLinear, lora_trainable_count
@@ -279,7 +280,7 @@ def test_trainable_count_closed_form():
 def test_pissa_run_end_to_end(alpaca_file, tmp_path):
     from helpers import run_config
     cfg = run_config(alpaca_file, tmp_path, {"name": "lora", "r": 4, "init": "pissa", "lr_ratio_b": 4.0})
-    run_dir, metrics = tunesmith.train(cfg)
+    run_dir, metrics = api.train(cfg)
     assert metrics["train_loss_after"] < metrics["train_loss_before"]
     meta = json.loads((run_dir / "adapter" / "tunesmith.json").read_text())
     assert meta["converted_from"] == "pissa" and meta["method"]["r"] == 8
