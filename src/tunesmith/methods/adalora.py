@@ -284,9 +284,7 @@ class AdaLora(LowRankMethod):
     def load_artifact(cls, model: nn.Module, path: Path) -> nn.Module:
         peft_cfg, state = peft_format.read_adapter(path)
         meta = path / peft_format.META_NAME
-        cfg = (cls.Config.model_validate(json.loads(meta.read_text())["method"]) if meta.is_file()
-               else cls.config_from_peft(peft_cfg))
-        method = cls(cfg)
+        method = cls.from_saved(peft_cfg, json.loads(meta.read_text()) if meta.is_file() else None)
         method.apply(model)
         pattern = {}
         for key, keep in (peft_cfg.get("rank_pattern") or {}).items():

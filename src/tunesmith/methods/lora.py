@@ -22,6 +22,7 @@ from . import peft_format
 from .inject import TunedLayer, freeze_all, inject, resolve_targets, tuned_layers, unfreeze_modules, unwrap
 from .registry import Method, MethodConfig, attach, register
 from ..errors import ConfigError
+from ..kernels.lora import lora_linear
 from ..models.targets import task_heads
 
 
@@ -87,9 +88,12 @@ class LoraLinear(TunedLayer):
         return (self.lora_B.weight @ self.lora_A.weight) * self.scaling
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.base_layer(x)
+        base = self.base_layer
         if self.merged or self.disabled:
-            return y
+            return base(x)
+        if type(base) is nn.Linear and type(self.lora_dropout) is nn.Identity:  # fused, see kernels/lora.py
+            return lora_linear(x, base.weight, base.bias, self.lora_A.weight, self.lora_B.weight, self.scaling)
+        y = base(x)
         a = self.lora_A.weight
         return y + self.lora_B(self.lora_A(self.lora_dropout(x.to(a.dtype)))).to(y.dtype) * self.scaling
 
@@ -242,12 +246,15 @@ class LowRankMethod(Method):
                           init=_init_from_peft(peft_cfg.get("init_lora_weights", True)))
 
     @classmethod
+    def from_saved(cls, peft_cfg: dict, meta: dict | None) -> "LowRankMethod":
+        """The method that rebuilds a saved adapter (from tunesmith.json when present)."""
+        return cls(cls.Config.model_validate(meta["method"]) if meta else cls.config_from_peft(peft_cfg))
+
+    @classmethod
     def load_artifact(cls, model: nn.Module, path: Path) -> nn.Module:
         peft_cfg, state = peft_format.read_adapter(path)
         meta = path / peft_format.META_NAME
-        cfg = (cls.Config.model_validate(json.loads(meta.read_text())["method"]) if meta.is_file()
-               else cls.config_from_peft(peft_cfg))
-        method = cls(cfg)
+        method = cls.from_saved(peft_cfg, json.loads(meta.read_text()) if meta.is_file() else None)
         method.apply(model)
         peft_format.load_into(model, state, path)
         attach(model, method)

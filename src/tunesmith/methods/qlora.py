@@ -1,0 +1,141 @@
+"""QLoRA (Dettmers et al. 2023, "QLoRA: Efficient Finetuning of Quantized LLMs", eq. 5):
+
+    Y = X · doubleDequant(c1_FP32, c2_k-bit, W_NF4) + s · X A B
+
+The frozen base: every linear layer of the transformer blocks is stored in 4 bits (NF4, or FP4)
+with double quantization of the block scales (§3), computed in bf16; LoRA adapters (fp32) sit
+on the target layers. Quantization is bitsandbytes' ``Linear4bit`` and needs CUDA; without
+bitsandbytes or a GPU, ``apply`` raises one ConfigError naming what is missing and the
+alternative (method lora, same fields, full-precision base). The paged 8-bit AdamW of the paper
+(§3, "Paged Optimizers") is :func:`paged_adamw_8bit`.
+
+The saved adapter is a plain peft LoRA for the full-precision base (``base_model_name_or_path``),
+so it loads as method lora anywhere; loading it quantizes nothing.
+"""
+from __future__ import annotations
+
+import importlib
+from typing import Literal
+
+import torch
+from pydantic import Field, field_validator
+from torch import nn
+
+from .inject import TunedLayer, replace_module, resolve_targets, tuned_layers, unwrap
+from .lora import Lora, LoraConfig
+from .registry import register
+from ..errors import ConfigError
+
+COMPUTE_DTYPE = torch.bfloat16
+
+
+class QloraConfig(LoraConfig):
+    name: Literal["qlora"] = "qlora"
+    quant_type: Literal["nf4", "fp4"] = Field(
+        "nf4", description="4-bit data type of the frozen base: nf4 (NormalFloat, the paper's) or fp4.")
+    double_quant: bool = Field(True, description="Quantize the per-block scales too (double quantization, "
+                                                 "~0.37 bits/parameter saved).")
+
+    @field_validator("init")
+    @classmethod
+    def _no_pissa(cls, v):
+        if v == "pissa":
+            raise ValueError("init 'pissa' is not supported with qlora (it rewrites the base weight, which is "
+                             "quantized here); valid: kaiming, gaussian, zero_b")
+        return v
+
+
+def require_bitsandbytes(feature: str = "method qlora"):
+    """bitsandbytes, imported lazily; one ConfigError naming every missing piece otherwise."""
+    missing = []
+    try:
+        bnb = importlib.import_module("bitsandbytes")
+    except ImportError:
+        bnb = None
+        missing.append("the bitsandbytes package (pip install bitsandbytes)")
+    if not torch.cuda.is_available():
+        missing.append("a CUDA GPU")
+    if missing:
+        raise ConfigError(f"{feature}: 4-bit quantization runs in bitsandbytes on CUDA, and this machine lacks "
+                          f"{' and '.join(missing)}. Use method.name: lora instead (the same fields, with a "
+                          "full-precision base), or run on a CUDA machine with bitsandbytes installed.")
+    return bnb
+
+
+def check_device(model: nn.Module) -> None:
+    device = next(model.parameters()).device
+    if device.type != "cuda":
+        raise ConfigError(f"method qlora: the model is on {device}; 4-bit bases need model.device: cuda "
+                          "(or auto), or use method.name: lora on this device")
+
+
+def quantize_linear(bnb, lin: nn.Linear, quant_type: str, double_quant: bool) -> nn.Module:
+    """``lin`` as a frozen bitsandbytes Linear4bit (the weight is quantized when it reaches CUDA)."""
+    q = bnb.nn.Linear4bit(lin.in_features, lin.out_features, lin.bias is not None, COMPUTE_DTYPE,
+                          compress_statistics=double_quant, quant_type=quant_type, device="meta")
+    w = lin.weight.data.to(COMPUTE_DTYPE)
+    q.weight = bnb.nn.Params4bit(w, requires_grad=False, **q.weight.__dict__).to(lin.weight.device)
+    if lin.bias is not None:
+        q.bias = nn.Parameter(lin.bias.data.to(COMPUTE_DTYPE), requires_grad=False)
+    q.requires_grad_(False)
+    q.source_dtype = lin.weight.dtype  # what merge() dequantizes back to
+    return q
+
+
+def dequantize_linear(bnb, q: nn.Module, delta: torch.Tensor | None = None) -> nn.Linear:
+    """A plain nn.Linear (in the layer's dtype before quantizing) holding dequant(W) (+ ``delta``)."""
+    dtype = getattr(q, "source_dtype", COMPUTE_DTYPE)
+    w = bnb.functional.dequantize_4bit(q.weight.data, q.weight.quant_state).to(dtype)
+    if delta is not None:
+        w = w + delta.to(w.dtype)
+    lin = nn.Linear(q.in_features, q.out_features, bias=q.bias is not None, device="meta")
+    lin.weight = nn.Parameter(w, requires_grad=False)
+    if q.bias is not None:
+        lin.bias = nn.Parameter(q.bias.data.to(dtype), requires_grad=False)
+    return lin
+
+
+@register
+class Qlora(Lora):
+    name = "qlora"
+    loads_peft = False  # a saved QLoRA adapter is a plain LoRA: peft adapters load as method lora
+    summary = "LoRA on a frozen 4-bit NF4 base with double quantization (Dettmers et al. 2023); needs CUDA."
+    Config = QloraConfig
+    invariant_cases = []  # 4-bit bases need CUDA; the GPU benchmark covers the numerics
+
+    def apply(self, model: nn.Module) -> nn.Module:
+        """Quantize every linear layer of the blocks (never the output head), then add LoRA."""
+        self.bnb = bnb = require_bitsandbytes()
+        check_device(model)
+        for name in resolve_targets(model, "all-linear", field="method (qlora base quantization)"):
+            replace_module(model, name, quantize_linear(bnb, model.get_submodule(name),
+                                                        self.cfg.quant_type, self.cfg.double_quant))
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()  # the full-precision weights just freed
+        return super().apply(model)
+
+    def merge(self, model: nn.Module) -> nn.Module:
+        """Dequantize every 4-bit layer into a plain nn.Linear, adding the LoRA update where there is one."""
+        bnb = self.bnb
+        for name, layer in list(tuned_layers(model)):
+            replace_module(model, name, dequantize_linear(bnb, layer.base_layer, layer.delta_weight().detach()))
+        for name, module in list(model.named_modules()):
+            if isinstance(module, bnb.nn.Linear4bit) and not isinstance(module, TunedLayer):
+                replace_module(model, name, dequantize_linear(bnb, module))
+        return unwrap(model)
+
+    @classmethod
+    def from_saved(cls, peft_cfg: dict, meta: dict | None) -> Lora:
+        """The adapter is a plain LoRA for the full-precision base: it loads as method lora."""
+        if meta is None:
+            return Lora.from_saved(peft_cfg, None)
+        fields = {k: v for k, v in meta["method"].items() if k not in ("quant_type", "double_quant")}
+        return Lora(LoraConfig.model_validate({**fields, "name": "lora"}))
+
+
+def paged_adamw_8bit(param_groups: list[dict], train_cfg) -> torch.optim.Optimizer:
+    """bitsandbytes' PagedAdamW8bit over ``param_groups`` with train.lr/adam_betas/adam_eps/weight_decay
+    (for ``train.optimizer: paged_adamw_8bit``)."""
+    bnb = require_bitsandbytes("train.optimizer paged_adamw_8bit")
+    return bnb.optim.PagedAdamW8bit(param_groups, lr=train_cfg.lr, betas=tuple(train_cfg.adam_betas),
+                                    eps=train_cfg.adam_eps, weight_decay=train_cfg.weight_decay)

@@ -1,0 +1,140 @@
+"""QLoRA on CPU: the config path, the one clear error without bitsandbytes/CUDA, and the apply /
+merge / save plumbing against a stand-in for bitsandbytes (the 4-bit numerics run on the GPU
+benchmark)."""
+from __future__ import annotations
+
+import json
+import sys
+import types
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import tunesmith
+from tunesmith import config as config_mod
+from tunesmith.errors import ConfigError
+from tunesmith.methods import qlora, registry
+from tunesmith.methods.lora import Lora, LoraLinear
+
+from helpers import ids, rel_err, tiny
+from test_lora import one_thread  # noqa: F401
+
+
+def test_config_path(tmp_path):
+    data = {"model": {"name_or_path": "random:llama"}, "data": {"train": "x.jsonl"},
+            "method": {"name": "qlora", "r": 16, "alpha": 32, "quant_type": "fp4", "double_quant": False,
+                       "use_rslora": True, "lr_ratio_b": 8}}
+    cfg = config_mod.load(data)
+    assert (cfg.method.quant_type, cfg.method.double_quant, cfg.method.r) == ("fp4", False, 16)
+    assert config_mod.load({**data, "method": {"name": "qlora"}}).method.quant_type == "nf4"
+    with pytest.raises(ConfigError, match=r"method\.quant_type.*int4"):
+        config_mod.load({**data, "method": {"name": "qlora", "quant_type": "int4"}})
+    with pytest.raises(ConfigError, match="pissa"):
+        config_mod.load({**data, "method": {"name": "qlora", "init": "pissa"}})
+
+
+def test_clear_error_without_bitsandbytes_or_cuda(monkeypatch):
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # import fails as if not installed
+    with pytest.raises(ConfigError) as e:
+        tunesmith.apply(tiny(), "qlora")
+    msg = str(e.value)
+    assert "bitsandbytes" in msg and "method.name: lora" in msg
+    assert ("CUDA" in msg) == (not torch.cuda.is_available())
+
+
+def test_clear_error_without_cuda(monkeypatch):
+    monkeypatch.setitem(sys.modules, "bitsandbytes", _fake_bnb())
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ConfigError, match="lacks a CUDA GPU.*method.name: lora"):
+        tunesmith.apply(tiny(), "qlora")
+    with pytest.raises(ConfigError, match="paged_adamw_8bit"):
+        qlora.paged_adamw_8bit([], None)
+
+
+# -- plumbing against a stand-in for bitsandbytes -------------------------------------------------
+def _fake_bnb():
+    """Linear4bit/Params4bit with bitsandbytes' constructor signatures; weights stay dense."""
+    class Params4bit(nn.Parameter):
+        def __new__(cls, data=None, requires_grad=False, **kw):
+            self = torch.Tensor._make_subclass(cls, data, requires_grad)
+            self.__dict__.update(kw)
+            self.quant_state = ("state", kw.get("quant_type"), kw.get("compress_statistics"))
+            return self
+
+        def to(self, *args, **kwargs):
+            return self
+
+    class Linear4bit(nn.Linear):
+        def __init__(self, input_features, output_features, bias=True, compute_dtype=None,
+                     compress_statistics=True, quant_type="fp4", quant_storage=torch.uint8, device=None):
+            super().__init__(input_features, output_features, bias, device=device)
+            self.compute_dtype = compute_dtype
+            self.weight = Params4bit(self.weight.data, quant_type=quant_type,
+                                     compress_statistics=compress_statistics, module=self)
+
+        def forward(self, x):
+            return F.linear(x.to(self.compute_dtype), self.weight, self.bias).to(x.dtype)
+
+    bnb = types.ModuleType("bitsandbytes")
+    bnb.nn = types.SimpleNamespace(Linear4bit=Linear4bit, Params4bit=Params4bit)
+    bnb.functional = types.SimpleNamespace(dequantize_4bit=lambda data, state: data.clone())
+    bnb.optim = types.SimpleNamespace(PagedAdamW8bit=lambda groups, **kw: ("paged", groups, kw))
+    return bnb
+
+
+@pytest.fixture
+def fake_gpu(monkeypatch):
+    bnb = _fake_bnb()
+    monkeypatch.setitem(sys.modules, "bitsandbytes", bnb)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
+    monkeypatch.setattr(qlora, "check_device", lambda model: None)
+    return bnb
+
+
+def test_apply_quantizes_every_block_linear_and_adds_lora(fake_gpu):
+    model = tunesmith.apply(tiny(), "qlora", r=4, target_modules=["q_proj", "v_proj"], quant_type="nf4")
+    q4 = [n for n, m in model.named_modules() if isinstance(m, fake_gpu.nn.Linear4bit)]
+    assert len(q4) == 2 * 7 and not any("lm_head" in n for n in q4)
+    first = model.get_submodule("model.layers.0.mlp.down_proj")
+    assert first.weight.quant_state == ("state", "nf4", True) and first.compute_dtype == torch.bfloat16
+    wrapped = model.get_submodule("model.layers.0.self_attn.q_proj")
+    assert isinstance(wrapped, LoraLinear) and isinstance(wrapped.base_layer, fake_gpu.nn.Linear4bit)
+    assert wrapped.lora_A.weight.dtype == torch.bfloat16
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(".lora_A." in n or ".lora_B." in n for n in trainable)
+    assert len(trainable) == 2 * 2 * 2
+
+
+def test_merge_dequantizes_to_plain_linears(fake_gpu):
+    model = tunesmith.apply(tiny(), "qlora", r=4)
+    for n, p in model.named_parameters():
+        if p.requires_grad:
+            p.data = p.data.float() + torch.randn_like(p.data.float()) * 0.05  # as upcast + trained
+    x = ids()
+    with torch.no_grad():
+        before = model(input_ids=x).logits
+        merged = registry.attached(model).merge(model)
+        after = merged(input_ids=x).logits
+    assert not any(isinstance(m, fake_gpu.nn.Linear4bit) for m in merged.modules())
+    assert type(merged.get_submodule("model.layers.1.mlp.up_proj")) is nn.Linear
+    assert rel_err(after, before) < 2e-2  # bf16 weights after merging
+
+
+def test_saved_adapter_is_plain_lora(fake_gpu, tmp_path):
+    model = tunesmith.apply(tiny(), "qlora", r=4, quant_type="fp4")
+    method = registry.attached(model)
+    path = method.save(model, tmp_path, "base-model-dir")
+    cfg = json.loads((path / "adapter_config.json").read_text())
+    assert (cfg["peft_type"], cfg["use_dora"], cfg["base_model_name_or_path"]) == ("LORA", False, "base-model-dir")
+    loaded = qlora.Qlora.load_artifact(tiny(), path)
+    assert type(registry.attached(loaded)) is Lora
+    assert not any(isinstance(m, fake_gpu.nn.Linear4bit) for m in loaded.modules())
+
+
+def test_paged_adamw_8bit_uses_train_settings(fake_gpu):
+    cfg = types.SimpleNamespace(lr=1e-4, adam_betas=(0.9, 0.95), adam_eps=1e-6, weight_decay=0.01)
+    kind, groups, kw = qlora.paged_adamw_8bit([{"params": []}], cfg)
+    assert kind == "paged" and kw == {"lr": 1e-4, "betas": (0.9, 0.95), "eps": 1e-6, "weight_decay": 0.01}
