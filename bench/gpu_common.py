@@ -1,0 +1,204 @@
+"""Shared pieces of the GPU benchmarks: random-weight Llama models built on the GPU, the HF
+transformers+peft baseline and the tunesmith setup of each method, FLOP counts and a timed loop.
+
+Both sides train the same way: bf16 weights, bf16 autocast, fused AdamW, gradient clipping at 1.0,
+trainable adapter weights in fp32 (peft's default autocast_adapter_dtype and tunesmith's
+upcast_trainable), full fine-tuning in pure bf16. The seed fixes weights and tokens, so the first
+step's loss of the two sides must agree.
+"""
+from __future__ import annotations
+
+import gc
+import os
+import statistics
+import time
+
+import torch
+
+PEAK_TFLOPS = 989.0  # H100 SXM dense bf16, the MFU denominator
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+ARCHS = {
+    "8b": dict(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8,
+               intermediate_size=14336, vocab_size=128256, tie_word_embeddings=False),
+    "1b": dict(hidden_size=2048, num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8,
+               intermediate_size=8192, vocab_size=128256, tie_word_embeddings=True),
+}
+LORA = dict(r=16, alpha=32)
+# BENCH_DEVICE=cpu BENCH_TINY=1 runs the whole benchmark logic on a CPU with tiny models (a smoke test)
+DEV = os.environ.get("BENCH_DEVICE", "cuda")
+if os.environ.get("BENCH_TINY"):
+    for a in ARCHS.values():
+        a.update(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                 intermediate_size=128, vocab_size=512)
+
+
+def sync() -> None:
+    if DEV == "cuda":
+        torch.cuda.synchronize()
+
+
+def peak_gib(reserved: bool = False) -> float:
+    if DEV != "cuda":
+        return 0.0
+    return (torch.cuda.max_memory_reserved() if reserved else torch.cuda.max_memory_allocated()) / 2**30
+
+
+def build_model(arch: str, seed: int = 0):
+    """Random-weight Llama of the named architecture, built directly on the GPU in bf16 with SDPA."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    cfg = LlamaConfig(**ARCHS[arch], max_position_embeddings=262144, use_cache=False,
+                      rope_parameters={"rope_type": "default", "rope_theta": 500000.0})
+    torch.manual_seed(seed)
+    with torch.device(DEV):
+        model = LlamaForCausalLM._from_config(cfg, attn_implementation="sdpa", dtype=torch.bfloat16)
+    return model.train()
+
+
+def quantize_nf4(model) -> None:
+    """Replace the 7 projections of every layer by bitsandbytes NF4 (double quant, bf16 compute)."""
+    import bitsandbytes as bnb
+    for layer in model.model.layers:
+        for parent in (layer.self_attn, layer.mlp):
+            for name, lin in list(parent.named_children()):
+                if name not in TARGETS:
+                    continue
+                q = bnb.nn.Linear4bit(lin.in_features, lin.out_features, bias=False, compute_dtype=torch.bfloat16,
+                                      compress_statistics=True, quant_type="nf4", device="meta")
+                q.weight = bnb.nn.Params4bit(lin.weight.data, requires_grad=False, compress_statistics=True,
+                                             quant_type="nf4").to(DEV)
+                setattr(parent, name, q)
+    torch.cuda.empty_cache()
+
+
+def upcast_trainable(model) -> None:
+    for p in model.parameters():
+        if p.requires_grad and p.dtype == torch.bfloat16:
+            p.data = p.data.float()
+
+
+# -- the two sides -------------------------------------------------------------------------------
+def setup_hf(model, method: str, gc_on: bool):
+    """HF transformers + peft as LLaMA-Factory/TRL/axolotl run it; returns (model, loss_fn)."""
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    gck = {"use_reentrant": False}
+    if method == "qlora":
+        quantize_nf4(model)
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gc_on,
+                                                gradient_checkpointing_kwargs=gck)
+    if method != "full":
+        cfg = LoraConfig(r=LORA["r"], lora_alpha=LORA["alpha"], lora_dropout=0.0, target_modules=TARGETS,
+                         task_type="CAUSAL_LM", use_dora=(method == "dora"))
+        model = get_peft_model(model, cfg)
+    if gc_on:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gck)
+
+    def loss_fn(m, batch):
+        kw = {k: batch[k] for k in ("input_ids", "attention_mask", "labels") if k in batch}
+        return m(**kw, use_cache=False).loss  # mean over label tokens
+    return model, loss_fn
+
+
+def setup_tunesmith(model, method: str, gc_on: bool, *, liger: bool = False, packed: bool = False):
+    import tunesmith
+    from tunesmith.methods import registry
+    from tunesmith.train.objectives.causal_lm import CausalLM
+    if liger:
+        from tunesmith.kernels import liger as liger_mod
+        liger_mod.apply(model)
+    if packed:
+        from tunesmith.kernels import attention
+        attention.enable(model)
+    opts = {} if method == "full" else {"target_modules": TARGETS, **LORA}
+    if method == "qlora" and "qlora" not in registry.all_methods():
+        raise RuntimeError("no qlora method registered in tunesmith yet")
+    model = tunesmith.apply(model, method, **opts)
+    if registry.get(method).upcast_trainable:
+        upcast_trainable(model)
+    if gc_on:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    objective = CausalLM()
+
+    def loss_fn(m, batch):
+        return objective.lm_loss(m, batch) / max(1, objective.count(batch))
+    return model, loss_fn
+
+
+# -- FLOPs -------------------------------------------------------------------------------------
+def flops_per_token(arch: str, seq: int, full: bool) -> float:
+    """Model FLOPs a token (no recomputation counted): 6N for trained weights, 4N for frozen ones
+    (forward + input gradient), 6 per LoRA weight, attention 12·L·d·T (PaLM's convention)."""
+    a = ARCHS[arch]
+    d, f, L, v = a["hidden_size"], a["intermediate_size"], a["num_hidden_layers"], a["vocab_size"]
+    kv = d // a["num_attention_heads"] * a["num_key_value_heads"]
+    per_layer = d * (2 * d + 2 * kv) + 3 * d * f
+    n = L * per_layer + d * v
+    attn = 12 * L * d * seq
+    if full:
+        return 6 * n + attn
+    r = LORA["r"]
+    lora = L * r * (d + d + 2 * (d + kv) + 3 * (d + f))
+    return 4 * n + 6 * lora + attn
+
+
+# -- timing ------------------------------------------------------------------------------------
+def random_batches(vocab: int, batch: int, seq: int, n: int = 2, seed: int = 1) -> list[dict]:
+    g = torch.Generator(device=DEV).manual_seed(seed)
+    out = []
+    for _ in range(n):
+        x = torch.randint(0, vocab, (batch, seq), device=DEV, generator=g)
+        out.append({"input_ids": x, "labels": x})
+    return out
+
+
+def tokens_of(batch: dict) -> int:
+    if "attention_mask" in batch:
+        return int(batch["attention_mask"].sum())
+    return int(batch["input_ids"].numel())
+
+
+def train(model, loss_fn, batches, *, steps: int = 11, warmup: int = 3, lr: float = 1e-5) -> dict:
+    """Median step time over steps-warmup steps; first-step loss; peak memory since the caller's reset."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr, fused=True)
+    times, losses, toks = [], [], []
+    for i in range(steps):
+        batch = batches[i % len(batches)]
+        sync()
+        t0 = time.perf_counter()
+        with torch.autocast(DEV, dtype=torch.bfloat16):
+            loss = loss_fn(model, batch)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        losses.append(float(loss))
+        sync()
+        times.append(time.perf_counter() - t0)
+        toks.append(tokens_of(batch))
+    timed = times[warmup:]
+    step = statistics.median(timed)
+    tok = statistics.median(toks[warmup:])
+    return {"step_s": step, "tokens_per_s": sum(toks[warmup:]) / sum(timed), "tokens_per_step": tok,
+            "first_loss": losses[0], "losses": losses, "step_times": times,
+            "peak_gib": peak_gib(), "reserved_gib": peak_gib(reserved=True)}
+
+
+def free() -> None:
+    """Release what the last configuration left (the caller drops its references first)."""
+    gc.collect()
+    if DEV == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def versions() -> dict:
+    import importlib.metadata as md
+    dev = torch.cuda.get_device_name(0) if DEV == "cuda" else DEV
+    out = {"torch": torch.__version__, "device": dev, "date": time.strftime("%Y-%m-%d")}
+    for name in ("transformers", "peft", "liger-kernel", "bitsandbytes", "triton"):
+        try:
+            out[name] = md.version(name)
+        except md.PackageNotFoundError:
+            out[name] = None
+    out["tunesmith_commit"] = os.environ.get("TUNESMITH_COMMIT")
+    return out

@@ -1,0 +1,50 @@
+"""torch.profiler over two training steps: GPU time by kernel class and the top kernels."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch.profiler import ProfilerActivity, profile as tprofile
+
+CLASSES = (("gemm", ("gemm", "nvjet", "sm90_xmma", "cutlass", "cublas")), ("attention", ("flash", "fmha", "attention")),
+           ("triton", ("triton",)), ("copy/cast", ("copy", "cast", "to_copy")), ("reduce", ("reduce", "norm")),
+           ("elementwise", ("elementwise", "vectorized", "unrolled")), ("adam", ("adam",)))
+
+
+def _class(name: str) -> str:
+    low = name.lower()
+    for cls, keys in CLASSES:
+        if any(k in low for k in keys):
+            return cls
+    return "other"
+
+
+def profile(model, loss_fn, batches, path: Path, steps: int = 2) -> dict:
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-5, fused=True)
+    torch.cuda.synchronize()
+    with tprofile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        for i in range(steps):
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                loss = loss_fn(model, batches[i % len(batches)])
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        torch.cuda.synchronize()
+    kernels = {}
+    for e in prof.key_averages():
+        t = getattr(e, "self_device_time_total", 0) or getattr(e, "self_cuda_time_total", 0)
+        if t > 0 and e.device_type.name == "CUDA":
+            kernels[e.key] = (t / steps / 1e3, e.count // steps)
+    total = sum(t for t, _ in kernels.values())
+    by_class = {}
+    for name, (t, _) in kernels.items():
+        by_class[_class(name)] = by_class.get(_class(name), 0.0) + t
+    top = sorted(kernels.items(), key=lambda kv: -kv[1][0])[:25]
+    text = [f"GPU ms per step: {total:.1f}"] + [f"  {c:12s} {t:8.1f} ms {100 * t / total:5.1f}%"
+                                                for c, t in sorted(by_class.items(), key=lambda kv: -kv[1])]
+    text += [f"{t:8.2f} ms x{n:5d}  {name[:110]}" for name, (t, n) in top]
+    path.write_text("\n".join(text) + "\n\n" + prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=40))
+    print("\n".join(text[:40]), flush=True)
+    return {"gpu_ms_per_step": total, "by_class_ms": by_class, "top": [(n, t, c) for n, (t, c) in top[:12]]}

@@ -1,0 +1,166 @@
+"""GPU training throughput and memory: tunesmith against HF transformers+peft (and +Liger), one call.
+
+    python bench/gpu_train.py --out $OUT/gpu_train.json [--only 8b-lora-b2] [--profile 8b-lora-b2/ts]
+
+Every configuration of the performance issue runs for each side listed in CONFIGS, in worker
+processes grouped by what they patch globally (Liger patches transformers' classes, so its
+configurations get their own process). Random-weight Llama-3-8B / Llama-3.2-1B architectures,
+bf16, SDPA, random tokens (Dolly rows: real SFT data), fused AdamW, seq 2048, median of 8 steps
+after 3 warm-up. Prints one line per run as it finishes and a table last; writes JSON.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+import traceback
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+# key: (arch, method, batch, gradient checkpointing, data); sides: impl -> worker group
+CONFIGS = {
+    "8b-lora-b2": (("8b", "lora", 2, True, "random"), {"hf": "plain", "ts": "plain", "hf+liger": "liger", "ts+liger": "liger"}),
+    "8b-lora-b4": (("8b", "lora", 4, True, "random"), {"hf": "plain", "ts": "plain", "ts+liger": "liger"}),
+    "8b-dora-b2": (("8b", "dora", 2, True, "random"), {"hf": "plain", "ts": "plain", "ts+liger": "liger"}),
+    "8b-qlora-b2": (("8b", "qlora", 2, True, "random"), {"hf": "plain", "ts": "plain", "ts+liger": "liger"}),
+    "1b-full-b4": (("1b", "full", 4, False, "random"), {"hf": "plain", "ts": "plain", "hf+liger": "liger", "ts+liger": "liger"}),
+    "1b-lora-b4": (("1b", "lora", 4, False, "random"), {"hf": "plain", "ts": "plain", "ts+liger": "liger"}),
+    "8b-dolly-b4": (("8b", "lora", 4, True, "padded"), {"hf": "plain", "ts": "plain"}),
+    "8b-dolly-packed": (("8b", "lora", 8192, True, "packed"), {"ts": "plain", "ts+liger": "liger"}),
+}
+BASELINE = {"1b-full-b4": "hf+liger"}  # ratios are to "hf" unless named here
+SEQ = int(os.environ.get("BENCH_SEQ", 2048))
+
+
+def select(only: str | None) -> list[tuple[str, str, str]]:
+    runs = []
+    for key, (_, sides) in CONFIGS.items():
+        for impl, group in sides.items():
+            name = f"{key}/{impl}"
+            if not only or any(o in name for o in only.split(",")):
+                runs.append((key, impl, group))
+    return runs
+
+
+# -- worker ------------------------------------------------------------------------------------
+def run_one(key: str, impl: str, profile: bool, outdir: Path) -> dict:
+    import torch
+    import gpu_common as G
+    (arch, method, batch, gc_on, data), _ = CONFIGS[key]
+    G.free()
+    model = G.build_model(arch)
+    vocab = model.config.vocab_size
+    side, liger = impl.split("+")[0], impl.endswith("+liger")
+    if side == "hf":
+        model, loss_fn = G.setup_hf(model, method, gc_on)
+    else:
+        model, loss_fn = G.setup_tunesmith(model, method, gc_on, liger=liger, packed=(data == "packed"))
+    if data == "random":
+        batches = G.random_batches(vocab, batch, SEQ)
+    else:
+        import gpu_dolly
+        batches = gpu_dolly.batches(data, batch, SEQ, vocab)
+    res = G.train(model, loss_fn, batches)
+    res["mfu"] = res["tokens_per_s"] * G.flops_per_token(arch, SEQ, method == "full") / (G.PEAK_TFLOPS * 1e12)
+    res.update(key=key, impl=impl, arch=arch, method=method, batch=batch, gc=gc_on, data=data, seq=SEQ)
+    if data == "packed" and side == "ts":
+        import gpu_dolly
+        res["packed_vs_padded_rel_diff"] = gpu_dolly.packing_check(model, batches[0])
+    if profile:
+        import gpu_profile
+        res["profile"] = gpu_profile.profile(model, loss_fn, batches, outdir / f"profile_{key}_{impl}.txt")
+    del model, loss_fn, batches
+    G.free()
+    return res
+
+
+def worker(group: str, runs: list[str], profile: str | None, json_path: Path) -> None:
+    if group == "liger":
+        from liger_kernel.transformers import apply_liger_kernel_to_llama
+        apply_liger_kernel_to_llama()  # rope, rms_norm, swiglu, fused linear cross-entropy (HF side)
+    results = []
+    for name in runs:
+        key, impl = name.split("/")
+        t0 = time.time()
+        try:
+            res = run_one(key, impl, profile == name, json_path.parent)
+        except Exception as e:  # noqa: BLE001 - a failed configuration is reported, the rest still run
+            import gpu_common as G
+            res = {"key": key, "impl": impl, "error": f"{type(e).__name__}: {str(e)[:300]}"}
+            traceback.print_exc()
+            G.free()
+        res["wall_s"] = time.time() - t0
+        results.append(res)
+        print("RESULT", json.dumps({k: v for k, v in res.items() if k not in ("losses", "step_times", "profile")}),
+              flush=True)
+        json_path.write_text(json.dumps(results))
+
+
+# -- driver ------------------------------------------------------------------------------------
+def table(results: list[dict]) -> str:
+    by = {(r["key"], r["impl"]): r for r in results}
+    lines = ["| config | side | tokens/s | peak GiB | MFU | × base tok/s | × base mem | 1st loss | base 1st loss |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in results:
+        if "error" in r:
+            lines.append(f"| {r['key']} | {r['impl']} | error: {r['error'][:80]} | | | | | | |")
+            continue
+        base = by.get((r["key"], BASELINE.get(r["key"], "hf")))
+        ok = base and "error" not in base
+        ratio = f"{r['tokens_per_s'] / base['tokens_per_s']:.2f}" if ok else "-"
+        mem = f"{r['peak_gib'] / base['peak_gib']:.2f}" if ok and base["peak_gib"] else "-"
+        bl = f"{base['first_loss']:.4f}" if ok else "-"
+        lines.append(f"| {r['key']} | {r['impl']} | {r['tokens_per_s']:,.0f} | {r['peak_gib']:.1f} | "
+                     f"{100 * r['mfu']:.1f}% | {ratio} | {mem} | {r['first_loss']:.4f} | {bl} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default="gpu_train.json")
+    ap.add_argument("--only", default=None, help="comma-separated substrings of key/impl to run")
+    ap.add_argument("--profile", default=None, help="key/impl to profile after timing")
+    ap.add_argument("--long", action="store_true", help="also run the long-context search")
+    ap.add_argument("--long-cap", type=int, default=65536)
+    ap.add_argument("--worker", default=None)
+    ap.add_argument("--runs", default="")
+    args = ap.parse_args()
+    out = Path(args.out)
+    if args.worker:
+        if args.worker.startswith("long"):
+            import gpu_long
+            gpu_long.worker(args.worker, args.long_cap, out)
+        else:
+            worker(args.worker, args.runs.split(","), args.profile, out)
+        return
+    import gpu_common as G
+    results, groups = [], {}
+    for key, impl, group in select(args.only):
+        groups.setdefault(group, []).append(f"{key}/{impl}")
+    jobs = [(g, ["--runs", ",".join(r)]) for g, r in groups.items()]
+    if args.long:
+        jobs += [("long-hf", []), ("long-ts", [])]
+    for group, extra in jobs:
+        part = out.parent / f"part_{group}.json"
+        cmd = [sys.executable, __file__, "--worker", group, "--out", str(part), "--long-cap", str(args.long_cap),
+               *extra] + (["--profile", args.profile] if args.profile else [])
+        print(f"== {group}: {' '.join(extra[1:])}", flush=True)
+        subprocess.run(cmd, env={**os.environ, "PYTHONUNBUFFERED": "1"}, check=False)
+        if part.exists():
+            results += json.loads(part.read_text())
+    ver = G.versions() if not args.worker else {}
+    out.write_text(json.dumps({"versions": ver, "command": " ".join(sys.argv), "results": results}, indent=1))
+    print(json.dumps(ver))
+    print(table([r for r in results if "key" in r and not r["key"].startswith("long")]))
+    for r in results:
+        if r.get("key", "").startswith("long"):
+            print("LONG", json.dumps(r))
+
+
+if __name__ == "__main__":
+    main()

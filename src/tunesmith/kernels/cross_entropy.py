@@ -1,0 +1,79 @@
+"""Chunked linear + cross-entropy: the LM head and the loss without the (N, V) logits tensor.
+
+A Llama-3 head at 4096 tokens makes 4096 × 128256 logits: 1 GiB in bf16 and 2 GiB more for each
+fp32 copy the loss takes. Here the head runs on row chunks; each chunk's fp32 logits become the
+softmax gradient in place and are folded at once into the gradients of the hidden states and (when
+it trains) of the head weight, as in Liger's fused linear cross-entropy (Hsu et al. 2024, §3.3),
+written in plain PyTorch. Rows whose label is ignored (prompt tokens in SFT) are dropped before the
+head, so they cost no head FLOPs at all.
+
+Reference: ``linear_cross_entropy_reference`` (the head's full logits, then ``F.cross_entropy``).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+IGNORE = -100
+CHUNK_ELEMENTS = 1 << 27  # fp32 logits per chunk: 512 MiB
+
+
+def linear_cross_entropy_reference(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
+                                   bias: torch.Tensor | None = None) -> torch.Tensor:
+    """Sum over rows of CE(hidden Wᵀ + b, label); hidden (N, d), weight (V, d), labels (N,), -100 ignored."""
+    logits = F.linear(hidden, weight, bias)  # (N, V)
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    return F.cross_entropy(logits, labels, ignore_index=IGNORE, reduction="sum")
+
+
+class _LinearCE(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, h, w, bias, labels, chunk: int):
+        # h (N, d) only rows with a label; w (V, d); bias (V,) or None; labels (N,) all valid
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        gh = torch.empty_like(h) if need_h else None
+        gw = torch.zeros_like(w) if need_w else None
+        acc = torch.promote_types(h.dtype, torch.float32)              # fp32, or fp64 for fp64 inputs
+        gb = torch.zeros_like(bias, dtype=acc) if need_b else None
+        loss = torch.zeros((), dtype=acc, device=h.device)
+        for s in range(0, h.shape[0], chunk):
+            hc, lc = h[s:s + chunk], labels[s:s + chunk]              # (c, d), (c,)
+            logits = F.linear(hc, w, bias).to(acc)                    # (c, V)
+            lse = torch.logsumexp(logits, dim=-1)                     # (c,)
+            loss += (lse - logits.gather(1, lc[:, None]).squeeze(1)).sum()
+            if gh is None and gw is None and gb is None:
+                continue
+            grad = logits.sub_(lse[:, None]).exp_()                   # softmax, in place
+            grad[torch.arange(lc.shape[0], device=lc.device), lc] -= 1.0  # d loss / d logits
+            if gb is not None:
+                gb += grad.sum(0)
+            grad = grad.to(h.dtype)                                   # (c, V)
+            if gh is not None:
+                torch.mm(grad, w, out=gh[s:s + chunk])                # (c, d)
+            if gw is not None:
+                gw.addmm_(grad.t(), hc)                               # (V, d)
+        ctx.save_for_backward(gh, gw, gb)
+        return loss
+
+    @staticmethod
+    def backward(ctx, g):
+        gh, gw, gb = ctx.saved_tensors
+        scale = lambda t: None if t is None else t * g.to(t.dtype)  # noqa: E731
+        return scale(gh), scale(gw), scale(gb), None, None
+
+
+def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
+                         bias: torch.Tensor | None = None, chunk_elements: int = CHUNK_ELEMENTS) -> torch.Tensor:
+    """Fused, chunked ``linear_cross_entropy_reference``: same value and gradients (to rounding).
+
+    Computes the head in autocast's dtype when autocast is on, else in ``hidden``'s dtype.
+    """
+    dt = torch.get_autocast_dtype(hidden.device.type) if torch.is_autocast_enabled(hidden.device.type) else hidden.dtype
+    keep = (labels != IGNORE).nonzero().squeeze(1)                    # (n,)
+    if keep.numel() < labels.numel():
+        hidden, labels = hidden.index_select(0, keep), labels.index_select(0, keep)  # (n, d), (n,)
+    if labels.numel() == 0:
+        return hidden.sum() * 0.0
+    chunk = max(1, chunk_elements // weight.shape[0])
+    with torch.autocast(hidden.device.type, enabled=False):
+        return _LinearCE.apply(hidden.to(dt), weight.to(dt), None if bias is None else bias.to(dt), labels, chunk)

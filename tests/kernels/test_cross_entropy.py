@@ -1,0 +1,94 @@
+"""Chunked linear cross-entropy (kernels/cross_entropy.py) and the chunked causal-LM loss, on CPU."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from helpers import ids, rel_err, tiny
+from tunesmith.kernels.cross_entropy import linear_cross_entropy, linear_cross_entropy_reference
+from tunesmith.train.objectives.causal_lm import ChunkedLoss, LogitsLoss, CausalLM, next_token_labels
+
+
+def _case(dtype=torch.float64, n=37, d=16, v=50, bias=False, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    h = torch.randn(n, d, generator=g, dtype=dtype, requires_grad=True)
+    w = torch.randn(v, d, generator=g, dtype=dtype, requires_grad=True)
+    b = torch.randn(v, generator=g, dtype=dtype, requires_grad=True) if bias else None
+    labels = torch.randint(0, v, (n,), generator=g)
+    labels[torch.rand(n, generator=g) < 0.3] = -100
+    return h, w, b, labels
+
+
+def _grads(fn, h, w, b, labels, **kw):
+    for t in (h, w, b):
+        if t is not None:
+            t.grad = None
+    loss = fn(h, w, labels, b, **kw)
+    (loss * 0.37).backward()
+    return [loss.detach()] + [t.grad.clone() for t in (h, w, b) if t is not None]
+
+
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("chunk_elements", [50 * 5, 1 << 27])  # 5 rows a chunk; one chunk
+def test_matches_reference_float64(bias, chunk_elements):
+    case = _case(bias=bias)
+    got = _grads(linear_cross_entropy, *case, chunk_elements=chunk_elements)
+    ref = _grads(linear_cross_entropy_reference, *case)
+    for a, b in zip(got, ref):
+        assert rel_err(a, b) < 1e-10
+
+
+def test_bf16_autocast_close_to_fp64():
+    h, w, b, labels = _case(torch.float32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = _grads(linear_cross_entropy, h, w, b, labels, chunk_elements=500)
+    ref = _grads(linear_cross_entropy_reference, h.detach().double().requires_grad_(),
+                 w.detach().double().requires_grad_(), None, labels)
+    assert got[1].dtype == torch.float32
+    for a, r in zip(got, ref):
+        assert rel_err(a.float(), r) < 2e-2
+
+
+def test_all_ignored_gives_zero_and_no_nan():
+    h, w, _, labels = _case()
+    labels[:] = -100
+    loss = linear_cross_entropy(h, w, labels)
+    loss.backward()
+    assert float(loss) == 0.0 and torch.isfinite(h.grad).all()
+
+
+def test_frozen_head_skips_weight_grad():
+    h, w, _, labels = _case()
+    w.requires_grad_(False)
+    linear_cross_entropy(h, w, labels).backward()
+    assert w.grad is None and h.grad is not None
+
+
+def test_chunked_causal_lm_loss_matches_logits_loss():
+    model = tiny("llama")
+    x = ids(2, 10, vocab=model.config.vocab_size)
+    labels = x.clone()
+    labels[0, :4] = -100
+    batch = {"input_ids": x, "attention_mask": torch.ones_like(x), "labels": labels}
+    results = []
+    for loss_fn in (LogitsLoss(), ChunkedLoss()):
+        model.zero_grad()
+        loss = loss_fn(model, batch)
+        loss.backward()
+        results.append((loss.detach(), [p.grad.clone() for p in model.parameters()]))
+    (l0, g0), (l1, g1) = results
+    assert rel_err(l1, l0) < 1e-5
+    assert all(rel_err(a, b) < 1e-4 for a, b in zip(g1, g0) if b.abs().sum() > 0)
+
+
+def test_objective_flag(monkeypatch):
+    monkeypatch.setenv("TUNESMITH_CHUNKED_CE", "1")
+    assert isinstance(CausalLM().lm_loss, ChunkedLoss)
+    monkeypatch.setenv("TUNESMITH_CHUNKED_CE", "0")
+    assert isinstance(CausalLM().lm_loss, LogitsLoss)
+    assert isinstance(CausalLM(chunked=True).lm_loss, ChunkedLoss)
+
+
+def test_next_token_labels():
+    labels = torch.tensor([[1, 2, 3], [4, -100, 6]])
+    assert next_token_labels(labels).tolist() == [2, 3, -100, -100, 6, -100]
