@@ -118,7 +118,10 @@ def test_config_errors_and_rank_bounds():
 
 
 def test_eval_ranks_refuses_other_methods(alpaca_file, tmp_path, capsys):
-    run_dir, _ = api.train(run_config(alpaca_file, tmp_path, {"name": "lora", "r": 2}, max_steps=1))
+    import yaml
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(run_config(alpaca_file, tmp_path, {"name": "lora", "r": 2})))
     assert cli.main(["eval-ranks", str(run_dir)]) == 2
     assert "not a dylora run" in capsys.readouterr().err
 

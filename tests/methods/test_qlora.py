@@ -16,7 +16,8 @@ import tunesmith
 from tunesmith import config as config_mod
 from tunesmith.errors import ConfigError
 from tunesmith.methods import qlora, registry
-from tunesmith.methods.lora import Lora, LoraLinear
+from tunesmith.methods.lora import Lora
+from tunesmith.methods.qlora import QloraLinear
 
 from helpers import ids, rel_err, tiny
 from test_lora import one_thread  # noqa: F401
@@ -101,7 +102,7 @@ def test_apply_quantizes_every_block_linear_and_adds_lora(fake_gpu):
     first = model.get_submodule("model.layers.0.mlp.down_proj")
     assert first.weight.quant_state == ("state", "nf4", True) and first.compute_dtype == torch.bfloat16
     wrapped = model.get_submodule("model.layers.0.self_attn.q_proj")
-    assert isinstance(wrapped, LoraLinear) and isinstance(wrapped.base_layer, fake_gpu.nn.Linear4bit)
+    assert isinstance(wrapped, QloraLinear) and isinstance(wrapped.base_layer, fake_gpu.nn.Linear4bit)
     assert wrapped.lora_A.weight.dtype == torch.bfloat16
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable and all(".lora_A." in n or ".lora_B." in n for n in trainable)

@@ -22,7 +22,7 @@ from pydantic import Field, field_validator
 from torch import nn
 
 from .inject import TunedLayer, replace_module, resolve_targets, tuned_layers, unwrap
-from .lora import Lora, LoraConfig
+from .lora import Lora, LoraConfig, LoraLinear
 from .registry import register
 from ..errors import ConfigError
 
@@ -95,6 +95,23 @@ def dequantize_linear(bnb, q: nn.Module, delta: torch.Tensor | None = None) -> n
     return lin
 
 
+class QloraLinear(LoraLinear):
+    """LoRA beside a 4-bit base. The base runs through its own module (bitsandbytes' dequantizing
+    matmul), never a kernel that reads ``base_layer.weight`` as a dense matrix."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base_layer(x)
+        if self.merged or self.disabled:
+            return y
+        a = self.lora_A.weight
+        return y + self.lora_B(self.lora_A(self.lora_dropout(x.to(a.dtype)))).to(y.dtype) * self.scaling
+
+    def merge(self) -> None:
+        raise NotImplementedError("a 4-bit base cannot take the update in place; Qlora.merge() dequantizes")
+
+    unmerge = merge
+
+
 @register
 class Qlora(Lora):
     name = "qlora"
@@ -113,6 +130,11 @@ class Qlora(Lora):
         if torch.cuda.is_available():
             torch.cuda.empty_cache()  # the full-precision weights just freed
         return super().apply(model)
+
+    def make_layer(self, name: str, base: nn.Module) -> QloraLinear:
+        layer = QloraLinear(base, self.cfg.r, self.cfg.alpha, self.cfg.dropout, self.cfg.use_rslora)
+        layer.reset(self.cfg.init)
+        return layer
 
     def merge(self, model: nn.Module) -> nn.Module:
         """Dequantize every 4-bit layer into a plain nn.Linear, adding the LoRA update where there is one."""
