@@ -14,9 +14,9 @@ from tunesmith.train import objectives
 VOCAB = 300
 
 
-def small(arch: str = "bert", task: str = "classification", seed: int = 1):
+def small(arch: str = "bert", task: str = "classification", seed: int = 1, **overrides):
     """A tiny model with a small vocabulary."""
-    return tiny(arch, task=task, seed=seed, vocab_size=VOCAB)
+    return tiny(arch, task=task, seed=seed, vocab_size=VOCAB, **overrides)
 
 
 def cls_batches(n: int = 3, batch: int = 4, length: int = 10, seed: int = 0) -> list[dict]:

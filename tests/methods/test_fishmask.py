@@ -98,6 +98,32 @@ def test_checkpoint_state_restores_the_mask_into_the_same_parameters():
     assert torch.equal(logits(other, b), logits(model, b))
 
 
+def test_tied_weights_get_the_gradient_of_both_uses():
+    base = small("llama", "causal_lm", tie_word_embeddings=True)
+    model = copy.deepcopy(base)
+    tunesmith.apply(model, "fishmask", fraction=0.05)
+    mv = registry.attached(model).slots["model.embed_tokens.weight"][0]
+    assert model.lm_head.parametrizations.weight[0] is mv                 # one set of values for both uses
+    x = torch.randint(5, 300, (2, 8))
+    model(input_ids=x).logits.pow(2).mean().backward()
+    ref = copy.deepcopy(base)
+    ref.model.embed_tokens.weight.requires_grad_(True)
+    ref(input_ids=x).logits.pow(2).mean().backward()
+    dense = ref.model.embed_tokens.weight.grad.reshape(-1)
+    assert torch.allclose(mv.values.grad, dense[mv.indices.long()], rtol=1e-5, atol=1e-8)
+
+
+def test_resumed_run_equals_an_uninterrupted_one(cls_file, tmp_path):
+    method = {"name": "fishmask", "fraction": 0.01, "fisher_samples": 8}
+    kw = {"model": "random:bert", "scheduler": "constant"}
+    straight, _ = train(run_config(cls_file, tmp_path / "a", method, max_steps=4, **kw))
+    first, _ = train(run_config(cls_file, tmp_path / "b", method, max_steps=2, **kw))
+    resumed, _ = train(None, resume=first, **{"train.max_steps": 4})
+    a = load_file(str(straight / "delta" / delta.WEIGHTS_NAME))
+    b = load_file(str(resumed / "delta" / delta.WEIGHTS_NAME))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_budget_validation():
     with pytest.raises(ConfigError, match="fraction.*count.*not both"):
         tunesmith.apply(small(), "fishmask", fraction=0.01, count=10)
