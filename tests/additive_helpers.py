@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from helpers import alpaca_rows, cls_rows, ids, rel_err, run_config, tiny, write_jsonl
 from safetensors.torch import load_file
 
-from tunesmith import api
+import tunesmith
 from tunesmith import config as config_mod
 from tunesmith.train import checkpoint, runner
 
@@ -98,8 +98,8 @@ def train_and_reload(tmp_path, method: dict, objective: str, model: str | None =
     cfg = run_config(f, tmp_path, method, model=model or default_model, objective=objective, max_steps=1,
                      max_seq_len=32, lr=5e-2)
     cfg["data"]["val_split"] = 0.0
-    run_dir, summary = api.train(cfg)
-    loaded, tok = api.load(run_dir, device="cpu")
+    run_dir, summary = tunesmith.train(cfg)
+    loaded, tok = tunesmith.load(run_dir, device="cpu")
     *_, fresh, meth, _ = runner.build(config_mod.load(run_dir / "config.yaml"), objective)
     enc = tok(["the film was great and lovely", "bad"], padding=True, return_tensors="pt")
     batch = {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}

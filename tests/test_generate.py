@@ -10,7 +10,6 @@ from transformers import DynamicCache
 import tunesmith
 from additive_helpers import VOCAB, curve, lm_batches, small
 from helpers import alpaca_rows, ids, run_config, write_jsonl
-from tunesmith import api
 from tunesmith.infer import generate
 from tunesmith.infer.generate import prompt_ids
 from tunesmith.methods.inject import disable_adapters
@@ -68,9 +67,9 @@ def test_generate_equals_reference_loop(name, arch):
 def test_generate_from_a_run_directory(tmp_path):
     f = write_jsonl(tmp_path / "a.jsonl", alpaca_rows(8))
     cfg = run_config(f, tmp_path, {"name": "prefix", "num_virtual_tokens": 4}, max_steps=1)
-    run_dir, _ = api.train(cfg)
+    run_dir, _ = tunesmith.train(cfg)
     texts = generate(run_dir, ["Add 1 and 2.", "Add 30 and 4."], max_new_tokens=5, device="cpu")
-    model, tok = api.load(run_dir, device="cpu")
+    model, tok = tunesmith.load(run_dir, device="cpu")
     ids_ = torch.tensor([prompt_ids(tok, "Add 30 and 4.", None)])
     direct = model.generate(input_ids=ids_, attention_mask=torch.ones_like(ids_), max_new_tokens=5,
                             do_sample=False, pad_token_id=tok.pad_token_id)

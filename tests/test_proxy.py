@@ -11,7 +11,6 @@ import torch.nn.functional as F
 import tunesmith
 from additive_helpers import VOCAB, small
 from helpers import alpaca_rows, ids, run_config, tiny, write_jsonl
-from tunesmith import api
 from tunesmith.infer import ProxyTuned, generate
 from tunesmith.infer.proxy import Sampler, positions
 
@@ -80,8 +79,8 @@ def test_tuned_expert_steers_the_base_toward_its_tuning():
 
 def test_generate_with_a_tunesmith_run_as_expert(tmp_path):
     f = write_jsonl(tmp_path / "a.jsonl", alpaca_rows(8))
-    run_dir, _ = api.train(run_config(f, tmp_path, {"name": "prompt", "num_virtual_tokens": 3}, max_steps=1))
-    base, tok = api.load(run_dir, device="cpu")
+    run_dir, _ = tunesmith.train(run_config(f, tmp_path, {"name": "prompt", "num_virtual_tokens": 3}, max_steps=1))
+    base, tok = tunesmith.load(run_dir, device="cpu")
     plain = generate(base, ["Add 2 and 3.", "Add 10 and 1."], tokenizer=tok, max_new_tokens=4)
     # expert = anti-expert: the difference cancels and the base model's greedy output remains
     same = generate(base, ["Add 2 and 3.", "Add 10 and 1."], tokenizer=tok, max_new_tokens=4,

@@ -6,7 +6,8 @@ import torch
 from peft import PeftModel, PromptEncoderConfig, get_peft_model
 
 import tunesmith
-from additive_helpers import copy, copy_encoder, curve, lm_batches, logits, max_rel_diff, perturb, small, train_and_reload
+from additive_helpers import (copy, copy_encoder, curve, lm_batches, logits, max_rel_diff, perturb, small,
+                              train_and_reload)
 from helpers import rel_err
 from tunesmith.methods import registry
 from tunesmith.methods.ptuning import ptuning_trainable_count

@@ -83,8 +83,8 @@ def generate(model: ModelLike, prompts: str | list[str], *, tokenizer=None, max_
     with torch.no_grad():
         if expert is not None:
             proxy = ProxyTuned(model, resolve(expert, device=device)[0], resolve(anti_expert, device=device)[0], alpha)
-            out = proxy.generate(ids, mask, max_new_tokens=max_new_tokens, eos_token_id=eos_id, pad_token_id=pad_id or 0,
-                                 sampler=Sampler(do_sample, temperature, top_p, gen))
+            out = proxy.generate(ids, mask, max_new_tokens=max_new_tokens, eos_token_id=eos_id,
+                                 pad_token_id=pad_id or 0, sampler=Sampler(do_sample, temperature, top_p, gen))
         else:
             if seed is not None:
                 torch.manual_seed(seed)

@@ -63,7 +63,7 @@ ENCODERS = {"lstm": LstmPromptEncoder, "mlp": MlpPromptEncoder}
 @register
 class Ptuning(InputPromptMethod):
     name = "ptuning"
-    summary = "P-tuning v1: virtual input tokens from an LSTM/MLP prompt encoder, folded after training (Liu et al. 2021)."
+    summary = "P-tuning v1: input virtual tokens from an LSTM/MLP prompt encoder, folded (Liu et al. 2021)."
     Config = PtuningConfig
     peft_type = "P_TUNING"
     invariant_cases = InputPromptMethod.invariant_cases + [{"options": {"encoder": "mlp", "encoder_hidden": 16}}]
