@@ -22,7 +22,9 @@ def _class(name: str) -> str:
 def profile(model, loss_fn, batches, path: Path, steps: int = 2) -> dict:
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-5, fused=True)
+    import time
     torch.cuda.synchronize()
+    t0 = time.perf_counter()
     with tprofile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         for i in range(steps):
             with torch.autocast("cuda", dtype=torch.bfloat16):
@@ -32,19 +34,22 @@ def profile(model, loss_fn, batches, path: Path, steps: int = 2) -> dict:
             opt.step()
             opt.zero_grad(set_to_none=True)
         torch.cuda.synchronize()
+    wall_ms = (time.perf_counter() - t0) * 1e3 / steps
     kernels = {}
     for e in prof.key_averages():
         t = getattr(e, "self_device_time_total", 0) or getattr(e, "self_cuda_time_total", 0)
-        if t > 0 and e.device_type.name == "CUDA":
+        if t > 0 and e.device_type.name == "CUDA" and not e.key.startswith(("Optimizer.", "ProfilerStep")):
             kernels[e.key] = (t / steps / 1e3, e.count // steps)
     total = sum(t for t, _ in kernels.values())
     by_class = {}
     for name, (t, _) in kernels.items():
         by_class[_class(name)] = by_class.get(_class(name), 0.0) + t
     top = sorted(kernels.items(), key=lambda kv: -kv[1][0])[:25]
-    text = [f"GPU ms per step: {total:.1f}"] + [f"  {c:12s} {t:8.1f} ms {100 * t / total:5.1f}%"
+    launches = sum(c for _, c in kernels.values())
+    text = [f"GPU busy {total:.1f} ms of {wall_ms:.1f} ms per step (profiled), {launches} kernels"] + [f"  {c:12s} {t:8.1f} ms {100 * t / total:5.1f}%"
                                                 for c, t in sorted(by_class.items(), key=lambda kv: -kv[1])]
     text += [f"{t:8.2f} ms x{n:5d}  {name[:110]}" for name, (t, n) in top]
-    path.write_text("\n".join(text) + "\n\n" + prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=40))
+    path.write_text("\n".join(text) + "\n\n" + prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=60)
+                    + "\n\n" + prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=30))
     print("\n".join(text[:40]), flush=True)
-    return {"gpu_ms_per_step": total, "by_class_ms": by_class, "top": [(n, t, c) for n, (t, c) in top[:12]]}
+    return {"gpu_ms_per_step": total, "wall_ms_per_step": wall_ms, "kernels_per_step": launches, "by_class_ms": by_class, "top": [(n, t, c) for n, (t, c) in top[:12]]}

@@ -24,12 +24,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 # key: (arch, method, batch, gradient checkpointing, data); sides: impl -> worker group
 CONFIGS = {
-    "8b-lora-b2": (("8b", "lora", 2, True, "random"), {"hf": "plain", "ts": "plain", "hf+liger": "liger", "ts+liger": "liger"}),
+    "8b-lora-b2": (("8b", "lora", 2, True, "random"), {"hf": "plain", "ts": "plain", "ts+compile": "compile",
+                                                         "hf+liger": "liger", "ts+liger": "liger"}),
     "8b-lora-b4": (("8b", "lora", 4, True, "random"), {"hf": "plain", "ts": "plain", "ts+liger": "liger"}),
-    "8b-dora-b2": (("8b", "dora", 2, True, "random"), {"hf": "plain", "ts": "plain", "ts+liger": "liger"}),
+    "8b-dora-b2": (("8b", "dora", 2, True, "random"), {"hf": "plain", "ts": "plain", "ts+liger": "liger",
+                                                         "ts+liger+kdora": "liger"}),
     "8b-qlora-b2": (("8b", "qlora", 2, True, "random"), {"hf": "plain", "ts": "plain", "ts+liger": "liger"}),
-    "1b-full-b4": (("1b", "full", 4, False, "random"), {"hf": "plain", "ts": "plain", "hf+liger": "liger", "ts+liger": "liger"}),
-    "1b-lora-b4": (("1b", "lora", 4, False, "random"), {"hf": "plain", "ts": "plain", "ts+liger": "liger"}),
+    "1b-full-b4": (("1b", "full", 4, False, "random"), {"hf": "plain", "ts": "plain", "ts+compile": "compile",
+                                                          "hf+liger": "liger", "ts+liger": "liger"}),
+    "1b-lora-b4": (("1b", "lora", 4, False, "random"), {"hf": "plain", "ts": "plain", "ts+compile": "compile",
+                                                          "ts+liger": "liger"}),
     "8b-dolly-b4": (("8b", "lora", 4, True, "padded"), {"hf": "plain", "ts": "plain"}),
     "8b-dolly-packed": (("8b", "lora", 8192, True, "packed"), {"ts": "plain", "ts+liger": "liger"}),
 }
@@ -55,11 +59,12 @@ def run_one(key: str, impl: str, profile: bool, outdir: Path) -> dict:
     G.free()
     model = G.build_model(arch)
     vocab = model.config.vocab_size
-    side, liger = impl.split("+")[0], impl.endswith("+liger")
+    side, flags = impl.split("+")[0], set(impl.split("+")[1:])
     if side == "hf":
         model, loss_fn = G.setup_hf(model, method, gc_on)
     else:
-        model, loss_fn = G.setup_tunesmith(model, method, gc_on, liger=liger, packed=(data == "packed"))
+        model, loss_fn = G.setup_tunesmith(model, method, gc_on, liger="liger" in flags, packed=(data == "packed"),
+                                           compile_layers="compile" in flags, fused_dora="kdora" in flags)
     if data == "random":
         batches = G.random_batches(vocab, batch, SEQ)
     else:
@@ -73,7 +78,8 @@ def run_one(key: str, impl: str, profile: bool, outdir: Path) -> dict:
         res["packed_vs_padded_rel_diff"] = gpu_dolly.packing_check(model, batches[0])
     if profile:
         import gpu_profile
-        res["profile"] = gpu_profile.profile(model, loss_fn, batches, outdir / f"profile_{key}_{impl}.txt")
+        res["profile"] = gpu_profile.profile(model, loss_fn, batches,
+                                             outdir / f"profile_{key}_{impl.replace('+', '_')}.txt")
     del model, loss_fn, batches
     G.free()
     return res
@@ -88,7 +94,7 @@ def worker(group: str, runs: list[str], profile: str | None, json_path: Path) ->
         key, impl = name.split("/")
         t0 = time.time()
         try:
-            res = run_one(key, impl, profile == name, json_path.parent)
+            res = run_one(key, impl, name in (profile or "").split(","), json_path.parent)
         except Exception as e:  # noqa: BLE001 - a failed configuration is reported, the rest still run
             import gpu_common as G
             res = {"key": key, "impl": impl, "error": f"{type(e).__name__}: {str(e)[:300]}"}
@@ -127,6 +133,7 @@ def main() -> None:
     ap.add_argument("--profile", default=None, help="key/impl to profile after timing")
     ap.add_argument("--long", action="store_true", help="also run the long-context search")
     ap.add_argument("--long-cap", type=int, default=65536)
+    ap.add_argument("--deadline", type=float, default=560, help="seconds; workers still running then are stopped")
     ap.add_argument("--worker", default=None)
     ap.add_argument("--runs", default="")
     args = ap.parse_args()
@@ -142,15 +149,24 @@ def main() -> None:
     results, groups = [], {}
     for key, impl, group in select(args.only):
         groups.setdefault(group, []).append(f"{key}/{impl}")
-    jobs = [(g, ["--runs", ",".join(r)]) for g, r in groups.items()]
+    jobs = [(g, ["--runs", ",".join(r)]) for g, r in groups.items() if g != "compile"]
     if args.long:
         jobs += [("long-hf", []), ("long-ts", [])]
+    jobs += [(g, ["--runs", ",".join(r)]) for g, r in groups.items() if g == "compile"]
+    start = time.time()
     for group, extra in jobs:
         part = out.parent / f"part_{group}.json"
         cmd = [sys.executable, __file__, "--worker", group, "--out", str(part), "--long-cap", str(args.long_cap),
                *extra] + (["--profile", args.profile] if args.profile else [])
         print(f"== {group}: {' '.join(extra[1:])}", flush=True)
-        subprocess.run(cmd, env={**os.environ, "PYTHONUNBUFFERED": "1"}, check=False)
+        left = args.deadline - (time.time() - start)
+        if left < 20:
+            print(f"== {group}: skipped, deadline reached", flush=True)
+            continue
+        try:
+            subprocess.run(cmd, env={**os.environ, "PYTHONUNBUFFERED": "1"}, check=False, timeout=left)
+        except subprocess.TimeoutExpired:
+            print(f"== {group}: stopped at the deadline", flush=True)
         if part.exists():
             results += json.loads(part.read_text())
     ver = G.versions() if not args.worker else {}

@@ -13,17 +13,59 @@ a checkpointed block (the MLP's down projection), 27% of a Llama layer's recompu
 
 Only the no-dropout path is fused (dropout p = 0 is what LoRA recipes use on large models); with
 dropout, or with a trainable bias, ``lora_linear`` computes the reference.
+
+The frozen weight may also be a 4-bit bitsandbytes weight (QLoRA): ``frozen_weight(base)`` returns a
+``Dequantized`` handle that the base node dequantizes to bf16 in forward and again in backward,
+as bitsandbytes' own matmul does, so the 4-bit base gets the same fusion and recompute saving.
 """
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 
-def lora_linear_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+class Dequantized:
+    """A frozen quantized weight: ``get()`` returns it dequantized (a fresh temporary)."""
+
+    requires_grad = False
+
+    def __init__(self, param, dequantize: Callable, dtype: torch.dtype):
+        self.param, self.dequantize, self.dtype = param, dequantize, dtype
+
+    def get(self) -> torch.Tensor:
+        return self.dequantize(self.param.data, self.param.quant_state)
+
+
+def _bnb_4bit(module) -> Dequantized | None:
+    state = getattr(module.weight, "quant_state", None)
+    if state is None:
+        return None
+    from bitsandbytes.functional import dequantize_4bit
+    return Dequantized(module.weight, dequantize_4bit, state.dtype)
+
+
+_GETTERS: dict[type, Callable | None] = {nn.Linear: lambda m: m.weight}
+
+
+def frozen_weight(base: nn.Module):
+    """The weight handle the fused op takes for ``base`` (a tensor, a ``Dequantized``), or None when
+    the base layer has no fused path. The class check runs once per layer class."""
+    cls = type(base)
+    if cls not in _GETTERS:
+        _GETTERS[cls] = _bnb_4bit if cls.__name__ == "Linear4bit" and cls.__module__.startswith("bitsandbytes") else None
+    getter = _GETTERS[cls]
+    return None if getter is None else getter(base)
+
+
+def lora_linear_reference(x: torch.Tensor, weight, bias: torch.Tensor | None,
                           a: torch.Tensor, b: torch.Tensor, scaling: float) -> torch.Tensor:
     """Plain PyTorch: F.linear(x, W0, b) + F.linear(F.linear(x, A), B) · s, in the input's dtype."""
-    y = F.linear(x, weight, bias)
+    if isinstance(weight, Dequantized):
+        weight = weight.get()
+    y = F.linear(x, weight.to(x.dtype), None if bias is None else bias.to(x.dtype))
     return y + F.linear(F.linear(x.to(a.dtype), a), b).to(y.dtype) * scaling
 
 
@@ -48,15 +90,20 @@ class _LoraDelta(torch.autograd.Function):
         return gx, ga, gb, None, None
 
 
+def _materialize(weight, dtype: torch.dtype) -> torch.Tensor:
+    w = weight.get() if isinstance(weight, Dequantized) else weight
+    return w.to(dtype)
+
+
 class _FrozenLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x2, weight, z):
-        ctx.weight = weight  # a frozen parameter: referenced, not saved (see module docstring)
-        return torch.addmm(z, x2, weight.t())                         # (N, d_out)
+        ctx.weight = weight  # frozen: referenced (or its 4-bit handle), not saved (see module docstring)
+        return torch.addmm(z, x2, _materialize(weight, x2.dtype).t())  # (N, d_out)
 
     @staticmethod
     def backward(ctx, g):
-        gx = torch.mm(g, ctx.weight) if ctx.needs_input_grad[0] else None  # (N, d_in)
+        gx = torch.mm(g, _materialize(ctx.weight, g.dtype)) if ctx.needs_input_grad[0] else None  # (N, d_in)
         return gx, None, g
 
 
@@ -68,12 +115,12 @@ def compute_dtype(x: torch.Tensor) -> torch.dtype:
 
 
 def fusable(weight: torch.Tensor, bias: torch.Tensor | None, x: torch.Tensor) -> bool:
-    """The fused path needs a frozen float weight and no trainable bias."""
+    """The fused path needs a frozen float (or dequantizable) weight and no trainable bias."""
     return (weight.dtype.is_floating_point and not weight.requires_grad
             and (bias is None or not bias.requires_grad) and x.dtype.is_floating_point)
 
 
-def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+def lora_linear(x: torch.Tensor, weight, bias: torch.Tensor | None,
                 a: torch.Tensor, b: torch.Tensor, scaling: float) -> torch.Tensor:
     """Fused y = x W0ᵀ + b + s (x Aᵀ) Bᵀ for x (..., d_in); W0 frozen. Gradients flow to x, A and B.
 
@@ -85,7 +132,8 @@ def lora_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     dt = compute_dtype(x)
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1]).to(dt)                            # (N, d_in)
-    w, bb = weight.to(dt), None if bias is None else bias.to(dt)
+    w = weight if isinstance(weight, Dequantized) else weight.to(dt)
+    bb = None if bias is None else bias.to(dt)
     with torch.autocast(x.device.type, enabled=False):
         z = _LoraDelta.apply(x2, a.to(dt), b.to(dt), bb, float(scaling))
         y = _FrozenLinear.apply(x2, w, z)

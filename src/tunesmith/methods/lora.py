@@ -22,7 +22,7 @@ from . import peft_format
 from .inject import TunedLayer, freeze_all, inject, resolve_targets, tuned_layers, unfreeze_modules, unwrap
 from .registry import Method, MethodConfig, attach, register
 from ..errors import ConfigError
-from ..kernels.lora import lora_linear
+from ..kernels.lora import frozen_weight, lora_linear
 from ..models.targets import task_heads
 
 
@@ -91,8 +91,9 @@ class LoraLinear(TunedLayer):
         base = self.base_layer
         if self.merged or self.disabled:
             return base(x)
-        if type(base) is nn.Linear and type(self.lora_dropout) is nn.Identity:  # fused, see kernels/lora.py
-            return lora_linear(x, base.weight, base.bias, self.lora_A.weight, self.lora_B.weight, self.scaling)
+        weight = frozen_weight(base)  # None: a base layer without a fused path
+        if weight is not None and type(self.lora_dropout) is nn.Identity:  # fused, see kernels/lora.py
+            return lora_linear(x, weight, base.bias, self.lora_A.weight, self.lora_B.weight, self.scaling)
         y = base(x)
         a = self.lora_A.weight
         return y + self.lora_B(self.lora_A(self.lora_dropout(x.to(a.dtype)))).to(y.dtype) * self.scaling

@@ -1,0 +1,61 @@
+"""DoRA forward without the dense W0 + s·B A matrix (Liu et al. 2024, eq. 5, norm detached as in §4.3):
+
+    y = m / ||W0 + s·B A||_row ⊙ (x W0ᵀ + s·x Aᵀ Bᵀ) + b
+
+The row norms come from the expansion
+    ||W0_i + s (B A)_i||² = ||W0_i||² + 2s Σ_k B_ik (W0 Aᵀ)_ik + s² B_i (A Aᵀ) B_iᵀ,
+which reads W0 once (the (d_out, r) product W0 Aᵀ) instead of writing and reading a dense fp32
+(d_out, d_in) matrix; ||W0_i||² is constant and may be passed in (``weight_sq``) once computed.
+The linear part is ``kernels.lora.lora_linear`` (fused LoRA); the magnitude's gradient flows
+through one elementwise scale. Reference: ``dora_linear_reference`` (the dense formula).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .lora import Dequantized, lora_linear
+
+
+def _dense(weight) -> torch.Tensor:
+    return weight.get() if isinstance(weight, Dequantized) else weight
+
+
+def weight_sq_norm(weight) -> torch.Tensor:
+    """||W0_i||² per output row, fp32, shape (d_out,)."""
+    w = _dense(weight)
+    return torch.linalg.vector_norm(w, dim=1, dtype=torch.promote_types(w.dtype, torch.float32)).square()
+
+
+@torch.no_grad()
+def dora_norm(weight, a: torch.Tensor, b: torch.Tensor, scaling: float,
+              weight_sq: torch.Tensor | None = None) -> torch.Tensor:
+    """||W0 + s·B A|| per output row (fp32, no gradient), shape (d_out,)."""
+    w = _dense(weight)
+    acc = torch.promote_types(w.dtype, torch.float32)
+    wa = torch.mm(w, a.t().to(w.dtype)).to(acc)                   # (d_out, r)
+    af, bf = a.to(acc), b.to(acc)
+    w2 = weight_sq_norm(w) if weight_sq is None else weight_sq
+    cross = (bf * wa).sum(1)                                       # (d_out,)
+    ba2 = (torch.mm(bf, torch.mm(af, af.t())) * bf).sum(1)         # (d_out,) = B_i (A Aᵀ) B_iᵀ
+    return (w2 + 2 * scaling * cross + scaling * scaling * ba2).clamp_min(0).sqrt()
+
+
+def dora_linear(x: torch.Tensor, weight, bias: torch.Tensor | None, a: torch.Tensor, b: torch.Tensor,
+                magnitude: torch.Tensor, scaling: float, weight_sq: torch.Tensor | None = None) -> torch.Tensor:
+    """DoRA layer output for x (..., d_in); gradients flow to x, A, B and the magnitude."""
+    scale = magnitude / dora_norm(weight, a, b, scaling, weight_sq)  # (d_out,)
+    lin = lora_linear(x, weight, None, a, b, scaling)              # (..., d_out)
+    y = lin * scale.to(lin.dtype)
+    return y if bias is None else y + bias.to(y.dtype)
+
+
+def dora_linear_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, a: torch.Tensor,
+                          b: torch.Tensor, magnitude: torch.Tensor, scaling: float) -> torch.Tensor:
+    """Dense formula, as peft computes it: base(x) + (m/n - 1)·x W0ᵀ + (m/n)·s·x Aᵀ Bᵀ, n detached."""
+    with torch.no_grad():
+        norm = torch.linalg.norm(weight.to(a.dtype) + scaling * (b @ a), dim=1)
+    scale = magnitude / norm
+    base = F.linear(x, weight)
+    y = base if bias is None else base + bias
+    return y + ((scale - 1) * base.to(a.dtype) + scale * F.linear(F.linear(x.to(a.dtype), a), b) * scaling).to(y.dtype)
