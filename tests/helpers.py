@@ -50,6 +50,7 @@ def ids(batch: int = 2, length: int = 12, vocab: int = 1000, seed: int = 0) -> t
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.detach(), b.detach()
     return float((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30))
 
 
