@@ -129,9 +129,11 @@ class PissaLinear(LoraLinear):
         with torch.no_grad():
             self.lora_A.weight.copy_(a0)
             self.lora_B.weight.copy_(b0)
-            w.copy_((w.float() - self.scaling * b0 @ a0).to(w.dtype))
-        self.register_buffer("pissa_A0", a0.to(self.lora_A.weight.dtype), persistent=False)
-        self.register_buffer("pissa_B0", b0.to(self.lora_B.weight.dtype), persistent=False)
+            a0, b0 = self.lora_A.weight.detach().clone(), self.lora_B.weight.detach().clone()
+            # the residual of the adapter as stored (bf16 rounding included), so W_res + s·B0 A0 = W
+            w.copy_((w.float() - self.scaling * b0.float() @ a0.float()).to(w.dtype))
+        self.register_buffer("pissa_A0", a0, persistent=False)
+        self.register_buffer("pissa_B0", b0, persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = super().forward(x)

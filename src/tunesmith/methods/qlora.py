@@ -125,8 +125,9 @@ class Qlora(Lora):
         self.bnb = bnb = require_bitsandbytes()
         check_device(model)
         for name in resolve_targets(model, "all-linear", field="method (qlora base quantization)"):
-            replace_module(model, name, quantize_linear(bnb, model.get_submodule(name),
-                                                        self.cfg.quant_type, self.cfg.double_quant))
+            lin = model.get_submodule(name)
+            if not isinstance(lin, bnb.nn.Linear4bit):  # a model loaded in 4 bits is used as it is
+                replace_module(model, name, quantize_linear(bnb, lin, self.cfg.quant_type, self.cfg.double_quant))
         if torch.cuda.is_available():
             torch.cuda.empty_cache()  # the full-precision weights just freed
         return super().apply(model)
