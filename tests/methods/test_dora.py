@@ -136,3 +136,25 @@ def test_dropout_recomputes_base_on_dropped_input():
     scale = layer.lora_magnitude_vector / layer.weight_norm()
     expected = base(x) + (scale - 1) * F.linear(xd, base.weight) + scale * (xd @ (layer.lora_B.weight @ layer.lora_A.weight).T) * 2.0
     assert rel_err(out, expected) < 1e-6
+
+
+def test_fused_path_equals_reference_path():
+    """forward (kernels.dora, no dense W0 + s·BA) and forward_reference (peft's form) agree, grads too."""
+    base = torch.nn.Linear(32, 24).requires_grad_(False)  # frozen, as apply() leaves it: the fusable case
+    layer = DoraLinear(base, r=4, alpha=8, dropout=0.0)
+    layer.reset("kaiming")
+    with torch.no_grad():
+        layer.lora_B.weight.normal_()
+        layer.lora_magnitude_vector.mul_(torch.linspace(0.5, 1.5, 24))
+    from tunesmith.kernels.lora import fusable, frozen_weight
+    assert fusable(frozen_weight(base), base.bias, torch.randn(2, 32))
+    x = torch.randn(3, 5, 32, requires_grad=True)
+    outs = []
+    for fn in (layer.forward, layer.forward_reference):
+        for p in (x, *layer.parameters()):
+            p.grad = None
+        y = fn(x)
+        (y * torch.linspace(-1, 1, 24)).sum().backward()
+        outs.append([y.detach(), x.grad.clone()] + [p.grad.clone() for p in layer.parameters() if p.requires_grad])
+    for got, want in zip(*outs):
+        assert rel_err(got, want) < 1e-5

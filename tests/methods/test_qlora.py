@@ -139,3 +139,11 @@ def test_paged_adamw_8bit_uses_train_settings(fake_gpu):
     cfg = types.SimpleNamespace(lr=1e-4, adam_betas=(0.9, 0.95), adam_eps=1e-6, weight_decay=0.01)
     kind, groups, kw = qlora.paged_adamw_8bit([{"params": []}], cfg)
     assert kind == "paged" and kw == {"lr": 1e-4, "betas": (0.9, 0.95), "eps": 1e-6, "weight_decay": 0.01}
+
+
+def test_layers_already_in_4_bits_are_kept(fake_gpu):
+    model = tiny()
+    pre = fake_gpu.nn.Linear4bit(128, 64, False, torch.bfloat16, quant_type="fp4", device="meta")
+    model.model.layers[0].mlp.down_proj = pre
+    tunesmith.apply(model, "qlora", r=2, target_modules=["q_proj"])
+    assert model.model.layers[0].mlp.down_proj is pre

@@ -17,6 +17,8 @@ from pydantic import field_validator
 from torch import nn
 
 from .lora import LoraConfig, LoraLinear, LowRankMethod
+from ..kernels.dora import dora_linear, weight_sq_norm
+from ..kernels.lora import frozen_weight
 from .registry import register
 
 
@@ -38,6 +40,7 @@ class DoraLinear(LoraLinear):
         super().__init__(base, r, alpha, dropout, use_rslora)
         a = self.lora_A.weight
         self.lora_magnitude_vector = nn.Parameter(torch.empty(base.out_features, device=a.device, dtype=a.dtype))
+        self.register_buffer("_weight_sq", None, persistent=False)  # ||W0||² per row, for the fused path
 
     def reset(self, init: str) -> None:
         super().reset(init)
@@ -52,9 +55,20 @@ class DoraLinear(LoraLinear):
             return torch.linalg.norm(w, dim=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.base_layer(x)
+        base = self.base_layer
         if self.merged or self.disabled:
-            return y
+            return base(x)
+        weight = frozen_weight(base)  # None: a base layer without a fused path
+        if weight is not None and type(self.lora_dropout) is nn.Identity:  # fused, see kernels/dora.py
+            if self._weight_sq is None:
+                self._weight_sq = weight_sq_norm(weight)  # ||W0||² per row: W0 is frozen
+            return dora_linear(x, weight, base.bias, self.lora_A.weight, self.lora_B.weight,
+                               self.lora_magnitude_vector, self.scaling, self._weight_sq)
+        return self.forward_reference(x)
+
+    def forward_reference(self, x: torch.Tensor) -> torch.Tensor:
+        """peft's formulation: base(x) + (m/n - 1)·W0 x' + (m/n)·s·B A x', x' = dropout(x)."""
+        y = self.base_layer(x)
         a = self.lora_A.weight
         xa = x.to(a.dtype)
         xd = self.lora_dropout(xa)
@@ -74,14 +88,14 @@ class DoraLinear(LoraLinear):
             self.register_buffer("_merge_norm", norm, persistent=False)
             factor = (self.lora_magnitude_vector.detach() / norm).unsqueeze(1)   # (d_out, 1)
             w.data = (factor * (w.data.to(norm.dtype) + self.delta_weight().detach())).to(w.dtype)
-            self.merged = True
+            self.merged, self._weight_sq = True, None
 
     def unmerge(self) -> None:
         if self.merged:
             w = self.base_layer.weight
             factor = (self.lora_magnitude_vector.detach() / self._merge_norm).unsqueeze(1)
             w.data = (w.data.to(factor.dtype) / factor - self.delta_weight().detach()).to(w.dtype)
-            self.merged = False
+            self.merged, self._weight_sq = False, None
 
 
 @register

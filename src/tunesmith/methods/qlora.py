@@ -96,15 +96,8 @@ def dequantize_linear(bnb, q: nn.Module, delta: torch.Tensor | None = None) -> n
 
 
 class QloraLinear(LoraLinear):
-    """LoRA beside a 4-bit base. The base runs through its own module (bitsandbytes' dequantizing
-    matmul), never a kernel that reads ``base_layer.weight`` as a dense matrix."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.base_layer(x)
-        if self.merged or self.disabled:
-            return y
-        a = self.lora_A.weight
-        return y + self.lora_B(self.lora_A(self.lora_dropout(x.to(a.dtype)))).to(y.dtype) * self.scaling
+    """LoRA beside a 4-bit base: LoraLinear's forward (fused through ``kernels.lora.frozen_weight`` for
+    bitsandbytes bases); merging in place is refused, as 4-bit storage cannot take the update."""
 
     def merge(self) -> None:
         raise NotImplementedError("a 4-bit base cannot take the update in place; Qlora.merge() dequantizes")
