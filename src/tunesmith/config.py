@@ -33,7 +33,9 @@ class TrainConfig(BaseModel):
     scheduler: Literal["constant", "linear", "cosine"] = Field("cosine", description="Learning-rate schedule after warmup.")
     warmup_steps: int = Field(0, ge=0, description="Linear warmup steps from 0 to lr.")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay (matrices only).")
-    optimizer: Literal["adamw"] = Field("adamw", description="Optimizer (fused on CUDA).")
+    optimizer: Literal["adamw", "paged_adamw_8bit"] = Field(
+        "adamw", description="Optimizer: adamw (fused on CUDA) or paged_adamw_8bit (bitsandbytes, CUDA; "
+                             "QLoRA's paged 8-bit AdamW).")
     adam_betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas.")
     adam_eps: float = Field(1e-8, gt=0, description="AdamW epsilon.")
     max_grad_norm: float | None = Field(1.0, description="Gradient clipping norm; null disables.")
