@@ -152,9 +152,10 @@ def _discover() -> None:
 
 
 def all_methods() -> dict[str, type[Method]]:
-    """Every registered method by name, in registration order."""
+    """Every registered method by name, grouped by family (full, selective, additive, low-rank)."""
     _discover()
-    return dict(_REGISTRY)
+    order = sorted(_REGISTRY.values(), key=lambda c: (FAMILIES.index(c.family), c.name))
+    return {c.name: c for c in order}
 
 
 def get(name: str) -> type[Method]:
