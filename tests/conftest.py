@@ -2,9 +2,14 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from helpers import alpaca_rows, cls_rows, write_jsonl
 from tunesmith.models.loader import ModelConfig, load_tokenizer
+
+
+# Tiny models run fastest on one thread, and a busy machine slows multi-threaded tiny ops badly.
+torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")
