@@ -98,6 +98,22 @@ def test_checkpoint_state_restores_the_mask_into_the_same_parameters():
     assert torch.equal(logits(other, b), logits(model, b))
 
 
+def test_after_optimizer_step_writes_updates_that_bypass_the_version_counter():
+    model = small()
+    tunesmith.apply(model, "fishmask", count=500)
+    method = registry.attached(model)
+    b = cls_batches()[0]
+    before = logits(model, b)
+    for mv, _ in method.slots.values():
+        mv.values.data.add_(0.5)            # like a fused optimizer step: no version bump
+    method.after_optimizer_step(model, 0)
+    after = logits(model, b)
+    assert not torch.equal(before, after)
+    for n, t in method.base_tensors().items():
+        mv = method.slots[n][0]
+        assert torch.equal(t.reshape(-1)[mv.indices.long()], mv.values)
+
+
 def test_tied_weights_get_the_gradient_of_both_uses():
     base = small("llama", "causal_lm", tie_word_embeddings=True)
     model = copy.deepcopy(base)

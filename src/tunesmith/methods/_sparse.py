@@ -2,8 +2,9 @@
 
 Each selected base tensor W gets a parametrization (``torch.nn.utils.parametrize``) holding its
 flat ``indices`` (a buffer) and a trainable ``values`` vector of the same length. The base tensor
-itself stays frozen and is updated in place, only at ``indices``, whenever ``values`` changed
-(tracked by the tensor's version counter), so the forward pass sees
+itself stays frozen and is updated in place, only at ``indices``, after every optimizer step
+(``after_optimizer_step``; CUDA's fused AdamW does not bump version counters) and whenever
+``values`` changed otherwise (tracked by its version counter), so the forward pass sees
 
     W' = W with W'.flatten()[indices] = values
 
