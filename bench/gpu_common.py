@@ -138,9 +138,8 @@ def setup_tunesmith(model, method: str, gc_on: bool, *, liger: bool = False, pac
     if fused_dora:
         patch_fused_dora()
     if compile_layers:
-        torch._dynamo.config.cache_size_limit = 64
-        for layer in model.get_decoder().layers:
-            layer.compile()
+        from tunesmith.kernels.compile import compile_decoder_layers
+        compile_decoder_layers(model)
     objective = CausalLM()
 
     def loss_fn(m, batch):
@@ -181,8 +180,10 @@ def tokens_of(batch: dict) -> int:
     return int(batch["input_ids"].numel())
 
 
-def train(model, loss_fn, batches, *, steps: int = 11, warmup: int = 3, lr: float = 1e-5) -> dict:
-    """Median step time over steps-warmup steps; first-step loss; peak memory since the caller's reset."""
+def train(model, loss_fn, batches, *, steps: int = 11, warmup: int = 3, lr: float = 1e-5,
+          total_based: bool = False) -> dict:
+    """Median step time over steps-warmup steps; first-step loss; peak memory since the caller's reset.
+    ``total_based``: tokens/s as timed tokens over timed seconds (batches of different sizes)."""
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, fused=True)
     times, losses, toks = [], [], []
@@ -203,7 +204,8 @@ def train(model, loss_fn, batches, *, steps: int = 11, warmup: int = 3, lr: floa
     timed = times[warmup:]
     step = statistics.median(timed)
     tok = statistics.median(toks[warmup:])
-    return {"step_s": step, "tokens_per_s": tok / step, "tokens_per_step": tok,
+    tps = sum(toks[warmup:]) / sum(timed) if total_based else tok / step
+    return {"step_s": step, "tokens_per_s": tps, "tokens_per_step": tok,
             "first_loss": losses[0], "losses": losses, "step_times": times,
             "peak_gib": peak_gib(), "reserved_gib": peak_gib(reserved=True)}
 

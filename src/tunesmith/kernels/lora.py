@@ -4,8 +4,11 @@ Two autograd nodes instead of the six to nine that ``base(x) + B(A(dropout(x))) 
 
 * ``_LoraDelta``: z = (s · x Aᵀ) Bᵀ + b. Saves x and the (N, r) product u = s · x Aᵀ, nothing of size
   N × d_out; its backward gives the A and B gradients and x's share of the input gradient.
-* ``_FrozenLinear``: y = x W0ᵀ + z in one GEMM (z enters through the GEMM's C operand). W0 is frozen
-  and kept on ``ctx`` as a parameter reference, so this node saves no tensors at all.
+* ``_FrozenLinear``: y = x W0ᵀ + z in one GEMM accumulating into z in place (no copy of z). W0 is
+  frozen and kept on ``ctx`` as a parameter reference, so this node saves no tensors at all. Its
+  backward returns the whole input gradient g W0 + (s g B) A in one buffer (the LoRA share enters
+  through the GEMM's accumulator) and hands s g B to the LoRA node, which then needs no second pass
+  over g for it.
 
 Because the second node saves nothing, non-reentrant activation checkpointing (which stops its
 recomputation once the last saved tensor is rebuilt) skips the base GEMM of the last projection of
@@ -69,24 +72,38 @@ def lora_linear_reference(x: torch.Tensor, weight, bias: torch.Tensor | None,
     return y + F.linear(F.linear(x.to(a.dtype), a), b).to(y.dtype) * scaling
 
 
+class _Link:
+    """What the two nodes of one fused layer share: the compute-dtype A and B, and in backward the
+    (N, r) product s·g B, which the base node computes once for both (see ``_FrozenLinear.backward``)."""
+
+    __slots__ = ("a", "b", "scaling", "gu")
+
+    def __init__(self, a: torch.Tensor, b: torch.Tensor, scaling: float):
+        self.a, self.b, self.scaling, self.gu = a, b, scaling, None
+
+
 class _LoraDelta(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x2, a, b, bias, scaling: float):
+    def forward(ctx, x2, a, b, bias, link: _Link):
         # x2 (N, d_in); a (r, d_in); b (d_out, r); bias (d_out,) or None; all one dtype
-        u = torch.mm(x2, a.t()).mul_(scaling)                        # (N, r)
+        u = torch.mm(x2, a.t()).mul_(link.scaling)                   # (N, r)
         z = torch.mm(u, b.t()) if bias is None else torch.addmm(bias, u, b.t())  # (N, d_out)
         ctx.save_for_backward(x2, u, a, b)
-        ctx.scaling = scaling
+        ctx.link = link
         return z
 
     @staticmethod
     def backward(ctx, g):
         x2, u, a, b = ctx.saved_tensors
-        g = g.contiguous()                                            # (N, d_out)
-        gu = torch.mm(g, b).mul_(ctx.scaling)                         # (N, r) = s · g B
+        link = ctx.link
+        gu, link.gu = link.gu, None                                   # from the base node, if it ran
+        gx = None
+        if gu is None:
+            g = g.contiguous()                                        # (N, d_out)
+            gu = torch.mm(g, b).mul_(link.scaling)                    # (N, r) = s · g B
+            gx = torch.mm(gu, a) if ctx.needs_input_grad[0] else None  # (N, d_in)
         ga = torch.mm(gu.t(), x2) if ctx.needs_input_grad[1] else None  # (r, d_in)
         gb = torch.mm(g.t(), u) if ctx.needs_input_grad[2] else None    # (d_out, r)
-        gx = torch.mm(gu, a) if ctx.needs_input_grad[0] else None       # (N, d_in)
         return gx, ga, gb, None, None
 
 
@@ -97,13 +114,55 @@ def _materialize(weight, dtype: torch.dtype) -> torch.Tensor:
 
 class _FrozenLinear(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x2, weight, z):
-        ctx.weight = weight  # frozen: referenced (or its 4-bit handle), not saved (see module docstring)
-        return torch.addmm(z, x2, _materialize(weight, x2.dtype).t())  # (N, d_out)
+    def forward(ctx, x2, weight, z, link: _Link):
+        ctx.weight, ctx.link = weight, link  # frozen: referenced (or its 4-bit handle), not saved
+        ctx.mark_dirty(z)
+        return z.addmm_(x2, _materialize(weight, x2.dtype).t())      # (N, d_out), z accumulated in place
 
     @staticmethod
     def backward(ctx, g):
-        gx = torch.mm(g, _materialize(ctx.weight, g.dtype)) if ctx.needs_input_grad[0] else None  # (N, d_in)
+        gx = None
+        if ctx.needs_input_grad[0]:  # the whole input gradient, g W0 + (s g B) A, in one buffer
+            link = ctx.link
+            g = g.contiguous()                                        # (N, d_out)
+            link.gu = torch.mm(g, link.b).mul_(link.scaling)          # (N, r)
+            gx = torch.mm(link.gu, link.a)                            # (N, d_in)
+            gx.addmm_(g, _materialize(ctx.weight, g.dtype))           # += g W0 (GEMM epilogue accumulates)
+        return gx, None, g, None
+
+
+class _LoraDeltaTraceable(torch.autograd.Function):
+    """``_LoraDelta`` without the shared link: what torch.compile traces into one graph per layer."""
+
+    @staticmethod
+    def forward(ctx, x2, a, b, bias, scaling: float):
+        u = torch.mm(x2, a.t()).mul_(scaling)                        # (N, r)
+        z = torch.mm(u, b.t()) if bias is None else torch.addmm(bias, u, b.t())  # (N, d_out)
+        ctx.save_for_backward(x2, u, a, b)
+        ctx.scaling = scaling
+        return z
+
+    @staticmethod
+    def backward(ctx, g):
+        x2, u, a, b = ctx.saved_tensors
+        gu = torch.mm(g, b).mul_(ctx.scaling)                         # (N, r)
+        ga = torch.mm(gu.t(), x2) if ctx.needs_input_grad[1] else None
+        gb = torch.mm(g.t(), u) if ctx.needs_input_grad[2] else None
+        gx = torch.mm(gu, a) if ctx.needs_input_grad[0] else None
+        return gx, ga, gb, None, None
+
+
+class _FrozenLinearTraceable(torch.autograd.Function):
+    """``_FrozenLinear`` out of place (the compiler removes the copy and fuses the gradient sum)."""
+
+    @staticmethod
+    def forward(ctx, x2, weight, z):
+        ctx.weight = weight
+        return torch.addmm(z, x2, _materialize(weight, x2.dtype).t())
+
+    @staticmethod
+    def backward(ctx, g):
+        gx = torch.mm(g, _materialize(ctx.weight, g.dtype)) if ctx.needs_input_grad[0] else None
         return gx, None, g
 
 
@@ -134,7 +193,13 @@ def lora_linear(x: torch.Tensor, weight, bias: torch.Tensor | None,
     x2 = x.reshape(-1, x.shape[-1]).to(dt)                            # (N, d_in)
     w = weight if isinstance(weight, Dequantized) else weight.to(dt)
     bb = None if bias is None else bias.to(dt)
+    a, b = a.to(dt), b.to(dt)
     with torch.autocast(x.device.type, enabled=False):
-        z = _LoraDelta.apply(x2, a.to(dt), b.to(dt), bb, float(scaling))
-        y = _FrozenLinear.apply(x2, w, z)
+        if torch.compiler.is_compiling():  # no Python side effects inside a compiled graph
+            z = _LoraDeltaTraceable.apply(x2, a, b, bb, float(scaling))
+            y = _FrozenLinearTraceable.apply(x2, w, z)
+        else:
+            link = _Link(a, b, float(scaling))
+            z = _LoraDelta.apply(x2, a, b, bb, link)
+            y = _FrozenLinear.apply(x2, w, z, link)
     return y.view(*lead, y.shape[-1])                                 # (..., d_out)

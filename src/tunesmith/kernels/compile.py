@@ -1,0 +1,21 @@
+"""torch.compile of a model's decoder layers, one layer at a time.
+
+Each layer compiles to one graph (the fused LoRA op switches to its traceable form while being
+compiled, see kernels/lora.py); identical layers share the compiled code, so an 8B model compiles
+once, in seconds. Inductor fuses RMSNorm, RoPE, SwiGLU and the residual adds around the GEMMs and
+removes most kernel launches. Reference: the same layers uncompiled.
+"""
+from __future__ import annotations
+
+from torch import nn
+
+
+def compile_decoder_layers(model: nn.Module) -> int:
+    """Compile every decoder layer of a transformers model in place; returns how many."""
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else model
+    layers = getattr(decoder, "layers", None)
+    if layers is None:
+        return 0
+    for layer in layers:
+        layer.compile()
+    return len(layers)
