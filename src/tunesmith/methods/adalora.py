@@ -24,12 +24,12 @@ from torch import nn
 
 from . import peft_format
 from .inject import TunedLayer, tuned_layers
-from .lora import LowRankMethod, _as_targets
+from .lora import TargetedConfig, LowRankMethod, _as_targets
 from .registry import MethodConfig, attach, register
 from ..errors import ConfigError
 
 
-class AdaLoraConfig(MethodConfig):
+class AdaLoraConfig(TargetedConfig):
     name: Literal["adalora"] = "adalora"
     init_r: int = Field(12, ge=1, description="Initial rank of every adapted layer (the starting budget).")
     target_r: int = Field(8, ge=0, description="Average final rank: the final budget is target_r × layers.")
@@ -42,13 +42,6 @@ class AdaLoraConfig(MethodConfig):
     beta2: float = Field(0.85, gt=0, lt=1, description="EMA coefficient of the uncertainty (eq. 9).")
     orth_reg_weight: float = Field(0.5, ge=0, description="Weight of the orthogonality regulariser of P and Q.")
     alpha: float = Field(8.0, gt=0, description="Scale numerator: the update is multiplied by alpha/init_r.")
-    dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the adapter's input.")
-    target_modules: str | list[str] | None = Field(
-        None, description="Module names (suffix match), a full-match regex, 'all-linear', or null for "
-                          "the architecture's attention and MLP projections.")
-    modules_to_save: list[str] | None = Field(
-        None, description="Extra modules trained in full and saved with the adapter (task heads are added "
-                          "automatically for classification).")
 
     @model_validator(mode="after")
     def _schedule(self):

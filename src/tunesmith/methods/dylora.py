@@ -22,23 +22,16 @@ from torch import nn
 
 from . import peft_format
 from .inject import tuned_layers
-from .lora import LoraLinear, LowRankMethod
+from .lora import TargetedConfig, LoraLinear, LowRankMethod
 from .registry import MethodConfig, register
 from ..errors import ConfigError
 
 
-class DyLoraConfig(MethodConfig):
+class DyLoraConfig(TargetedConfig):
     name: Literal["dylora"] = "dylora"
     r_min: int = Field(1, ge=1, description="Smallest rank drawn during training.")
     r_max: int = Field(8, ge=1, description="Largest rank (the size of A and B).")
     alpha: float = Field(16.0, gt=0, description="Scale numerator: at rank b the update is multiplied by alpha/b.")
-    dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the adapter's input.")
-    target_modules: str | list[str] | None = Field(
-        None, description="Module names (suffix match), a full-match regex, 'all-linear', or null for "
-                          "the architecture's attention and MLP projections.")
-    modules_to_save: list[str] | None = Field(
-        None, description="Extra modules trained in full and saved with the adapter (task heads are added "
-                          "automatically for classification).")
 
     @model_validator(mode="after")
     def _ranks(self):

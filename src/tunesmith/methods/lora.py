@@ -26,14 +26,29 @@ from ..kernels.lora import frozen_weight, lora_linear
 from ..models.targets import task_heads
 
 
-class LoraConfig(MethodConfig):
-    name: Literal["lora"] = "lora"
-    r: int = Field(8, ge=1, description="Rank of the update B·A.")
-    alpha: float = Field(16.0, gt=0, description="Scale numerator: the update is multiplied by alpha/r.")
+class TargetedConfig(MethodConfig):
+    """Fields shared by the methods that wrap target modules with an adapter."""
+
     dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the adapter's input.")
     target_modules: str | list[str] | None = Field(
         None, description="Module names (suffix match), a full-match regex, 'all-linear', or null for "
                           "the architecture's attention and MLP projections.")
+    modules_to_save: list[str] | None = Field(
+        None, description="Extra modules trained in full and saved with the adapter (task heads are added "
+                          "automatically for classification).")
+
+    @field_validator("target_modules")
+    @classmethod
+    def _nonempty(cls, v):
+        if isinstance(v, list) and not v:
+            raise ValueError("empty list; give module names, a regex, 'all-linear' or null")
+        return v
+
+
+class LoraConfig(TargetedConfig):
+    name: Literal["lora"] = "lora"
+    r: int = Field(8, ge=1, description="Rank of the update B·A.")
+    alpha: float = Field(16.0, gt=0, description="Scale numerator: the update is multiplied by alpha/r.")
     bias: Literal["none", "all", "lora_only"] = Field(
         "none", description="Which biases train: none, all biases, or those of adapted layers.")
     init: Literal["kaiming", "gaussian", "zero_b", "pissa"] = Field(
@@ -45,16 +60,6 @@ class LoraConfig(MethodConfig):
     use_rslora: bool = Field(False, description="Scale by alpha/sqrt(r) (rsLoRA) instead of alpha/r.")
     lr_ratio_b: float = Field(1.0, gt=0, description="LoRA+: B's learning rate is lr_ratio_b × train.lr "
                                                      "(the paper suggests 16; 1 = plain LoRA).")
-    modules_to_save: list[str] | None = Field(
-        None, description="Extra modules trained in full and saved with the adapter (task heads are added "
-                          "automatically for classification).")
-
-    @field_validator("target_modules")
-    @classmethod
-    def _nonempty(cls, v):
-        if isinstance(v, list) and not v:
-            raise ValueError("empty list; give module names, a regex, 'all-linear' or null")
-        return v
 
 
 class LoraLinear(TunedLayer):

@@ -125,7 +125,7 @@ def run(cfg: RunConfig, resume: Path | None = None) -> RunResult:
     total_steps = tc.max_steps or max(1, math.ceil((tc.epochs or 1.0) * steps_per_epoch))
     eval_limit = tc.eval_batches
     val_batches = (lambda: Batches(val_ds, tc.batch_size, tc.seed, pad_id, device).iterate(eval_limit)) if val_ds else None
-    train_probe = lambda: batches.iterate(eval_limit or 8)  # noqa: E731  fixed slice of train for before/after
+    train_probe = lambda: batches.iterate(min(eval_limit or 4, 4))  # noqa: E731  fixed slice of train, before/after
 
     run_dir = Path(resume) if resume else new_run_dir(cfg.output.dir)
     (run_dir / "config.yaml").write_text(config_mod.dump(cfg))
