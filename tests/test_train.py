@@ -95,3 +95,12 @@ def test_loss_goes_down_and_grad_accum_weights_tokens(alpaca_file, tmp_path):
     run_dir, m = tunesmith.train(run_config(alpaca_file, tmp_path, {"name": "lora", "r": 8}, max_steps=8,
                                             lr=5e-3, grad_accum=2, batch_size=2))
     assert m["train_loss_after"] < m["train_loss_before"]
+
+
+def test_gradient_checkpointing_gives_the_same_losses(alpaca_file, tmp_path):
+    method = {"name": "lora", "r": 4}
+    plain, _ = tunesmith.train(run_config(alpaca_file, tmp_path / "a", method, max_steps=3))
+    ckpt, _ = tunesmith.train(run_config(alpaca_file, tmp_path / "b", method, max_steps=3,
+                                         gradient_checkpointing=True))
+    for x, y in zip(_losses(plain), _losses(ckpt)):
+        assert abs(x - y) <= 1e-5 * abs(y)
