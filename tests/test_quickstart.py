@@ -21,7 +21,7 @@ def quickstart_run(tmp_path_factory):
     env = dict(os.environ, HF_HUB_OFFLINE="1")
     t0 = time.perf_counter()
     proc = subprocess.run([sys.executable, "-m", "tunesmith.cli", "train", "examples/quickstart.yaml",
-                           f"output.dir={out}"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+                           f"output.dir={out}"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=1800)
     elapsed = time.perf_counter() - t0
     assert proc.returncode == 0, proc.stderr[-3000:]
     print(f"\nquickstart wall time: {elapsed:.0f} s")
