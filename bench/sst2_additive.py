@@ -30,7 +30,7 @@ METHODS = {
     "adapter-parallel": ({"reduction_factor": 16, "placement": "parallel"}, 1e-3),
     "ia3": ({}, 5e-3),
     "prompt": ({"num_virtual_tokens": 20}, 3e-2),
-    "ptuning": ({"num_virtual_tokens": 20, "encoder": "mlp"}, 3e-3),
+    "ptuning": ({"num_virtual_tokens": 20, "encoder": "mlp"}, 3e-2),  # 3e-3: stayed at the majority class
     "prefix": ({"num_virtual_tokens": 20, "reparam_hidden": 256}, 3e-3),
     "ptuning_v2": ({"num_virtual_tokens": 20}, 1e-2),
 }
@@ -40,6 +40,7 @@ DEFAULT = ["full", "lora", "adapter", "ia3", "prompt", "ptuning", "prefix", "ptu
 def run_one(label: str, args, workdir: Path) -> dict:
     from tunesmith import api
     options, lr = METHODS[label]
+    lr = args.lr or lr
     name = label.split("-")[0]
     cfg = {
         "model": {"name_or_path": "minilm-l6", "device": "cpu", "dtype": "float32"},
@@ -76,6 +77,7 @@ def main(argv=None) -> int:
                    help="first N training rows (one epoch at the default steps and batch size)")
     p.add_argument("--steps", type=int, default=120, help="optimizer steps per method")
     p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--lr", type=float, default=None, help="learning rate for every method run (default: per method)")
     p.add_argument("--threads", type=int, default=1,
                    help="torch intra-op threads (1: on a shared small CPU extra threads mostly spin)")
     p.add_argument("--out", default=str(Path(__file__).parent / "results" / "sst2_additive.json"))
