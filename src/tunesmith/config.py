@@ -42,6 +42,17 @@ class TrainConfig(BaseModel):
     precision: Literal["auto", "fp32", "bf16"] = Field(
         "auto", description="Compute precision: auto = bf16 autocast on CUDA, fp32 on CPU.")
     gradient_checkpointing: bool = Field(False, description="Recompute activations in backward to save memory.")
+    chunked_ce: bool | Literal["auto"] = Field(
+        "auto", description="Causal LM loss through the chunked linear cross-entropy (no full logits tensor); "
+                            "auto = on CUDA only.")
+    liger: bool = Field(False, description="Patch liger-kernel's Triton RMSNorm, SwiGLU and RoPE into the model "
+                                           "(CUDA; `pip install liger-kernel`).")
+    compile: bool = Field(False, description="torch.compile each decoder layer (one graph a layer; the first "
+                                             "steps include compile time).")
+    padding_free: bool = Field(False, description="Pack whole examples end to end into one row per micro-batch, "
+                                                  "with document-masked attention and no pad tokens (sft, pt).")
+    max_tokens_per_batch: int | None = Field(
+        None, ge=8, description="Tokens per packed micro-batch with padding_free (default batch_size × max_seq_len).")
     eval_every: int | None = Field(None, ge=1, description="Evaluate every N steps (always at start and end).")
     eval_batches: int | None = Field(None, ge=1, description="Cap on evaluation batches (null = the whole set).")
     save_every: int | None = Field(None, ge=1, description="Checkpoint every N steps (default: at each eval and at the end).")

@@ -74,4 +74,4 @@ def real_tokens(batch: dict) -> int:
     """Non-pad tokens of a padded or packed batch."""
     if "attention_mask" in batch:
         return int(batch["attention_mask"].sum())
-    return int(batch["input_ids"].numel())
+    return int(batch["input_ids"].numel()) if "input_ids" in batch else 0

@@ -1,4 +1,4 @@
-"""torch.compile of a model's decoder layers, one layer at a time.
+"""torch.compile of a model's transformer blocks (decoder or encoder layers), one block at a time.
 
 Each layer compiles to one graph (the fused LoRA op switches to its traceable form while being
 compiled, see kernels/lora.py); identical layers share the compiled code, so an 8B model compiles
@@ -9,13 +9,12 @@ from __future__ import annotations
 
 from torch import nn
 
+from ..models.targets import find_blocks
+
 
 def compile_decoder_layers(model: nn.Module) -> int:
-    """Compile every decoder layer of a transformers model in place; returns how many."""
-    decoder = model.get_decoder() if hasattr(model, "get_decoder") else model
-    layers = getattr(decoder, "layers", None)
-    if layers is None:
-        return 0
+    """Compile every transformer block of a transformers model in place; returns how many."""
+    _, layers = find_blocks(model)
     for layer in layers:
         layer.compile()
     return len(layers)

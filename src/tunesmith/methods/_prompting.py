@@ -33,6 +33,7 @@ class VirtualMethod(Method):
     loads_peft = True
     identity_at_init = False  # virtual tokens change every output from the start
     mergeable = False         # nothing to fold into the weights: the tokens are extra inputs
+    supports_packing = False  # one set of virtual tokens per sequence, not per packed document
     invariant_cases = [
         {},
         {"arch": "qwen2", "options": {"num_virtual_tokens": 3}},

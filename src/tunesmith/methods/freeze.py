@@ -24,7 +24,7 @@ from pydantic import Field, field_validator
 from torch import nn
 
 from ..errors import ConfigError
-from ..models.targets import arch, task_heads
+from ..models.targets import arch, find_blocks, task_heads
 from . import delta
 from .inject import matches
 from .registry import Method, MethodConfig, register
@@ -61,19 +61,6 @@ class FreezeConfig(MethodConfig):
             except re.error as e:
                 raise ValueError(f"invalid regex {r!r}: {e}") from None
         return v
-
-
-def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
-    """The dotted name and module of the model's stack of transformer blocks."""
-    best, best_n = None, -1
-    for name, m in model.named_modules():
-        if isinstance(m, nn.ModuleList) and len(m) > 0:
-            n = sum(p.numel() for p in m.parameters())
-            if n > best_n:
-                best, best_n = (name, m), n
-    if best is None:
-        raise ConfigError(f"method freeze: {type(model).__name__} has no ModuleList of layers")
-    return best
 
 
 def _is_norm(module: nn.Module) -> bool:

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from torch import nn
 
+from ..errors import ConfigError
+
 _LLAMA = {
     "attention": ["q_proj", "k_proj", "v_proj", "o_proj"],
     "mlp": ["gate_proj", "up_proj", "down_proj"],
@@ -57,3 +59,17 @@ def task_heads(model: nn.Module) -> list[str]:
     """Names of the classification head modules present in ``model``."""
     names = {n for n, _ in model.named_modules()}
     return [h for h in ("score", "classifier") if h in names]
+
+
+def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
+    """The dotted name and module of the model's stack of transformer blocks: its largest
+    ``nn.ModuleList`` by parameter count (no per-architecture code)."""
+    best, best_n = None, -1
+    for name, m in model.named_modules():
+        if isinstance(m, nn.ModuleList) and len(m) > 0:
+            n = sum(p.numel() for p in m.parameters())
+            if n > best_n:
+                best, best_n = (name, m), n
+    if best is None:
+        raise ConfigError(f"{type(model).__name__} has no ModuleList of transformer blocks")
+    return best

@@ -11,6 +11,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..data import collate, batch_indices
+from ..data.packing import collate_packed, pack_groups, real_tokens
 
 
 @dataclass
@@ -23,7 +24,13 @@ class LoopState:
 
 @dataclass
 class Batches:
-    """Deterministic micro-batches over epochs: epoch e uses the order drawn from (seed, e)."""
+    """Deterministic micro-batches over epochs: epoch e uses the order drawn from (seed, e).
+
+    With ``packed_tokens`` set (padding-free training) a micro-batch is one row of whole examples
+    laid end to end, up to that many tokens (``data.packing``); otherwise ``batch_size`` examples
+    padded to the longest. Packed epochs can differ in their number of rows, so micro-batch ``k``
+    is located by walking the epochs' row counts.
+    """
 
     dataset: object
     batch_size: int
@@ -31,27 +38,51 @@ class Batches:
     pad_id: int
     device: torch.device
     shuffle: bool = True
+    packed_tokens: int | None = None
     _cache: dict = field(default_factory=dict)
+    _counts: list = field(default_factory=list)
+
+    def _groups(self, epoch: int, shuffle: bool) -> list[list[int]]:
+        if self.packed_tokens:
+            lengths = [len(self.dataset[i]["input_ids"]) for i in range(len(self.dataset))]
+            return pack_groups(lengths, self.packed_tokens, seed=self.seed, epoch=epoch, shuffle=shuffle)
+        return batch_indices(len(self.dataset), self.batch_size, seed=self.seed, epoch=epoch, shuffle=shuffle)
+
+    def _collate(self, idx: list[int]) -> dict[str, torch.Tensor]:
+        examples = [self.dataset[i] for i in idx]
+        batch = collate_packed(examples) if self.packed_tokens else collate(examples, self.pad_id)
+        return to_device(batch, self.device)
 
     def per_epoch(self) -> int:
-        return len(batch_indices(len(self.dataset), self.batch_size, seed=self.seed, epoch=0, shuffle=False))
+        return len(self.order(0))
 
     def order(self, epoch: int) -> list[list[int]]:
         if epoch not in self._cache:
-            self._cache = {epoch: batch_indices(len(self.dataset), self.batch_size, seed=self.seed,
-                                                epoch=epoch, shuffle=self.shuffle)}
+            self._cache = {epoch: self._groups(epoch, self.shuffle)}
         return self._cache[epoch]
 
+    def locate(self, micro: int) -> tuple[int, int]:
+        """(epoch, index within the epoch) of micro-batch ``micro``."""
+        if not self.packed_tokens:
+            n = self.per_epoch()
+            return micro // n, micro % n
+        epoch = 0
+        while True:
+            if epoch == len(self._counts):
+                self._counts.append(len(self.order(epoch)))
+            if micro < self._counts[epoch]:
+                return epoch, micro
+            micro -= self._counts[epoch]
+            epoch += 1
+
     def get(self, micro: int) -> dict[str, torch.Tensor]:
-        n = self.per_epoch()
-        idx = self.order(micro // n)[micro % n]
-        return to_device(collate([self.dataset[i] for i in idx], self.pad_id), self.device)
+        epoch, i = self.locate(micro)
+        return self._collate(self.order(epoch)[i])
 
     def iterate(self, limit: int | None = None):
         """Unshuffled pass (for evaluation), at most ``limit`` batches."""
-        order = batch_indices(len(self.dataset), self.batch_size, seed=self.seed, epoch=0, shuffle=False)
-        for idx in order[:limit]:
-            yield to_device(collate([self.dataset[i] for i in idx], self.pad_id), self.device)
+        for idx in self._groups(0, shuffle=False)[:limit]:
+            yield self._collate(idx)
 
 
 def to_device(batch: dict, device: torch.device) -> dict:
@@ -114,7 +145,7 @@ class Loop:
                     loss = loss + reg / len(micro_batches)
             loss.backward()
             total += float(loss_sum.detach())
-            state.tokens += int(batch["attention_mask"].sum()) if "attention_mask" in batch else 0
+            state.tokens += real_tokens(batch)
         grad_norm = None
         if cfg.max_grad_norm is not None:
             grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm))

@@ -18,7 +18,7 @@ from ..data.formats import apply_field_map, detect_format
 from ..data.readers import read_rows
 from ..methods import registry
 from ..models.loader import base_reference, load_model, load_tokenizer, resolve_device
-from . import checkpoint, objectives
+from . import accel, checkpoint, objectives
 from .loop import Batches, Loop, LoopState, evaluate
 from .optim import build_optimizer, build_scheduler
 from .report import MetricsLog, format_summary, peak_memory_gib, plot_losses
@@ -70,6 +70,9 @@ def build(cfg: RunConfig, objective_name: str):
     """Tokenizer, datasets, model with the method applied: everything a run or an eval needs."""
     seed_everything(cfg.train.seed)
     objective = objectives.get(objective_name)
+    objective.configure(cfg.train)
+    method_cls = registry.get(cfg.method.name)
+    accel.check(cfg.train, objective_name, method_cls, resolve_device(cfg.model.device))
     tokenizer = load_tokenizer(cfg.model)
     train_ds, val_ds, report = build_datasets(cfg.data, tokenizer, max_seq_len=cfg.train.max_seq_len,
                                               objective=objective.data_objective, seed=cfg.train.seed)
@@ -77,7 +80,8 @@ def build(cfg: RunConfig, objective_name: str):
                        vocab_size=len(tokenizer), seed=cfg.train.seed)
     if objective.task == "classification":
         model.config.pad_token_id = pad_id_for(tokenizer)
-    method = registry.get(cfg.method.name)(cfg.method)
+    accel.before_method(model, cfg.train)
+    method = method_cls(cfg.method)
     model = method.apply(model)
     registry.attach(model, method)
     if method.upcast_trainable:
@@ -117,10 +121,9 @@ def run(cfg: RunConfig, resume: Path | None = None) -> RunResult:
     device = next(model.parameters()).device
     precision = precision_for(cfg, device)
     tc = cfg.train
-    if tc.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    accel.after_method(model, tc)
     pad_id = pad_id_for(tokenizer)
-    batches = Batches(train_ds, tc.batch_size, tc.seed, pad_id, device)
+    batches = Batches(train_ds, tc.batch_size, tc.seed, pad_id, device, packed_tokens=accel.packed_tokens(tc))
     steps_per_epoch = max(1, batches.per_epoch() // tc.grad_accum)
     total_steps = tc.max_steps or max(1, math.ceil((tc.epochs or 1.0) * steps_per_epoch))
     eval_limit = tc.eval_batches

@@ -29,6 +29,9 @@ class Objective:
     def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int, dict]:
         raise NotImplementedError
 
+    def configure(self, train_cfg) -> None:
+        """Take the objective's options from the run's ``train`` config (default: none)."""
+
     def count(self, batch: dict[str, torch.Tensor]) -> int:
         """Items the loss is averaged over (known before the forward pass)."""
         raise NotImplementedError

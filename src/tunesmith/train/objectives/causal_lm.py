@@ -7,8 +7,8 @@ Two ways to compute the same sum (chosen once, when the objective is built):
   which never holds more than one chunk of logits and skips rows whose label is ignored.
   Models whose head is not a plain ``nn.Linear`` (wrapped, soft-capped or scaled logits) use the reference.
 
-``TUNESMITH_CHUNKED_CE=1|0`` forces one or the other; unset, the chunked loss is used when CUDA is
-available. Batches may carry packed-sequence keys (``data.packing``): position_ids and cu_seq_lens_*.
+``train.chunked_ce`` picks one (``auto``: ``TUNESMITH_CHUNKED_CE=1|0`` when set, else the chunked
+loss when CUDA is available). Batches may carry packed-sequence keys (``data.packing``): position_ids and cu_seq_lens_*.
 """
 from __future__ import annotations
 
@@ -82,6 +82,10 @@ class CausalLM(Objective):
 
     def __init__(self, chunked: bool | None = None):
         self.lm_loss = ChunkedLoss() if (default_chunked() if chunked is None else chunked) else LogitsLoss()
+
+    def configure(self, train_cfg) -> None:
+        if train_cfg.chunked_ce != "auto":
+            self.lm_loss = ChunkedLoss() if train_cfg.chunked_ce else LogitsLoss()
 
     def count(self, batch):
         return int((batch["labels"][:, 1:] != -100).sum())
