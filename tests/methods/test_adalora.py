@@ -114,11 +114,31 @@ def test_budget_schedule_is_cubic():
 @pytest.mark.parametrize("opts,field", [
     ({"total_steps": 10, "tinit": 8, "tfinal": 2}, "tinit"),
     ({"total_steps": 10, "init_r": 2, "target_r": 4}, "target_r"),
-    ({}, "total_steps"),
 ])
 def test_config_errors_name_the_field(opts, field):
     with pytest.raises(ConfigError, match=field):
         tunesmith.apply(tiny(), "adalora", **opts)
+
+
+def test_total_steps_is_needed_before_the_first_step_outside_a_run():
+    model = tunesmith.apply(tiny(), "adalora", init_r=4, target_r=2)
+    with pytest.raises(ConfigError, match="total_steps is not set"):
+        registry.attached(model).after_optimizer_step(model, 0)
+
+
+def test_a_run_takes_its_step_count_as_the_schedule(alpaca_file, tmp_path):
+    from helpers import run_config
+    cfg = run_config(alpaca_file, tmp_path, {"name": "adalora", "init_r": 4, "target_r": 2, "tinit": 1, "tfinal": 2},
+                     max_steps=6)
+    run_dir, _ = api.train(cfg)
+    adapter_cfg = json.loads((run_dir / "adapter" / "adapter_config.json").read_text())
+    assert adapter_cfg["total_step"] == 6
+    kept = [sum(m) for m in adapter_cfg["rank_pattern"].values()]
+    assert sum(kept) == 2 * len(kept)                       # pruned to the final budget on step 6 - tfinal
+    bad = run_config(alpaca_file, tmp_path / "b", {"name": "adalora", "tinit": 5, "tfinal": 2}, max_steps=6)
+    with pytest.raises(ConfigError, match="run's 6 steps.*tinit"):
+        api.train(bad)
+    assert not (tmp_path / "b" / "run").exists()
 
 
 def test_trainable_count_closed_form():

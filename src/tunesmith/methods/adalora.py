@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-from pydantic import Field, model_validator
+from pydantic import Field, ValidationError, model_validator
 from torch import nn
 
 from . import peft_format
@@ -36,8 +36,8 @@ class AdaLoraConfig(TargetedConfig):
     tinit: int = Field(0, ge=0, description="Warm-up steps before any rank is pruned.")
     tfinal: int = Field(0, ge=0, description="Final steps trained with the rank pattern fixed.")
     deltaT: int = Field(1, ge=1, description="Steps between two budget allocations.")
-    total_steps: int = Field(ge=1, description="Length of the budget schedule in optimizer steps "
-                                               "(normally train.max_steps).")
+    total_steps: int | None = Field(None, ge=1, description="Length of the budget schedule in optimizer steps "
+                                                            "(null: the run's total steps).")
     beta1: float = Field(0.85, gt=0, lt=1, description="EMA coefficient of the sensitivity (eq. 8).")
     beta2: float = Field(0.85, gt=0, lt=1, description="EMA coefficient of the uncertainty (eq. 9).")
     orth_reg_weight: float = Field(0.5, ge=0, description="Weight of the orthogonality regulariser of P and Q.")
@@ -47,7 +47,7 @@ class AdaLoraConfig(TargetedConfig):
     def _schedule(self):
         if self.target_r > self.init_r:
             raise ValueError(f"target_r ({self.target_r}) must be <= init_r ({self.init_r})")
-        if self.tinit >= self.total_steps - self.tfinal:
+        if self.total_steps is not None and self.tinit >= self.total_steps - self.tfinal:
             raise ValueError(f"tinit ({self.tinit}) must be < total_steps - tfinal "
                              f"({self.total_steps} - {self.tfinal}); lower tinit or tfinal")
         return self
@@ -212,7 +212,20 @@ class AdaLora(LowRankMethod):
                 terms.append(torch.linalg.matrix_norm(cov - eye))
         return self.cfg.orth_reg_weight * torch.stack(terms).mean() if terms else None
 
+    def on_train_begin(self, model: nn.Module, total_steps: int) -> None:
+        if self.cfg.total_steps is not None:
+            return
+        try:
+            self.cfg = self.Config.model_validate({**self.cfg.model_dump(), "total_steps": total_steps})
+        except ValidationError as e:
+            raise ConfigError(f"method adalora with the run's {total_steps} steps as total_steps: "
+                              f"{e.errors()[0]['msg']}") from None
+        self.allocator.cfg = self.cfg
+
     def after_optimizer_step(self, model: nn.Module, step: int) -> None:
+        if self.cfg.total_steps is None:
+            raise ConfigError("method adalora: total_steps is not set; pass total_steps=N (the optimizer steps "
+                              "of the budget schedule). `tunesmith train` sets it to the run's steps.")
         self.allocator.step(step)
 
     # -- state ----------------------------------------------------------------------------
@@ -239,7 +252,9 @@ class AdaLora(LowRankMethod):
         return {
             "peft_type": self.peft_type, "task_type": peft_format.task_type(model),
             "base_model_name_or_path": base_name, "init_r": cfg.init_r, "target_r": cfg.target_r,
-            "tinit": cfg.tinit, "tfinal": cfg.tfinal, "deltaT": cfg.deltaT, "total_step": cfg.total_steps,
+            "tinit": cfg.tinit, "tfinal": cfg.tfinal, "deltaT": cfg.deltaT,
+            # never trained (total_steps unset): the shortest valid schedule, which peft requires
+            "total_step": cfg.total_steps or cfg.tinit + cfg.tfinal + 1,
             "beta1": cfg.beta1, "beta2": cfg.beta2, "orth_reg_weight": cfg.orth_reg_weight,
             "lora_alpha": cfg.alpha, "lora_dropout": cfg.dropout, "target_modules": targets, "bias": "none",
             "modules_to_save": self.modules_to_save(model) or None, "init_lora_weights": True,

@@ -84,6 +84,9 @@ class Method:
                   {"params": no_decay, "lr": lr, "weight_decay": 0.0}]
         return [g for g in groups if g["params"]]
 
+    def on_train_begin(self, model: nn.Module, total_steps: int) -> None:
+        """Once before a run's first optimizer step (and again on resume), with the run's step count."""
+
     def on_step_begin(self, model: nn.Module, step: int) -> None:
         """Before the forward passes of optimizer step ``step`` (0-based)."""
 

@@ -126,6 +126,7 @@ def run(cfg: RunConfig, resume: Path | None = None) -> RunResult:
     batches = Batches(train_ds, tc.batch_size, tc.seed, pad_id, device, packed_tokens=accel.packed_tokens(tc))
     steps_per_epoch = max(1, batches.per_epoch() // tc.grad_accum)
     total_steps = tc.max_steps or max(1, math.ceil((tc.epochs or 1.0) * steps_per_epoch))
+    method.on_train_begin(model, total_steps)  # before anything is written: it may refuse the config
     eval_limit = tc.eval_batches
     val_batches = (lambda: Batches(val_ds, tc.batch_size, tc.seed, pad_id, device).iterate(eval_limit)) if val_ds else None
     train_probe = lambda: batches.iterate(min(eval_limit or 4, 4))  # noqa: E731  fixed slice of train, before/after
