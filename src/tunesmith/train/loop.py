@@ -39,13 +39,15 @@ class Batches:
     device: torch.device
     shuffle: bool = True
     packed_tokens: int | None = None
-    _cache: dict = field(default_factory=dict)
-    _counts: list = field(default_factory=list)
+    _cache: dict = field(default_factory=dict)   # the two most recent epochs' orders
+    _counts: list = field(default_factory=list)  # packed: rows in epochs 0, 1, ...
+    _lengths: list | None = None
 
     def _groups(self, epoch: int, shuffle: bool) -> list[list[int]]:
         if self.packed_tokens:
-            lengths = [len(self.dataset[i]["input_ids"]) for i in range(len(self.dataset))]
-            return pack_groups(lengths, self.packed_tokens, seed=self.seed, epoch=epoch, shuffle=shuffle)
+            if self._lengths is None:
+                self._lengths = [len(self.dataset[i]["input_ids"]) for i in range(len(self.dataset))]
+            return pack_groups(self._lengths, self.packed_tokens, seed=self.seed, epoch=epoch, shuffle=shuffle)
         return batch_indices(len(self.dataset), self.batch_size, seed=self.seed, epoch=epoch, shuffle=shuffle)
 
     def _collate(self, idx: list[int]) -> dict[str, torch.Tensor]:
@@ -54,11 +56,16 @@ class Batches:
         return to_device(batch, self.device)
 
     def per_epoch(self) -> int:
+        """Micro-batches in one epoch (packed: in the first; later ones may differ by a row or so)."""
+        if not self.packed_tokens:
+            return math.ceil(len(self.dataset) / self.batch_size)
         return len(self.order(0))
 
     def order(self, epoch: int) -> list[list[int]]:
         if epoch not in self._cache:
-            self._cache = {epoch: self._groups(epoch, self.shuffle)}
+            if len(self._cache) >= 2:
+                del self._cache[next(iter(self._cache))]
+            self._cache[epoch] = self._groups(epoch, self.shuffle)
         return self._cache[epoch]
 
     def locate(self, micro: int) -> tuple[int, int]:
