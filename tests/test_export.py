@@ -2,7 +2,6 @@
 merge-then-export; every allowed path writes an adapter the target reads."""
 from __future__ import annotations
 
-import copy
 import json
 import math
 
@@ -17,14 +16,6 @@ from tunesmith.methods import registry
 from tunesmith.methods.lora import Lora
 
 from helpers import ids, rel_err, tiny
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def _adapter(tmp_path, name, arch="llama", task="causal_lm", **options):

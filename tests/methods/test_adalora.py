@@ -16,7 +16,7 @@ from tunesmith.methods import registry
 from tunesmith.methods.adalora import AdaLora, adalora_trainable_count
 
 from helpers import rel_err, tiny
-from test_lora import (LLAMA_TARGETS, assert_curves_match, assert_parity, batch, copy_from_peft, one_thread,  # noqa: F401
+from test_lora import (LLAMA_TARGETS, assert_curves_match, assert_parity, batch, copy_from_peft,  # noqa: F401
                        ours_name, pair, perturb_peft, train_curve)
 
 SCHEDULE = dict(init_r=6, target_r=2, tinit=5, tfinal=5, deltaT=2)

@@ -16,7 +16,7 @@ from tunesmith.methods import registry
 from tunesmith.methods.dora import Dora, DoraLinear, dora_trainable_count
 
 from helpers import tiny, rel_err
-from test_lora import (LLAMA_TARGETS, assert_curves_match, assert_parity, batch, copy_from_peft, one_thread,  # noqa: F401
+from test_lora import (LLAMA_TARGETS, assert_curves_match, assert_parity, batch, copy_from_peft,  # noqa: F401
                        pair, perturb_peft, train_curve)
 
 

@@ -16,7 +16,6 @@ from tunesmith.methods.dylora import DyLora, DyLoraLinear, dylora_trainable_coun
 from tunesmith.methods.lora import Lora, LoraLinear
 
 from helpers import ids, rel_err, run_config, tiny
-from test_lora import one_thread  # noqa: F401
 
 
 def _trained_layer(r_max=6, alpha=12.0):

@@ -26,14 +26,6 @@ LLAMA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
 
 
 # -- shared peft-parity helpers -----------------------------------------------------------------
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run fastest on one thread, and a loaded 2-core machine makes more threads spin."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def ours_name(peft_name: str) -> str:
     """A peft parameter name as tunesmith names the same tensor."""

@@ -20,7 +20,6 @@ from tunesmith.methods.lora import Lora
 from tunesmith.methods.qlora import QloraLinear
 
 from helpers import ids, rel_err, tiny
-from test_lora import one_thread  # noqa: F401
 
 
 def test_config_path(tmp_path):

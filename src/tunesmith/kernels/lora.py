@@ -82,15 +82,20 @@ class _Link:
         self.a, self.b, self.scaling, self.gu = a, b, scaling, None
 
 
+def _delta_forward(ctx, x2, a, b, bias, scaling: float) -> torch.Tensor:
+    """z = (s · x Aᵀ) Bᵀ (+ bias), saving x, the (N, r) product and A, B for backward.
+    x2 (N, d_in); a (r, d_in); b (d_out, r); bias (d_out,) or None; all one dtype."""
+    u = torch.mm(x2, a.t()).mul_(scaling)                                     # (N, r)
+    z = torch.mm(u, b.t()) if bias is None else torch.addmm(bias, u, b.t())  # (N, d_out)
+    ctx.save_for_backward(x2, u, a, b)
+    return z
+
+
 class _LoraDelta(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x2, a, b, bias, link: _Link):
-        # x2 (N, d_in); a (r, d_in); b (d_out, r); bias (d_out,) or None; all one dtype
-        u = torch.mm(x2, a.t()).mul_(link.scaling)                   # (N, r)
-        z = torch.mm(u, b.t()) if bias is None else torch.addmm(bias, u, b.t())  # (N, d_out)
-        ctx.save_for_backward(x2, u, a, b)
         ctx.link = link
-        return z
+        return _delta_forward(ctx, x2, a, b, bias, link.scaling)
 
     @staticmethod
     def backward(ctx, g):
@@ -136,11 +141,8 @@ class _LoraDeltaTraceable(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x2, a, b, bias, scaling: float):
-        u = torch.mm(x2, a.t()).mul_(scaling)                        # (N, r)
-        z = torch.mm(u, b.t()) if bias is None else torch.addmm(bias, u, b.t())  # (N, d_out)
-        ctx.save_for_backward(x2, u, a, b)
         ctx.scaling = scaling
-        return z
+        return _delta_forward(ctx, x2, a, b, bias, scaling)
 
     @staticmethod
     def backward(ctx, g):
