@@ -117,7 +117,8 @@ def patch_fused_dora() -> None:
 
 
 def setup_tunesmith(model, method: str, gc_on: bool, *, liger: bool = False, packed: bool = False,
-                    compile_layers: bool = False, fused_dora: bool = False):
+                    compile_layers: bool = False, fused_dora: bool = False, ckpt_layers: int | None = None,
+                    offload: bool = False):
     import tunesmith
     from tunesmith.methods import registry
     from tunesmith.train.objectives.causal_lm import CausalLM
@@ -133,8 +134,9 @@ def setup_tunesmith(model, method: str, gc_on: bool, *, liger: bool = False, pac
     model = tunesmith.apply(model, method, **opts)
     if registry.get(method).upcast_trainable:
         upcast_trainable(model)
-    if gc_on:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if gc_on:  # what train.gradient_checkpointing / checkpoint_layers / offload_activations run
+        from tunesmith.train.accel import enable_checkpointing
+        enable_checkpointing(model, ckpt_layers, offload)
     if fused_dora:
         patch_fused_dora()
     if compile_layers:
@@ -180,13 +182,19 @@ def tokens_of(batch: dict) -> int:
     return int(batch["input_ids"].numel())
 
 
-def train(model, loss_fn, batches, *, steps: int = 11, warmup: int = 3, lr: float = 1e-5,
+def train(model, loss_fn, batches, *, steps: int = 15, warmup: int = 3, lr: float = 1e-5,
           total_based: bool = False) -> dict:
-    """Median step time over steps-warmup steps; first-step loss; peak memory since the caller's reset.
+    """Median step time over steps-warmup steps; first-step loss; peak memory since the caller's reset
+    (``peak_gib``: model build and setup included) and over the training steps alone (``train_peak_gib``).
     ``total_based``: tokens/s as timed tokens over timed seconds (batches of different sizes)."""
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=lr, fused=True)
     times, losses, toks = [], [], []
+    setup_peak = peak_gib()
+    if DEV == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    gc.collect()
+    gc.disable()  # no collector pauses inside timed steps (both sides); collected once after the loop
     for i in range(steps):
         batch = batches[i % len(batches)]
         sync()
@@ -201,13 +209,15 @@ def train(model, loss_fn, batches, *, steps: int = 11, warmup: int = 3, lr: floa
         sync()
         times.append(time.perf_counter() - t0)
         toks.append(tokens_of(batch))
+    gc.enable()
     timed = times[warmup:]
     step = statistics.median(timed)
     tok = statistics.median(toks[warmup:])
     tps = sum(toks[warmup:]) / sum(timed) if total_based else tok / step
     return {"step_s": step, "tokens_per_s": tps, "tokens_per_step": tok,
             "first_loss": losses[0], "losses": losses, "step_times": times,
-            "peak_gib": peak_gib(), "reserved_gib": peak_gib(reserved=True)}
+            "peak_gib": max(setup_peak, peak_gib()), "train_peak_gib": peak_gib(),
+            "reserved_gib": peak_gib(reserved=True)}
 
 
 def free() -> None:

@@ -5,8 +5,9 @@
 Every configuration of the performance issue runs for each side listed in CONFIGS, in worker
 processes grouped by what they patch globally (Liger patches transformers' classes, so its
 configurations get their own process). Random-weight Llama-3-8B / Llama-3.2-1B architectures,
-bf16, SDPA, random tokens (Dolly rows: real SFT data), fused AdamW, seq 2048, median of 8 steps
-after 3 warm-up. Prints one line per run as it finishes and a table last; writes JSON.
+bf16, SDPA, random tokens (Dolly rows: real SFT data), fused AdamW, seq 2048, median of 12 steps
+after 3 warm-up, Python's collector paused inside the loop for both sides. Prints one line per run
+as it finishes and a table last; writes JSON.
 """
 from __future__ import annotations
 
@@ -22,13 +23,17 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-# key: (arch, method, batch, gradient checkpointing, data); sides: impl -> worker group
+# key: (arch, method, batch, gradient checkpointing, data); sides: impl -> worker group. Flags after the
+# side: liger, compile, kdora (fused DoRA), ckN (checkpoint only N blocks), off (offload block inputs)
 CONFIGS = {
     "8b-lora-b2": (("8b", "lora", 2, True, "random"), {"hf": "plain", "ts": "plain", "ts+compile": "compile",
-                                                         "hf+liger": "liger", "ts+liger": "liger"}),
+                                                         "hf+liger": "liger", "ts+liger": "liger",
+                                                         "ts+liger+off+ck29": "liger"}),
     "8b-lora-b4": (("8b", "lora", 4, True, "random"), {"hf": "plain", "ts+liger": "liger", "ts+compile": "compile"}),
     "8b-dora-b2": (("8b", "dora", 2, True, "random"), {"hf": "plain", "ts+liger": "liger", "ts+compile": "compile"}),
-    "8b-qlora-b2": (("8b", "qlora", 2, True, "random"), {"hf": "plain", "ts+liger": "liger", "ts+compile": "compile"}),
+    "8b-qlora-b2": (("8b", "qlora", 2, True, "random"), {"hf": "plain", "ts+liger": "liger", "ts+compile": "compile",
+                                                           "ts+liger+ck20": "liger", "ts+liger+ck16": "liger",
+                                                           "ts+liger+off+ck16": "liger", "ts+compile+ck20": "compile"}),
     "1b-full-b4": (("1b", "full", 4, False, "random"), {"hf": "plain", "ts": "plain", "ts+compile": "compile",
                                                           "hf+liger": "liger", "ts+liger": "liger"}),
     "1b-lora-b4": (("1b", "lora", 4, False, "random"), {"hf": "plain", "ts": "plain", "ts+compile": "compile",
@@ -64,8 +69,10 @@ def run_one(key: str, impl: str, profile: bool, outdir: Path) -> dict:
     if side == "hf":
         model, loss_fn = G.setup_hf(model, method, gc_on)
     else:
+        ck = [int(f[2:]) for f in flags if f.startswith("ck")]
         model, loss_fn = G.setup_tunesmith(model, method, gc_on, liger="liger" in flags, packed=(data == "packed"),
-                                           compile_layers="compile" in flags, fused_dora="kdora" in flags)
+                                           compile_layers="compile" in flags, fused_dora="kdora" in flags,
+                                           ckpt_layers=ck[0] if ck else None, offload="off" in flags)
     if data == "random":
         batches = G.random_batches(vocab, batch, SEQ)
     else:
@@ -114,19 +121,22 @@ def worker(group: str, runs: list[str], profile: str | None, json_path: Path, pr
 # -- driver ------------------------------------------------------------------------------------
 def table(results: list[dict]) -> str:
     by = {(r["key"], r["impl"]): r for r in results}
-    lines = ["| config | side | tokens/s | peak GiB | MFU | × base tok/s | × base mem | 1st loss | base 1st loss |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = ["| config | side | tokens/s | peak GiB | train peak GiB | MFU | × base tok/s | × base mem | "
+             "× base train mem | 1st loss | base 1st loss |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in results:
         if "error" in r:
-            lines.append(f"| {r['key']} | {r['impl']} | error: {r['error'][:80]} | | | | | | |")
+            lines.append(f"| {r['key']} | {r['impl']} | error: {r['error'][:80]} | | | | | | | | |")
             continue
         base = by.get((r["key"], BASELINE.get(r["key"], "hf")))
         ok = base and "error" not in base
-        ratio = f"{r['tokens_per_s'] / base['tokens_per_s']:.2f}" if ok else "-"
-        mem = f"{r['peak_gib'] / base['peak_gib']:.2f}" if ok and base["peak_gib"] else "-"
+
+        def rel(field, fmt=".2f"):
+            return f"{r[field] / base[field]:{fmt}}" if ok and base.get(field) and r.get(field) else "-"
         bl = f"{base['first_loss']:.4f}" if ok else "-"
         lines.append(f"| {r['key']} | {r['impl']} | {r['tokens_per_s']:,.0f} | {r['peak_gib']:.1f} | "
-                     f"{100 * r['mfu']:.1f}% | {ratio} | {mem} | {r['first_loss']:.4f} | {bl} |")
+                     f"{r.get('train_peak_gib', float('nan')):.1f} | {100 * r['mfu']:.1f}% | {rel('tokens_per_s')} | "
+                     f"{rel('peak_gib')} | {rel('train_peak_gib')} | {r['first_loss']:.4f} | {bl} |")
     return "\n".join(lines)
 
 

@@ -42,6 +42,12 @@ class TrainConfig(BaseModel):
     precision: Literal["auto", "fp32", "bf16"] = Field(
         "auto", description="Compute precision: auto = bf16 autocast on CUDA, fp32 on CPU.")
     gradient_checkpointing: bool = Field(False, description="Recompute activations in backward to save memory.")
+    checkpoint_layers: int | None = Field(
+        None, ge=1, description="With gradient_checkpointing: recompute only this many transformer blocks, spread "
+                                "evenly (null = all); the others keep their activations: faster, more memory.")
+    offload_activations: bool = Field(
+        False, description="With gradient_checkpointing: keep each checkpointed block's input in pinned host memory, "
+                           "copied on a side stream (CUDA). Frees layers × tokens × width of GPU memory: long context.")
     chunked_ce: bool | Literal["auto"] = Field(
         "auto", description="Causal LM loss through the chunked linear cross-entropy (no full logits tensor); "
                             "auto = on CUDA only.")

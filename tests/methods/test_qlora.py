@@ -7,6 +7,7 @@ import json
 import sys
 import types
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -146,3 +147,37 @@ def test_layers_already_in_4_bits_are_kept(fake_gpu):
     model.model.layers[0].mlp.down_proj = pre
     tunesmith.apply(model, "qlora", r=2, target_modules=["q_proj"])
     assert model.model.layers[0].mlp.down_proj is pre
+
+
+# -- on a GPU with bitsandbytes: the real 4-bit base ------------------------------------------------
+def _real_bnb() -> bool:
+    import importlib.util
+    return torch.cuda.is_available() and importlib.util.find_spec("bitsandbytes") is not None
+
+
+@pytest.mark.skipif(not _real_bnb(), reason="needs CUDA and bitsandbytes")
+def test_a_run_never_holds_the_full_precision_blocks_on_the_gpu(alpaca_file, tmp_path):
+    """The model loads on the CPU and each layer is quantized on its way to the GPU, so the GPU's
+    peak while building is the 4-bit model plus one layer, not the bf16 model."""
+    from helpers import run_config
+    from tunesmith.train import runner
+    data = run_config(alpaca_file, tmp_path, {"name": "qlora", "r": 4}, max_steps=2, lr=1e-3)
+    data["model"] = {"name_or_path": "random:llama", "device": "cuda",
+                     "random_overrides": {"hidden_size": 1024, "intermediate_size": 4096, "num_hidden_layers": 4,
+                                          "num_attention_heads": 8, "num_key_value_heads": 8}}
+    cfg = config_mod.load(data)
+    torch.cuda.empty_cache()
+    before = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    *_, model, method, _ = runner.build(cfg, "sft")
+    peak = torch.cuda.max_memory_allocated() - before
+    import bitsandbytes as bnb
+    q4 = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert len(q4) == 4 * 7 and all(p.is_cuda for p in model.parameters())
+    bf16_blocks = 4 * (4 * 1024 * 1024 + 3 * 1024 * 4096) * 2
+    assert peak < 0.5 * bf16_blocks, (peak, bf16_blocks)
+    del model, method
+    run_dir, metrics = tunesmith.train(data)                    # and it trains, 4-bit base on the GPU
+    losses = [json.loads(x)["loss"] for x in (run_dir / "metrics.jsonl").read_text().splitlines()
+              if json.loads(x)["split"] == "train"]
+    assert len(losses) == 2 and all(np.isfinite(losses))

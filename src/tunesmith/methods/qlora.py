@@ -62,21 +62,23 @@ def require_bitsandbytes(feature: str = "method qlora"):
     return bnb
 
 
-def check_device(model: nn.Module) -> None:
-    device = next(model.parameters()).device
+def check_device(device: torch.device) -> None:
     if device.type != "cuda":
         raise ConfigError(f"method qlora: the model is on {device}; 4-bit bases need model.device: cuda "
                           "(or auto), or use method.name: lora on this device")
 
 
-def quantize_linear(bnb, lin: nn.Linear, quant_type: str, double_quant: bool) -> nn.Module:
-    """``lin`` as a frozen bitsandbytes Linear4bit (the weight is quantized when it reaches CUDA)."""
+def quantize_linear(bnb, lin: nn.Linear, quant_type: str, double_quant: bool,
+                    device: torch.device | None = None) -> nn.Module:
+    """``lin`` as a frozen bitsandbytes Linear4bit on ``device`` (default: lin's); the weight is
+    quantized as it reaches CUDA, so a CPU layer never occupies the GPU in full precision."""
+    device = device or lin.weight.device
     q = bnb.nn.Linear4bit(lin.in_features, lin.out_features, lin.bias is not None, COMPUTE_DTYPE,
                           compress_statistics=double_quant, quant_type=quant_type, device="meta")
     w = lin.weight.data.to(COMPUTE_DTYPE)
-    q.weight = bnb.nn.Params4bit(w, requires_grad=False, **q.weight.__dict__).to(lin.weight.device)
+    q.weight = bnb.nn.Params4bit(w, requires_grad=False, **q.weight.__dict__).to(device)
     if lin.bias is not None:
-        q.bias = nn.Parameter(lin.bias.data.to(COMPUTE_DTYPE), requires_grad=False)
+        q.bias = nn.Parameter(lin.bias.data.to(device, COMPUTE_DTYPE), requires_grad=False)
     q.requires_grad_(False)
     q.source_dtype = lin.weight.dtype  # what merge() dequantizes back to
     return q
@@ -112,15 +114,20 @@ class Qlora(Lora):
     summary = "LoRA on a frozen 4-bit NF4 base with double quantization (Dettmers et al. 2023); needs CUDA."
     Config = QloraConfig
     invariant_cases = []  # 4-bit bases need CUDA; the GPU benchmark covers the numerics
+    stages_on_cpu = True  # a run loads on the CPU; apply() quantizes each layer on its way to the GPU
 
     def apply(self, model: nn.Module) -> nn.Module:
-        """Quantize every linear layer of the blocks (never the output head), then add LoRA."""
+        """Quantize every linear layer of the blocks (never the output head) onto ``self.device`` (default:
+        where the model is), move the rest of the model there, then add LoRA."""
         self.bnb = bnb = require_bitsandbytes()
-        check_device(model)
+        device = self.device or next(model.parameters()).device
+        check_device(device)
         for name in resolve_targets(model, "all-linear", field="method (qlora base quantization)"):
             lin = model.get_submodule(name)
             if not isinstance(lin, bnb.nn.Linear4bit):  # a model loaded in 4 bits is used as it is
-                replace_module(model, name, quantize_linear(bnb, lin, self.cfg.quant_type, self.cfg.double_quant))
+                replace_module(model, name, quantize_linear(bnb, lin, self.cfg.quant_type, self.cfg.double_quant,
+                                                            device))
+        model.to(device)
         if torch.cuda.is_available():
             torch.cuda.empty_cache()  # the full-precision weights just freed
         return super().apply(model)

@@ -167,11 +167,14 @@ def model_type_of(cfg: ModelConfig) -> str:
 
 
 def load_model(cfg: ModelConfig, *, task: str = "causal_lm", num_labels: int | None = None,
-               vocab_size: int | None = None, seed: int = 0):
-    """Load the model for ``task`` ("causal_lm" or "classification") on the resolved device/dtype."""
+               vocab_size: int | None = None, seed: int = 0, stage_on_cpu: bool = False):
+    """Load the model for ``task`` ("causal_lm" or "classification") on the resolved device/dtype
+    (``stage_on_cpu``: in the resolved dtype, but left on the CPU for the caller to place)."""
     import transformers as tf
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
+    if stage_on_cpu:
+        device = torch.device("cpu")
     src = resolve_path(cfg.name_or_path)
     kw: dict[str, Any] = {}
     if task == "classification":

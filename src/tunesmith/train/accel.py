@@ -1,5 +1,5 @@
 """The speed paths a run turns on from ``train.*``: Liger kernels, padding-free packing with
-document-masked attention, gradient checkpointing and compiled decoder layers.
+document-masked attention, (selective, offloaded) activation checkpointing and compiled decoder layers.
 
 Each is checked before the model is touched, so a run that cannot use one stops with an error naming
 the field, before any weights load. ``before_method`` runs on the loaded model (Liger patches the
@@ -15,6 +15,8 @@ from torch import nn
 from ..errors import ConfigError
 from ..kernels import attention, liger
 from ..kernels.compile import compile_decoder_layers
+from ..kernels.offload import ActivationOffload, offloading
+from ..models.targets import find_blocks
 
 CAUSAL = ("sft", "pt")
 
@@ -37,6 +39,18 @@ def check(tc, objective: str, method_cls, device: torch.device) -> None:
                               "sequence and cannot run on packed rows; set train.padding_free: false")
     elif tc.max_tokens_per_batch is not None:
         raise ConfigError("train.max_tokens_per_batch: only used with train.padding_free: true")
+    if not tc.gradient_checkpointing:
+        for field in ("checkpoint_layers", "offload_activations"):
+            if getattr(tc, field) not in (None, False):
+                raise ConfigError(f"train.{field}: applies to checkpointed layers; set train.gradient_checkpointing: "
+                                  f"true as well, or remove train.{field}")
+    if tc.offload_activations:
+        if device.type != "cuda":
+            raise ConfigError(f"train.offload_activations: moves saved activations from GPU to host memory, and the "
+                              f"model is on {device}; set train.offload_activations: false")
+        if tc.compile:
+            raise ConfigError("train.offload_activations: does not combine with train.compile (the offload hooks "
+                              "cannot run inside a compiled layer); set one of them to false")
     if tc.chunked_ce is True and objective not in CAUSAL:
         raise ConfigError(f"train.chunked_ce: applies to the causal LM objectives ({', '.join(CAUSAL)}), "
                           f"not {objective!r}; leave it at auto")
@@ -61,8 +75,45 @@ def before_method(model: nn.Module, tc) -> None:
         attention.enable(model)
 
 
+def enable_checkpointing(model: nn.Module, layers: int | None = None, offload: bool = False) -> list[bool]:
+    """Non-reentrant activation checkpointing of the model's transformer blocks.
+
+    ``layers``: how many blocks recompute in backward, spread evenly over the stack (None: all); the
+    others keep their activations, which costs memory and saves their recomputation. ``offload``:
+    the checkpointed blocks' inputs wait in pinned host memory (``kernels/offload.py``).
+    Returns which blocks are checkpointed."""
+    _, blocks = find_blocks(model)
+    n = len(blocks)
+    if layers is not None and not 1 <= layers <= n:
+        raise ConfigError(f"train.checkpoint_layers: {layers} is not between 1 and the {n} transformer blocks "
+                          f"of {type(model).__name__}; use null to checkpoint all of them")
+    k = n if layers is None else layers
+    chosen = [(i + 1) * k // n > i * k // n for i in range(n)]
+    per_block = layers is not None or offload
+    if per_block and not all(hasattr(b, "gradient_checkpointing") for b in blocks):
+        field = "train.offload_activations" if offload else "train.checkpoint_layers"
+        raise ConfigError(f"{field}: {type(blocks[0]).__name__} blocks are not checkpointed one by one in this "
+                          f"transformers version; remove {field} (plain gradient_checkpointing works)")
+    enable = getattr(model, "activation_checkpointing_enable", None)   # transformers >= 5.2x
+    if enable is not None:
+        enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if not per_block:
+        return chosen
+    off = None
+    if offload:
+        off = ActivationOffload()
+        model.register_forward_pre_hook(lambda *_: off.new_step())
+    for block, on in zip(blocks, chosen):
+        block.gradient_checkpointing = on
+        if off is not None:
+            block._gradient_checkpointing_func = offloading(block._gradient_checkpointing_func, off)
+    return chosen
+
+
 def after_method(model: nn.Module, tc) -> None:
     if tc.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_checkpointing(model, tc.checkpoint_layers, tc.offload_activations)
     if tc.compile:
         compile_decoder_layers(model)

@@ -72,16 +72,19 @@ def build(cfg: RunConfig, objective_name: str):
     objective = objectives.get(objective_name)
     objective.configure(cfg.train)
     method_cls = registry.get(cfg.method.name)
-    accel.check(cfg.train, objective_name, method_cls, resolve_device(cfg.model.device))
+    device = resolve_device(cfg.model.device)
+    accel.check(cfg.train, objective_name, method_cls, device)
     tokenizer = load_tokenizer(cfg.model)
     train_ds, val_ds, report = build_datasets(cfg.data, tokenizer, max_seq_len=cfg.train.max_seq_len,
                                               objective=objective.data_objective, seed=cfg.train.seed)
     model = load_model(cfg.model, task=objective.task, num_labels=report.num_labels,
-                       vocab_size=len(tokenizer), seed=cfg.train.seed)
+                       vocab_size=len(tokenizer), seed=cfg.train.seed,
+                       stage_on_cpu=method_cls.stages_on_cpu and device.type == "cuda")
     if objective.task == "classification":
         model.config.pad_token_id = pad_id_for(tokenizer)
     accel.before_method(model, cfg.train)
     method = method_cls(cfg.method)
+    method.device = device
     model = method.apply(model)
     registry.attach(model, method)
     if method.upcast_trainable:

@@ -1,0 +1,156 @@
+"""Activation checkpointing as ``train.*`` fields: selective (``checkpoint_layers``) and offloaded
+(``offload_activations``). Checkpointing changes where activations live, never the gradients."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import tunesmith
+from helpers import ids, run_config, tiny
+from tunesmith.config import ConfigError
+from tunesmith.kernels import offload as offload_mod
+from tunesmith.models.targets import find_blocks
+from tunesmith.train import accel
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+def _lora_model(layers: int = 4, **kw):
+    model = tunesmith.apply(tiny(num_hidden_layers=layers, **kw), "lora", r=4, target_modules="all-linear")
+    torch.manual_seed(1)
+    for n, p in model.named_parameters():
+        if "lora_B" in n:
+            p.data.normal_(0, 0.1)  # B = 0 at init would leave A's gradient zero
+    return model.train()
+
+
+def _grads(model, batch) -> dict[str, torch.Tensor]:
+    model.zero_grad(set_to_none=True)
+    model(input_ids=batch, labels=batch).loss.backward()
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def _count_block_runs(model) -> list[int]:
+    """Calls of each block's MLP (recomputation calls it again; the block's own hooks sit outside)."""
+    counts = [0] * len(find_blocks(model)[1])
+    for i, block in enumerate(find_blocks(model)[1]):
+        block.mlp.register_forward_pre_hook(lambda *_, i=i: counts.__setitem__(i, counts[i] + 1))
+    return counts
+
+
+def test_selective_checkpointing_recomputes_only_the_chosen_blocks():
+    batch = ids(2, 16)
+    ref = _grads(_lora_model(), batch)
+    model = _lora_model()
+    chosen = accel.enable_checkpointing(model, layers=2)
+    assert chosen == [False, True, False, True]           # spread evenly over the 4 blocks
+    counts = _count_block_runs(model)
+    got = _grads(model, batch)
+    assert counts == [1, 2, 1, 2]                          # only the chosen blocks ran twice
+    assert got.keys() == ref.keys()
+    for n in ref:
+        torch.testing.assert_close(got[n], ref[n], rtol=1e-6, atol=1e-7, msg=n)
+
+    full = _lora_model()
+    assert accel.enable_checkpointing(full) == [True] * 4
+    counts = _count_block_runs(full)
+    _grads(full, batch)
+    assert counts == [2, 2, 2, 2]
+
+
+def test_offload_hooks_see_exactly_the_checkpointed_blocks_inputs(monkeypatch):
+    """The offload hooks wrap only the checkpoint's own saves: one tensor per checkpointed block, its
+    input hidden states (not the rotary tables every block shares, not the block's internals)."""
+    seen = []
+
+    class Spy(offload_mod.ActivationOffload):
+        def eligible(self, t):  # the real rule without its CUDA check
+            return t.is_floating_point() and t.requires_grad and t.numel() * t.element_size() >= 1024
+
+        def pack(self, t):
+            if self.eligible(t):
+                seen.append(tuple(t.shape))
+            return t
+
+        def unpack(self, t):
+            return t
+
+    monkeypatch.setattr(accel, "ActivationOffload", Spy)
+    batch = ids(2, 16)
+    ref = _grads(_lora_model(), batch)
+    model = _lora_model()
+    accel.enable_checkpointing(model, layers=2, offload=True)
+    got = _grads(model, batch)
+    assert seen == [(2, 16, 64), (2, 16, 64)]              # blocks 1 and 3: their inputs, nothing else
+    for n in ref:
+        torch.testing.assert_close(got[n], ref[n], rtol=1e-6, atol=1e-7, msg=n)
+
+
+def _records(run_dir):
+    return [r for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if r["split"] == "train"]
+
+
+def test_checkpoint_layers_through_a_run(alpaca_file, tmp_path):
+    method = {"name": "lora", "r": 4}
+    plain, _ = tunesmith.train(run_config(alpaca_file, tmp_path / "a", method, max_steps=2))
+    part, _ = tunesmith.train(run_config(alpaca_file, tmp_path / "b", method, max_steps=2,
+                                         gradient_checkpointing=True, checkpoint_layers=1))
+    for x, y in zip(_records(part), _records(plain), strict=True):
+        assert abs(x["loss"] - y["loss"]) <= 1e-5 * abs(y["loss"])
+
+
+@pytest.mark.parametrize("train, message", [
+    ({"checkpoint_layers": 1}, "train.checkpoint_layers: applies to checkpointed layers"),
+    ({"offload_activations": True}, "train.offload_activations: applies to checkpointed layers"),
+    ({"gradient_checkpointing": True, "offload_activations": True}, "model is on cpu"),
+    ({"gradient_checkpointing": True, "checkpoint_layers": 3}, r"3 is not between 1 and the 2 transformer blocks"),
+    ({"gradient_checkpointing": True, "checkpoint_layers": 0}, "train.checkpoint_layers"),
+])
+def test_impossible_checkpointing_settings_are_refused(train, message, alpaca_file, tmp_path):
+    with pytest.raises(ConfigError, match=message):
+        tunesmith.train(run_config(alpaca_file, tmp_path, {"name": "lora"}, **train))
+    assert not (tmp_path / "run").exists()                 # nothing half-written
+
+
+# -- on a GPU: the real copies --------------------------------------------------------------------
+def _gpu_model():
+    return _lora_model(layers=4, hidden_size=256, intermediate_size=512).cuda()
+
+
+@cuda
+def test_offload_frees_the_block_inputs_and_keeps_the_gradients_bitwise():
+    """Against plain checkpointing and against torch's save_on_cpu (the reference placement)."""
+    batch = ids(4, 512).cuda()
+    ref_model = _gpu_model()
+    accel.enable_checkpointing(ref_model)
+    ref = _grads(ref_model, batch)
+
+    def after_forward(model) -> int:
+        model.zero_grad(set_to_none=True)
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        loss = model(input_ids=batch, labels=batch).loss
+        torch.cuda.synchronize()
+        held = torch.cuda.memory_allocated() - base
+        loss.backward()
+        return held
+
+    held_plain = after_forward(ref_model)
+    model = _gpu_model()
+    accel.enable_checkpointing(model, offload=True)
+    held_off = after_forward(model)
+    got = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+    for n in ref:
+        assert torch.equal(got[n], ref[n]), n
+    hidden = 4 * 512 * 256 * 4                               # one block input, fp32
+    assert held_plain - held_off >= 0.9 * 3 * hidden         # blocks 1-3 (block 0's input needs no grad)
+
+    save_on_cpu = _gpu_model()
+    accel.enable_checkpointing(save_on_cpu)
+    for block in find_blocks(save_on_cpu)[1]:
+        block._gradient_checkpointing_func = offload_mod.offloading(block._gradient_checkpointing_func, None)
+    theirs = _grads(save_on_cpu, batch)
+    for n in ref:
+        assert torch.equal(theirs[n], ref[n]), n
