@@ -42,7 +42,7 @@ def test_clear_error_without_bitsandbytes_or_cuda(monkeypatch):
         tunesmith.apply(tiny(), "qlora")
     msg = str(e.value)
     assert "bitsandbytes" in msg and "method.name: lora" in msg
-    assert ("CUDA" in msg) == (not torch.cuda.is_available())
+    assert ("a CUDA GPU" in msg) == (not torch.cuda.is_available())
 
 
 def test_clear_error_without_cuda(monkeypatch):
@@ -158,7 +158,7 @@ def _real_bnb() -> bool:
 @pytest.mark.skipif(not _real_bnb(), reason="needs CUDA and bitsandbytes")
 def test_a_run_never_holds_the_full_precision_blocks_on_the_gpu(alpaca_file, tmp_path):
     """The model loads on the CPU and each layer is quantized on its way to the GPU, so the GPU's
-    peak while building is the 4-bit model plus one layer, not the bf16 model."""
+    peak while building is the finished model plus about one bf16 layer, not plus the bf16 blocks."""
     from helpers import run_config
     from tunesmith.train import runner
     data = run_config(alpaca_file, tmp_path, {"name": "qlora", "r": 4}, max_steps=2, lr=1e-3)
@@ -171,11 +171,12 @@ def test_a_run_never_holds_the_full_precision_blocks_on_the_gpu(alpaca_file, tmp
     torch.cuda.reset_peak_memory_stats()
     *_, model, method, _ = runner.build(cfg, "sft")
     peak = torch.cuda.max_memory_allocated() - before
+    final = torch.cuda.memory_allocated() - before
     import bitsandbytes as bnb
     q4 = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
     assert len(q4) == 4 * 7 and all(p.is_cuda for p in model.parameters())
-    bf16_blocks = 4 * (4 * 1024 * 1024 + 3 * 1024 * 4096) * 2
-    assert peak < 0.5 * bf16_blocks, (peak, bf16_blocks)
+    bf16_blocks = 4 * (4 * 1024 * 1024 + 3 * 1024 * 4096) * 2     # 134 MB; a bf16 MLP weight is 8 MB
+    assert peak - final < 0.25 * bf16_blocks, (peak, final, bf16_blocks)
     del model, method
     run_dir, metrics = tunesmith.train(data)                    # and it trains, 4-bit base on the GPU
     losses = [json.loads(x)["loss"] for x in (run_dir / "metrics.jsonl").read_text().splitlines()

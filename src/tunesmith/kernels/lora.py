@@ -85,7 +85,8 @@ class _Link:
 def _delta_forward(ctx, x2, a, b, bias, scaling: float) -> torch.Tensor:
     """z = (s · x Aᵀ) Bᵀ (+ bias), saving x, the (N, r) product and A, B for backward.
     x2 (N, d_in); a (r, d_in); b (d_out, r); bias (d_out,) or None; all one dtype."""
-    u = torch.mm(x2, a.t()).mul_(scaling)                                     # (N, r)
+    u = torch.mm(x2, a.t()) * scaling                                         # (N, r), out of place:
+    # a compiled layer under selective checkpointing (kernels/compile.py) must hold no in-place op
     z = torch.mm(u, b.t()) if bias is None else torch.addmm(bias, u, b.t())  # (N, d_out)
     ctx.save_for_backward(x2, u, a, b)
     return z

@@ -54,6 +54,8 @@ class Method:
     invariant_cases: ClassVar[list[dict]] = [{}]
     #: Keep trainable weights in fp32 when the base model is bf16/fp16.
     upcast_trainable: ClassVar[bool] = True
+    #: Whether the method trains on padding-free packed rows (``train.padding_free``).
+    supports_packing: ClassVar[bool] = True
     #: Whether the model should load on the CPU, with ``apply`` placing it on ``self.device`` (QLoRA:
     #: the full-precision weights never occupy the GPU, each layer is quantized as it moves there).
     stages_on_cpu: ClassVar[bool] = False
