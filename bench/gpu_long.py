@@ -1,5 +1,7 @@
-"""Long context: the longest sequence at which 8B QLoRA (LoRA where tunesmith has no qlora yet)
-trains at batch 1 on this GPU, for HF+peft (long-hf) and tunesmith (long-ts, with Liger).
+"""Long context: the longest sequence at which 8B QLoRA trains at batch 1 in 80 GB of GPU memory, for
+HF+peft (long-hf), tunesmith (long-ts, with Liger) and tunesmith with the checkpointed layers' inputs
+offloaded to host memory (long-tsoff, train.offload_activations). On a larger GPU the process is
+capped at 80 GB (``set_per_process_memory_fraction``), so the answer is the same kind of number.
 
 Peak memory is linear in the sequence length once attention is flash/varlen and the loss is
 chunked, so the search measures one training step at three short lengths, fits the line through
@@ -39,17 +41,22 @@ def worker(group: str, cap: int, out: Path) -> None:
     from tunesmith.methods import registry
     side = group.split("-")[1]
     method = "qlora" if side == "hf" or "qlora" in registry.all_methods() else "lora"
-    if side == "ts":
+    if side.startswith("ts"):
         from liger_kernel.transformers import apply_liger_kernel_to_llama
         apply_liger_kernel_to_llama(fused_linear_cross_entropy=False)
+    total = torch.cuda.mem_get_info()[1]
+    card = 80 * 10**9  # an 80 GB card
+    if total > card:
+        torch.cuda.set_per_process_memory_fraction(card / total)
     model = G.build_model("8b")
     if side == "hf":
         model, loss_fn = G.setup_hf(model, method, True)
     else:
-        model, loss_fn = G.setup_tunesmith(model, method, True, liger=True)
+        model, loss_fn = G.setup_tunesmith(model, method, True, liger=True, offload=side == "tsoff")
     vocab = model.config.vocab_size
-    budget = torch.cuda.mem_get_info()[1] / 2**30 - 1.0
-    res = {"key": f"long-{side}", "impl": side, "method": method, "budget_gib": budget, "points": []}
+    budget = min(total, card) / 2**30 - 1.0
+    res = {"key": f"long-{side}", "impl": side, "method": method, "budget_gib": budget, "points": [],
+           "device": torch.cuda.get_device_name(0), "capped_to_80GB": total > card}
     try:
         for seq in (4096, 8192, 16384):
             peak, dt = _step(model, loss_fn, seq, vocab)

@@ -32,8 +32,8 @@ CONFIGS = {
     "8b-lora-b4": (("8b", "lora", 4, True, "random"), {"hf": "plain", "ts+liger": "liger", "ts+compile": "compile"}),
     "8b-dora-b2": (("8b", "dora", 2, True, "random"), {"hf": "plain", "ts+liger": "liger", "ts+compile": "compile"}),
     "8b-qlora-b2": (("8b", "qlora", 2, True, "random"), {"hf": "plain", "ts+liger": "liger", "ts+compile": "compile",
-                                                           "ts+liger+ck20": "liger", "ts+liger+ck16": "liger",
-                                                           "ts+liger+off+ck16": "liger", "ts+compile+ck20": "compile"}),
+                                                           "ts+liger+ck16": "liger", "ts+compile+ck16": "compile",
+                                                           "ts+compile+ck13": "compile"}),
     "1b-full-b4": (("1b", "full", 4, False, "random"), {"hf": "plain", "ts": "plain", "ts+compile": "compile",
                                                           "hf+liger": "liger", "ts+liger": "liger"}),
     "1b-lora-b4": (("1b", "lora", 4, False, "random"), {"hf": "plain", "ts": "plain", "ts+compile": "compile",
@@ -145,7 +145,7 @@ def main() -> None:
     ap.add_argument("--out", default="gpu_train.json")
     ap.add_argument("--only", default=None, help="comma-separated substrings of key/impl to run")
     ap.add_argument("--profile", default=None, help="key/impl to profile after timing")
-    ap.add_argument("--long", action="store_true", help="also run the long-context search")
+    ap.add_argument("--long", default="", help="long-context searches to run: long-hf,long-ts,long-tsoff")
     ap.add_argument("--long-cap", type=int, default=65536)
     ap.add_argument("--deadline", type=float, default=560, help="seconds; workers still running then are stopped")
     ap.add_argument("--worker", default=None)
@@ -167,7 +167,7 @@ def main() -> None:
     order = ["plain", "liger", "compile"]
     jobs = [(g, ["--runs", ",".join(groups[g])]) for g in order if g in groups]
     if args.long:
-        jobs += [("long-hf", []), ("long-ts", [])]
+        jobs += [(g, []) for g in args.long.split(",")]
     start = time.time()
     for group, extra in jobs:
         part = Path("/tmp") / f"gpu_train_part_{group}.json"

@@ -57,10 +57,12 @@ def _model(monkeypatch):
 
 
 def _step(model, batch):
-    saved = []
+    """Saved tensors as (shape, dtype, bytes), parameters left out (they cost no memory), and grads."""
+    saved, params = [], {p.data_ptr() for p in model.parameters()}
 
     def pack(t):
-        saved.append(tuple(t.shape))
+        if t.data_ptr() not in params:
+            saved.append((tuple(t.shape), t.dtype, t.numel() * t.element_size()))
         return t
     model.zero_grad(set_to_none=True)
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
@@ -69,8 +71,17 @@ def _step(model, batch):
     return saved, {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
+def _shapes(saved) -> set[tuple]:
+    return {(shape, dtype) for shape, dtype, _ in saved}
+
+
+def _bytes(saved) -> int:
+    return sum(n for *_, n in saved)
+
+
 def _weights(model) -> set[tuple]:
-    return {tuple(m.weight.shape) for m in model.modules() if isinstance(m, Fake4bit)}
+    """(shape, dtype) of the dequantized weights."""
+    return {(tuple(m.weight.shape), torch.float32) for m in model.modules() if isinstance(m, Fake4bit)}
 
 
 def test_compiled_quantized_blocks_recompute_the_dequantized_weights(monkeypatch):
@@ -82,12 +93,14 @@ def test_compiled_quantized_blocks_recompute_the_dequantized_weights(monkeypatch
         m.setattr(C, "_has_quantized_base", lambda layer: False)
         C.compile_decoder_layers(plain)
     saved_plain, ref = _step(plain, batch)
-    assert _weights(plain) & set(saved_plain)
+    assert _weights(plain) & _shapes(saved_plain)
 
     model = _model(monkeypatch)
     assert C.compile_decoder_layers(model) == 2
     saved, got = _step(model, batch)
-    assert saved and not _weights(model) & set(saved), _weights(model) & set(saved)
+    assert saved and not _weights(model) & _shapes(saved), _weights(model) & _shapes(saved)
+    weight_bytes = sum(m.weight.numel() * 4 for m in model.modules() if isinstance(m, Fake4bit))
+    assert _bytes(saved) <= _bytes(saved_plain) - weight_bytes     # and keeps no more of anything else
     for n in ref:
         torch.testing.assert_close(got[n], ref[n], rtol=1e-6, atol=1e-7, msg=n)   # the same graph's math
         assert rel_err(got[n], eager[n]) < 1e-3, n                                # and the eager block's

@@ -7,10 +7,11 @@ removes most kernel launches. Reference: the same layers uncompiled.
 
 Quantized bases (QLoRA): inside one graph the compiler would keep each dequantized weight from the
 forward for the backward (the dequantization is opaque to it, so it saves the output rather than
-recompute it): 0.4 GiB a layer at 8B, more than the layer's activations. A block that keeps its
-activations (not checkpointed) therefore runs under a selective-checkpoint policy that saves every
-op's output except the dequantization's, which backward recomputes from the 4-bit weight, as the
-eager fused op does.
+recompute it): 0.4 GiB a layer at 8B, close to the layer's activations. A block that keeps its
+activations (not checkpointed) therefore runs under a selective-checkpoint policy: the outputs of
+matrix products and attention are kept, the dequantized weights are recomputed from the 4-bit
+weight in backward (as the eager fused op does), and the compiler may recompute the elementwise
+rest (norms, SwiGLU) where that saves memory.
 """
 from __future__ import annotations
 
@@ -26,10 +27,21 @@ from ..models.targets import find_blocks
 DEQUANT_NAMESPACES = {"bitsandbytes"}
 
 
+_aten = torch.ops.aten
+#: Kept for backward in blocks that are not checkpointed: the expensive ops' outputs.
+SAVED_OPS = {_aten.mm.default, _aten.addmm.default, _aten.bmm.default}
+for _name in ("_scaled_dot_product_flash_attention", "_scaled_dot_product_cudnn_attention",
+              "_scaled_dot_product_efficient_attention", "_flash_attention_forward", "_efficient_attention_forward"):
+    if hasattr(_aten, _name):
+        SAVED_OPS.add(getattr(_aten, _name).default)
+
+
 def _policy(ctx, op, *args, **kwargs) -> CheckpointPolicy:
     if getattr(op, "namespace", None) in DEQUANT_NAMESPACES:
         return CheckpointPolicy.MUST_RECOMPUTE
-    return CheckpointPolicy.MUST_SAVE
+    if op in SAVED_OPS:
+        return CheckpointPolicy.MUST_SAVE
+    return CheckpointPolicy.PREFER_RECOMPUTE
 
 
 def _has_quantized_base(layer: nn.Module) -> bool:
