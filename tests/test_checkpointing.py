@@ -139,8 +139,21 @@ def test_offload_frees_the_block_inputs_and_keeps_the_gradients_bitwise():
 
     held_plain = after_forward(ref_model)
     model = _gpu_model()
-    accel.enable_checkpointing(model, offload=True)
-    held_off = after_forward(model)
+    made = []
+    real = accel.ActivationOffload
+
+    class Kept(real):
+        def __init__(self):
+            super().__init__()
+            made.append(self)
+    accel.ActivationOffload = Kept
+    try:
+        accel.enable_checkpointing(model, offload=True)
+    finally:
+        accel.ActivationOffload = real
+    after_forward(model)
+    held_off = after_forward(model)          # the second step reuses the first one's host buffers
+    assert made[0].pool.made == 3
     got = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
     for n in ref:
         assert torch.equal(got[n], ref[n]), n

@@ -24,12 +24,43 @@ import torch
 MIN_BYTES = 1 << 16  # smaller tensors stay where they are (not worth a copy)
 
 
-class _Entry:
-    __slots__ = ("host", "device", "copied", "gpu", "ready", "prev")
+class _HostPool:
+    """Pinned host buffers of exact sizes, reused from step to step. (torch's pinned allocator rounds
+    each block up to a power of two: 31 layer inputs of 2.5 GB would take 124 GB of host memory.)
+    Page-locked with cudaHostRegister once, when first made. A buffer goes back to the pool when its
+    entry dies; its last copy and the next one both run on the offload stream, so they stay ordered."""
 
-    def __init__(self, host, device, copied, prev):
-        self.host, self.device, self.copied, self.prev = host, device, copied, prev
+    def __init__(self):
+        self.free: dict[tuple, list[torch.Tensor]] = {}
+        self.made = 0
+
+    def take(self, shape, dtype) -> torch.Tensor:
+        stack = self.free.get((tuple(shape), dtype))
+        if stack:
+            return stack.pop()
+        self.made += 1
+        t = torch.empty(shape, dtype=dtype)
+        if t.numel():
+            err = torch.cuda.cudart().cudaHostRegister(t.data_ptr(), t.numel() * t.element_size(), 0)
+            if int(err) != 0:
+                raise RuntimeError(f"train.offload_activations: cannot page-lock {t.numel() * t.element_size()} "
+                                   f"bytes of host memory (CUDA error {int(err)}); set it to false")
+        return t
+
+    def give(self, t: torch.Tensor) -> None:
+        self.free.setdefault((tuple(t.shape), t.dtype), []).append(t)
+
+
+class _Entry:
+    __slots__ = ("host", "device", "copied", "gpu", "ready", "prev", "pool")
+
+    def __init__(self, host, device, copied, prev, pool):
+        self.host, self.device, self.copied, self.prev, self.pool = host, device, copied, prev, pool
         self.gpu = self.ready = None
+
+    def __del__(self):
+        if self.host is not None:
+            self.pool.give(self.host)
 
 
 class ActivationOffload:
@@ -42,6 +73,7 @@ class ActivationOffload:
         self.min_bytes = min_bytes
         self.streams: dict[torch.device, torch.cuda.Stream] = {}
         self.last: _Entry | None = None  # the entry packed last: backward meets it first
+        self.pool = _HostPool()
 
     def new_step(self) -> None:
         """Forget the packing order (called as each forward begins): older graphs still unpack, only
@@ -62,12 +94,12 @@ class ActivationOffload:
             return t
         stream = self._stream(t.device)
         stream.wait_stream(torch.cuda.current_stream(t.device))   # t is computed before it is copied
-        host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+        host = self.pool.take(t.shape, t.dtype)
         with torch.cuda.stream(stream):
             host.copy_(t, non_blocking=True)
             copied = stream.record_event()
         t.record_stream(stream)   # t's memory is not reused before the copy has read it
-        self.last = _Entry(host, t.device, copied, self.last)
+        self.last = _Entry(host, t.device, copied, self.last, self.pool)
         return self.last
 
     def _fetch(self, e: _Entry) -> None:
