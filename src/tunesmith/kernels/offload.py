@@ -28,7 +28,8 @@ class _HostPool:
     """Pinned host buffers of exact sizes, reused from step to step. (torch's pinned allocator rounds
     each block up to a power of two: 31 layer inputs of 2.5 GB would take 124 GB of host memory.)
     Page-locked with cudaHostRegister once, when first made. A buffer goes back to the pool when its
-    entry dies; its last copy and the next one both run on the offload stream, so they stay ordered."""
+    entry dies (the autograd graph that saved it is freed after backward); its last copy and the
+    buffer's next one both run on the offload stream, so they stay ordered."""
 
     def __init__(self):
         self.free: dict[tuple, list[torch.Tensor]] = {}
