@@ -2,6 +2,7 @@
 (``offload_activations``). Checkpointing changes where activations live, never the gradients."""
 from __future__ import annotations
 
+import gc
 import json
 
 import pytest
@@ -160,6 +161,12 @@ def test_offload_frees_the_block_inputs_and_keeps_the_gradients_bitwise():
         assert torch.equal(got[n], ref[n]), n
     hidden = 4 * 512 * 256 * 4                               # one block input, fp32
     assert held_plain - held_off >= 0.9 * 3 * hidden         # blocks 1-3 at least (block 0's input may need no grad)
+
+    ptr = made[0].pool.registered[0].data_ptr()
+    del model
+    made.clear()
+    gc.collect()                                         # the pool dies: its buffers are unregistered
+    assert int(torch.cuda.cudart().cudaHostUnregister(ptr)) != 0   # not registered any more
 
     save_on_cpu = _gpu_model()
     accel.enable_checkpointing(save_on_cpu)

@@ -17,11 +17,21 @@ gradients bit for bit (the tensors round-trip unchanged); tests/test_offload.py 
 from __future__ import annotations
 
 import contextlib
+import weakref
 from typing import Callable
 
 import torch
 
 MIN_BYTES = 1 << 16  # smaller tensors stay where they are (not worth a copy)
+
+
+def _unregister(buffers: list[torch.Tensor]) -> None:
+    for t in buffers:
+        try:
+            torch.cuda.cudart().cudaHostUnregister(t.data_ptr())
+        except Exception:  # noqa: BLE001 - at interpreter exit CUDA may already be gone
+            pass
+    buffers.clear()
 
 
 class _HostPool:
@@ -34,6 +44,10 @@ class _HostPool:
     def __init__(self):
         self.free: dict[tuple, list[torch.Tensor]] = {}
         self.made = 0
+        self.registered: list[torch.Tensor] = []
+        # unregistered when the pool dies, before the memory goes back to the host allocator (a later
+        # registration of the same addresses would otherwise fail with "resource already mapped")
+        weakref.finalize(self, _unregister, self.registered)
 
     def take(self, shape, dtype) -> torch.Tensor:
         stack = self.free.get((tuple(shape), dtype))
@@ -46,6 +60,7 @@ class _HostPool:
             if int(err) != 0:
                 raise RuntimeError(f"train.offload_activations: cannot page-lock {t.numel() * t.element_size()} "
                                    f"bytes of host memory (CUDA error {int(err)}); set it to false")
+            self.registered.append(t)
         return t
 
     def give(self, t: torch.Tensor) -> None:
