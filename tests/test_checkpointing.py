@@ -162,12 +162,6 @@ def test_offload_frees_the_block_inputs_and_keeps_the_gradients_bitwise():
     hidden = 4 * 512 * 256 * 4                               # one block input, fp32
     assert held_plain - held_off >= 0.9 * 3 * hidden         # blocks 1-3 at least (block 0's input may need no grad)
 
-    ptr = made[0].pool.registered[0].data_ptr()
-    del model
-    made.clear()
-    gc.collect()                                         # the pool dies: its buffers are unregistered
-    assert int(torch.cuda.cudart().cudaHostUnregister(ptr)) != 0   # not registered any more
-
     save_on_cpu = _gpu_model()
     accel.enable_checkpointing(save_on_cpu)
     for block in find_blocks(save_on_cpu)[1]:
@@ -175,3 +169,17 @@ def test_offload_frees_the_block_inputs_and_keeps_the_gradients_bitwise():
     theirs = _grads(save_on_cpu, batch)
     for n in ref:
         assert torch.equal(theirs[n], ref[n]), n
+
+
+@cuda
+def test_host_buffers_are_unregistered_when_their_pool_dies():
+    """Otherwise the host allocator hands the same addresses out again while CUDA still has them
+    page-locked, and the next registration there fails ("resource already mapped")."""
+    pool = offload_mod._HostPool()
+    t = pool.take((4096,), torch.float32)
+    assert t.is_pinned()                                                    # page-locked
+    pool.give(t)
+    assert pool.take((4096,), torch.float32) is t and pool.made == 1      # reused, not made again
+    del pool
+    gc.collect()
+    assert not t.is_pinned()                                                # unregistered with its pool
