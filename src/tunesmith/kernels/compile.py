@@ -49,7 +49,7 @@ def _has_quantized_base(layer: nn.Module) -> bool:
     return any(isinstance(frozen_weight(m), Dequantized) for m in layer.modules() if hasattr(m, "weight"))
 
 
-def _save_all_but_dequant(layer: nn.Module) -> None:
+def _recompute_dequantization(layer: nn.Module) -> None:
     forward = layer.forward
     context = functools.partial(create_selective_checkpoint_contexts, _policy)
 
@@ -67,6 +67,6 @@ def compile_decoder_layers(model: nn.Module) -> int:
     _, layers = find_blocks(model)
     for layer in layers:
         if _has_quantized_base(layer):
-            _save_all_but_dequant(layer)
+            _recompute_dequantization(layer)
         layer.compile()
     return len(layers)

@@ -12,7 +12,7 @@ back layer i's input also starts the copy of layer i-1's, one layer ahead of use
 
 Reference: ``torch.autograd.graph.save_on_cpu(pin_memory=True)`` places the same tensors in the
 same memory, but copies on the compute stream, so every copy stalls the step. Both give the same
-gradients bit for bit (the tensors round-trip unchanged); tests/test_offload.py checks that.
+gradients bit for bit (the tensors round-trip unchanged); tests/test_checkpointing.py checks that.
 """
 from __future__ import annotations
 
