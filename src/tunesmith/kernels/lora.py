@@ -23,7 +23,7 @@ as bitsandbytes' own matmul does, so the 4-bit base gets the same fusion and rec
 """
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -137,36 +137,56 @@ class _FrozenLinear(torch.autograd.Function):
         return gx, None, g, None
 
 
-class _LoraDeltaTraceable(torch.autograd.Function):
-    """``_LoraDelta`` without the shared link: what torch.compile traces into one graph per layer."""
+# -- the form torch.compile traces ---------------------------------------------------------------
+# Inside a compiled graph there is no shared link and no in-place update of an autograd input; the
+# layer is one autograd function whose two large products are opaque operators. Each allocates its
+# output once and accumulates the second product into it in place, where the compiler, given
+# ``addmm(z, x, W)``, would first copy z into a fresh buffer (one (N, d_out) copy per layer and step).
+
+@torch.library.custom_op("tunesmith::lora_output", mutates_args=())
+def lora_output(x2: torch.Tensor, w: torch.Tensor, u: torch.Tensor, b: torch.Tensor,
+                bias: Optional[torch.Tensor]) -> torch.Tensor:
+    """x W0ᵀ + u Bᵀ (+ bias): x2 (N, d_in), w (d_out, d_in), u (N, r), b (d_out, r) -> (N, d_out)."""
+    y = torch.mm(u, b.t()) if bias is None else torch.addmm(bias, u, b.t())
+    return y.addmm_(x2, w.t())
+
+
+@lora_output.register_fake
+def _(x2, w, u, b, bias):
+    return x2.new_empty((x2.shape[0], w.shape[0]))
+
+
+@torch.library.custom_op("tunesmith::lora_input_grad", mutates_args=())
+def lora_input_grad(g: torch.Tensor, w: torch.Tensor, gu: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+    """g W0 + gu A: g (N, d_out), w (d_out, d_in), gu (N, r), a (r, d_in) -> (N, d_in)."""
+    return torch.mm(gu, a).addmm_(g, w)
+
+
+@lora_input_grad.register_fake
+def _(g, w, gu, a):
+    return g.new_empty((g.shape[0], w.shape[1]))
+
+
+class _LoraLinearTraceable(torch.autograd.Function):
+    """The fused layer as one node for torch.compile. Saves x and u = s · x Aᵀ; W0 (or its 4-bit
+    handle) is referenced on ``ctx``. In a checkpointed compiled block the compiler's partitioner
+    recomputes only what backward reads, so the last projection's product is skipped there too."""
 
     @staticmethod
-    def forward(ctx, x2, a, b, bias, scaling: float):
-        ctx.scaling = scaling
-        return _delta_forward(ctx, x2, a, b, bias, scaling)
+    def forward(ctx, x2, a, b, bias, weight, scaling: float):
+        ctx.weight, ctx.scaling = weight, scaling
+        u = torch.mm(x2, a.t()) * scaling                                     # (N, r)
+        ctx.save_for_backward(x2, u, a, b)
+        return lora_output(x2, _materialize(weight, x2.dtype), u, b, bias)   # (N, d_out)
 
     @staticmethod
     def backward(ctx, g):
         x2, u, a, b = ctx.saved_tensors
-        gu = torch.mm(g, b).mul_(ctx.scaling)                         # (N, r)
+        gu = torch.mm(g, b) * ctx.scaling                                     # (N, r)
         ga = torch.mm(gu.t(), x2) if ctx.needs_input_grad[1] else None
         gb = torch.mm(g.t(), u) if ctx.needs_input_grad[2] else None
-        gx = torch.mm(gu, a) if ctx.needs_input_grad[0] else None
-        return gx, ga, gb, None, None
-
-
-class _FrozenLinearTraceable(torch.autograd.Function):
-    """``_FrozenLinear`` out of place (the compiler removes the copy and fuses the gradient sum)."""
-
-    @staticmethod
-    def forward(ctx, x2, weight, z):
-        ctx.weight = weight
-        return torch.addmm(z, x2, _materialize(weight, x2.dtype).t())
-
-    @staticmethod
-    def backward(ctx, g):
-        gx = torch.mm(g, _materialize(ctx.weight, g.dtype)) if ctx.needs_input_grad[0] else None
-        return gx, None, g
+        gx = lora_input_grad(g, _materialize(ctx.weight, g.dtype), gu, a) if ctx.needs_input_grad[0] else None
+        return gx, ga, gb, None, None, None
 
 
 def compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -199,8 +219,7 @@ def lora_linear(x: torch.Tensor, weight, bias: torch.Tensor | None,
     a, b = a.to(dt), b.to(dt)
     with torch.autocast(x.device.type, enabled=False):
         if torch.compiler.is_compiling():  # no Python side effects inside a compiled graph
-            z = _LoraDeltaTraceable.apply(x2, a, b, bb, float(scaling))
-            y = _FrozenLinearTraceable.apply(x2, w, z)
+            y = _LoraLinearTraceable.apply(x2, a, b, bb, w, float(scaling))
         else:
             link = _Link(a, b, float(scaling))
             z = _LoraDelta.apply(x2, a, b, bb, link)

@@ -1,0 +1,75 @@
+"""Checkpointed blocks under torch.compile (kernels/compile.py): the checkpoint runs inside the compiled
+graph, so backward recomputes only what it reads. Each LoRA projection's output product is the opaque
+``tunesmith::lora_output`` operator; counted with the profiler, a checkpointed block runs all 7 in
+forward and 6 in backward (the down projection's output feeds nothing in backward), the block keeps
+only its inputs, and the gradients are those of the eager checkpointed model."""
+from __future__ import annotations
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from helpers import ids
+from test_checkpointing import _grads, _lora_model
+from tunesmith.kernels import compile as C
+from tunesmith.models.targets import find_blocks
+from tunesmith.train import accel
+
+OP = "tunesmith::lora_output"
+
+
+def _op_calls(fn) -> int:
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        fn()
+    return sum(e.count for e in prof.key_averages() if e.key == OP)
+
+
+def _saved_shapes(model, batch) -> list[tuple]:
+    params = {p.data_ptr() for p in model.parameters()}
+    saved = []
+
+    def pack(t):
+        if t.data_ptr() not in params:
+            saved.append(tuple(t.shape))
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        loss = model(input_ids=batch, labels=batch).loss
+    return saved, loss
+
+
+def test_compiled_checkpointed_blocks_recompute_only_what_backward_reads():
+    batch = ids(2, 24)
+    eager = _lora_model(layers=2)
+    accel.enable_checkpointing(eager)
+    ref = _grads(eager, batch)
+
+    model = _lora_model(layers=2)
+    accel.enable_checkpointing(model)
+    assert C.compile_decoder_layers(model) == 2
+    assert not any(b.gradient_checkpointing for b in find_blocks(model)[1])  # not wrapped a second time
+    _grads(model, batch)                                                     # compiles
+    model.zero_grad(set_to_none=True)
+
+    out = {}
+    assert _op_calls(lambda: out.update(loss=model(input_ids=batch, labels=batch).loss)) == 7 * 2
+    assert _op_calls(lambda: out["loss"].backward()) == 6 * 2
+    got = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+    assert got.keys() == ref.keys()
+    for n in ref:
+        torch.testing.assert_close(got[n], ref[n], rtol=1e-4, atol=1e-6, msg=n)
+
+    cfg = model.config
+    saved, _ = _saved_shapes(model, batch)
+    widths = {s[-1] for s in saved if len(s) >= 2 and s[0] * (s[1] if len(s) == 3 else 1) == batch.numel()}
+    assert cfg.intermediate_size not in widths and 4 not in widths, widths   # no MLP activation, no x·Aᵀ
+
+
+def test_blocks_left_unchecked_keep_their_activations_under_compile():
+    batch = ids(2, 24)
+    model = _lora_model(layers=2)
+    accel.enable_checkpointing(model, layers=1)                             # block 1 checkpointed, 0 not
+    C.compile_decoder_layers(model)
+    _grads(model, batch)
+    model.zero_grad(set_to_none=True)
+    out = {}
+    assert _op_calls(lambda: out.update(loss=model(input_ids=batch, labels=batch).loss)) == 7 * 2
+    assert _op_calls(lambda: out["loss"].backward()) == 6                    # only the checkpointed block
