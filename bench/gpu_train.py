@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 # sac (compiled blocks that are not checkpointed keep only matmul/attention outputs)
 CONFIGS = {
     "8b-lora-b2": (("8b", "lora", 2, True, "random"), {"hf": "plain", "ts": "plain", "ts+compile": "compile",
-                                                         "ts+compile+ck30": "compile", "ts+compile+ck30+sac": "compile",
+                                                         "ts+compile+ck31": "compile", "ts+compile+ck30+sac": "compile",
                                                          "hf+liger": "liger", "ts+liger": "liger",
                                                          "ts+liger+off+ck29": "liger"}),
     "8b-lora-b4": (("8b", "lora", 4, True, "random"), {"hf": "plain", "ts+liger": "liger", "ts+compile": "compile"}),

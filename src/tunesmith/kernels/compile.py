@@ -50,6 +50,11 @@ def _policy(ctx, op, *args, **kwargs) -> CheckpointPolicy:
     return CheckpointPolicy.PREFER_RECOMPUTE
 
 
+def _recompute_all(ctx, op, *args, **kwargs) -> CheckpointPolicy:
+    # spelled out: some torch versions keep opaque operators' outputs under a plain checkpoint
+    return CheckpointPolicy.MUST_RECOMPUTE
+
+
 def _has_quantized_base(layer: nn.Module) -> bool:
     return any(isinstance(frozen_weight(m), Dequantized) for m in layer.modules() if hasattr(m, "weight"))
 
@@ -61,9 +66,8 @@ def _checkpoint_inside(layer: nn.Module, checkpointed: bool) -> None:
     forward = layer.forward
     if checkpointed:
         layer.gradient_checkpointing = False
-        kwargs_fn = {}
-    else:
-        kwargs_fn = {"context_fn": functools.partial(create_selective_checkpoint_contexts, _policy)}
+    policy = _recompute_all if checkpointed else _policy
+    kwargs_fn = {"context_fn": functools.partial(create_selective_checkpoint_contexts, policy)}
 
     @functools.wraps(forward)
     def run(*args, **kwargs):
@@ -80,6 +84,9 @@ def compile_decoder_layers(model: nn.Module, keep_products_only: bool = False) -
     and attention for backward (``_policy``) even over a float base; by default only 4-bit bases do."""
     _, layers = find_blocks(model)
     for layer in layers:
+        for module in layer.modules():  # caches filled outside the graph (a side effect inside it breaks it)
+            if hasattr(module, "before_compile"):
+                module.before_compile()
         if getattr(layer, "gradient_checkpointing", False):
             _checkpoint_inside(layer, checkpointed=True)
         elif keep_products_only or _has_quantized_base(layer):

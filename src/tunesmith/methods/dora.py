@@ -61,10 +61,16 @@ class DoraLinear(LoraLinear):
         weight = frozen_weight(base)  # None: a base layer without a fused path
         if weight is not None and type(self.lora_dropout) is nn.Identity:  # fused, see kernels/dora.py
             if self._weight_sq is None:
-                self._weight_sq = weight_sq_norm(weight)  # ||W0||² per row: W0 is frozen
+                self.before_compile()
             return dora_linear(x, weight, base.bias, self.lora_A.weight, self.lora_B.weight,
                                self.lora_magnitude_vector, self.scaling, self._weight_sq)
         return self.forward_reference(x)
+
+    def before_compile(self) -> None:
+        """Fill the ||W0||² cache of the fused path (W0 is frozen) before a compiled graph reads it."""
+        weight = frozen_weight(self.base_layer)
+        if weight is not None and not self.merged:
+            self._weight_sq = weight_sq_norm(weight)
 
     def forward_reference(self, x: torch.Tensor) -> torch.Tensor:
         """peft's formulation: base(x) + (m/n - 1)·W0 x' + (m/n)·s·B A x', x' = dropout(x)."""
