@@ -40,7 +40,9 @@ class Fake4bit(nn.Linear):
 
 
 def _model(monkeypatch):
-    monkeypatch.setitem(K._GETTERS, Fake4bit, lambda m: K.Dequantized(m.weight, _dequantize, torch.float32))
+    detect = K._detect  # found by class at each call, as bitsandbytes' Linear4bit is
+    monkeypatch.setattr(K, "_detect", lambda cls: (lambda m: K.Dequantized(m.weight, _dequantize, torch.float32))
+                        if cls is Fake4bit else detect(cls))
     monkeypatch.setattr(C, "DEQUANT_NAMESPACES", {"tunesmith_test"})
     model = tiny(num_hidden_layers=2)
     for block in find_blocks(model)[1]:
@@ -104,3 +106,26 @@ def test_compiled_quantized_blocks_recompute_the_dequantized_weights(monkeypatch
     for n in ref:
         torch.testing.assert_close(got[n], ref[n], rtol=1e-6, atol=1e-7, msg=n)   # the same graph's math
         assert rel_err(got[n], eager[n]) < 1e-3, n                                # and the eager block's
+
+
+def test_checkpointed_quantized_blocks_compile_whole(monkeypatch):
+    """Every block checkpointed inside its compiled graph: one graph per block (finding the 4-bit
+    weight's handle must not write anything while traced), and the eager checkpointed gradients."""
+    import torch._dynamo.utils as dynamo_utils
+    from tunesmith.train import accel
+    batch = ids(3, 16)
+    eager = _model(monkeypatch)
+    accel.enable_checkpointing(eager)
+    _, ref = _step(eager, batch)
+    torch._dynamo.reset()
+    dynamo_utils.counters.clear()
+    monkeypatch.delitem(K._GETTERS, Fake4bit, raising=False)  # nothing cached from the eager run
+    model = _model(monkeypatch)
+    accel.enable_checkpointing(model)
+    C.compile_decoder_layers(model)
+    _step(model, batch)
+    saved, got = _step(model, batch)
+    assert not dynamo_utils.counters["graph_break"], dict(dynamo_utils.counters["graph_break"])
+    assert not _weights(model) & _shapes(saved)
+    for n in ref:
+        assert rel_err(got[n], ref[n]) < 1e-4, n

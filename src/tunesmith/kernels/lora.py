@@ -53,13 +53,17 @@ def _bnb_4bit(module) -> Dequantized | None:
 _GETTERS: dict[type, Callable | None] = {nn.Linear: lambda m: m.weight}
 
 
+def _detect(cls: type) -> Callable | None:
+    """The getter for a layer class not in ``_GETTERS``: bitsandbytes' 4-bit layer, else none."""
+    return _bnb_4bit if cls.__name__ == "Linear4bit" and cls.__module__.startswith("bitsandbytes") else None
+
+
 def frozen_weight(base: nn.Module):
     """The weight handle the fused op takes for ``base`` (a tensor, a ``Dequantized``), or None when
-    the base layer has no fused path. The class check runs once per layer class."""
+    the base layer has no fused path. Reads only: called inside compiled, checkpointed blocks, where
+    a side effect (filling a cache) would break the graph."""
     cls = type(base)
-    if cls not in _GETTERS:
-        _GETTERS[cls] = _bnb_4bit if cls.__name__ == "Linear4bit" and cls.__module__.startswith("bitsandbytes") else None
-    getter = _GETTERS[cls]
+    getter = _GETTERS[cls] if cls in _GETTERS else _detect(cls)
     return None if getter is None else getter(base)
 
 
