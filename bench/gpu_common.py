@@ -118,7 +118,7 @@ def patch_fused_dora() -> None:
 
 def setup_tunesmith(model, method: str, gc_on: bool, *, liger: bool = False, packed: bool = False,
                     compile_layers: bool = False, fused_dora: bool = False, ckpt_layers: int | None = None,
-                    offload: bool = False, keep_products_only: bool = False):
+                    offload: bool = False):
     import tunesmith
     from tunesmith.methods import registry
     from tunesmith.train.objectives.causal_lm import CausalLM
@@ -141,7 +141,7 @@ def setup_tunesmith(model, method: str, gc_on: bool, *, liger: bool = False, pac
         patch_fused_dora()
     if compile_layers:
         from tunesmith.kernels.compile import compile_decoder_layers
-        compile_decoder_layers(model, keep_products_only=keep_products_only)
+        compile_decoder_layers(model)
     objective = CausalLM()
 
     def loss_fn(m, batch):

@@ -19,8 +19,8 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 
 def _lora_model(layers: int = 4, method: str = "lora", options: dict | None = None, **kw):
-    model = tunesmith.apply(tiny(num_hidden_layers=layers, **kw), method, r=4, target_modules="all-linear",
-                            **(options or {}))
+    opts = {} if method == "full" else {"r": 4, "target_modules": "all-linear"}
+    model = tunesmith.apply(tiny(num_hidden_layers=layers, **kw), method, **opts, **(options or {}))
     torch.manual_seed(1)
     for n, p in model.named_parameters():
         if "lora_B" in n:

@@ -92,7 +92,7 @@ def test_compiled_quantized_blocks_recompute_the_dequantized_weights(monkeypatch
 
     plain = _model(monkeypatch)   # compiled without the policy: the compiler keeps the weights
     with monkeypatch.context() as m:
-        m.setattr(C, "_has_quantized_base", lambda layer: False)
+        m.setattr(C, "_checkpoint_inside", lambda layer, checkpointed: None)
         C.compile_decoder_layers(plain)
     saved_plain, ref = _step(plain, batch)
     assert _weights(plain) & _shapes(saved_plain)
