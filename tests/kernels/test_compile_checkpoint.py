@@ -18,10 +18,10 @@ from tunesmith.train import accel
 OP = "tunesmith::lora_output"
 
 
-def _op_calls(fn) -> int:
+def _op_calls(fn, op: str = OP) -> int:
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         fn()
-    return sum(e.count for e in prof.key_averages() if e.key == OP)
+    return sum(e.count for e in prof.key_averages() if e.key == op)
 
 
 def _saved_shapes(model, batch) -> list[tuple]:
@@ -131,3 +131,18 @@ def test_blocks_that_keep_activations_keep_only_products_under_compile():
     assert (2 * 24, model.config.intermediate_size) in saved                # the MLP products are kept
     for n in ref:
         torch.testing.assert_close(got[n], ref[n], rtol=1e-4, atol=1e-6, msg=n)
+
+
+def test_dora_row_norms_are_kept_not_recomputed_in_checkpointed_blocks():
+    """DoRA's row norms read the whole frozen weight; a checkpointed compiled block keeps the (d_out,)
+    result, so backward does not compute them again."""
+    batch = ids(2, 24)
+    model = _lora_model(layers=2, method="dora")
+    accel.enable_checkpointing(model)
+    C.compile_decoder_layers(model)
+    _grads(model, batch)
+    model.zero_grad(set_to_none=True)
+    out = {}
+    norm_calls = lambda fn: _op_calls(fn, "tunesmith::dora_row_norm")  # noqa: E731
+    assert norm_calls(lambda: out.update(loss=model(input_ids=batch, labels=batch).loss)) == 7 * 2
+    assert norm_calls(lambda: out["loss"].backward()) == 0

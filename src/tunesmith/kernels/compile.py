@@ -27,6 +27,7 @@ from torch import nn
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
 from ..models.targets import find_blocks
+from .dora import row_norm
 from .lora import lora_output
 
 #: Operator namespaces whose outputs are dequantized weights (recomputed, never saved).
@@ -36,6 +37,9 @@ DEQUANT_NAMESPACES = {"bitsandbytes"}
 _aten = torch.ops.aten
 #: Kept for backward in blocks that are not checkpointed: the expensive ops' outputs.
 SAVED_OPS = {_aten.mm.default, _aten.addmm.default, _aten.bmm.default, lora_output._opoverload}
+#: Kept in every block: outputs of a weight's size or less that are expensive to recompute (DoRA's
+#: row norms read the whole frozen weight).
+SMALL_OPS = {row_norm._opoverload}
 for _name in ("_scaled_dot_product_flash_attention", "_scaled_dot_product_cudnn_attention",
               "_scaled_dot_product_efficient_attention", "_flash_attention_forward", "_efficient_attention_forward"):
     if hasattr(_aten, _name):
@@ -43,6 +47,8 @@ for _name in ("_scaled_dot_product_flash_attention", "_scaled_dot_product_cudnn_
 
 
 def _policy(ctx, op, *args, **kwargs) -> CheckpointPolicy:
+    if op in SMALL_OPS:
+        return CheckpointPolicy.MUST_SAVE
     if getattr(op, "namespace", None) in DEQUANT_NAMESPACES:
         return CheckpointPolicy.MUST_RECOMPUTE
     if op in SAVED_OPS:
@@ -52,7 +58,7 @@ def _policy(ctx, op, *args, **kwargs) -> CheckpointPolicy:
 
 def _recompute_all(ctx, op, *args, **kwargs) -> CheckpointPolicy:
     # spelled out: some torch versions keep opaque operators' outputs under a plain checkpoint
-    return CheckpointPolicy.MUST_RECOMPUTE
+    return CheckpointPolicy.MUST_SAVE if op in SMALL_OPS else CheckpointPolicy.MUST_RECOMPUTE
 
 
 def _checkpoint_inside(layer: nn.Module, checkpointed: bool) -> None:

@@ -11,6 +11,8 @@ through one elementwise scale. Reference: ``dora_linear_reference`` (the dense f
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.nn.functional as F
 
@@ -30,8 +32,15 @@ def weight_sq_norm(weight) -> torch.Tensor:
 @torch.no_grad()
 def dora_norm(weight, a: torch.Tensor, b: torch.Tensor, scaling: float,
               weight_sq: torch.Tensor | None = None) -> torch.Tensor:
-    """||W0 + s·B A|| per output row (fp32, no gradient), shape (d_out,)."""
-    w = _dense(weight)
+    """||W0 + s·B A|| per output row (fp32, no gradient), shape (d_out,). One opaque operator, so that a
+    compiled, checkpointed block can keep this (d_out,) vector instead of reading W0 again to
+    recompute it (kernels/compile.py)."""
+    return row_norm(_dense(weight), a, b, float(scaling), weight_sq)
+
+
+@torch.library.custom_op("tunesmith::dora_row_norm", mutates_args=())
+def row_norm(w: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scaling: float,
+             weight_sq: Optional[torch.Tensor]) -> torch.Tensor:
     acc = torch.promote_types(w.dtype, torch.float32)
     wa = torch.mm(w, a.t().to(w.dtype)).to(acc)                   # (d_out, r)
     af, bf = a.to(acc), b.to(acc)
@@ -39,6 +48,11 @@ def dora_norm(weight, a: torch.Tensor, b: torch.Tensor, scaling: float,
     cross = (bf * wa).sum(1)                                       # (d_out,)
     ba2 = (torch.mm(bf, torch.mm(af, af.t())) * bf).sum(1)         # (d_out,) = B_i (A Aᵀ) B_iᵀ
     return (w2 + 2 * scaling * cross + scaling * scaling * ba2).clamp_min(0).sqrt()
+
+
+@row_norm.register_fake
+def _(w, a, b, scaling, weight_sq):
+    return w.new_empty((w.shape[0],), dtype=torch.promote_types(w.dtype, torch.float32))
 
 
 def dora_linear(x: torch.Tensor, weight, bias: torch.Tensor | None, a: torch.Tensor, b: torch.Tensor,
