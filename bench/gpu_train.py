@@ -33,7 +33,7 @@ CONFIGS = {
     "8b-lora-b4": (("8b", "lora", 4, True, "random"), {"hf": "plain", "ts+liger": "liger", "ts+compile": "compile"}),
     "8b-dora-b2": (("8b", "dora", 2, True, "random"), {"hf": "plain", "ts+liger": "liger", "ts+compile": "compile"}),
     "8b-qlora-b2": (("8b", "qlora", 2, True, "random"), {"hf": "plain", "ts+liger": "liger", "ts+compile": "compile",
-                                                           "ts+compile+ck13": "compile"}),
+                                                           "ts+compile+ck13": "compile", "ts+compile+ck10": "compile"}),
     "1b-full-b4": (("1b", "full", 4, False, "random"), {"hf": "plain", "ts": "plain", "ts+compile": "compile",
                                                           "hf+liger": "liger", "ts+liger": "liger"}),
     "1b-lora-b4": (("1b", "lora", 4, False, "random"), {"hf": "plain", "ts": "plain", "ts+compile": "compile",
