@@ -41,13 +41,13 @@ def dora_norm(weight, a: torch.Tensor, b: torch.Tensor, scaling: float,
 @torch.library.custom_op("tunesmith::dora_row_norm", mutates_args=())
 def row_norm(w: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scaling: float,
              weight_sq: Optional[torch.Tensor]) -> torch.Tensor:
+    # few kernels (it runs once per projection and step): ||W0_i||² + Σ_k B_ik (2s (W0 Aᵀ) + s² B A Aᵀ)_ik
     acc = torch.promote_types(w.dtype, torch.float32)
-    wa = torch.mm(w, a.t().to(w.dtype)).to(acc)                   # (d_out, r)
     af, bf = a.to(acc), b.to(acc)
+    wa = torch.mm(w, a.t().to(w.dtype)).to(acc)                                        # (d_out, r)
+    m = torch.addmm(wa, bf, torch.mm(af, af.t()), beta=2 * scaling, alpha=scaling * scaling)  # (d_out, r)
     w2 = weight_sq_norm(w) if weight_sq is None else weight_sq
-    cross = (bf * wa).sum(1)                                       # (d_out,)
-    ba2 = (torch.mm(bf, torch.mm(af, af.t())) * bf).sum(1)         # (d_out,) = B_i (A Aᵀ) B_iᵀ
-    return (w2 + 2 * scaling * cross + scaling * scaling * ba2).clamp_min(0).sqrt()
+    return torch.linalg.vecdot(bf, m).add_(w2).clamp_min_(0).sqrt_()
 
 
 @row_norm.register_fake
