@@ -27,7 +27,7 @@ from torch import nn
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
 from ..models.targets import find_blocks
-from .dora import row_norm
+from .dora import kept
 from .lora import lora_output
 
 #: Operator namespaces whose outputs are dequantized weights (recomputed, never saved).
@@ -37,9 +37,9 @@ DEQUANT_NAMESPACES = {"bitsandbytes"}
 _aten = torch.ops.aten
 #: Kept for backward in blocks that are not checkpointed: the expensive ops' outputs.
 SAVED_OPS = {_aten.mm.default, _aten.addmm.default, _aten.bmm.default, lora_output._opoverload}
-#: Kept in every block: outputs of a weight's size or less that are expensive to recompute (DoRA's
-#: row norms read the whole frozen weight).
-SMALL_OPS = {row_norm._opoverload}
+#: Kept in every block: small results that are expensive to recompute, marked with ``kept`` (DoRA's
+#: row norms, which read the whole frozen weight).
+SMALL_OPS = {kept._opoverload}
 for _name in ("_scaled_dot_product_flash_attention", "_scaled_dot_product_cudnn_attention",
               "_scaled_dot_product_efficient_attention", "_flash_attention_forward", "_efficient_attention_forward"):
     if hasattr(_aten, _name):

@@ -11,8 +11,6 @@ through one elementwise scale. Reference: ``dora_linear_reference`` (the dense f
 """
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 import torch.nn.functional as F
 
@@ -32,27 +30,29 @@ def weight_sq_norm(weight) -> torch.Tensor:
 @torch.no_grad()
 def dora_norm(weight, a: torch.Tensor, b: torch.Tensor, scaling: float,
               weight_sq: torch.Tensor | None = None) -> torch.Tensor:
-    """||W0 + s·B A|| per output row (fp32, no gradient), shape (d_out,). One opaque operator, so that a
-    compiled, checkpointed block can keep this (d_out,) vector instead of reading W0 again to
-    recompute it (kernels/compile.py)."""
-    return row_norm(_dense(weight), a, b, float(scaling), weight_sq)
-
-
-@torch.library.custom_op("tunesmith::dora_row_norm", mutates_args=())
-def row_norm(w: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scaling: float,
-             weight_sq: Optional[torch.Tensor]) -> torch.Tensor:
-    # few kernels (it runs once per projection and step): ||W0_i||² + Σ_k B_ik (2s (W0 Aᵀ) + s² B A Aᵀ)_ik
+    """||W0 + s·B A|| per output row (fp32, no gradient), shape (d_out,):
+    ||W0_i||² + Σ_k B_ik (2s (W0 Aᵀ) + s² B A Aᵀ)_ik, in few kernels (once per projection and step)."""
+    w = _dense(weight)
     acc = torch.promote_types(w.dtype, torch.float32)
     af, bf = a.to(acc), b.to(acc)
     wa = torch.mm(w, a.t().to(w.dtype)).to(acc)                                        # (d_out, r)
     m = torch.addmm(wa, bf, torch.mm(af, af.t()), beta=2 * scaling, alpha=scaling * scaling)  # (d_out, r)
     w2 = weight_sq_norm(w) if weight_sq is None else weight_sq
-    return torch.linalg.vecdot(bf, m).add_(w2).clamp_min_(0).sqrt_()
+    norm = (torch.linalg.vecdot(bf, m) + w2).clamp_min(0).sqrt()
+    # compiled, the (d_out,) result is marked so that a checkpointed block keeps it instead of reading
+    # W0 again to recompute it in backward (kernels/compile.py, SMALL_OPS)
+    return kept(norm) if torch.compiler.is_compiling() else norm
 
 
-@row_norm.register_fake
-def _(w, a, b, scaling, weight_sq):
-    return w.new_empty((w.shape[0],), dtype=torch.promote_types(w.dtype, torch.float32))
+@torch.library.custom_op("tunesmith::kept", mutates_args=())
+def kept(t: torch.Tensor) -> torch.Tensor:
+    """Identity (a copy): marks a small result that compiled checkpointed blocks keep for backward."""
+    return t.clone()
+
+
+@kept.register_fake
+def _(t):
+    return torch.empty_like(t)
 
 
 def dora_linear(x: torch.Tensor, weight, bias: torch.Tensor | None, a: torch.Tensor, b: torch.Tensor,
