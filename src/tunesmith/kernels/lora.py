@@ -17,6 +17,10 @@ a checkpointed block (the MLP's down projection), 27% of a Llama layer's recompu
 Only the no-dropout path is fused (dropout p = 0 is what LoRA recipes use on large models); with
 dropout, or with a trainable bias, ``lora_linear`` computes the reference.
 
+Under torch.compile the layer takes a traceable form (``_LoraLinearTraceable``): one node whose two
+large products are opaque operators accumulating in place, and whose recomputation the compiler's
+partitioner trims inside a checkpointed block (kernels/compile.py).
+
 The frozen weight may also be a 4-bit bitsandbytes weight (QLoRA): ``frozen_weight(base)`` returns a
 ``Dequantized`` handle that the base node dequantizes to bf16 in forward and again in backward,
 as bitsandbytes' own matmul does, so the 4-bit base gets the same fusion and recompute saving.
@@ -86,21 +90,16 @@ class _Link:
         self.a, self.b, self.scaling, self.gu = a, b, scaling, None
 
 
-def _delta_forward(ctx, x2, a, b, bias, scaling: float) -> torch.Tensor:
-    """z = (s · x Aᵀ) Bᵀ (+ bias), saving x, the (N, r) product and A, B for backward.
-    x2 (N, d_in); a (r, d_in); b (d_out, r); bias (d_out,) or None; all one dtype."""
-    u = torch.mm(x2, a.t()) * scaling                                         # (N, r), out of place:
-    # a compiled layer under selective checkpointing (kernels/compile.py) must hold no in-place op
-    z = torch.mm(u, b.t()) if bias is None else torch.addmm(bias, u, b.t())  # (N, d_out)
-    ctx.save_for_backward(x2, u, a, b)
-    return z
-
-
 class _LoraDelta(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x2, a, b, bias, link: _Link):
+        """z = (s · x Aᵀ) Bᵀ (+ bias), saving x, the (N, r) product and A, B for backward.
+        x2 (N, d_in); a (r, d_in); b (d_out, r); bias (d_out,) or None; all one dtype."""
         ctx.link = link
-        return _delta_forward(ctx, x2, a, b, bias, link.scaling)
+        u = torch.mm(x2, a.t()) * link.scaling                                   # (N, r)
+        z = torch.mm(u, b.t()) if bias is None else torch.addmm(bias, u, b.t())  # (N, d_out)
+        ctx.save_for_backward(x2, u, a, b)
+        return z
 
     @staticmethod
     def backward(ctx, g):
