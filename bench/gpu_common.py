@@ -121,6 +121,7 @@ def setup_tunesmith(model, method: str, gc_on: bool, *, liger: bool = False, pac
                     offload: bool = False):
     import tunesmith
     from tunesmith.methods import registry
+    from tunesmith.config import TrainConfig
     from tunesmith.train.objectives.causal_lm import CausalLM
     if liger:
         from tunesmith.kernels import liger as liger_mod
@@ -143,6 +144,7 @@ def setup_tunesmith(model, method: str, gc_on: bool, *, liger: bool = False, pac
         from tunesmith.kernels.compile import compile_decoder_layers
         compile_decoder_layers(model)
     objective = CausalLM()
+    objective.configure(TrainConfig(compile=compile_layers))  # train.compile also compiles the loss's chunks
 
     def loss_fn(m, batch):
         return objective.lm_loss(m, batch) / max(1, objective.count(batch))

@@ -5,6 +5,8 @@ import pytest
 import torch
 
 from helpers import ids, rel_err, tiny
+from tunesmith.config import TrainConfig
+from tunesmith.kernels import cross_entropy as CE
 from tunesmith.kernels.cross_entropy import linear_cross_entropy, linear_cross_entropy_reference
 from tunesmith.train.objectives.causal_lm import ChunkedLoss, LogitsLoss, CausalLM, next_token_labels
 
@@ -36,6 +38,36 @@ def test_matches_reference_float64(bias, chunk_elements):
     ref = _grads(linear_cross_entropy_reference, *case)
     for a, b in zip(got, ref):
         assert rel_err(a, b) < 1e-10
+
+
+@pytest.mark.parametrize("bias", [False, True])   # a trained bias keeps the eager chunk loop
+def test_compiled_chunks_match_reference_float64(bias, monkeypatch):
+    calls = []
+    compiled = CE._compiled_chunk()
+    monkeypatch.setattr(CE, "_compiled_chunk", lambda: lambda *a: calls.append(1) or compiled(*a))
+    case = _case(bias=bias)
+    got = _grads(linear_cross_entropy, *case, chunk_elements=50 * 5, compiled=True)  # ragged last chunk
+    ref = _grads(linear_cross_entropy_reference, *case)
+    for a, b in zip(got, ref):
+        assert rel_err(a, b) < 1e-10
+    assert len(calls) == (0 if bias else 6)   # 26 labelled rows in chunks of 5
+
+
+def test_train_compile_compiles_the_chunked_loss():
+    objective = CausalLM()
+    objective.configure(TrainConfig(chunked_ce=True, compile=True))
+    assert isinstance(objective.lm_loss, ChunkedLoss) and objective.lm_loss.compiled
+    objective.configure(TrainConfig(chunked_ce=True))
+    assert not objective.lm_loss.compiled
+
+
+def test_compiled_chunks_write_the_gradient_in_the_head_dtype_under_autocast():
+    h, w, b, labels = _case(torch.float32)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = _grads(linear_cross_entropy, h, w, b, labels, chunk_elements=500, compiled=True)
+        eager = _grads(linear_cross_entropy, h, w, b, labels, chunk_elements=500)
+    for a, r in zip(got, eager):
+        assert a.dtype == r.dtype and rel_err(a.float(), r.float()) < 1e-2
 
 
 def test_bf16_autocast_close_to_fp64():

@@ -7,6 +7,11 @@ it trains) of the head weight, as in Liger's fused linear cross-entropy (Hsu et 
 written in plain PyTorch. Rows whose label is ignored (prompt tokens in SFT) are dropped before the
 head, so they cost no head FLOPs at all.
 
+With ``compiled=True`` (``train.compile``) the per-chunk softmax, loss and logit gradient are one
+torch.compile'd function: the compiler fuses them into a reduction and one pass that writes the
+gradient in the head's dtype, where the eager form makes an fp32 copy of the chunk and passes over
+it five more times (about 10 ms of an 8B step at 4096 tokens).
+
 Reference: ``linear_cross_entropy_reference`` (the head's full logits, then ``F.cross_entropy``).
 """
 from __future__ import annotations
@@ -27,9 +32,30 @@ def linear_cross_entropy_reference(hidden: torch.Tensor, weight: torch.Tensor, l
     return F.cross_entropy(logits, labels, ignore_index=IGNORE, reduction="sum")
 
 
+def chunk_loss_and_grad(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed CE of a chunk's rows (fp32) and d loss / d logits in the logits' dtype; logits (c, V),
+    labels (c,) all valid. Written to be compiled (``_compiled_chunk``)."""
+    lf = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    lse = torch.logsumexp(lf, dim=-1)                                              # (c,)
+    loss = (lse - lf.gather(1, labels[:, None]).squeeze(1)).sum()
+    grad = torch.exp(lf - lse[:, None])                                            # softmax, (c, V)
+    grad = grad.scatter_add(1, labels[:, None], grad.new_full((labels.shape[0], 1), -1.0))
+    return loss, grad.to(logits.dtype)
+
+
+_compiled = None
+
+
+def _compiled_chunk():
+    global _compiled
+    if _compiled is None:
+        _compiled = torch.compile(chunk_loss_and_grad, dynamic=True)
+    return _compiled
+
+
 class _LinearCE(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, h, w, bias, labels, chunk: int):
+    def forward(ctx, h, w, bias, labels, chunk: int, compiled: bool = False):
         # h (N, d) only rows with a label; w (V, d); bias (V,) or None; labels (N,) all valid
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         gh = torch.empty_like(h) if need_h else None
@@ -37,8 +63,17 @@ class _LinearCE(torch.autograd.Function):
         acc = torch.promote_types(h.dtype, torch.float32)              # fp32, or fp64 for fp64 inputs
         gb = torch.zeros_like(bias, dtype=acc) if need_b else None
         loss = torch.zeros((), dtype=acc, device=h.device)
+        fused = compiled and gb is None and (gh is not None or gw is not None)
         for s in range(0, h.shape[0], chunk):
             hc, lc = h[s:s + chunk], labels[s:s + chunk]              # (c, d), (c,)
+            if fused:
+                part, grad = _compiled_chunk()(F.linear(hc, w, bias), lc)  # fp32 sum, (c, V) in h's dtype
+                loss += part
+                if gh is not None:
+                    torch.mm(grad, w, out=gh[s:s + chunk])
+                if gw is not None:
+                    gw.addmm_(grad.t(), hc)
+                continue
             logits = F.linear(hc, w, bias).to(acc)                    # (c, V)
             lse = torch.logsumexp(logits, dim=-1)                     # (c,)
             loss += (lse - logits.gather(1, lc[:, None]).squeeze(1)).sum()
@@ -60,14 +95,17 @@ class _LinearCE(torch.autograd.Function):
     def backward(ctx, g):
         gh, gw, gb = ctx.saved_tensors
         scale = lambda t: None if t is None else t * g.to(t.dtype)  # noqa: E731
-        return scale(gh), scale(gw), scale(gb), None, None
+        return scale(gh), scale(gw), scale(gb), None, None, None
 
 
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
-                         bias: torch.Tensor | None = None, chunk_elements: int | None = None) -> torch.Tensor:
+                         bias: torch.Tensor | None = None, chunk_elements: int | None = None,
+                         compiled: bool = False) -> torch.Tensor:
     """Fused, chunked ``linear_cross_entropy_reference``: same value and gradients (to rounding).
 
     Computes the head in autocast's dtype when autocast is on, else in ``hidden``'s dtype.
+    ``compiled``: the per-chunk loss and gradient run as one compiled function (a trained bias
+    keeps the eager form).
     """
     dt = torch.get_autocast_dtype(hidden.device.type) if torch.is_autocast_enabled(hidden.device.type) else hidden.dtype
     keep = (labels != IGNORE).nonzero().squeeze(1)                    # (n,)
@@ -79,4 +117,5 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: tor
         chunk_elements = CHUNK_ELEMENTS_TRAINED if weight.requires_grad else CHUNK_ELEMENTS
     chunk = max(1, chunk_elements // weight.shape[0])
     with torch.autocast(hidden.device.type, enabled=False):
-        return _LinearCE.apply(hidden.to(dt), weight.to(dt), None if bias is None else bias.to(dt), labels, chunk)
+        return _LinearCE.apply(hidden.to(dt), weight.to(dt), None if bias is None else bias.to(dt), labels, chunk,
+                               compiled)

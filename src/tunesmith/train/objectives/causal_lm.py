@@ -61,7 +61,11 @@ class LogitsLoss:
 
 
 class ChunkedLoss:
-    """Hidden states from the decoder, then the chunked linear cross-entropy over the head."""
+    """Hidden states from the decoder, then the chunked linear cross-entropy over the head
+    (``compiled``: its per-chunk softmax and gradient compiled, with ``train.compile``)."""
+
+    def __init__(self, compiled: bool = False):
+        self.compiled = compiled
 
     def __call__(self, model: nn.Module, batch: dict) -> torch.Tensor:
         head = plain_head(model)
@@ -69,7 +73,7 @@ class ChunkedLoss:
             return LogitsLoss()(model, batch)
         hidden = model.get_decoder()(**model_inputs(batch)).last_hidden_state  # (B, T, d)
         return linear_cross_entropy(hidden.reshape(-1, hidden.shape[-1]), head.weight,
-                                    next_token_labels(batch["labels"]), head.bias)
+                                    next_token_labels(batch["labels"]), head.bias, compiled=self.compiled)
 
 
 def default_chunked() -> bool:
@@ -86,6 +90,8 @@ class CausalLM(Objective):
     def configure(self, train_cfg) -> None:
         if train_cfg.chunked_ce != "auto":
             self.lm_loss = ChunkedLoss() if train_cfg.chunked_ce else LogitsLoss()
+        if isinstance(self.lm_loss, ChunkedLoss):
+            self.lm_loss.compiled = bool(train_cfg.compile)
 
     def count(self, batch):
         return int((batch["labels"][:, 1:] != -100).sum())
