@@ -53,8 +53,9 @@ class TrainConfig(BaseModel):
                             "auto = on CUDA only.")
     liger: bool = Field(False, description="Patch liger-kernel's Triton RMSNorm, SwiGLU and RoPE into the model "
                                            "(CUDA; `pip install liger-kernel`).")
-    compile: bool = Field(False, description="torch.compile each decoder layer (one graph a layer; the first "
-                                             "steps include compile time).")
+    compile: bool = Field(False, description="torch.compile each decoder layer (one graph a layer) and the "
+                                             "chunked loss's per-chunk softmax; the first steps include "
+                                             "compile time.")
     padding_free: bool = Field(False, description="Pack whole examples end to end into one row per micro-batch, "
                                                   "with document-masked attention and no pad tokens (sft, pt).")
     max_tokens_per_batch: int | None = Field(
