@@ -118,7 +118,7 @@ def patch_fused_dora() -> None:
 
 def setup_tunesmith(model, method: str, gc_on: bool, *, liger: bool = False, packed: bool = False,
                     compile_layers: bool = False, fused_dora: bool = False, ckpt_layers: int | None = None,
-                    offload: bool = False):
+                    offload: bool = False, compile_mode: str | None = None):
     import tunesmith
     from tunesmith.methods import registry
     from tunesmith.config import TrainConfig
@@ -142,7 +142,7 @@ def setup_tunesmith(model, method: str, gc_on: bool, *, liger: bool = False, pac
         patch_fused_dora()
     if compile_layers:
         from tunesmith.kernels.compile import compile_decoder_layers
-        compile_decoder_layers(model)
+        compile_decoder_layers(model, mode=compile_mode)
     objective = CausalLM()
     objective.configure(TrainConfig(compile=compile_layers))  # train.compile also compiles the loss's chunks
 

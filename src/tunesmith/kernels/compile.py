@@ -85,13 +85,14 @@ def _checkpoint_inside(layer: nn.Module, checkpointed: bool) -> None:
     layer.forward = run
 
 
-def compile_decoder_layers(model: nn.Module) -> int:
-    """Compile every transformer block of a transformers model in place; returns how many."""
+def compile_decoder_layers(model: nn.Module, mode: str | None = None) -> int:
+    """Compile every transformer block of a transformers model in place; returns how many.
+    ``mode``: torch.compile's mode (None: the default)."""
     _, layers = find_blocks(model)
     for layer in layers:
         for module in layer.modules():  # caches filled outside the graph (a side effect inside it breaks it)
             if hasattr(module, "before_compile"):
                 module.before_compile()
         _checkpoint_inside(layer, checkpointed=getattr(layer, "gradient_checkpointing", False))
-        layer.compile()
+        layer.compile(mode=mode)
     return len(layers)
