@@ -69,21 +69,17 @@ class _LinearCE(torch.autograd.Function):
             if fused:
                 part, grad = _compiled_chunk()(F.linear(hc, w, bias), lc)  # fp32 sum, (c, V) in h's dtype
                 loss += part
-                if gh is not None:
-                    torch.mm(grad, w, out=gh[s:s + chunk])
-                if gw is not None:
-                    gw.addmm_(grad.t(), hc)
-                continue
-            logits = F.linear(hc, w, bias).to(acc)                    # (c, V)
-            lse = torch.logsumexp(logits, dim=-1)                     # (c,)
-            loss += (lse - logits.gather(1, lc[:, None]).squeeze(1)).sum()
-            if gh is None and gw is None and gb is None:
-                continue
-            grad = logits.sub_(lse[:, None]).exp_()                   # softmax, in place
-            grad[torch.arange(lc.shape[0], device=lc.device), lc] -= 1.0  # d loss / d logits
-            if gb is not None:
-                gb += grad.sum(0)
-            grad = grad.to(h.dtype)                                   # (c, V)
+            else:
+                logits = F.linear(hc, w, bias).to(acc)                # (c, V)
+                lse = torch.logsumexp(logits, dim=-1)                 # (c,)
+                loss += (lse - logits.gather(1, lc[:, None]).squeeze(1)).sum()
+                if gh is None and gw is None and gb is None:
+                    continue
+                grad = logits.sub_(lse[:, None]).exp_()               # softmax, in place
+                grad[torch.arange(lc.shape[0], device=lc.device), lc] -= 1.0  # d loss / d logits
+                if gb is not None:
+                    gb += grad.sum(0)
+                grad = grad.to(h.dtype)                               # (c, V)
             if gh is not None:
                 torch.mm(grad, w, out=gh[s:s + chunk])                # (c, d)
             if gw is not None:
