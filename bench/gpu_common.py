@@ -116,9 +116,16 @@ def patch_fused_dora() -> None:
     DoraLinear.forward = forward
 
 
+def inductor_options(flags) -> dict | None:
+    """torch.compile options of the bench flags: cg (CUDA graphs, what mode="reduce-overhead" sets),
+    combo (independent small kernels, such as the casts of the adapter weights, fused into one)."""
+    opts = {"triton.cudagraphs": "cg" in flags, "combo_kernels": "combo" in flags}
+    return opts if any(opts.values()) else None
+
+
 def setup_tunesmith(model, method: str, gc_on: bool, *, liger: bool = False, packed: bool = False,
                     compile_layers: bool = False, fused_dora: bool = False, ckpt_layers: int | None = None,
-                    offload: bool = False, compile_mode: str | None = None):
+                    offload: bool = False, compile_flags: frozenset = frozenset()):
     import tunesmith
     from tunesmith.methods import registry
     from tunesmith.config import TrainConfig
@@ -142,7 +149,7 @@ def setup_tunesmith(model, method: str, gc_on: bool, *, liger: bool = False, pac
         patch_fused_dora()
     if compile_layers:
         from tunesmith.kernels.compile import compile_decoder_layers
-        compile_decoder_layers(model, mode=compile_mode)
+        compile_decoder_layers(model, options=inductor_options(compile_flags))
     objective = CausalLM()
     objective.configure(TrainConfig(compile=compile_layers))  # train.compile also compiles the loss's chunks
 

@@ -25,15 +25,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 # key: (arch, method, batch, gradient checkpointing, data); sides: impl -> worker group. Flags after the
 # side: liger, compile, kdora (fused DoRA), ckN (checkpoint only N blocks), off (offload block inputs),
-# cg (compiled with CUDA graphs: torch.compile's reduce-overhead mode)
+# cg (compiled with CUDA graphs: torch.compile's reduce-overhead mode), combo (inductor's combo kernels)
 CONFIGS = {
     "8b-lora-b2": (("8b", "lora", 2, True, "random"), {"hf": "plain", "ts": "plain", "ts+compile": "compile",
                                                          "ts+compile+ck31": "compile", "ts+compile+cg": "compile",
+                                                         "ts+compile+combo": "compile",
                                                          "hf+liger": "liger", "ts+liger": "liger",
                                                          "ts+liger+off+ck29": "liger"}),
     "8b-lora-b4": (("8b", "lora", 4, True, "random"), {"hf": "plain", "ts+liger": "liger", "ts+compile": "compile"}),
     "8b-dora-b2": (("8b", "dora", 2, True, "random"), {"hf": "plain", "ts+liger": "liger", "ts+compile": "compile",
-                                                         "ts+compile+cg": "compile"}),
+                                                         "ts+compile+cg": "compile", "ts+compile+combo": "compile"}),
     "8b-qlora-b2": (("8b", "qlora", 2, True, "random"), {"hf": "plain", "ts+liger": "liger", "ts+compile": "compile",
                                                            "ts+compile+ck13": "compile", "ts+compile+ck10": "compile"}),
     "1b-full-b4": (("1b", "full", 4, False, "random"), {"hf": "plain", "ts": "plain", "ts+compile": "compile",
@@ -75,7 +76,7 @@ def run_one(key: str, impl: str, profile: bool, outdir: Path) -> dict:
         model, loss_fn = G.setup_tunesmith(model, method, gc_on, liger="liger" in flags, packed=(data == "packed"),
                                            compile_layers="compile" in flags, fused_dora="kdora" in flags,
                                            ckpt_layers=ck[0] if ck else None, offload="off" in flags,
-                                           compile_mode="reduce-overhead" if "cg" in flags else None)
+                                           compile_flags=frozenset(flags))
     if data == "random":
         batches = G.random_batches(vocab, batch, SEQ)
     else:

@@ -36,10 +36,10 @@ DEQUANT_NAMESPACES = {"bitsandbytes"}
 
 _aten = torch.ops.aten
 #: Kept for backward in blocks that are not checkpointed: the expensive ops' outputs.
-SAVED_OPS = {_aten.mm.default, _aten.addmm.default, _aten.bmm.default, lora_output._opoverload}
+SAVED_OPS = {_aten.mm.default, _aten.addmm.default, _aten.bmm.default, lora_output}
 #: Kept in every block: small results that are expensive to recompute, marked with ``kept`` (DoRA's
 #: row norms, which read the whole frozen weight).
-SMALL_OPS = {kept._opoverload}
+SMALL_OPS = {kept}
 for _name in ("_scaled_dot_product_flash_attention", "_scaled_dot_product_cudnn_attention",
               "_scaled_dot_product_efficient_attention", "_flash_attention_forward", "_efficient_attention_forward"):
     if hasattr(_aten, _name):
@@ -85,14 +85,14 @@ def _checkpoint_inside(layer: nn.Module, checkpointed: bool) -> None:
     layer.forward = run
 
 
-def compile_decoder_layers(model: nn.Module, mode: str | None = None) -> int:
+def compile_decoder_layers(model: nn.Module, mode: str | None = None, options: dict | None = None) -> int:
     """Compile every transformer block of a transformers model in place; returns how many.
-    ``mode``: torch.compile's mode (None: the default)."""
+    ``mode``: torch.compile's mode (None: the default); ``options``: inductor options instead."""
     _, layers = find_blocks(model)
     for layer in layers:
         for module in layer.modules():  # caches filled outside the graph (a side effect inside it breaks it)
             if hasattr(module, "before_compile"):
                 module.before_compile()
         _checkpoint_inside(layer, checkpointed=getattr(layer, "gradient_checkpointing", False))
-        layer.compile(mode=mode)
+        layer.compile(mode=mode) if options is None else layer.compile(options=options)
     return len(layers)

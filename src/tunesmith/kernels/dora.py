@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from .lora import Dequantized, lora_linear
+from .ops import define
 
 
 def _dense(weight) -> torch.Tensor:
@@ -44,15 +45,8 @@ def dora_norm(weight, a: torch.Tensor, b: torch.Tensor, scaling: float,
     return kept(norm) if torch.compiler.is_compiling() else norm
 
 
-@torch.library.custom_op("tunesmith::kept", mutates_args=())
-def kept(t: torch.Tensor) -> torch.Tensor:
-    """Identity (a copy): marks a small result that compiled checkpointed blocks keep for backward."""
-    return t.clone()
-
-
-@kept.register_fake
-def _(t):
-    return torch.empty_like(t)
+#: Identity (a copy): marks a small result that compiled checkpointed blocks keep for backward.
+kept = define("kept(Tensor t) -> Tensor", lambda t: t.clone(), lambda t: torch.empty_like(t))
 
 
 def dora_linear(x: torch.Tensor, weight, bias: torch.Tensor | None, a: torch.Tensor, b: torch.Tensor,

@@ -27,11 +27,13 @@ as bitsandbytes' own matmul does, so the 4-bit base gets the same fusion and rec
 """
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .ops import define
 
 
 class Dequantized:
@@ -146,28 +148,21 @@ class _FrozenLinear(torch.autograd.Function):
 # output once and accumulates the second product into it in place, where the compiler, given
 # ``addmm(z, x, W)``, would first copy z into a fresh buffer (one (N, d_out) copy per layer and step).
 
-@torch.library.custom_op("tunesmith::lora_output", mutates_args=())
-def lora_output(x2: torch.Tensor, w: torch.Tensor, u: torch.Tensor, b: torch.Tensor,
-                bias: Optional[torch.Tensor]) -> torch.Tensor:
+def _lora_output(x2, w, u, b, bias):
     """x W0ᵀ + u Bᵀ (+ bias): x2 (N, d_in), w (d_out, d_in), u (N, r), b (d_out, r) -> (N, d_out)."""
     y = torch.mm(u, b.t()) if bias is None else torch.addmm(bias, u, b.t())
     return y.addmm_(x2, w.t())
 
 
-@lora_output.register_fake
-def _(x2, w, u, b, bias):
-    return x2.new_empty((x2.shape[0], w.shape[0]))
-
-
-@torch.library.custom_op("tunesmith::lora_input_grad", mutates_args=())
-def lora_input_grad(g: torch.Tensor, w: torch.Tensor, gu: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+def _lora_input_grad(g, w, gu, a):
     """g W0 + gu A: g (N, d_out), w (d_out, d_in), gu (N, r), a (r, d_in) -> (N, d_in)."""
     return torch.mm(gu, a).addmm_(g, w)
 
 
-@lora_input_grad.register_fake
-def _(g, w, gu, a):
-    return g.new_empty((g.shape[0], w.shape[1]))
+lora_output = define("lora_output(Tensor x2, Tensor w, Tensor u, Tensor b, Tensor? bias) -> Tensor", _lora_output,
+                     lambda x2, w, u, b, bias: x2.new_empty((x2.shape[0], w.shape[0])))
+lora_input_grad = define("lora_input_grad(Tensor g, Tensor w, Tensor gu, Tensor a) -> Tensor", _lora_input_grad,
+                         lambda g, w, gu, a: g.new_empty((g.shape[0], w.shape[1])))
 
 
 class _LoraLinearTraceable(torch.autograd.Function):
