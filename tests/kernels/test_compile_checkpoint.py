@@ -143,6 +143,31 @@ def test_dora_row_norms_are_kept_not_recomputed_in_checkpointed_blocks():
     _grads(model, batch)
     model.zero_grad(set_to_none=True)
     out = {}
-    norm_calls = lambda fn: _op_calls(fn, "tunesmith::kept")  # noqa: E731  (each norm passes it once)
-    assert norm_calls(lambda: out.update(loss=model(input_ids=batch, labels=batch).loss)) == 7 * 2
-    assert norm_calls(lambda: out["loss"].backward()) == 0
+    kept_calls = lambda fn: _op_calls(fn, "tunesmith::kept")  # noqa: E731  (each norm passes it once,
+    # and so does the output of each block's last projection, see the test below)
+    assert kept_calls(lambda: out.update(loss=model(input_ids=batch, labels=batch).loss)) == (7 + 1) * 2
+    assert kept_calls(lambda: out["loss"].backward()) == 0
+
+
+def test_dora_keeps_the_last_projections_output_instead_of_recomputing_it():
+    """DoRA's magnitude gradient reads each projection's linear output. In a checkpointed compiled
+    block the last projection (the down projection) keeps it, so backward recomputes 6 products, as
+    for LoRA, not 7; the gradients stay those of eager checkpointing."""
+    batch = ids(2, 24)
+    eager = _lora_model(layers=2, method="dora")
+    accel.enable_checkpointing(eager)
+    ref = _grads(eager, batch)
+
+    model = _lora_model(layers=2, method="dora")
+    accel.enable_checkpointing(model)
+    C.compile_decoder_layers(model)
+    assert [n for n, m in model.named_modules() if getattr(m, "keep_output", False)] == [
+        f"model.layers.{i}.mlp.down_proj" for i in range(2)]
+    _grads(model, batch)
+    model.zero_grad(set_to_none=True)
+    out = {}
+    assert _op_calls(lambda: out.update(loss=model(input_ids=batch, labels=batch).loss)) == 7 * 2
+    assert _op_calls(lambda: out["loss"].backward()) == 6 * 2
+    got = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+    for n in ref:
+        torch.testing.assert_close(got[n], ref[n], rtol=1e-4, atol=1e-6, msg=n)

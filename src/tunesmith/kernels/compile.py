@@ -17,6 +17,9 @@ What each compiled block keeps for backward is set by a selective-checkpoint pol
   outside, the checkpoint would rerun the block's whole compiled forward in backward, while inside
   it the partitioner recomputes only what backward reads. The last projection's product feeds
   nothing in backward and is not recomputed (27% of a Llama block's recomputed GEMM FLOPs).
+  Where that projection's backward does read its output (DoRA's magnitude gradient), the block's last
+  adapted projection (in module order; a Llama block's down projection) is asked to keep it
+  (``keep_output``): at 8B and 4,096 tokens a step, 32 MiB a block instead of a 0.65 ms GEMM.
 """
 from __future__ import annotations
 
@@ -93,6 +96,10 @@ def compile_decoder_layers(model: nn.Module, mode: str | None = None, options: d
         for module in layer.modules():  # caches filled outside the graph (a side effect inside it breaks it)
             if hasattr(module, "before_compile"):
                 module.before_compile()
-        _checkpoint_inside(layer, checkpointed=getattr(layer, "gradient_checkpointing", False))
+        checkpointed = getattr(layer, "gradient_checkpointing", False)
+        last = [m for m in layer.modules() if hasattr(m, "keep_output")]
+        if checkpointed and last:
+            last[-1].keep_output = True
+        _checkpoint_inside(layer, checkpointed)
         layer.compile(mode=mode) if options is None else layer.compile(options=options)
     return len(layers)

@@ -45,15 +45,24 @@ def dora_norm(weight, a: torch.Tensor, b: torch.Tensor, scaling: float,
     return kept(norm) if torch.compiler.is_compiling() else norm
 
 
-#: Identity (a copy): marks a small result that compiled checkpointed blocks keep for backward.
-kept = define("kept(Tensor t) -> Tensor", lambda t: t.clone(), lambda t: torch.empty_like(t))
+#: Identity (a copy, gradients pass through): marks a result that compiled checkpointed blocks keep for
+#: backward instead of recomputing it.
+kept = define("kept(Tensor t) -> Tensor", lambda t: t.clone(), lambda t: torch.empty_like(t),
+              backward=lambda ctx, g: g)
 
 
 def dora_linear(x: torch.Tensor, weight, bias: torch.Tensor | None, a: torch.Tensor, b: torch.Tensor,
-                magnitude: torch.Tensor, scaling: float, weight_sq: torch.Tensor | None = None) -> torch.Tensor:
-    """DoRA layer output for x (..., d_in); gradients flow to x, A, B and the magnitude."""
+                magnitude: torch.Tensor, scaling: float, weight_sq: torch.Tensor | None = None,
+                keep_output: bool = False) -> torch.Tensor:
+    """DoRA layer output for x (..., d_in); gradients flow to x, A, B and the magnitude.
+
+    The magnitude's gradient reads the linear part's output. ``keep_output`` (compiled only): a
+    checkpointed block keeps that output instead of recomputing its GEMM in backward; set on a block's
+    last projection, whose output nothing else in backward needs (kernels/compile.py)."""
     scale = magnitude / dora_norm(weight, a, b, scaling, weight_sq)  # (d_out,)
     lin = lora_linear(x, weight, None, a, b, scaling)              # (..., d_out)
+    if keep_output and torch.compiler.is_compiling():
+        lin = kept(lin)
     y = lin * scale.to(lin.dtype)
     return y if bias is None else y + bias.to(y.dtype)
 

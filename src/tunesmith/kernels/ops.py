@@ -4,8 +4,8 @@ Each is defined with a plain dispatcher kernel (CompositeExplicitAutograd) and a
 tracing. ``torch.library.custom_op`` would do the same, but its Python wrapper costs host time: a
 call of ``lora_output`` on tiny tensors took 68 µs defined that way, 26 µs defined here and 16 µs as
 a plain Python function (one CPU core). A compiled 8B LoRA step calls these operators some 650
-times, and its forward waits on the host (bench/gpu_host.py). They are called inside autograd
-functions only, so none needs an autograd formula.
+times, and its forward waits on the host (bench/gpu_host.py). The LoRA products are called inside
+autograd functions and need no autograd formula; ``kept`` passes gradients through.
 """
 from __future__ import annotations
 
@@ -16,11 +16,14 @@ import torch
 _LIB = torch.library.Library("tunesmith", "DEF")
 
 
-def define(schema: str, kernel: Callable, fake: Callable) -> torch._ops.OpOverload:
-    """Define ``tunesmith::<schema>`` with ``kernel`` for every device and ``fake`` for tracing; returns
-    the operator overload (called directly: the packet's overload lookup costs host time too)."""
+def define(schema: str, kernel: Callable, fake: Callable, backward: Callable | None = None) -> torch._ops.OpOverload:
+    """Define ``tunesmith::<schema>`` with ``kernel`` for every device and ``fake`` for tracing, and
+    ``backward(ctx, grad)`` as its gradient if given; returns the operator overload (called directly:
+    the packet's overload lookup costs host time too)."""
     name = schema.split("(", 1)[0]
     _LIB.define(schema)
     _LIB.impl(name, kernel, "CompositeExplicitAutograd")
     torch.library.register_fake(f"tunesmith::{name}", fake, lib=_LIB)
+    if backward is not None:
+        torch.library.register_autograd(f"tunesmith::{name}", backward, lib=_LIB)
     return getattr(torch.ops.tunesmith, name).default

@@ -41,6 +41,7 @@ class DoraLinear(LoraLinear):
         a = self.lora_A.weight
         self.lora_magnitude_vector = nn.Parameter(torch.empty(base.out_features, device=a.device, dtype=a.dtype))
         self.register_buffer("_weight_sq", None, persistent=False)  # ||W0||² per row, for the fused path
+        self.keep_output = False  # set by compile_decoder_layers on a checkpointed block's last projection
 
     def reset(self, init: str) -> None:
         super().reset(init)
@@ -63,7 +64,7 @@ class DoraLinear(LoraLinear):
             if self._weight_sq is None:
                 self.before_compile()
             return dora_linear(x, weight, base.bias, self.lora_A.weight, self.lora_B.weight,
-                               self.lora_magnitude_vector, self.scaling, self._weight_sq)
+                               self.lora_magnitude_vector, self.scaling, self._weight_sq, self.keep_output)
         return self.forward_reference(x)
 
     def before_compile(self) -> None:
