@@ -208,6 +208,7 @@ def train(model, loss_fn, batches, *, steps: int = 15, warmup: int = 3, lr: floa
         batch = batches[i % len(batches)]
         sync()
         t0 = time.perf_counter()
+        torch.compiler.cudagraph_mark_step_begin()  # a new step: CUDA graphs of compiled blocks may replay
         with torch.autocast(DEV, dtype=torch.bfloat16):
             loss = loss_fn(model, batch)
         loss.backward()

@@ -36,6 +36,7 @@ def _step(model, loss_fn, batch, params, opt, marks: list | None = None):
     import torch
     from torch.profiler import record_function
     t0 = time.perf_counter()
+    torch.compiler.cudagraph_mark_step_begin()
     with record_function("step.fwd"), torch.autocast("cuda", dtype=torch.bfloat16):
         loss = loss_fn(model, batch)
     t1 = time.perf_counter()

@@ -29,12 +29,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 CONFIGS = {
     "8b-lora-b2": (("8b", "lora", 2, True, "random"), {"hf": "plain", "ts": "plain", "ts+compile": "compile",
                                                          "ts+compile+ck31": "compile", "ts+compile+cg": "compile",
-                                                         "ts+compile+combo": "compile",
+                                                         "ts+compile+combo": "compile", "ts+compile+cg+combo": "compile",
                                                          "hf+liger": "liger", "ts+liger": "liger",
                                                          "ts+liger+off+ck29": "liger"}),
     "8b-lora-b4": (("8b", "lora", 4, True, "random"), {"hf": "plain", "ts+liger": "liger", "ts+compile": "compile"}),
     "8b-dora-b2": (("8b", "dora", 2, True, "random"), {"hf": "plain", "ts+liger": "liger", "ts+compile": "compile",
-                                                         "ts+compile+cg": "compile", "ts+compile+combo": "compile"}),
+                                                         "ts+compile+cg": "compile", "ts+compile+combo": "compile",
+                                                         "ts+compile+cg+combo": "compile"}),
     "8b-qlora-b2": (("8b", "qlora", 2, True, "random"), {"hf": "plain", "ts+liger": "liger", "ts+compile": "compile",
                                                            "ts+compile+ck13": "compile", "ts+compile+ck10": "compile"}),
     "1b-full-b4": (("1b", "full", 4, False, "random"), {"hf": "plain", "ts": "plain", "ts+compile": "compile",
@@ -48,12 +49,12 @@ BASELINE = {"1b-full-b4": "hf+liger"}  # ratios are to "hf" unless named here
 SEQ = int(os.environ.get("BENCH_SEQ", 2048))
 
 
-def select(only: str | None) -> list[tuple[str, str, str]]:
+def select(only: str | None, exact: bool = False) -> list[tuple[str, str, str]]:
     runs = []
     for key, (_, sides) in CONFIGS.items():
         for impl, group in sides.items():
             name = f"{key}/{impl}"
-            if not only or any(o in name for o in only.split(",")):
+            if not only or any((o == name) if exact else (o in name) for o in only.split(",")):
                 runs.append((key, impl, group))
     return runs
 
@@ -148,6 +149,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="gpu_train.json")
     ap.add_argument("--only", default=None, help="comma-separated substrings of key/impl to run")
+    ap.add_argument("--exact", action="store_true", help="--only names whole key/impl names")
     ap.add_argument("--profile", default=None, help="key/impl to profile after timing")
     ap.add_argument("--long", default="", help="long-context searches to run: long-hf,long-ts,long-tsoff")
     ap.add_argument("--long-cap", type=int, default=65536)
@@ -166,7 +168,7 @@ def main() -> None:
         return
     import gpu_common as G
     results, groups = [], {}
-    for key, impl, group in select(args.only):
+    for key, impl, group in select(args.only, args.exact):
         groups.setdefault(group, []).append(f"{key}/{impl}")
     order = ["plain", "liger", "compile"]
     jobs = [(g, ["--runs", ",".join(groups[g])]) for g in order if g in groups]

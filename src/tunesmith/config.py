@@ -47,7 +47,8 @@ class TrainConfig(BaseModel):
                                 "evenly (null = all); the others keep their activations: faster, more memory.")
     offload_activations: bool = Field(
         False, description="With gradient_checkpointing: keep each checkpointed block's input in pinned host memory, "
-                           "copied on a side stream (CUDA). Frees layers × tokens × width of GPU memory: long context.")
+                           "copied on a side stream (CUDA). Frees layers × tokens × width of GPU memory: long context. "
+                           "With compile, also the activations of the blocks outside checkpoint_layers.")
     chunked_ce: bool | Literal["auto"] = Field(
         "auto", description="Causal LM loss through the chunked linear cross-entropy (no full logits tensor); "
                             "auto = on CUDA only.")

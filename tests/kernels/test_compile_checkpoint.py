@@ -171,3 +171,54 @@ def test_dora_keeps_the_last_projections_output_instead_of_recomputing_it():
     got = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
     for n in ref:
         torch.testing.assert_close(got[n], ref[n], rtol=1e-4, atol=1e-6, msg=n)
+
+
+class _Recorded:
+    """Stand-in for ActivationOffload's compiled-block path on the CPU: what a compiled block saves
+    for backward passes through the hooks (a copy, as the host round trip), parameters excepted."""
+
+    def __init__(self, model):
+        self.frozen = {p.untyped_storage().data_ptr() for p in model.parameters()}
+        self.shapes: list[list[tuple]] = []
+
+    def block(self, call):
+        def pack(t):
+            if t.untyped_storage().data_ptr() in self.frozen:
+                return t
+            self.shapes[-1].append(tuple(t.shape))
+            return t.clone()
+
+        def run(*args, **kwargs):
+            self.shapes.append([])
+            hooks = torch.autograd.graph.saved_tensors_hooks(torch.compiler.disable(pack), lambda t: t)
+            with hooks:
+                return call(*args, **kwargs)
+        return run
+
+
+def test_offload_wraps_each_compiled_block_and_sees_what_it_keeps():
+    """train.offload_activations with train.compile: the offload's hooks run around each compiled
+    block (never inside its graph), see the products of the block that is not checkpointed and only
+    the input of the one that is, and change no gradient."""
+    batch = ids(2, 24)
+    ref_model = _lora_model(layers=2)
+    accel.enable_checkpointing(ref_model, layers=1)
+    C.compile_decoder_layers(ref_model)
+    ref = _grads(ref_model, batch)
+
+    model = _lora_model(layers=2)
+    accel.enable_checkpointing(model, layers=1)                             # block 1 checkpointed, 0 not
+    rec = _Recorded(model)
+    for block in find_blocks(model)[1]:
+        block.activation_offload = rec
+    C.compile_decoder_layers(model)
+    _grads(model, batch)                                                     # compiles
+    rec.shapes.clear()
+    got = _grads(model, batch)
+    kept, checkpointed = rec.shapes
+    widths = lambda shapes: {s[-1] for s in shapes if len(s) >= 2}  # noqa: E731
+    assert model.config.intermediate_size in widths(kept)                   # block 0 keeps its MLP products
+    assert model.config.intermediate_size not in widths(checkpointed)       # block 1 only its input
+    assert (2, 24, model.config.hidden_size) in checkpointed
+    for n in ref:
+        torch.testing.assert_close(got[n], ref[n], rtol=1e-5, atol=1e-7, msg=n)

@@ -10,6 +10,14 @@ The copies run on a side stream, so compute never waits for them in forward; the
 a tensor returns to the allocator once its copy is done (``record_stream``). In backward, bringing
 back layer i's input also starts the copy of layer i-1's, one layer ahead of use.
 
+Compiled blocks (``train.compile``) are offloaded whole: every tensor a compiled block keeps for
+backward goes to the host, in a block that recomputes only its input, in one that is not checkpointed
+(``train.checkpoint_layers``) also its matrix products. Backward then reads a block's products back
+from the host instead of recomputing them, which pays where the copies hide behind compute: the
+host link moves a Llama-8B block's products (0.35 GB at 4,096 tokens) in about 6 ms, the GPU
+computes its forward in about 3.5 ms and its backward in about 6 ms. Bringing back any tensor of a
+block brings back the whole block and starts the copies of the block before it.
+
 Reference: ``torch.autograd.graph.save_on_cpu(pin_memory=True)`` places the same tensors in the
 same memory, but copies on the compute stream, so every copy stalls the step. Both give the same
 gradients bit for bit (the tensors round-trip unchanged); tests/test_checkpointing.py checks that.
@@ -67,12 +75,23 @@ class _HostPool:
         self.free.setdefault((tuple(t.shape), t.dtype), []).append(t)
 
 
-class _Entry:
-    __slots__ = ("host", "device", "copied", "gpu", "ready", "prev", "pool")
+class _Group:
+    """The tensors one block saved (one tensor per group where blocks are not grouped); ``prev``: the
+    group saved before it, which backward needs next. Entries are held weakly: the autograd graph
+    owns them, and a cycle here would keep their host buffers out of the pool until a collection."""
+    __slots__ = ("entries", "prev")
 
-    def __init__(self, host, device, copied, prev, pool):
-        self.host, self.device, self.copied, self.prev, self.pool = host, device, copied, prev, pool
+    def __init__(self, prev):
+        self.entries, self.prev = [], prev
+
+
+class _Entry:
+    __slots__ = ("host", "device", "copied", "gpu", "ready", "used", "group", "pool", "__weakref__")
+
+    def __init__(self, host, device, copied, group, pool):
+        self.host, self.device, self.copied, self.group, self.pool = host, device, copied, group, pool
         self.gpu = self.ready = None
+        self.used = False
 
     def __del__(self):
         if self.host is not None:
@@ -82,13 +101,16 @@ class _Entry:
 class ActivationOffload:
     """``saved_tensors_hooks`` that keep eligible saved tensors in pinned host memory.
 
-    Eligible: CUDA floating-point tensors that require grad and hold at least ``min_bytes`` (layer
-    inputs; the rotary tables and masks that every layer shares stay on the GPU)."""
+    Eligible: CUDA floating-point tensors of at least ``min_bytes`` that require grad (layer inputs;
+    the rotary tables and masks that every layer shares stay on the GPU), or, inside a compiled block
+    (``block``), that are not stored in ``frozen`` (the storages of the model's parameters)."""
 
-    def __init__(self, min_bytes: int = MIN_BYTES):
+    def __init__(self, min_bytes: int = MIN_BYTES, frozen: set[int] | None = None):
         self.min_bytes = min_bytes
+        self.frozen = frozen or set()
         self.streams: dict[torch.device, torch.cuda.Stream] = {}
-        self.last: _Entry | None = None  # the entry packed last: backward meets it first
+        self.last: _Group | None = None   # the group packed last: backward meets it first
+        self.open: _Group | None = None   # the compiled block being run, if any
         self.pool = _HostPool()
 
     def new_step(self) -> None:
@@ -102,12 +124,18 @@ class ActivationOffload:
         return self.streams[device]
 
     def eligible(self, t: torch.Tensor) -> bool:
-        return (t.is_cuda and t.is_floating_point() and t.requires_grad
-                and t.numel() * t.element_size() >= self.min_bytes)
+        if not (t.is_cuda and t.is_floating_point() and t.numel() * t.element_size() >= self.min_bytes):
+            return False
+        if self.open is not None:
+            return t.untyped_storage().data_ptr() not in self.frozen
+        return t.requires_grad
 
     def pack(self, t: torch.Tensor):
         if not self.eligible(t):
             return t
+        group = self.open
+        if group is None:
+            group = self.last = _Group(self.last)
         stream = self._stream(t.device)
         stream.wait_stream(torch.cuda.current_stream(t.device))   # t is computed before it is copied
         host = self.pool.take(t.shape, t.dtype)
@@ -115,8 +143,9 @@ class ActivationOffload:
             host.copy_(t, non_blocking=True)
             copied = stream.record_event()
         t.record_stream(stream)   # t's memory is not reused before the copy has read it
-        self.last = _Entry(host, t.device, copied, self.last, self.pool)
-        return self.last
+        entry = _Entry(host, t.device, copied, group, self.pool)
+        group.entries.append(weakref.ref(entry))
+        return entry
 
     def _fetch(self, e: _Entry) -> None:
         stream = self._stream(e.device)
@@ -125,22 +154,45 @@ class ActivationOffload:
             e.gpu = e.host.to(e.device, non_blocking=True)
             e.ready = stream.record_event()
 
+    def _fetch_group(self, group: _Group) -> None:
+        for ref in group.entries:
+            e = ref()
+            if e is not None and e.gpu is None and not e.used:
+                self._fetch(e)
+
     def unpack(self, e):
         if isinstance(e, torch.Tensor):
             return e
+        group = e.group
         if e.gpu is None:
             self._fetch(e)
-        prev, e.prev = e.prev, None
-        if prev is not None and prev.gpu is None:
-            self._fetch(prev)                 # the layer before this one is unpacked next
+            self._fetch_group(group)          # the rest of its block is unpacked with it
+        prev, group.prev = group.prev, None
+        if prev is not None:
+            self._fetch_group(prev)           # the block before this one is unpacked next
         current = torch.cuda.current_stream(e.device)
         current.wait_event(e.ready)
-        gpu, e.gpu = e.gpu, None
+        gpu, e.gpu, e.used = e.gpu, None, True
         gpu.record_stream(current)            # allocated on the side stream, used and freed on this one
         return gpu
 
     def hooks(self):
-        return torch.autograd.graph.saved_tensors_hooks(self.pack, self.unpack)
+        # not traced: called while compiled blocks run, outside their graphs
+        return torch.autograd.graph.saved_tensors_hooks(torch.compiler.disable(self.pack),
+                                                        torch.compiler.disable(self.unpack))
+
+    def block(self, call: Callable) -> Callable:
+        """``call`` (a compiled block) with everything it saves for backward offloaded as one group."""
+        def run(*args, **kwargs):
+            if not torch.is_grad_enabled():
+                return call(*args, **kwargs)
+            self.open = self.last = _Group(self.last)
+            try:
+                with self.hooks():
+                    return call(*args, **kwargs)
+            finally:
+                self.open = None
+        return run
 
 
 def offloading(checkpoint_fn: Callable, offload: ActivationOffload | None) -> Callable:

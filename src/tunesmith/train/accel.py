@@ -48,9 +48,6 @@ def check(tc, objective: str, method_cls, device: torch.device) -> None:
         if device.type != "cuda":
             raise ConfigError(f"train.offload_activations: moves saved activations from GPU to host memory, and the "
                               f"model is on {device}; set train.offload_activations: false")
-        if tc.compile:
-            raise ConfigError("train.offload_activations: does not combine with train.compile (the offload hooks "
-                              "cannot run inside a compiled layer); set one of them to false")
     if tc.chunked_ce is True and objective not in CAUSAL:
         raise ConfigError(f"train.chunked_ce: applies to the causal LM objectives ({', '.join(CAUSAL)}), "
                           f"not {objective!r}; leave it at auto")
@@ -80,8 +77,9 @@ def enable_checkpointing(model: nn.Module, layers: int | None = None, offload: b
 
     ``layers``: how many blocks recompute in backward, spread evenly over the stack (None: all); the
     others keep their activations, which costs memory and saves their recomputation. ``offload``:
-    the checkpointed blocks' inputs wait in pinned host memory (``kernels/offload.py``).
-    Returns which blocks are checkpointed."""
+    the checkpointed blocks' inputs wait in pinned host memory (``kernels/offload.py``); each block
+    carries the offload as ``activation_offload``, and blocks compiled later offload everything they
+    keep (kernels/compile.py). Returns which blocks are checkpointed."""
     _, blocks = find_blocks(model)
     n = len(blocks)
     if layers is not None and not 1 <= layers <= n:
@@ -103,12 +101,13 @@ def enable_checkpointing(model: nn.Module, layers: int | None = None, offload: b
         return chosen
     off = None
     if offload:
-        off = ActivationOffload()
+        off = ActivationOffload(frozen={p.untyped_storage().data_ptr() for p in model.parameters()})
         model.register_forward_pre_hook(lambda *_: off.new_step())
     for block, on in zip(blocks, chosen):
         block.gradient_checkpointing = on
         if off is not None:
             block._gradient_checkpointing_func = offloading(block._gradient_checkpointing_func, off)
+            block.activation_offload = off
     return chosen
 
 
