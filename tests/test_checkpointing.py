@@ -145,8 +145,8 @@ def test_offload_frees_the_block_inputs_and_keeps_the_gradients_bitwise():
     real = accel.ActivationOffload
 
     class Kept(real):
-        def __init__(self):
-            super().__init__()
+        def __init__(self, **kw):
+            super().__init__(**kw)
             made.append(self)
     accel.ActivationOffload = Kept
     try:

@@ -29,6 +29,7 @@ import weakref
 from typing import Callable
 
 import torch
+from torch._prims_common import is_non_overlapping_and_dense
 
 MIN_BYTES = 1 << 16  # smaller tensors stay where they are (not worth a copy)
 
@@ -36,7 +37,7 @@ MIN_BYTES = 1 << 16  # smaller tensors stay where they are (not worth a copy)
 def _unregister(buffers: list[torch.Tensor]) -> None:
     for t in buffers:
         try:
-            torch.cuda.cudart().cudaHostUnregister(t.data_ptr())
+            torch.cuda.cudart().cudaHostUnregister(t.untyped_storage().data_ptr())
         except Exception:  # noqa: BLE001 - at interpreter exit CUDA may already be gone
             pass
     buffers.clear()
@@ -57,22 +58,26 @@ class _HostPool:
         # registration of the same addresses would otherwise fail with "resource already mapped")
         weakref.finalize(self, _unregister, self.registered)
 
-    def take(self, shape, dtype) -> torch.Tensor:
-        stack = self.free.get((tuple(shape), dtype))
+    def take(self, shape, dtype, stride=None) -> torch.Tensor:
+        """A buffer of ``shape`` and ``dtype``, laid out with ``stride`` (default: contiguous)."""
+        key = (tuple(shape), dtype, None if stride is None else tuple(stride))
+        stack = self.free.get(key)
         if stack:
             return stack.pop()
         self.made += 1
-        t = torch.empty(shape, dtype=dtype)
+        t = torch.empty(shape, dtype=dtype) if stride is None else torch.empty_strided(shape, stride, dtype=dtype)
         if t.numel():
-            err = torch.cuda.cudart().cudaHostRegister(t.data_ptr(), t.numel() * t.element_size(), 0)
+            nbytes = t.untyped_storage().nbytes()
+            err = torch.cuda.cudart().cudaHostRegister(t.untyped_storage().data_ptr(), nbytes, 0)
             if int(err) != 0:
-                raise RuntimeError(f"train.offload_activations: cannot page-lock {t.numel() * t.element_size()} "
+                raise RuntimeError(f"train.offload_activations: cannot page-lock {nbytes} "
                                    f"bytes of host memory (CUDA error {int(err)}); set it to false")
             self.registered.append(t)
         return t
 
     def give(self, t: torch.Tensor) -> None:
-        self.free.setdefault((tuple(t.shape), t.dtype), []).append(t)
+        key = (tuple(t.shape), t.dtype, None if t.is_contiguous() else tuple(t.stride()))
+        self.free.setdefault(key, []).append(t)
 
 
 class _Group:
@@ -126,6 +131,8 @@ class ActivationOffload:
     def eligible(self, t: torch.Tensor) -> bool:
         if not (t.is_cuda and t.is_floating_point() and t.numel() * t.element_size() >= self.min_bytes):
             return False
+        if not is_non_overlapping_and_dense(t):
+            return False  # its layout could not come back as it was (a compiled backward checks strides)
         if self.open is not None:
             return t.untyped_storage().data_ptr() not in self.frozen
         return t.requires_grad
@@ -138,7 +145,7 @@ class ActivationOffload:
             group = self.last = _Group(self.last)
         stream = self._stream(t.device)
         stream.wait_stream(torch.cuda.current_stream(t.device))   # t is computed before it is copied
-        host = self.pool.take(t.shape, t.dtype)
+        host = self.pool.take(t.shape, t.dtype, None if t.is_contiguous() else t.stride())  # t's layout
         with torch.cuda.stream(stream):
             host.copy_(t, non_blocking=True)
             copied = stream.record_event()
