@@ -227,3 +227,11 @@ def test_offload_of_compiled_blocks_keeps_the_gradients_bitwise_and_frees_their_
         assert torch.equal(got[n], ref[n]), n
     mlp = 4 * 512 * 512 * 2                             # one MLP product, bf16
     assert held_plain - held_off >= 2 * 2 * mlp         # at least gate and up of blocks 0 and 2
+
+
+def test_only_tensors_whose_layout_can_round_trip_are_offloaded():
+    """A compiled block's backward checks the strides of what it saved: a host copy keeps the
+    tensor's strides, which needs a dense layout; others (slices with gaps) stay on the GPU."""
+    x = torch.randn(2, 3, 4, 5)
+    assert offload_mod._dense(x) and offload_mod._dense(x.transpose(1, 2)) and offload_mod._dense(x.permute(3, 0, 2, 1))
+    assert not offload_mod._dense(x[:, :2]) and not offload_mod._dense(x[..., ::2])

@@ -29,9 +29,21 @@ import weakref
 from typing import Callable
 
 import torch
-from torch._prims_common import is_non_overlapping_and_dense
 
 MIN_BYTES = 1 << 16  # smaller tensors stay where they are (not worth a copy)
+
+
+def _dense(t: torch.Tensor) -> bool:
+    """Whether ``t`` fills its memory without gaps or overlaps in some order of its dimensions (a copy
+    to a buffer of the same strides is then one block copy)."""
+    if t.is_contiguous():
+        return True
+    expected = 1
+    for d in sorted(range(t.dim()), key=t.stride):
+        if t.size(d) != 1 and t.stride(d) != expected:
+            return False
+        expected *= t.size(d)
+    return True
 
 
 def _unregister(buffers: list[torch.Tensor]) -> None:
@@ -131,7 +143,7 @@ class ActivationOffload:
     def eligible(self, t: torch.Tensor) -> bool:
         if not (t.is_cuda and t.is_floating_point() and t.numel() * t.element_size() >= self.min_bytes):
             return False
-        if not is_non_overlapping_and_dense(t):
+        if not _dense(t):
             return False  # its layout could not come back as it was (a compiled backward checks strides)
         if self.open is not None:
             return t.untyped_storage().data_ptr() not in self.frozen
