@@ -25,7 +25,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 # key: (arch, method, batch, gradient checkpointing, data); sides: impl -> worker group. Flags after the
 # side: liger, compile, kdora (fused DoRA), ckN (checkpoint only N blocks), off (offload block inputs),
-# cg (compiled with CUDA graphs: torch.compile's reduce-overhead mode), combo (inductor's combo kernels)
+# cg (compiled with CUDA graphs: torch.compile's reduce-overhead mode), combo (inductor's combo kernels),
+# offall (with off: the last block outside ckN offloads too)
 CONFIGS = {
     "8b-lora-b2": (("8b", "lora", 2, True, "random"), {"hf": "plain", "ts": "plain", "ts+compile": "compile",
                                                          "ts+compile+ck31": "compile", "ts+compile+cg": "compile",
@@ -33,7 +34,9 @@ CONFIGS = {
                                                          "hf+liger": "liger", "ts+liger": "liger",
                                                          "ts+liger+off+ck29": "liger", "ts+compile+off": "compile",
                                                          "ts+compile+off+ck16": "compile", "ts+compile+off+ck20": "compile",
-                                                         "ts+compile+off+ck24": "compile"}),
+                                                         "ts+compile+off+ck24": "compile", "ts+compile+off+ck18": "compile",
+                                                         "ts+compile+off+ck22": "compile",
+                                                         "ts+compile+off+ck20+offall": "compile"}),
     "8b-lora-b4": (("8b", "lora", 4, True, "random"), {"hf": "plain", "ts+liger": "liger", "ts+compile": "compile"}),
     "8b-dora-b2": (("8b", "dora", 2, True, "random"), {"hf": "plain", "ts+liger": "liger", "ts+compile": "compile",
                                                          "ts+compile+cg": "compile", "ts+compile+combo": "compile",

@@ -235,3 +235,16 @@ def test_only_tensors_whose_layout_can_round_trip_are_offloaded():
     x = torch.randn(2, 3, 4, 5)
     assert offload_mod._dense(x) and offload_mod._dense(x.transpose(1, 2)) and offload_mod._dense(x.permute(3, 0, 2, 1))
     assert not offload_mod._dense(x[:, :2]) and not offload_mod._dense(x[..., ::2])
+
+
+def test_offload_leaves_the_last_kept_block_on_the_gpu():
+    """Compiled blocks offload what they keep, except the last block outside checkpoint_layers:
+    backward reaches it first, before its products could come back from the host."""
+    model = _lora_model()
+    chosen = accel.enable_checkpointing(model, layers=2, offload=True)
+    assert chosen == [False, True, False, True]
+    carriers = [getattr(b, "activation_offload", None) is not None for b in find_blocks(model)[1]]
+    assert carriers == [True, True, False, True]
+    model = _lora_model()
+    accel.enable_checkpointing(model, layers=2, offload=True, last_kept_on_gpu=False)
+    assert all(getattr(b, "activation_offload", None) is not None for b in find_blocks(model)[1])
