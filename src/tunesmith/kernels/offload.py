@@ -31,6 +31,7 @@ from typing import Callable
 import torch
 
 MIN_BYTES = 1 << 16  # smaller tensors stay where they are (not worth a copy)
+BLOCK_MIN_BYTES = 1 << 20  # the same inside a compiled block (LoRA's (tokens, r) products stay)
 
 
 def _dense(t: torch.Tensor) -> bool:
@@ -94,20 +95,21 @@ class _HostPool:
 
 class _Group:
     """The tensors one block saved (one tensor per group where blocks are not grouped); ``prev``: the
-    group saved before it, which backward needs next. Entries are held weakly: the autograd graph
-    owns them, and a cycle here would keep their host buffers out of the pool until a collection."""
-    __slots__ = ("entries", "prev")
+    group saved before it, which backward needs next; ``pending``: (entry, tensor) pairs whose copies
+    start together when the block returns. Entries are held weakly: the autograd graph owns them, and
+    a cycle here would keep their host buffers out of the pool until a collection."""
+    __slots__ = ("entries", "prev", "pending")
 
     def __init__(self, prev):
-        self.entries, self.prev = [], prev
+        self.entries, self.prev, self.pending = [], prev, []
 
 
 class _Entry:
     __slots__ = ("host", "device", "copied", "gpu", "ready", "used", "group", "pool", "__weakref__")
 
-    def __init__(self, host, device, copied, group, pool):
-        self.host, self.device, self.copied, self.group, self.pool = host, device, copied, group, pool
-        self.gpu = self.ready = None
+    def __init__(self, host, device, group, pool):
+        self.host, self.device, self.group, self.pool = host, device, group, pool
+        self.copied = self.gpu = self.ready = None
         self.used = False
 
     def __del__(self):
@@ -141,7 +143,8 @@ class ActivationOffload:
         return self.streams[device]
 
     def eligible(self, t: torch.Tensor) -> bool:
-        if not (t.is_cuda and t.is_floating_point() and t.numel() * t.element_size() >= self.min_bytes):
+        least = self.min_bytes if self.open is None else max(self.min_bytes, BLOCK_MIN_BYTES)
+        if not (t.is_cuda and t.is_floating_point() and t.numel() * t.element_size() >= least):
             return False
         if not _dense(t):
             return False  # its layout could not come back as it was (a compiled backward checks strides)
@@ -152,43 +155,61 @@ class ActivationOffload:
     def pack(self, t: torch.Tensor):
         if not self.eligible(t):
             return t
-        group = self.open
-        if group is None:
-            group = self.last = _Group(self.last)
-        stream = self._stream(t.device)
-        stream.wait_stream(torch.cuda.current_stream(t.device))   # t is computed before it is copied
+        group = self.open if self.open is not None else _Group(self.last)
         host = self.pool.take(t.shape, t.dtype, None if t.is_contiguous() else t.stride())  # t's layout
-        with torch.cuda.stream(stream):
-            host.copy_(t, non_blocking=True)
-            copied = stream.record_event()
-        t.record_stream(stream)   # t's memory is not reused before the copy has read it
-        entry = _Entry(host, t.device, copied, group, self.pool)
+        entry = _Entry(host, t.device, group, self.pool)
         group.entries.append(weakref.ref(entry))
+        group.pending.append((entry, t))
+        if self.open is None:   # a lone tensor: copied now; a compiled block's: when the block returns
+            self.last = group
+            self._copy_out(group)
         return entry
 
-    def _fetch(self, e: _Entry) -> None:
-        stream = self._stream(e.device)
+    def _copy_out(self, group: _Group) -> None:
+        """Start the copies of ``group``'s pending tensors on the side stream, after the compute stream's
+        work so far (which produced them); one event marks them all done."""
+        pending, group.pending = group.pending, []
+        if not pending:
+            return
+        device = pending[0][0].device
+        stream = self._stream(device)
+        stream.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(stream):
-            stream.wait_event(e.copied)
-            e.gpu = e.host.to(e.device, non_blocking=True)
-            e.ready = stream.record_event()
+            for e, t in pending:
+                e.host.copy_(t, non_blocking=True)
+            copied = stream.record_event()
+        for e, t in pending:
+            t.record_stream(stream)   # t's memory is not reused before the copy has read it
+            e.copied = copied
 
-    def _fetch_group(self, group: _Group) -> None:
-        for ref in group.entries:
-            e = ref()
-            if e is not None and e.gpu is None and not e.used:
-                self._fetch(e)
+    def _fetch(self, entries: list[_Entry]) -> None:
+        """Start bringing ``entries`` back to the GPU on the side stream; one event marks them all ready."""
+        if not entries:
+            return
+        stream = self._stream(entries[0].device)
+        with torch.cuda.stream(stream):
+            for event in {id(e.copied): e.copied for e in entries}.values():
+                stream.wait_event(event)
+            for e in entries:
+                e.gpu = e.host.to(e.device, non_blocking=True)
+            ready = stream.record_event()
+        for e in entries:
+            e.ready = ready
+
+    @staticmethod
+    def _waiting(group: _Group) -> list[_Entry]:
+        live = (ref() for ref in group.entries)
+        return [e for e in live if e is not None and e.gpu is None and not e.used]
 
     def unpack(self, e):
         if isinstance(e, torch.Tensor):
             return e
         group = e.group
-        if e.gpu is None:
-            self._fetch(e)
-            self._fetch_group(group)          # the rest of its block is unpacked with it
+        if e.gpu is None:   # with the rest of its block, which backward unpacks together
+            self._fetch([e] + [x for x in self._waiting(group) if x is not e])
         prev, group.prev = group.prev, None
         if prev is not None:
-            self._fetch_group(prev)           # the block before this one is unpacked next
+            self._fetch(self._waiting(prev))  # the block before this one is unpacked next
         current = torch.cuda.current_stream(e.device)
         current.wait_event(e.ready)
         gpu, e.gpu, e.used = e.gpu, None, True
@@ -205,12 +226,14 @@ class ActivationOffload:
         def run(*args, **kwargs):
             if not torch.is_grad_enabled():
                 return call(*args, **kwargs)
-            self.open = self.last = _Group(self.last)
+            group = self.open = self.last = _Group(self.last)
             try:
                 with self.hooks():
-                    return call(*args, **kwargs)
+                    out = call(*args, **kwargs)
             finally:
                 self.open = None
+            self._copy_out(group)   # what the block saved, copied in one batch
+            return out
         return run
 
 
