@@ -36,7 +36,7 @@ CONFIGS = {
                                                          "ts+compile+off+ck16": "compile", "ts+compile+off+ck20": "compile",
                                                          "ts+compile+off+ck24": "compile", "ts+compile+off+ck18": "compile",
                                                          "ts+compile+off+ck22": "compile",
-                                                         "ts+compile+off+ck20+offall": "compile"}),
+                                                         "ts+compile+off+ck20+offall": "compile", "ts+compile+ck18": "compile"}),
     "8b-lora-b4": (("8b", "lora", 4, True, "random"), {"hf": "plain", "ts+liger": "liger", "ts+compile": "compile"}),
     "8b-dora-b2": (("8b", "dora", 2, True, "random"), {"hf": "plain", "ts+liger": "liger", "ts+compile": "compile",
                                                          "ts+compile+cg": "compile", "ts+compile+combo": "compile",
