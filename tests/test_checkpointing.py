@@ -177,10 +177,10 @@ def test_host_buffers_are_unregistered_when_their_pool_dies():
     """Otherwise the host allocator hands the same addresses out again while CUDA still has them
     page-locked, and the next registration there fails ("resource already mapped")."""
     pool = offload_mod._HostPool()
-    t = pool.take((4096,), torch.float32)
+    t = pool.take((4096,), (1,), torch.float32)
     assert t.is_pinned()                                                    # page-locked
     pool.give(t)
-    assert pool.take((4096,), torch.float32) is t and pool.made == 1      # reused, not made again
+    assert pool.take((4096,), (1,), torch.float32) is t and pool.made == 1     # reused, not made again
     del pool
     gc.collect()
     assert not t.is_pinned()                                                # unregistered with its pool

@@ -71,14 +71,14 @@ class _HostPool:
         # registration of the same addresses would otherwise fail with "resource already mapped")
         weakref.finalize(self, _unregister, self.registered)
 
-    def take(self, shape, dtype, stride=None) -> torch.Tensor:
-        """A buffer of ``shape`` and ``dtype``, laid out with ``stride`` (default: contiguous)."""
-        key = (tuple(shape), dtype, None if stride is None else tuple(stride))
+    def take(self, shape, stride, dtype) -> torch.Tensor:
+        """A buffer of ``shape`` and ``dtype`` laid out with ``stride``."""
+        key = (tuple(shape), tuple(stride), dtype)
         stack = self.free.get(key)
         if stack:
             return stack.pop()
         self.made += 1
-        t = torch.empty(shape, dtype=dtype) if stride is None else torch.empty_strided(shape, stride, dtype=dtype)
+        t = torch.empty_strided(shape, stride, dtype=dtype)
         if t.numel():
             nbytes = t.untyped_storage().nbytes()
             err = torch.cuda.cudart().cudaHostRegister(t.untyped_storage().data_ptr(), nbytes, 0)
@@ -89,8 +89,7 @@ class _HostPool:
         return t
 
     def give(self, t: torch.Tensor) -> None:
-        key = (tuple(t.shape), t.dtype, None if t.is_contiguous() else tuple(t.stride()))
-        self.free.setdefault(key, []).append(t)
+        self.free.setdefault((tuple(t.shape), tuple(t.stride()), t.dtype), []).append(t)
 
 
 class _Group:
@@ -156,7 +155,7 @@ class ActivationOffload:
         if not self.eligible(t):
             return t
         group = self.open if self.open is not None else _Group(self.last)
-        host = self.pool.take(t.shape, t.dtype, None if t.is_contiguous() else t.stride())  # t's layout
+        host = self.pool.take(t.shape, t.stride(), t.dtype)   # t's layout: backward gets it back as it was
         entry = _Entry(host, t.device, group, self.pool)
         group.entries.append(weakref.ref(entry))
         group.pending.append((entry, t))
