@@ -121,11 +121,13 @@ class ActivationOffload:
 
     Eligible: CUDA floating-point tensors of at least ``min_bytes`` that require grad (layer inputs;
     the rotary tables and masks that every layer shares stay on the GPU), or, inside a compiled block
-    (``block``), that are not stored in ``frozen`` (the storages of the model's parameters)."""
+    (``block``), that are not stored with a parameter (``params``: the model's parameters, read at
+    the first step, once the model sits where it trains)."""
 
-    def __init__(self, min_bytes: int = MIN_BYTES, frozen: set[int] | None = None):
+    def __init__(self, min_bytes: int = MIN_BYTES, params: Callable | None = None):
         self.min_bytes = min_bytes
-        self.frozen = frozen or set()
+        self.params = params
+        self.frozen: set[int] | None = None
         self.streams: dict[torch.device, torch.cuda.Stream] = {}
         self.last: _Group | None = None   # the group packed last: backward meets it first
         self.open: _Group | None = None   # the compiled block being run, if any
@@ -135,6 +137,8 @@ class ActivationOffload:
         """Forget the packing order (called as each forward begins): older graphs still unpack, only
         without prefetch."""
         self.last = None
+        if self.frozen is None:
+            self.frozen = {p.untyped_storage().data_ptr() for p in self.params()} if self.params else set()
 
     def _stream(self, device: torch.device) -> torch.cuda.Stream:
         if device not in self.streams:
@@ -148,7 +152,7 @@ class ActivationOffload:
         if not _dense(t):
             return False  # its layout could not come back as it was (a compiled backward checks strides)
         if self.open is not None:
-            return t.untyped_storage().data_ptr() not in self.frozen
+            return t.untyped_storage().data_ptr() not in (self.frozen or ())
         return t.requires_grad
 
     def pack(self, t: torch.Tensor):

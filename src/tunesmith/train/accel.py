@@ -104,7 +104,7 @@ def enable_checkpointing(model: nn.Module, layers: int | None = None, offload: b
         return chosen
     off = None
     if offload:
-        off = ActivationOffload(frozen={p.untyped_storage().data_ptr() for p in model.parameters()})
+        off = ActivationOffload(params=model.parameters)
         model.register_forward_pre_hook(lambda *_: off.new_step())
     last_kept = max((i for i, on in enumerate(chosen) if not on), default=None) if last_kept_on_gpu else None
     for i, (block, on) in enumerate(zip(blocks, chosen)):
