@@ -142,7 +142,7 @@ class Loop:
         micro_batches = [self.batches.get(state.micro + i) for i in range(cfg.grad_accum)]
         denom = max(1, sum(self.objective.count(b) for b in micro_batches))
         self.method.on_step_begin(model, state.step)
-        total = 0.0
+        total = []  # loss sums as tensors: read once the optimizer step is queued (no wait before it)
         for batch in micro_batches:
             with autocast(self.device, self.precision):
                 loss_sum, _, _ = self.objective.loss(model, batch)
@@ -151,11 +151,11 @@ class Loop:
                 if reg is not None:
                     loss = loss + reg / len(micro_batches)
             loss.backward()
-            total += float(loss_sum.detach())
+            total.append(loss_sum.detach())
             state.tokens += real_tokens(batch)
         grad_norm = None
         if cfg.max_grad_norm is not None:
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm))
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm)
         self.method.before_optimizer_step(model, state.step)
         self.optimizer.step()
         self.method.after_optimizer_step(model, state.step)
@@ -163,8 +163,8 @@ class Loop:
         self.optimizer.zero_grad(set_to_none=True)
         state.step += 1
         state.micro += cfg.grad_accum
-        return {"step": state.step, "split": "train", "loss": total / denom,
-                "lr": self.scheduler.get_last_lr()[0], "grad_norm": grad_norm}
+        return {"step": state.step, "split": "train", "loss": sum(float(t) for t in total) / denom,
+                "lr": self.scheduler.get_last_lr()[0], "grad_norm": None if grad_norm is None else float(grad_norm)}
 
     def run(self, state: LoopState) -> LoopState:
         cfg = self.cfg
