@@ -154,7 +154,8 @@ def setup_tunesmith(model, method: str, gc_on: bool, *, liger: bool = False, pac
     objective.configure(TrainConfig(compile=compile_layers))  # train.compile also compiles the loss's chunks
 
     def loss_fn(m, batch):
-        return objective.lm_loss(m, batch) / max(1, objective.count(batch))
+        n = max(1, objective.count(batch))  # counted before the forward, as the training loop does
+        return objective.lm_loss(m, batch) / n
     return model, loss_fn
 
 
