@@ -132,6 +132,7 @@ class ActivationOffload:
         self.last: _Group | None = None   # the group packed last: backward meets it first
         self.open: _Group | None = None   # the compiled block being run, if any
         self.pool = _HostPool()
+        self._hooks = None
 
     def new_step(self) -> None:
         """Forget the packing order (called as each forward begins): older graphs still unpack, only
@@ -220,9 +221,9 @@ class ActivationOffload:
         return gpu
 
     def hooks(self):
-        # not traced: called while compiled blocks run, outside their graphs
-        return torch.autograd.graph.saved_tensors_hooks(torch.compiler.disable(self.pack),
-                                                        torch.compiler.disable(self.unpack))
+        if self._hooks is None:  # wrapped once: not traced, they run while compiled blocks run
+            self._hooks = (torch.compiler.disable(self.pack), torch.compiler.disable(self.unpack))
+        return torch.autograd.graph.saved_tensors_hooks(*self._hooks)
 
     def block(self, call: Callable) -> Callable:
         """``call`` (a compiled block) with everything it saves for backward offloaded as one group."""
