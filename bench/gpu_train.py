@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 # key: (arch, method, batch, gradient checkpointing, data); sides: impl -> worker group. Flags after the
 # side: liger, compile, kdora (fused DoRA), ckN (checkpoint only N blocks), off (offload block inputs),
 # cg (compiled with CUDA graphs: torch.compile's reduce-overhead mode), combo (inductor's combo kernels),
-# offall (with off: the last block outside ckN offloads too)
+# offall (with off: the last block outside ckN offloads too), cpp (inductor's C++ wrapper)
 CONFIGS = {
     "8b-lora-b2": (("8b", "lora", 2, True, "random"), {"hf": "plain", "ts": "plain", "ts+compile": "compile",
                                                          "ts+compile+ck31": "compile", "ts+compile+cg": "compile",
@@ -36,14 +36,18 @@ CONFIGS = {
                                                          "ts+compile+off+ck16": "compile", "ts+compile+off+ck20": "compile",
                                                          "ts+compile+off+ck24": "compile", "ts+compile+off+ck18": "compile",
                                                          "ts+compile+off+ck22": "compile",
-                                                         "ts+compile+off+ck20+offall": "compile", "ts+compile+ck18": "compile"}),
+                                                         "ts+compile+off+ck20+offall": "compile", "ts+compile+ck18": "compile",
+                                                         "ts+compile+cpp": "compile", "ts+compile+off+ck18+cpp": "compile",
+                                                         "ts+compile+off+ck16+cpp": "compile",
+                                                         "ts+compile+off+ck20+cpp": "compile"}),
     "8b-lora-b4": (("8b", "lora", 4, True, "random"), {"hf": "plain", "ts+liger": "liger", "ts+compile": "compile"}),
     "8b-dora-b2": (("8b", "dora", 2, True, "random"), {"hf": "plain", "ts+liger": "liger", "ts+compile": "compile",
                                                          "ts+compile+cg": "compile", "ts+compile+combo": "compile",
-                                                         "ts+compile+cg+combo": "compile", "ts+compile+off+ck18": "compile"}),
+                                                         "ts+compile+cg+combo": "compile", "ts+compile+off+ck18": "compile",
+                                                         "ts+compile+cpp": "compile", "ts+compile+off+ck18+cpp": "compile"}),
     "8b-qlora-b2": (("8b", "qlora", 2, True, "random"), {"hf": "plain", "ts+liger": "liger", "ts+compile": "compile",
                                                            "ts+compile+ck13": "compile", "ts+compile+ck10": "compile",
-                                                           "ts+compile+off+ck6": "compile"}),
+                                                           "ts+compile+off+ck6": "compile", "ts+compile+ck10+cpp": "compile"}),
     "1b-full-b4": (("1b", "full", 4, False, "random"), {"hf": "plain", "ts": "plain", "ts+compile": "compile",
                                                           "hf+liger": "liger", "ts+liger": "liger"}),
     "1b-lora-b4": (("1b", "lora", 4, False, "random"), {"hf": "plain", "ts": "plain", "ts+compile": "compile",

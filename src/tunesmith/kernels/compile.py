@@ -21,6 +21,13 @@ What each compiled block keeps for backward is set by a selective-checkpoint pol
   adapted projection (in module order; a Llama block's down projection) is asked to keep it
   (``keep_output``): at 8B and 4,096 tokens a step, 32 MiB a block instead of a 0.65 ms GEMM.
 
+Attention is tagged as a random operator (it takes a dropout probability), so when a checkpointed
+block recomputes it the compiler saves and restores the generator's state around each call, in
+Python, in forward and again in backward, and inductor's C++ wrapper refuses the graph. A joint-graph
+pass (``SeedlessAttention``) renames attention called with dropout 0 to an untagged alias
+(``tunesmith::seedless_*``, the same kernel): it draws no random numbers, and the recomputation is
+exact without the state. With dropout the call keeps its tag and its saved state.
+
 With ``train.offload_activations`` every tensor a compiled block keeps goes to host memory
 (kernels/offload.py), so blocks outside ``train.checkpoint_layers`` keep their products there.
 """
@@ -30,11 +37,13 @@ import functools
 
 import torch
 from torch import nn
+from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
 from ..models.targets import find_blocks
 from .dora import kept
 from .lora import lora_output
+from .ops import alias
 
 #: Operator namespaces whose outputs are dequantized weights (recomputed, never saved).
 DEQUANT_NAMESPACES = {"bitsandbytes"}
@@ -50,6 +59,37 @@ for _name in ("_scaled_dot_product_flash_attention", "_scaled_dot_product_cudnn_
               "_scaled_dot_product_efficient_attention", "_flash_attention_forward", "_efficient_attention_forward"):
     if hasattr(_aten, _name):
         SAVED_OPS.add(getattr(_aten, _name).default)
+
+
+#: Attention operators that take a dropout probability -> their untagged aliases.
+SEEDLESS = {}
+for _name in ("_scaled_dot_product_flash_attention", "_scaled_dot_product_cudnn_attention",
+              "_scaled_dot_product_efficient_attention", "_scaled_dot_product_flash_attention_for_cpu"):
+    _op = getattr(getattr(_aten, _name, None), "default", None)
+    if _op is not None and torch.Tag.nondeterministic_seeded in _op.tags:
+        SEEDLESS[_op] = alias("seedless" + _name, _op)
+
+
+def _dropout_p(node: torch.fx.Node) -> float:
+    args = node.target._schema.arguments
+    i = next(j for j, a in enumerate(args) if a.name == "dropout_p")
+    return node.args[i] if len(node.args) > i else node.kwargs.get("dropout_p", args[i].default_value)
+
+
+class SeedlessAttention(CustomGraphPass):
+    """Joint-graph pass: attention calls with dropout_p == 0 become their untagged aliases."""
+
+    def __call__(self, graph: torch.fx.Graph) -> None:
+        for node in graph.nodes:
+            if node.op == "call_function" and node.target in SEEDLESS and _dropout_p(node) == 0:
+                node.target = SEEDLESS[node.target]
+
+    def uuid(self) -> bytes:
+        return get_hash_for_files((__file__,))
+
+
+#: Inductor options every compiled block gets.
+BLOCK_OPTIONS = {"joint_custom_pre_pass": SeedlessAttention()}
 
 
 def _policy(ctx, op, *args, **kwargs) -> CheckpointPolicy:
@@ -93,7 +133,10 @@ def _checkpoint_inside(layer: nn.Module, checkpointed: bool) -> None:
 
 def compile_decoder_layers(model: nn.Module, mode: str | None = None, options: dict | None = None) -> int:
     """Compile every transformer block of a transformers model in place; returns how many.
-    ``mode``: torch.compile's mode (None: the default); ``options``: inductor options instead."""
+    ``mode``: torch.compile's mode (None: the default); ``options``: inductor options on top of it
+    (and of ``BLOCK_OPTIONS``)."""
+    from torch._inductor import list_mode_options
+    options = {**(list_mode_options(mode) if mode else {}), **BLOCK_OPTIONS, **(options or {})}
     _, layers = find_blocks(model)
     for layer in layers:
         for module in layer.modules():  # caches filled outside the graph (a side effect inside it breaks it)
@@ -104,7 +147,7 @@ def compile_decoder_layers(model: nn.Module, mode: str | None = None, options: d
         if checkpointed and last:
             last[-1].keep_output = True
         _checkpoint_inside(layer, checkpointed)
-        layer.compile(mode=mode) if options is None else layer.compile(options=options)
+        layer.compile(options=options)
         offload = getattr(layer, "activation_offload", None)   # set by train.accel.enable_checkpointing
         if offload is not None:  # its hooks run around the compiled call, never inside the graph
             layer._compiled_call_impl = offload.block(layer._compiled_call_impl)

@@ -6,6 +6,9 @@ call of ``lora_output`` on tiny tensors took 68 µs defined that way, 26 µs def
 a plain Python function (one CPU core). A compiled 8B LoRA step calls these operators some 650
 times, and its forward waits on the host (bench/gpu_host.py). The LoRA products are called inside
 autograd functions and need no autograd formula; ``kept`` passes gradients through.
+
+``alias`` gives an ATen operator a tunesmith name with the same schema and kernel but none of its
+tags (kernels/compile.py renames attention called without dropout, which is not random).
 """
 from __future__ import annotations
 
@@ -26,4 +29,14 @@ def define(schema: str, kernel: Callable, fake: Callable, backward: Callable | N
     torch.library.register_fake(f"tunesmith::{name}", fake, lib=_LIB)
     if backward is not None:
         torch.library.register_autograd(f"tunesmith::{name}", backward, lib=_LIB)
+    return getattr(torch.ops.tunesmith, name).default
+
+
+def alias(name: str, op: torch._ops.OpOverload) -> torch._ops.OpOverload:
+    """``tunesmith::<name>``: ``op``'s schema and kernel (for every device, and for tracing) without its
+    tags; it has no autograd formula (it is meant for graphs that are already differentiated)."""
+    schema = str(op._schema)
+    _LIB.define(name + schema[schema.index("("):])
+    _LIB.impl(name, op, "CompositeExplicitAutograd")
+    torch.library.register_fake(f"tunesmith::{name}", op, lib=_LIB)
     return getattr(torch.ops.tunesmith, name).default
