@@ -5,6 +5,8 @@ forward and 6 in backward (the down projection's output feeds nothing in backwar
 only its inputs, and the gradients are those of the eager checkpointed model."""
 from __future__ import annotations
 
+import operator
+
 import pytest
 import torch
 from torch.profiler import ProfilerActivity, profile
@@ -254,3 +256,73 @@ def test_attention_without_dropout_is_recomputed_without_saving_the_generator_st
         assert "seedless" not in code and "rng_state" in code
     for n in ref:
         torch.testing.assert_close(got[n], ref[n], rtol=1e-4, atol=1e-6, msg=n)
+
+
+def test_seedless_attention_drops_size_outputs_as_the_constants_they_are(monkeypatch):
+    """Flash and cuDNN attention (CUDA) also return sizes; the alias returns only tensors, and each
+    size a graph read becomes its traced value. Written with a stand-in operator of that shape."""
+    from tunesmith.kernels.ops import alias
+    lib = torch.library.Library("tunesmith_test", "DEF")
+    lib.define("noisy(Tensor x, float dropout_p, bool twice) -> (Tensor out, SymInt n, Tensor lse)",
+               tags=(torch.Tag.nondeterministic_seeded,))
+
+    def noisy(x, dropout_p, twice):
+        return x * (2 if twice else 1), x.shape[0], x.sum(-1)
+    lib.impl("noisy", noisy, "CompositeExplicitAutograd")
+    torch.library.register_fake("tunesmith_test::noisy", noisy, lib=lib)
+    op = torch.ops.tunesmith_test.noisy.default
+    monkeypatch.setitem(C.SEEDLESS, op, alias("seedless_test_noisy", op))
+
+    x = torch.randn(3, 4)
+    g = torch.fx.Graph()
+    inp = g.placeholder("x")
+    results = []
+    for dropout_p in (0.0, 0.5):             # the call with dropout keeps its operator
+        call = g.call_function(op, (inp, dropout_p, True))
+        call.meta["val"] = op(x, dropout_p, True)
+        out, n, lse = (g.call_function(operator.getitem, (call, i)) for i in range(3))
+        scaled = g.call_function(torch.ops.aten.mul.Tensor, (out, n))
+        results.append(g.call_function(torch.ops.aten.add.Tensor, (scaled, g.call_function(
+            torch.ops.aten.unsqueeze.default, (lse, 1)))))
+    g.output(tuple(results))
+    gm = torch.fx.GraphModule(torch.nn.Module(), g)
+    want = gm(x)
+    assert C.seedless_attention(gm.graph) == 1
+    gm.recompile()
+    targets = [n.target for n in gm.graph.nodes if n.op == "call_function"]
+    assert torch.ops.tunesmith.seedless_test_noisy.default in targets and op in targets
+    assert torch.Tag.nondeterministic_seeded not in torch.ops.tunesmith.seedless_test_noisy.default.tags
+    muls = [n for n in gm.graph.nodes if n.target == torch.ops.aten.mul.Tensor]
+    assert muls[0].args[1] == 3 and isinstance(muls[1].args[1], torch.fx.Node)  # the size became its value
+    for got, ref in zip(gm(x), want):
+        torch.testing.assert_close(got, ref)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("cpp_wrapper", [False, True])
+def test_cuda_attention_recomputed_without_generator_state(cpp_wrapper):
+    """On CUDA in bf16 attention runs as flash or cuDNN attention, which also return sizes; the
+    checkpointed blocks call the alias, keep no generator state, compile with inductor's C++ wrapper
+    too, and give eager's gradients (bf16 tolerance)."""
+    from torch._inductor.utils import run_and_get_code
+    batch = ids(2, 256).cuda()
+
+    def build():
+        model = _lora_model(layers=2, hidden_size=256, intermediate_size=512, num_attention_heads=4,
+                            num_key_value_heads=2).cuda()
+        accel.enable_checkpointing(model)
+        return model
+
+    def grads(model):
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            return _grads(model, batch)
+    ref = grads(build())
+    model = build()
+    C.compile_decoder_layers(model, options={"cpp_wrapper": cpp_wrapper})
+    with torch._inductor.config.patch(force_disable_caches=True):
+        _, code = run_and_get_code(grads, model)
+    got = grads(model)
+    code = "\n".join(code)
+    assert "seedless_scaled_dot_product" in code and "rng_state" not in code
+    for n in ref:
+        torch.testing.assert_close(got[n], ref[n], rtol=2e-2, atol=2e-3, msg=n)

@@ -34,6 +34,7 @@ With ``train.offload_activations`` every tensor a compiled block keeps goes to h
 from __future__ import annotations
 
 import functools
+import operator
 
 import torch
 from torch import nn
@@ -61,7 +62,7 @@ for _name in ("_scaled_dot_product_flash_attention", "_scaled_dot_product_cudnn_
         SAVED_OPS.add(getattr(_aten, _name).default)
 
 
-#: Attention operators that take a dropout probability -> their untagged aliases.
+#: Attention operators that take a dropout probability -> (untagged alias, the outputs it returns).
 SEEDLESS = {}
 for _name in ("_scaled_dot_product_flash_attention", "_scaled_dot_product_cudnn_attention",
               "_scaled_dot_product_efficient_attention", "_scaled_dot_product_flash_attention_for_cpu"):
@@ -76,13 +77,44 @@ def _dropout_p(node: torch.fx.Node) -> float:
     return node.args[i] if len(node.args) > i else node.kwargs.get("dropout_p", args[i].default_value)
 
 
+def seedless_attention(graph: torch.fx.Graph) -> int:
+    """Rename each attention call with dropout_p == 0 to its untagged alias (``SEEDLESS``); the sizes it
+    returns besides its tensors (flash and cuDNN attention's max_q, max_k) become the constants they
+    are in a traced graph. Calls whose sizes are symbolic keep their operator. Returns how many."""
+    renamed = 0
+    for node in list(graph.nodes):
+        if node.op != "call_function" or node.target not in SEEDLESS or _dropout_p(node) != 0:
+            continue
+        new, keep = SEEDLESS[node.target]
+        val, users = node.meta.get("val"), list(node.users)
+        dropped = [i for i in range(len(node.target._schema.returns)) if i not in keep]
+        if (val is None or any(type(val[i]) is not int for i in dropped)
+                or any(u.target is not operator.getitem for u in users)):
+            continue
+        for u in users:
+            i = u.args[1]
+            if i in keep and len(keep) > 1:
+                u.args = (node, keep.index(i))
+                continue
+            if i in keep:                 # the alias returns its one tensor, not a tuple
+                u.replace_all_uses_with(node)
+                graph.erase_node(u)
+                continue
+            for user in list(u.users):
+                user.args = torch.fx.node.map_arg(user.args, lambda n, u=u, i=i: val[i] if n is u else n)
+                user.kwargs = torch.fx.node.map_arg(user.kwargs, lambda n, u=u, i=i: val[i] if n is u else n)
+            graph.erase_node(u)
+        node.target = new
+        node.meta["val"] = tuple(val[i] for i in keep) if len(keep) > 1 else val[keep[0]]
+        renamed += 1
+    return renamed
+
+
 class SeedlessAttention(CustomGraphPass):
-    """Joint-graph pass: attention calls with dropout_p == 0 become their untagged aliases."""
+    """Joint-graph pass of every compiled block: ``seedless_attention``."""
 
     def __call__(self, graph: torch.fx.Graph) -> None:
-        for node in graph.nodes:
-            if node.op == "call_function" and node.target in SEEDLESS and _dropout_p(node) == 0:
-                node.target = SEEDLESS[node.target]
+        seedless_attention(graph)
 
     def uuid(self) -> bytes:
         return get_hash_for_files((__file__,))

@@ -32,11 +32,20 @@ def define(schema: str, kernel: Callable, fake: Callable, backward: Callable | N
     return getattr(torch.ops.tunesmith, name).default
 
 
-def alias(name: str, op: torch._ops.OpOverload) -> torch._ops.OpOverload:
-    """``tunesmith::<name>``: ``op``'s schema and kernel (for every device, and for tracing) without its
-    tags; it has no autograd formula (it is meant for graphs that are already differentiated)."""
+def alias(name: str, op: torch._ops.OpOverload) -> tuple[torch._ops.OpOverload, tuple[int, ...]]:
+    """``tunesmith::<name>``: ``op``'s arguments and kernel (for every device, and for tracing) without
+    its tags, returning only its tensor outputs (sizes among them are known once a graph is traced).
+    Returns the operator and the indices of ``op``'s outputs it returns. It has no autograd formula:
+    it is meant for graphs that are already differentiated."""
+    returns = op._schema.returns
+    keep = tuple(i for i, r in enumerate(returns) if isinstance(r.type, torch.TensorType))
     schema = str(op._schema)
-    _LIB.define(name + schema[schema.index("("):])
-    _LIB.impl(name, op, "CompositeExplicitAutograd")
-    torch.library.register_fake(f"tunesmith::{name}", op, lib=_LIB)
-    return getattr(torch.ops.tunesmith, name).default
+    arguments = schema[schema.index("("):schema.rindex(" -> ")]
+    _LIB.define(f"{name}{arguments} -> ({', '.join('Tensor ' + returns[i].name for i in keep)})")
+
+    def kernel(*args, **kwargs):
+        out = op(*args, **kwargs)
+        return tuple(out[i] for i in keep) if len(keep) > 1 else out[keep[0]]
+    _LIB.impl(name, kernel, "CompositeExplicitAutograd")
+    torch.library.register_fake(f"tunesmith::{name}", kernel, lib=_LIB)
+    return getattr(torch.ops.tunesmith, name).default, keep
