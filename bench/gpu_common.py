@@ -119,11 +119,11 @@ def patch_fused_dora() -> None:
 def inductor_options(flags) -> dict | None:
     """torch.compile options of the bench flags: cg (CUDA graphs, what mode="reduce-overhead" sets),
     combo (independent small kernels, such as the casts of the adapter weights, fused into one),
-    cpp (inductor's C++ wrapper: each graph's kernels launched from compiled C++, not Python; its
-    Triton kernels compiled and tuned at their first call, with real inputs)."""
-    opts = {"triton.cudagraphs": "cg" in flags, "combo_kernels": "combo" in flags, "cpp_wrapper": "cpp" in flags}
+    cpp (inductor's C++ wrapper: each graph's kernels launched from compiled C++, not Python)."""
+    opts = {"triton.cudagraphs": "cg" in flags, "combo_kernels": "combo" in flags}
     if "cpp" in flags:
-        opts["triton.autotune_at_compile_time"] = False
+        from tunesmith.kernels.compile import CPP_WRAPPER
+        opts.update(CPP_WRAPPER)
     return opts if any(opts.values()) else None
 
 

@@ -318,7 +318,7 @@ def test_cuda_attention_recomputed_without_generator_state(cpp_wrapper):
             return _grads(model, batch)
     ref = grads(build())
     model = build()
-    C.compile_decoder_layers(model, options={"cpp_wrapper": cpp_wrapper, "triton.autotune_at_compile_time": False})
+    C.compile_decoder_layers(model, options=C.CPP_WRAPPER if cpp_wrapper else None)
     with torch._inductor.config.patch(force_disable_caches=True):
         _, code = run_and_get_code(grads, model)
     got = grads(model)
