@@ -121,9 +121,10 @@ def inductor_options(flags) -> dict | None:
     combo (independent small kernels, such as the casts of the adapter weights, fused into one),
     cpp (inductor's C++ wrapper: each graph's kernels launched from compiled C++, not Python)."""
     opts = {"triton.cudagraphs": "cg" in flags, "combo_kernels": "combo" in flags}
-    if "cpp" in flags:
-        from tunesmith.kernels.compile import CPP_WRAPPER
-        opts.update(CPP_WRAPPER)
+    if "cpp" in flags:  # spelled out: a block's backward graph compiles at its first call, after
+        # torch.compile's own setup for cpp_wrapper is undone, and would not keep its kernels' binaries
+        opts.update({"cpp_wrapper": True, "triton.store_cubin": True, "triton.autotune_at_compile_time": True,
+                     "triton.autotune_cublasLt": False})
     return opts if any(opts.values()) else None
 
 

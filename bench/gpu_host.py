@@ -8,6 +8,10 @@ For each configuration of bench/gpu_train.py named in --runs (one process each, 
   optimizer step without waiting for the GPU, against the synchronized step time;
 * sync points: the operations that make the host wait for the GPU inside a step
   (``torch.cuda.set_sync_debug_mode``), with the line of the caller;
+* the GPU-bound floor: the step again with a GPU sleep queued as the rotary embedding starts (after
+  the step's first synchronizations, before the first block), so that the host issues ahead of the GPU until the next one; the
+  step's wall time less the sleep's is what the step would take if the host never made the GPU
+  wait from there on;
 * GPU gaps: one profiled step's kernel timeline; the idle time between kernels, in total and
   by the host operation whose launch ended each gap (a gap that ends with a late launch is time
   the GPU waited for the host).
@@ -107,6 +111,34 @@ def gaps(trace: dict, min_us: float = 5.0) -> dict:
             "gap_by_next_launcher_ms": [(k, round(v / 1e3, 3)) for k, v in top]}
 
 
+def floor(model, loss_fn, batches, params, opt, sleep_ms: float = 200.0) -> dict:
+    """Median wall time of steps with a ``sleep_ms`` GPU sleep queued by a pre-hook of the rotary
+    embedding (longer than the forward's issue time), less the sleep's own median time (``floor_ms``)."""
+    import torch
+    rotary = next(m for n, m in model.named_modules() if n.endswith("rotary_emb"))
+    cycles = int(sleep_ms * 1e-3 * torch.cuda.clock_rate() * 1e6)
+
+    def sleep_alone():
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        torch.cuda._sleep(cycles)
+        torch.cuda.synchronize()
+        return time.perf_counter() - t0
+    alone = statistics.median(sleep_alone() for _ in range(5))
+    handle = rotary.register_forward_pre_hook(lambda *_: torch.cuda._sleep(cycles))
+    walls = []
+    try:
+        for i in range(6):
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            float(_step(model, loss_fn, batches[i % 2], params, opt))
+            torch.cuda.synchronize()
+            walls.append(time.perf_counter() - t0)
+    finally:
+        handle.remove()
+    return {"sleep_ms": 1e3 * alone, "floor_ms": 1e3 * (statistics.median(walls[1:]) - alone)}
+
+
 def run(name: str, out: Path) -> dict:
     import torch
     import gpu_common as G
@@ -156,6 +188,7 @@ def run(name: str, out: Path) -> dict:
         where = f"{Path(w.filename).name}:{w.lineno}"
         syncs[where] = syncs.get(where, 0) + 1
     res["sync_points"] = syncs
+    res.update(floor(model, loss_fn, batches, params, opt))
     stem = name.replace('/', '_').replace('+', '_')
     (out / f"host_{stem}.json").write_text(json.dumps(res, indent=1))
     print("HOST", json.dumps(res), flush=True)

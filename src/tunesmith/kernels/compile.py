@@ -122,11 +122,6 @@ class SeedlessAttention(CustomGraphPass):
 
 #: Inductor options every compiled block gets.
 BLOCK_OPTIONS = {"joint_custom_pre_pass": SeedlessAttention()}
-#: Inductor options of the C++ wrapper, spelled out: a block's backward graph is compiled at its
-#: first call, after torch.compile's own setup for ``cpp_wrapper`` has been undone, and without
-#: these its Triton kernels' binaries are not kept for the wrapper to launch.
-CPP_WRAPPER = {"cpp_wrapper": True, "triton.store_cubin": True, "triton.autotune_at_compile_time": True,
-               "triton.autotune_cublasLt": False, "triton.cudagraphs": False}
 
 
 def _policy(ctx, op, *args, **kwargs) -> CheckpointPolicy:
