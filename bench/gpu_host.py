@@ -9,9 +9,9 @@ For each configuration of bench/gpu_train.py named in --runs (one process each, 
 * sync points: the operations that make the host wait for the GPU inside a step
   (``torch.cuda.set_sync_debug_mode``), with the line of the caller;
 * the GPU-bound floor: the step again with a GPU sleep queued as the rotary embedding starts (after
-  the step's first synchronizations, before the first block), so that the host issues ahead of the GPU until the next one; the
-  step's wall time less the sleep's is what the step would take if the host never made the GPU
-  wait from there on;
+  the step's first synchronizations, before the first block), so that the host issues ahead of the
+  GPU until the next one, and again with a second sleep before backward; the step's wall time less
+  the sleeps' is what it would take if the host never made the GPU wait from there on;
 * GPU gaps: one profiled step's kernel timeline; the idle time between kernels, in total and
   by the host operation whose launch ended each gap (a gap that ends with a late launch is time
   the GPU waited for the host).
@@ -36,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 
-def _step(model, loss_fn, batch, params, opt, marks: list | None = None):
+def _step(model, loss_fn, batch, params, opt, marks: list | None = None, before_backward=None):
     import torch
     from torch.profiler import record_function
     t0 = time.perf_counter()
@@ -44,6 +44,8 @@ def _step(model, loss_fn, batch, params, opt, marks: list | None = None):
     with record_function("step.fwd"), torch.autocast("cuda", dtype=torch.bfloat16):
         loss = loss_fn(model, batch)
     t1 = time.perf_counter()
+    if before_backward is not None:
+        before_backward()
     with record_function("step.bwd"):
         loss.backward()
     t2 = time.perf_counter()
@@ -112,8 +114,10 @@ def gaps(trace: dict, min_us: float = 5.0) -> dict:
 
 
 def floor(model, loss_fn, batches, params, opt, sleep_ms: float = 200.0) -> dict:
-    """Median wall time of steps with a ``sleep_ms`` GPU sleep queued by a pre-hook of the rotary
-    embedding (longer than the forward's issue time), less the sleep's own median time (``floor_ms``)."""
+    """GPU-bound floors of the step: its median wall time with a ``sleep_ms`` GPU sleep queued by a
+    pre-hook of the rotary embedding (longer than the forward's issue time), less the sleep's own
+    median time (``floor_ms``); and with a second sleep queued before backward as well, less both
+    (``floor_bwd_ms``: neither forward nor backward waits for the host, after the step's first syncs)."""
     import torch
     rotary = next(m for n, m in model.named_modules() if n.endswith("rotary_emb"))
     cycles = int(sleep_ms * 1e-3 * torch.cuda.clock_rate() * 1e6)
@@ -124,22 +128,27 @@ def floor(model, loss_fn, batches, params, opt, sleep_ms: float = 200.0) -> dict
         torch.cuda._sleep(cycles)
         torch.cuda.synchronize()
         return time.perf_counter() - t0
-    alone = statistics.median(sleep_alone() for _ in range(5))
-    handle = rotary.register_forward_pre_hook(lambda *_: torch.cuda._sleep(cycles))
-    walls = []
-    try:
+
+    def walls(before_backward):
+        out = []
         for i in range(6):
             torch.cuda.synchronize()
             t0 = time.perf_counter()
-            float(_step(model, loss_fn, batches[i % 2], params, opt))
+            float(_step(model, loss_fn, batches[i % 2], params, opt, before_backward=before_backward))
             torch.cuda.synchronize()
-            walls.append(time.perf_counter() - t0)
+            out.append(time.perf_counter() - t0)
+        return statistics.median(out[1:])
+    alone = statistics.median(sleep_alone() for _ in range(5))
+    handle = rotary.register_forward_pre_hook(lambda *_: torch.cuda._sleep(cycles))
+    try:
+        fwd = walls(None)
+        both = walls(lambda: torch.cuda._sleep(cycles))
     finally:
         handle.remove()
-    return {"sleep_ms": 1e3 * alone, "floor_ms": 1e3 * (statistics.median(walls[1:]) - alone)}
+    return {"sleep_ms": 1e3 * alone, "floor_ms": 1e3 * (fwd - alone), "floor_bwd_ms": 1e3 * (both - 2 * alone)}
 
 
-def run(name: str, out: Path) -> dict:
+def run(name: str, out: Path, trace: bool = True) -> dict:
     import torch
     import gpu_common as G
     import gpu_train as T
@@ -192,6 +201,8 @@ def run(name: str, out: Path) -> dict:
     stem = name.replace('/', '_').replace('+', '_')
     (out / f"host_{stem}.json").write_text(json.dumps(res, indent=1))
     print("HOST", json.dumps(res), flush=True)
+    if not trace:
+        return res
     from torch.profiler import ProfilerActivity, profile
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
@@ -215,12 +226,14 @@ def main() -> None:
     ap.add_argument("--runs", default="")
     ap.add_argument("--worker", default=None)
     ap.add_argument("--deadline", type=float, default=540)
+    ap.add_argument("--no-trace", action="store_true", help="skip the profiled step and its trace")
     args = ap.parse_args()
     out = Path(args.out)
     if args.worker:
         try:
-            res = run(args.worker, out)
-            print("GAPS", json.dumps(res["profile"]), flush=True)
+            res = run(args.worker, out, trace=not args.no_trace)
+            if "profile" in res:
+                print("GAPS", json.dumps(res["profile"]), flush=True)
         except Exception:  # noqa: BLE001
             traceback.print_exc()
         return
@@ -232,7 +245,8 @@ def main() -> None:
             continue
         print(f"== {name}", flush=True)
         try:
-            subprocess.run([sys.executable, __file__, "--worker", name, "--out", str(out)],
+            subprocess.run([sys.executable, __file__, "--worker", name, "--out", str(out)]
+                           + (["--no-trace"] if args.no_trace else []),
                            env={**os.environ, "PYTHONUNBUFFERED": "1"}, timeout=left, check=False)
         except subprocess.TimeoutExpired:
             print(f"== {name}: stopped at the deadline", flush=True)
