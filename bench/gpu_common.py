@@ -154,7 +154,7 @@ def setup_tunesmith(model, method: str, gc_on: bool, *, liger: bool = False, pac
         patch_fused_dora()
     if compile_layers:
         from tunesmith.kernels.compile import compile_decoder_layers
-        compile_decoder_layers(model, options=inductor_options(compile_flags), recompute_wide="wide" in compile_flags)
+        compile_decoder_layers(model, options=inductor_options(compile_flags))
     objective = CausalLM()
     objective.configure(TrainConfig(compile=compile_layers))  # train.compile also compiles the loss's chunks
 

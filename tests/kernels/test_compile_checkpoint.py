@@ -325,23 +325,3 @@ def test_cuda_attention_recomputed_without_generator_state():
     assert "seedless_scaled_dot_product" in code and "rng_state" not in code
     for n in ref:
         torch.testing.assert_close(got[n], ref[n], rtol=2e-2, atol=2e-3, msg=n)
-
-
-def test_blocks_recomputing_wide_products_keep_no_mlp_activation():
-    """``recompute_wide``: a block that is not checkpointed recomputes the products wider than their
-    input (gate and up) in backward instead of keeping them, with the same gradients."""
-    batch = ids(2, 24)
-    ref = _grads(_lora_model(layers=2), batch)
-    model = _lora_model(layers=2)
-    C.compile_decoder_layers(model, recompute_wide=True)
-    _grads(model, batch)
-    saved, _ = _saved_shapes(model, batch)
-    widths = {s[-1] for s in saved if len(s) >= 2}
-    assert model.config.intermediate_size not in widths, widths
-    model.zero_grad(set_to_none=True)
-    out = {}
-    assert _op_calls(lambda: out.update(loss=model(input_ids=batch, labels=batch).loss)) == 7 * 2
-    assert _op_calls(lambda: out["loss"].backward()) == 2 * 2      # gate and up of each block, again
-    got = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
-    for n in ref:
-        torch.testing.assert_close(got[n], ref[n], rtol=1e-4, atol=1e-6, msg=n)

@@ -134,37 +134,18 @@ def _policy(ctx, op, *args, **kwargs) -> CheckpointPolicy:
     return CheckpointPolicy.PREFER_RECOMPUTE
 
 
-def _widens(op, args) -> bool:
-    """A product whose output is wider than its input (a Llama MLP's gate and up projections)."""
-    if op is lora_output:
-        return args[1].shape[0] > args[0].shape[-1]
-    if op is _aten.mm.default:
-        return args[1].shape[-1] > args[0].shape[-1]
-    if op is _aten.addmm.default:
-        return args[2].shape[-1] > args[1].shape[-1]
-    return False
-
-
-def _policy_narrow(ctx, op, *args, **kwargs) -> CheckpointPolicy:
-    """``_policy``, but products wider than their input are recomputed, not kept (``recompute_wide``)."""
-    if op in SAVED_OPS and _widens(op, args):
-        return CheckpointPolicy.MUST_RECOMPUTE
-    return _policy(ctx, op, *args, **kwargs)
-
-
 def _recompute_all(ctx, op, *args, **kwargs) -> CheckpointPolicy:
     # spelled out: some torch versions keep opaque operators' outputs under a plain checkpoint
     return CheckpointPolicy.MUST_SAVE if op in SMALL_OPS else CheckpointPolicy.MUST_RECOMPUTE
 
 
-def _checkpoint_inside(layer: nn.Module, checkpointed: bool, recompute_wide: bool = False) -> None:
+def _checkpoint_inside(layer: nn.Module, checkpointed: bool) -> None:
     """Run ``layer``'s training forward under non-reentrant checkpointing inside its compiled graph:
-    all of it recomputed (``checkpointed``), or only what ``_policy`` (``_policy_narrow`` with
-    ``recompute_wide``) lets go."""
+    all of it recomputed (``checkpointed``), or only what ``_policy`` lets go."""
     forward = layer.forward
     if checkpointed:
         layer.gradient_checkpointing = False   # not wrapped a second time from outside the graph
-    policy = _recompute_all if checkpointed else _policy_narrow if recompute_wide else _policy
+    policy = _recompute_all if checkpointed else _policy
     context = {"context_fn": functools.partial(create_selective_checkpoint_contexts, policy)}
 
     @functools.wraps(forward)
@@ -182,12 +163,10 @@ def _checkpoint_inside(layer: nn.Module, checkpointed: bool, recompute_wide: boo
     layer.forward = run
 
 
-def compile_decoder_layers(model: nn.Module, mode: str | None = None, options: dict | None = None,
-                           recompute_wide: bool = False) -> int:
+def compile_decoder_layers(model: nn.Module, mode: str | None = None, options: dict | None = None) -> int:
     """Compile every transformer block of a transformers model in place; returns how many.
     ``mode``: torch.compile's mode (None: the default); ``options``: inductor options on top of it
-    (and of ``BLOCK_OPTIONS``); ``recompute_wide``: blocks that are not checkpointed recompute their
-    products that are wider than their input (the MLP's gate and up projections) instead of keeping them."""
+    (and of ``BLOCK_OPTIONS``)."""
     from torch._inductor import list_mode_options
     options = {**(list_mode_options(mode) if mode else {}), **BLOCK_OPTIONS, **(options or {})}
     _, layers = find_blocks(model)
@@ -199,7 +178,7 @@ def compile_decoder_layers(model: nn.Module, mode: str | None = None, options: d
         last = [m for m in layer.modules() if hasattr(m, "keep_output")]
         if checkpointed and last:
             last[-1].keep_output = True
-        _checkpoint_inside(layer, checkpointed, recompute_wide)
+        _checkpoint_inside(layer, checkpointed)
         layer.compile(options=options)
         offload = getattr(layer, "activation_offload", None)   # set by train.accel.enable_checkpointing
         if offload is not None:  # its hooks run around the compiled call, never inside the graph
