@@ -4,11 +4,12 @@ Each is defined with a plain dispatcher kernel (CompositeExplicitAutograd) and a
 tracing. ``torch.library.custom_op`` would do the same, but its Python wrapper costs host time: a
 call of ``lora_output`` on tiny tensors took 68 µs defined that way, 26 µs defined here and 16 µs as
 a plain Python function (one CPU core). A compiled 8B LoRA step calls these operators some 650
-times, and its forward waits on the host (bench/gpu_host.py). The LoRA products are called inside
+times. The LoRA products are called inside
 autograd functions and need no autograd formula; ``kept`` passes gradients through.
 
-``alias`` gives an ATen operator a tunesmith name with the same schema and kernel but none of its
-tags (kernels/compile.py renames attention called without dropout, which is not random).
+``alias`` gives an ATen operator a tunesmith name with the same arguments and kernel but none of its
+tags, returning only its tensor outputs (kernels/compile.py renames attention called without
+dropout, which is not random).
 """
 from __future__ import annotations
 
