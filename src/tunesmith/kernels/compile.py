@@ -56,16 +56,17 @@ SAVED_OPS = {_aten.mm.default, _aten.addmm.default, _aten.bmm.default, lora_outp
 #: Kept in every block: small results that are expensive to recompute, marked with ``kept`` (DoRA's
 #: row norms, which read the whole frozen weight).
 SMALL_OPS = {kept}
-for _name in ("_scaled_dot_product_flash_attention", "_scaled_dot_product_cudnn_attention",
-              "_scaled_dot_product_efficient_attention", "_flash_attention_forward", "_efficient_attention_forward"):
+#: The scaled-dot-product attention operators (CUDA) that SDPA dispatches to.
+_SDPA = ("_scaled_dot_product_flash_attention", "_scaled_dot_product_cudnn_attention",
+         "_scaled_dot_product_efficient_attention")
+for _name in _SDPA + ("_flash_attention_forward", "_efficient_attention_forward"):
     if hasattr(_aten, _name):
         SAVED_OPS.add(getattr(_aten, _name).default)
 
 
 #: Attention operators that take a dropout probability -> (untagged alias, the outputs it returns).
 SEEDLESS = {}
-for _name in ("_scaled_dot_product_flash_attention", "_scaled_dot_product_cudnn_attention",
-              "_scaled_dot_product_efficient_attention", "_scaled_dot_product_flash_attention_for_cpu"):
+for _name in _SDPA + ("_scaled_dot_product_flash_attention_for_cpu",):
     _op = getattr(getattr(_aten, _name, None), "default", None)
     if _op is not None and torch.Tag.nondeterministic_seeded in _op.tags:
         SEEDLESS[_op] = alias("seedless" + _name, _op)
