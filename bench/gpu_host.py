@@ -117,9 +117,11 @@ def floor(model, loss_fn, batches, params, opt, sleep_ms: float = 200.0) -> dict
     """GPU-bound floors of the step: its median wall time with a ``sleep_ms`` GPU sleep queued by a
     pre-hook of the rotary embedding (longer than the forward's issue time), less the sleep's own
     median time (``floor_ms``); and with a second sleep queued before backward as well, less both
-    (``floor_bwd_ms``: neither forward nor backward waits for the host, after the step's first syncs)."""
+    (``floor_bwd_ms``: neither forward nor backward waits for the host, after the step's first syncs).
+    ``gpu_floor_ms``: the same two-sleep step timed on the GPU by CUDA events, from the end of the
+    first sleep to the end of the optimizer step, less the second sleep's own event-timed span (clock
+    changes under load cannot stretch a sleep into the figure)."""
     import torch
-    rotary = next(m for n, m in model.named_modules() if n.endswith("rotary_emb"))
     cycles = int(sleep_ms * 1e-3 * torch.cuda.clock_rate() * 1e6)
 
     def sleep_alone():
@@ -139,16 +141,144 @@ def floor(model, loss_fn, batches, params, opt, sleep_ms: float = 200.0) -> dict
             out.append(time.perf_counter() - t0)
         return statistics.median(out[1:])
     alone = statistics.median(sleep_alone() for _ in range(5))
-    handle = rotary.register_forward_pre_hook(lambda *_: torch.cuda._sleep(cycles))
-    try:
+    with _sleeps(model, cycles):
         fwd = walls(None)
-        both = walls(lambda: torch.cuda._sleep(cycles))
+    with _sleeps(model, cycles) as marks:
+        both = walls(marks.before_backward)
+        gpu = []
+        for i in range(6):
+            _step(model, loss_fn, batches[i % 2], params, opt, before_backward=marks.before_backward)
+            marks.end.record()
+            torch.cuda.synchronize()
+            gpu.append(marks.elapsed_ms())
+    return {"sleep_ms": 1e3 * alone, "floor_ms": 1e3 * (fwd - alone), "floor_bwd_ms": 1e3 * (both - 2 * alone),
+            "gpu_floor_ms": statistics.median(gpu[1:])}
+
+
+class _Marks:
+    """CUDA events around the GPU sleeps of one step: after the first sleep, around the second, at
+    the step's end."""
+
+    def __init__(self, cycles: int):
+        import torch
+        self.cycles = cycles
+        self.after_first, self.before_second, self.after_second, self.end = (
+            torch.cuda.Event(enable_timing=True) for _ in range(4))
+
+    def first(self, *_):
+        import torch
+        torch.cuda._sleep(self.cycles)
+        self.after_first.record()
+
+    def before_backward(self):
+        import torch
+        self.before_second.record()
+        torch.cuda._sleep(self.cycles)
+        self.after_second.record()
+
+    def elapsed_ms(self) -> float:
+        return self.after_first.elapsed_time(self.end) - self.before_second.elapsed_time(self.after_second)
+
+
+class _sleeps:
+    """Queue a GPU sleep as the rotary embedding starts (after the step's first synchronizations,
+    before the first block); the marks it returns also hold the hook that queues one before backward."""
+
+    def __init__(self, model, cycles: int):
+        self.rotary = next(m for n, m in model.named_modules() if n.endswith("rotary_emb"))
+        self.marks = _Marks(cycles)
+
+    def __enter__(self):
+        self.handle = self.rotary.register_forward_pre_hook(self.marks.first)
+        return self.marks
+
+    def __exit__(self, *exc):
+        self.handle.remove()
+
+
+def stream_gaps(trace: dict, min_us: float = 1.0) -> dict:
+    """Idle time of the compute stream (the stream with the most kernel time) in a profiled step
+    whose host ran ahead of the GPU (GPU sleeps queued, ``_sleeps``): the gaps left when the GPU
+    never waits for a launch. Sleep kernels are left out. Gaps are summed by size, and by the
+    kernel that ends them; a gap whose ending kernel was queued behind a wait on another stream's
+    event (``cudaStreamWaitEvent`` between the two launches) is counted as ``event_wait_ms``."""
+    ev = [e for e in trace["traceEvents"] if e.get("ph") == "X"]
+    kern = [e for e in ev if e.get("cat") in ("kernel", "gpu_memset", "gpu_memcpy")]
+    by_stream: dict = {}
+    for k in kern:
+        by_stream.setdefault(k.get("args", {}).get("stream"), []).append(k)
+    sid = max(by_stream, key=lambda s: sum(k["dur"] for k in by_stream[s] if k.get("cat") == "kernel"))
+    ks = sorted((k for k in by_stream[sid] if "sleep" not in k["name"].lower()), key=lambda e: e["ts"])
+    runtime = sorted((e for e in ev if e.get("cat") == "cuda_runtime"), key=lambda e: e["ts"])
+    launch = {e["args"]["correlation"]: e for e in runtime if "correlation" in e.get("args", {})}
+    waits = [e["ts"] for e in runtime if "WaitEvent" in e["name"]]
+    sleeps = sorted((k["ts"], k["ts"] + k["dur"]) for k in by_stream[sid] if "sleep" in k["name"].lower())
+    buckets = {"<5us": 0.0, "5-20us": 0.0, "20-100us": 0.0, ">100us": 0.0}
+    by_next: dict = {}
+    total = waited = 0.0
+    for prev, k in zip(ks, ks[1:]):
+        g = k["ts"] - (prev["ts"] + prev["dur"])
+        if g < min_us or any(a >= prev["ts"] and b <= k["ts"] + 1 for a, b in sleeps):
+            continue
+        total += g
+        buckets["<5us" if g < 5 else "5-20us" if g < 20 else "20-100us" if g < 100 else ">100us"] += g
+        key = k["name"][:70]
+        by_next[key] = by_next.get(key, 0.0) + g
+        a, b = launch.get(prev.get("args", {}).get("correlation")), launch.get(k.get("args", {}).get("correlation"))
+        if a is not None and b is not None:
+            i = bisect.bisect_left(waits, a["ts"])
+            if i < len(waits) and waits[i] <= b["ts"]:
+                waited += g
+    busy = sum(k["dur"] for k in ks)
+    top = sorted(by_next.items(), key=lambda kv: -kv[1])[:25]
+    return {"kernels": len(ks), "busy_ms": busy / 1e3, "gap_ms": total / 1e3, "event_wait_ms": waited / 1e3,
+            "gap_by_size_ms": {k: round(v / 1e3, 3) for k, v in buckets.items()},
+            "gap_by_next_kernel_ms": [(k, round(v / 1e3, 3)) for k, v in top]}
+
+
+def memory_peak(step, top: int = 25) -> dict:
+    """The step's peak of memory allocated during it (weights and optimizer state excluded: they
+    were allocated before), and what is live at that moment, summed by where it was allocated
+    (``torch.cuda.memory`` history, the innermost frame in tunesmith, transformers or torch's
+    autograd and checkpoint code, with the frame below it)."""
+    import torch
+    torch.cuda.synchronize()
+    torch.cuda.memory._record_memory_history(max_entries=400000)
+    try:
+        step()
+        torch.cuda.synchronize()
+        snap = torch.cuda.memory._snapshot()
     finally:
-        handle.remove()
-    return {"sleep_ms": 1e3 * alone, "floor_ms": 1e3 * (fwd - alone), "floor_bwd_ms": 1e3 * (both - 2 * alone)}
+        torch.cuda.memory._record_memory_history(enabled=None)
+    events = [e for e in snap["device_traces"][torch.cuda.current_device()] if e["action"] in ("alloc", "free_completed")]
+    cur = peak = at = 0
+    for i, e in enumerate(events):
+        cur += e["size"] if e["action"] == "alloc" else -e["size"]
+        if cur > peak:
+            peak, at = cur, i
+    live: dict = {}
+    for e in events[:at + 1]:
+        if e["action"] == "alloc":
+            live[e["addr"]] = e
+        else:
+            live.pop(e["addr"], None)
+
+    def where(frames) -> str:
+        keep = [f for f in frames if any(k in f["filename"] for k in ("tunesmith", "transformers", "checkpoint",
+                                                                         "autograd", "offload", "inductor"))]
+        f = (keep or frames or [{"filename": "?", "line": 0, "name": "?"}])[:2]
+        return " < ".join(f"{Path(x['filename']).name}:{x['line']}:{x['name']}" for x in f)
+    groups: dict = {}
+    for e in live.values():
+        k = where(e.get("frames", []))
+        n, b = groups.get(k, (0, 0))
+        groups[k] = (n + 1, b + e["size"])
+    rows = sorted(groups.items(), key=lambda kv: -kv[1][1])[:top]
+    return {"step_peak_gib": peak / 2**30, "events_to_peak": at, "events": len(events),
+            "live_at_peak": [(k, n, round(b / 2**20, 1)) for k, (n, b) in rows]}
 
 
-def run(name: str, out: Path, trace: bool = True) -> dict:
+def run(name: str, out: Path, trace: bool = True, memory: bool = False) -> dict:
     import torch
     import gpu_common as G
     import gpu_train as T
@@ -201,23 +331,39 @@ def run(name: str, out: Path, trace: bool = True) -> dict:
     stem = name.replace('/', '_').replace('+', '_')
     (out / f"host_{stem}.json").write_text(json.dumps(res, indent=1))
     print("HOST", json.dumps(res), flush=True)
+    if memory:
+        res["memory"] = memory_peak(lambda: _step(model, loss_fn, batches[1], params, opt))
+        print("MEMORY", json.dumps(res["memory"], indent=0), flush=True)
+        (out / f"host_{stem}.json").write_text(json.dumps(res, indent=1))
     if not trace:
         return res
+    res["profile"] = gaps(_trace(out, f"trace_{stem}", lambda: _step(model, loss_fn, batches[1], params, opt)))
+    # the same step with the host ahead of the GPU: what the GPU itself leaves idle
+    cycles = int(0.5 * torch.cuda.clock_rate() * 1e6)
+    with _sleeps(model, cycles) as marks:
+        res["gpu_bound_profile"] = stream_gaps(_trace(
+            out, f"trace_gpu_bound_{stem}",
+            lambda: _step(model, loss_fn, batches[1], params, opt, before_backward=marks.before_backward)))
+    gc.enable()
+    (out / f"host_{stem}.json").write_text(json.dumps(res, indent=1))
+    return res
+
+
+def _trace(out: Path, stem: str, step) -> dict:
+    """One profiled call of ``step``: its chrome trace, also written gzipped to ``out``."""
+    import gzip
+    import torch
     from torch.profiler import ProfilerActivity, profile
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        _step(model, loss_fn, batches[1], params, opt)
+        step()
         torch.cuda.synchronize()
-    gc.enable()
-    path = Path("/tmp") / f"trace_{stem}.json"
+    path = Path("/tmp") / f"{stem}.json"
     prof.export_chrome_trace(str(path))
     trace = json.loads(path.read_text())
-    import gzip
-    with gzip.open(out / f"trace_{stem}.json.gz", "wt") as f:
+    with gzip.open(out / f"{stem}.json.gz", "wt") as f:
         json.dump(trace, f)
-    res["profile"] = gaps(trace)
-    (out / f"host_{stem}.json").write_text(json.dumps(res, indent=1))
-    return res
+    return trace
 
 
 def main() -> None:
@@ -227,13 +373,15 @@ def main() -> None:
     ap.add_argument("--worker", default=None)
     ap.add_argument("--deadline", type=float, default=540)
     ap.add_argument("--no-trace", action="store_true", help="skip the profiled step and its trace")
+    ap.add_argument("--memory", action="store_true", help="what is live at the step's memory peak")
     args = ap.parse_args()
     out = Path(args.out)
     if args.worker:
         try:
-            res = run(args.worker, out, trace=not args.no_trace)
-            if "profile" in res:
-                print("GAPS", json.dumps(res["profile"]), flush=True)
+            res = run(args.worker, out, trace=not args.no_trace, memory=args.memory)
+            for key in ("profile", "gpu_bound_profile"):
+                if key in res:
+                    print("GAPS", key, json.dumps(res[key]), flush=True)
         except Exception:  # noqa: BLE001
             traceback.print_exc()
         return
@@ -246,7 +394,7 @@ def main() -> None:
         print(f"== {name}", flush=True)
         try:
             subprocess.run([sys.executable, __file__, "--worker", name, "--out", str(out)]
-                           + (["--no-trace"] if args.no_trace else []),
+                           + (["--no-trace"] if args.no_trace else []) + (["--memory"] if args.memory else []),
                            env={**os.environ, "PYTHONUNBUFFERED": "1"}, timeout=left, check=False)
         except subprocess.TimeoutExpired:
             print(f"== {name}: stopped at the deadline", flush=True)

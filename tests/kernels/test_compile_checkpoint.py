@@ -177,7 +177,8 @@ def test_dora_keeps_the_last_projections_output_instead_of_recomputing_it():
 
 class _Recorded:
     """Stand-in for ActivationOffload's compiled-block path on the CPU: what a compiled block saves
-    for backward passes through the hooks (a copy, as the host round trip), parameters excepted."""
+    for backward passes through the hooks (a copy in the tensor's own layout, as the host round trip),
+    parameters excepted."""
 
     def __init__(self, model):
         self.frozen = {p.untyped_storage().data_ptr() for p in model.parameters()}
@@ -188,7 +189,7 @@ class _Recorded:
             if t.untyped_storage().data_ptr() in self.frozen:
                 return t
             self.shapes[-1].append(tuple(t.shape))
-            return t.clone()
+            return torch.empty_strided(t.shape, t.stride(), dtype=t.dtype).copy_(t)
 
         def run(*args, **kwargs):
             self.shapes.append([])

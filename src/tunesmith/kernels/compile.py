@@ -111,18 +111,109 @@ def seedless_attention(graph: torch.fx.Graph) -> int:
     return renamed
 
 
-class SeedlessAttention(CustomGraphPass):
-    """Joint-graph pass of every compiled block: ``seedless_attention``."""
+#: Widest side of a small product that ``shared_operand_products`` groups (LoRA ranks and their sums).
+GROUP_MAX = 64
+_VIEWS = {_aten.view.default, _aten._unsafe_view.default, _aten.reshape.default}
+
+
+def _source(node: torch.fx.Node):
+    """The node ``node`` is a view of (through reshapes), and its shape: views of one tensor in one
+    shape are the same operand."""
+    base = node
+    while isinstance(base, torch.fx.Node) and base.op == "call_function" and base.target in _VIEWS:
+        base = base.args[0]
+    return base, tuple(node.meta["val"].shape)
+
+
+def _reaches(starts, targets: set) -> bool:
+    """Whether any of ``targets`` is an input, direct or not, of a node in ``starts``."""
+    seen, stack = set(), list(starts)
+    while stack:
+        n = stack.pop()
+        if n in targets:
+            return True
+        if n not in seen:
+            seen.add(n)
+            stack.extend(n.all_input_nodes)
+    return False
+
+
+def shared_operand_products(graph: torch.fx.Graph) -> int:
+    """Merge small matrix products that read the same large operand into one product.
+
+    A LoRA block computes x Aᵀ for q, k and v (and for gate and up) from one normed input x, and in
+    backward guᵀ x for each again: every product is bound by reading x (tokens × width), not by its
+    rank-16 arithmetic. ``mm(X, R_i)`` with one X and each R_i at most ``GROUP_MAX`` columns wide
+    becomes ``mm(X, cat(R_i, 1))`` and column slices; ``mm(L_i, X)`` with each L_i at most
+    ``GROUP_MAX`` rows becomes ``mm(cat(L_i, 0), X)`` and row slices. X is read once instead of once a
+    projection. New nodes carry the metadata of the products they replace (their checkpoint policy
+    among it). Returns how many products were merged away."""
+    from torch._guards import detect_fake_mode
+    from torch._inductor.pattern_matcher import stable_topological_sort
+
+    groups: dict = {}
+    for node in graph.nodes:
+        if node.op != "call_function" or node.target is not _aten.mm.default:
+            continue
+        a, b = node.args
+        if not all(isinstance(t, torch.fx.Node) and "val" in t.meta for t in (a, b)):
+            continue
+        (m, _), (_, k) = a.meta["val"].shape, b.meta["val"].shape
+        if k <= GROUP_MAX and k < m:
+            groups.setdefault((0, _source(a)), []).append(node)      # X (N, d) @ R (d, r)
+        if m <= GROUP_MAX and m < k:
+            groups.setdefault((1, _source(b)), []).append(node)      # L (r, N) @ X (N, d)
+    merged, gone = 0, set()
+    for (side, _), nodes in sorted(groups.items(), key=lambda kv: -len(kv[1])):
+        nodes = [n for n in nodes if n not in gone]
+        if len(nodes) < 2:
+            continue
+        shared = nodes[0].args[side]
+        parts = [n.args[1 - side] for n in nodes]
+        widths = [p.meta["val"].shape[1 - side] for p in parts]
+        if len({p.meta["val"].dtype for p in parts}) != 1 or _reaches(parts, set(nodes)):
+            continue
+        fake = detect_fake_mode([p.meta["val"] for p in parts] + [shared.meta["val"]])
+        with graph.inserting_before(nodes[0]):
+            cat = graph.call_function(_aten.cat.default, ([*parts], 1 - side))
+            mm = graph.call_function(_aten.mm.default, (shared, cat) if side == 0 else (cat, shared))
+            with fake:
+                cat.meta["val"] = torch.cat([p.meta["val"] for p in parts], 1 - side)
+                mm.meta["val"] = torch.mm(*((shared.meta["val"], cat.meta["val"]) if side == 0
+                                            else (cat.meta["val"], shared.meta["val"])))
+            for new in (cat, mm):
+                new.meta.update({k: v for k, v in nodes[0].meta.items() if k not in ("val", "tensor_meta")})
+            start = 0
+            for n, w in zip(nodes, widths):
+                piece = graph.call_function(_aten.slice.Tensor, (mm, 1 - side, start, start + w))
+                with fake:
+                    piece.meta["val"] = mm.meta["val"].narrow(1 - side, start, w)
+                piece.meta.update({k: v for k, v in n.meta.items() if k not in ("val", "tensor_meta")})
+                n.replace_all_uses_with(piece)
+                start += w
+        for n in nodes:
+            graph.erase_node(n)
+        gone.update(nodes)
+        merged += len(nodes) - 1
+    if merged:
+        stable_topological_sort(graph)   # each part computed before the merged product reads it
+        graph.lint()
+    return merged
+
+
+class BlockPasses(CustomGraphPass):
+    """Joint-graph passes of every compiled block: ``seedless_attention``, ``shared_operand_products``."""
 
     def __call__(self, graph: torch.fx.Graph) -> None:
         seedless_attention(graph)
+        shared_operand_products(graph)
 
     def uuid(self) -> bytes:
         return get_hash_for_files((__file__,))
 
 
 #: Inductor options every compiled block gets.
-BLOCK_OPTIONS = {"joint_custom_pre_pass": SeedlessAttention()}
+BLOCK_OPTIONS = {"joint_custom_pre_pass": BlockPasses()}
 
 
 def _policy(ctx, op, *args, **kwargs) -> CheckpointPolicy:

@@ -166,25 +166,27 @@ lora_input_grad = define("lora_input_grad(Tensor g, Tensor w, Tensor gu, Tensor 
 
 
 class _LoraLinearTraceable(torch.autograd.Function):
-    """The fused layer as one node for torch.compile. Saves x and u = s · x Aᵀ; W0 (or its 4-bit
-    handle) is referenced on ``ctx``. In a checkpointed compiled block the compiler's partitioner
-    recomputes only what backward reads, so the last projection's product is skipped there too."""
+    """The fused layer as one node for torch.compile, with the scale already in A (the caller passes
+    s · A, in the compute dtype: the multiply fuses into that cast, and no (N, r) product is scaled in
+    forward or backward). Saves x and u = x (s A)ᵀ; W0 (or its 4-bit handle) is referenced on ``ctx``.
+    In a checkpointed compiled block the compiler's partitioner recomputes only what backward reads,
+    so the last projection's product is skipped there too."""
 
     @staticmethod
-    def forward(ctx, x2, a, b, bias, weight, scaling: float):
-        ctx.weight, ctx.scaling = weight, scaling
-        u = torch.mm(x2, a.t()) * scaling                                     # (N, r)
+    def forward(ctx, x2, a, b, bias, weight):
+        ctx.weight = weight
+        u = torch.mm(x2, a.t())                                               # (N, r)
         ctx.save_for_backward(x2, u, a, b)
         return lora_output(x2, _materialize(weight, x2.dtype), u, b, bias)   # (N, d_out)
 
     @staticmethod
     def backward(ctx, g):
         x2, u, a, b = ctx.saved_tensors
-        gu = torch.mm(g, b) * ctx.scaling                                     # (N, r)
+        gu = torch.mm(g, b)                                                   # (N, r)
         ga = torch.mm(gu.t(), x2) if ctx.needs_input_grad[1] else None
         gb = torch.mm(g.t(), u) if ctx.needs_input_grad[2] else None
         gx = lora_input_grad(g, _materialize(ctx.weight, g.dtype), gu, a) if ctx.needs_input_grad[0] else None
-        return gx, ga, gb, None, None, None
+        return gx, ga, gb, None, None
 
 
 def compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -214,11 +216,11 @@ def lora_linear(x: torch.Tensor, weight, bias: torch.Tensor | None,
     x2 = x.reshape(-1, x.shape[-1]).to(dt)                            # (N, d_in)
     w = weight if isinstance(weight, Dequantized) else weight.to(dt)
     bb = None if bias is None else bias.to(dt)
-    a, b = a.to(dt), b.to(dt)
     with torch.autocast(x.device.type, enabled=False):
         if torch.compiler.is_compiling():  # no Python side effects inside a compiled graph
-            y = _LoraLinearTraceable.apply(x2, a, b, bb, w, float(scaling))
+            y = _LoraLinearTraceable.apply(x2, (a * scaling).to(dt), b.to(dt), bb, w)
         else:
+            a, b = a.to(dt), b.to(dt)
             link = _Link(a, b, float(scaling))
             z = _LoraDelta.apply(x2, a, b, bb, link)
             y = _FrozenLinear.apply(x2, w, z, link)
