@@ -118,7 +118,8 @@ def patch_fused_dora() -> None:
 
 def inductor_options(flags) -> dict | None:
     """torch.compile options of the bench flags: cg (CUDA graphs, what mode="reduce-overhead" sets),
-    combo (independent small kernels, such as the casts of the adapter weights, fused into one),
+    combo (independent small kernels, such as the casts of the adapter weights, fused into one; every
+    compiled block has it since it measured faster, kernels/compile.py's BLOCK_OPTIONS),
     cpp (inductor's C++ wrapper: each graph's kernels launched from compiled C++, not Python)."""
     opts = {"triton.cudagraphs": "cg" in flags, "combo_kernels": "combo" in flags}
     if "cpp" in flags:  # spelled out: a block's backward graph compiles at its first call, after

@@ -28,6 +28,14 @@ pass (``SeedlessAttention``) renames attention called with dropout 0 to an untag
 (``tunesmith::seedless_*``, the same kernel): it draws no random numbers, and the recomputation is
 exact without the state. With dropout the call keeps its tag and its saved state.
 
+A second joint-graph pass (``shared_operand_products``) merges small products that read one large
+operand: LoRA's x Aᵀ of q, k and v (and of gate and up) become one product with the three A side by
+side, and so do their A gradients guᵀ x in backward, so the block reads its normed input once instead
+of once a projection. Every compiled block also gets inductor's combo kernels, which launch
+independent small kernels (the casts of a block's adapter weights and of their gradients) as one.
+Measured on an H100 (8B LoRA, offloaded, 18 blocks checkpointed): 13,169 tokens/s with combo kernels
+against 13,056 without, in one call.
+
 With ``train.offload_activations`` every tensor a compiled block keeps goes to host memory
 (kernels/offload.py), so blocks outside ``train.checkpoint_layers`` keep their products there.
 """
@@ -212,8 +220,8 @@ class BlockPasses(CustomGraphPass):
         return get_hash_for_files((__file__,))
 
 
-#: Inductor options every compiled block gets.
-BLOCK_OPTIONS = {"joint_custom_pre_pass": BlockPasses()}
+#: Inductor options every compiled block gets (combo kernels: measured in the module docstring).
+BLOCK_OPTIONS = {"joint_custom_pre_pass": BlockPasses(), "combo_kernels": True}
 
 
 def _policy(ctx, op, *args, **kwargs) -> CheckpointPolicy:
