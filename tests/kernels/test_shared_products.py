@@ -88,3 +88,9 @@ def test_compiled_lora_block_reads_its_shared_inputs_once():
     got = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
     for n in ref:
         torch.testing.assert_close(got[n], ref[n], rtol=1e-4, atol=1e-6, msg=n)
+
+    # another length: the blocks recompile with a symbolic token count, and still merge
+    other = ids(2, 17)
+    eager_fwd = _mm_calls(lambda: eager(input_ids=other, labels=other))
+    _grads(model, other)                                   # recompiles, dynamic
+    assert eager_fwd - _mm_calls(lambda: model(input_ids=other, labels=other)) == 3 * 2

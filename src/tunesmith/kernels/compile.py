@@ -130,7 +130,13 @@ def _source(node: torch.fx.Node):
     base = node
     while isinstance(base, torch.fx.Node) and base.op == "call_function" and base.target in _VIEWS:
         base = base.args[0]
-    return base, tuple(node.meta["val"].shape)
+    return base, tuple(d if isinstance(d, int) else str(d) for d in node.meta["val"].shape)  # symbolic sizes by name
+
+
+def _small(d, other) -> bool:
+    """Whether a product's outer size ``d`` is small beside ``other``, the shared operand's: ``d`` a
+    known size of at most ``GROUP_MAX``, ``other`` larger or symbolic (a token count)."""
+    return type(d) is int and d <= GROUP_MAX and (type(other) is not int or d < other)
 
 
 def _reaches(starts, targets: set) -> bool:
@@ -167,9 +173,9 @@ def shared_operand_products(graph: torch.fx.Graph) -> int:
         if not all(isinstance(t, torch.fx.Node) and "val" in t.meta for t in (a, b)):
             continue
         (m, _), (_, k) = a.meta["val"].shape, b.meta["val"].shape
-        if k <= GROUP_MAX and k < m:
+        if _small(k, m):
             groups.setdefault((0, _source(a)), []).append(node)      # X (N, d) @ R (d, r)
-        if m <= GROUP_MAX and m < k:
+        if _small(m, k):
             groups.setdefault((1, _source(b)), []).append(node)      # L (r, N) @ X (N, d)
     merged, gone = 0, set()
     for (side, _), nodes in sorted(groups.items(), key=lambda kv: -len(kv[1])):
