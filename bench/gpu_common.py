@@ -150,7 +150,8 @@ def setup_tunesmith(model, method: str, gc_on: bool, *, liger: bool = False, pac
         upcast_trainable(model)
     if gc_on:  # what train.gradient_checkpointing / checkpoint_layers / offload_activations run
         from tunesmith.train.accel import enable_checkpointing
-        enable_checkpointing(model, ckpt_layers, offload, last_kept_on_gpu="offall" not in compile_flags)
+        keep = [int(f[4:]) for f in compile_flags if f.startswith("keep")]
+        enable_checkpointing(model, ckpt_layers, offload, kept_on_gpu=0 if "offall" in compile_flags else (keep or [1])[0])
     if fused_dora:
         patch_fused_dora()
     if compile_layers:

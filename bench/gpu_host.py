@@ -237,16 +237,28 @@ def stream_gaps(trace: dict, min_us: float = 1.0) -> dict:
 
 
 def memory_peak(step, top: int = 25) -> dict:
-    """The step's peak of memory allocated during it (weights and optimizer state excluded: they
+    """Peak memory of the forward (with the loss) and of backward and the optimizer step
+    (``step(forward_done)`` runs one step and calls ``forward_done`` between forward and backward);
+    and the step's peak of memory allocated during it (weights and optimizer state excluded: they
     were allocated before), and what is live at that moment, summed by where it was allocated
     (``torch.cuda.memory`` history, the innermost frame in tunesmith, transformers or torch's
     autograd and checkpoint code, with the frame below it)."""
     import torch
     torch.cuda.synchronize()
+    gib = lambda b: round(b / 2**30, 3)  # noqa: E731
+    phases = {"start_gib": gib(torch.cuda.memory_allocated())}
+
+    def forward_done():   # the forward's peak and what it leaves for backward
+        torch.cuda.synchronize()
+        phases.update(forward_peak_gib=gib(torch.cuda.max_memory_allocated()),
+                      forward_end_gib=gib(torch.cuda.memory_allocated()))
+        torch.cuda.reset_peak_memory_stats()
+    torch.cuda.reset_peak_memory_stats()
     torch.cuda.memory._record_memory_history(max_entries=400000)
     try:
-        step()
+        step(forward_done)
         torch.cuda.synchronize()
+        phases["backward_optimizer_peak_gib"] = gib(torch.cuda.max_memory_allocated())
         snap = torch.cuda.memory._snapshot()
     finally:
         torch.cuda.memory._record_memory_history(enabled=None)
@@ -266,7 +278,7 @@ def memory_peak(step, top: int = 25) -> dict:
     def where(frames) -> str:
         keep = [f for f in frames if any(k in f["filename"] for k in ("tunesmith", "transformers", "checkpoint",
                                                                          "autograd", "offload", "inductor"))]
-        f = (keep or frames or [{"filename": "?", "line": 0, "name": "?"}])[:2]
+        f = (keep or frames or [{"filename": "?", "line": 0, "name": "?"}])[:3]
         return " < ".join(f"{Path(x['filename']).name}:{x['line']}:{x['name']}" for x in f)
     groups: dict = {}
     for e in live.values():
@@ -274,7 +286,7 @@ def memory_peak(step, top: int = 25) -> dict:
         n, b = groups.get(k, (0, 0))
         groups[k] = (n + 1, b + e["size"])
     rows = sorted(groups.items(), key=lambda kv: -kv[1][1])[:top]
-    return {"step_peak_gib": peak / 2**30, "events_to_peak": at, "events": len(events),
+    return {**phases, "step_peak_gib": peak / 2**30, "events_to_peak": at, "events": len(events),
             "live_at_peak": [(k, n, round(b / 2**20, 1)) for k, (n, b) in rows]}
 
 
@@ -332,7 +344,7 @@ def run(name: str, out: Path, trace: bool = True, memory: bool = False) -> dict:
     (out / f"host_{stem}.json").write_text(json.dumps(res, indent=1))
     print("HOST", json.dumps(res), flush=True)
     if memory:
-        res["memory"] = memory_peak(lambda: _step(model, loss_fn, batches[1], params, opt))
+        res["memory"] = memory_peak(lambda mid: _step(model, loss_fn, batches[1], params, opt, before_backward=mid))
         print("MEMORY", json.dumps(res["memory"], indent=0), flush=True)
         (out / f"host_{stem}.json").write_text(json.dumps(res, indent=1))
     if not trace:

@@ -26,7 +26,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 # key: (arch, method, batch, gradient checkpointing, data); sides: impl -> worker group. Flags after the
 # side: liger, compile, kdora (fused DoRA), ckN (checkpoint only N blocks), off (offload block inputs),
 # cg (compiled with CUDA graphs: torch.compile's reduce-overhead mode), combo (inductor's combo kernels),
-# offall (with off: the last block outside ckN offloads too), cpp (inductor's C++ wrapper)
+# offall (with off: the last block outside ckN offloads too), keepN (with off: the last N blocks outside
+# ckN keep their products on the GPU; 1 by default), cpp (inductor's C++ wrapper)
 CONFIGS = {
     "8b-lora-b2": (("8b", "lora", 2, True, "random"), {"hf": "plain", "ts": "plain", "ts+compile": "compile",
                                                          "ts+compile+ck31": "compile", "ts+compile+cg": "compile",
@@ -41,7 +42,12 @@ CONFIGS = {
                                                          "ts+compile+off+ck16+cpp": "compile",
                                                          "ts+compile+off+ck20+cpp": "compile",
                                                          "ts+compile+off+ck18+combo": "compile",
-                                                         "ts+compile+off+ck18+cg": "compile"}),
+                                                         "ts+compile+off+ck18+cg": "compile",
+                                                         "ts+compile+off+ck18+keep2": "compile",
+                                                         "ts+compile+off+ck18+keep3": "compile",
+                                                         "ts+compile+off+ck17+keep3": "compile",
+                                                         "ts+compile+off+ck16+keep3": "compile",
+                                                         "ts+compile+off+ck16+keep4": "compile"}),
     "8b-lora-b4": (("8b", "lora", 4, True, "random"), {"hf": "plain", "ts+liger": "liger", "ts+compile": "compile"}),
     "8b-dora-b2": (("8b", "dora", 2, True, "random"), {"hf": "plain", "ts+liger": "liger", "ts+compile": "compile",
                                                          "ts+compile+cg": "compile", "ts+compile+combo": "compile",

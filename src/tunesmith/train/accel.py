@@ -73,15 +73,15 @@ def before_method(model: nn.Module, tc) -> None:
 
 
 def enable_checkpointing(model: nn.Module, layers: int | None = None, offload: bool = False,
-                         last_kept_on_gpu: bool = True) -> list[bool]:
+                         kept_on_gpu: int = 1) -> list[bool]:
     """Non-reentrant activation checkpointing of the model's transformer blocks.
 
     ``layers``: how many blocks recompute in backward, spread evenly over the stack (None: all); the
     others keep their activations, which costs memory and saves their recomputation. ``offload``:
     the checkpointed blocks' inputs wait in pinned host memory (``kernels/offload.py``); each block
     carries the offload as ``activation_offload``, and blocks compiled later offload everything they
-    keep (kernels/compile.py), except the last block that is not checkpointed
-    (``last_kept_on_gpu``): backward reaches it first, before its products could make the round trip.
+    keep (kernels/compile.py), except the last ``kept_on_gpu`` blocks that are not checkpointed:
+    backward reaches them first, before their products could make the round trip.
     Returns which blocks are checkpointed."""
     _, blocks = find_blocks(model)
     n = len(blocks)
@@ -106,12 +106,13 @@ def enable_checkpointing(model: nn.Module, layers: int | None = None, offload: b
     if offload:
         off = ActivationOffload(params=model.parameters)
         model.register_forward_pre_hook(lambda *_: off.new_step())
-    last_kept = max((i for i, on in enumerate(chosen) if not on), default=None) if last_kept_on_gpu else None
+    unchecked = [i for i, on in enumerate(chosen) if not on]
+    kept = set(unchecked[len(unchecked) - kept_on_gpu:]) if kept_on_gpu > 0 else set()
     for i, (block, on) in enumerate(zip(blocks, chosen)):
         block.gradient_checkpointing = on
         if off is not None:
             block._gradient_checkpointing_func = offloading(block._gradient_checkpointing_func, off)
-            if i != last_kept:
+            if i not in kept:
                 block.activation_offload = off
     return chosen
 
