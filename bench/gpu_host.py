@@ -36,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 
-def _step(model, loss_fn, batch, params, opt, marks: list | None = None, before_backward=None):
+def _step(model, loss_fn, batch, params, opt, marks: list | None = None, before_backward=None, after_backward=None):
     import torch
     from torch.profiler import record_function
     t0 = time.perf_counter()
@@ -49,6 +49,8 @@ def _step(model, loss_fn, batch, params, opt, marks: list | None = None, before_
     with record_function("step.bwd"):
         loss.backward()
     t2 = time.perf_counter()
+    if after_backward is not None:
+        after_backward()
     with record_function("step.opt"):
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
@@ -237,28 +239,33 @@ def stream_gaps(trace: dict, min_us: float = 1.0) -> dict:
 
 
 def memory_peak(step, top: int = 25) -> dict:
-    """Peak memory of the forward (with the loss) and of backward and the optimizer step
-    (``step(forward_done)`` runs one step and calls ``forward_done`` between forward and backward);
+    """Peak memory of the forward (with the loss), of backward and of the optimizer step
+    (``step(forward_done, backward_done)`` runs one step and calls each hook at the end of its
+    phase);
     and the step's peak of memory allocated during it (weights and optimizer state excluded: they
     were allocated before), and what is live at that moment, summed by where it was allocated
     (``torch.cuda.memory`` history, the innermost frame in tunesmith, transformers or torch's
     autograd and checkpoint code, with the frame below it)."""
     import torch
-    torch.cuda.synchronize()
     gib = lambda b: round(b / 2**30, 3)  # noqa: E731
-    phases = {"start_gib": gib(torch.cuda.memory_allocated())}
+    phases = {}
 
-    def forward_done():   # the forward's peak and what it leaves for backward
-        torch.cuda.synchronize()
-        phases.update(forward_peak_gib=gib(torch.cuda.max_memory_allocated()),
-                      forward_end_gib=gib(torch.cuda.memory_allocated()))
-        torch.cuda.reset_peak_memory_stats()
+    def mark(name):   # the peak since the last mark, and what is allocated now
+        def done():
+            torch.cuda.synchronize()
+            phases[f"{name}_peak_gib"] = gib(torch.cuda.max_memory_allocated())
+            phases[f"{name}_end_gib"] = gib(torch.cuda.memory_allocated())
+            torch.cuda.reset_peak_memory_stats()
+        return done
+    torch.cuda.synchronize()
+    phases["start_gib"] = gib(torch.cuda.memory_allocated())
     torch.cuda.reset_peak_memory_stats()
+    step(mark("forward"), mark("backward"))   # without the history, which holds frees back
+    mark("optimizer")()
     torch.cuda.memory._record_memory_history(max_entries=400000)
     try:
-        step(forward_done)
+        step(None, None)
         torch.cuda.synchronize()
-        phases["backward_optimizer_peak_gib"] = gib(torch.cuda.max_memory_allocated())
         snap = torch.cuda.memory._snapshot()
     finally:
         torch.cuda.memory._record_memory_history(enabled=None)
@@ -339,14 +346,14 @@ def run(name: str, out: Path, trace: bool = True, memory: bool = False) -> dict:
         where = f"{Path(w.filename).name}:{w.lineno}"
         syncs[where] = syncs.get(where, 0) + 1
     res["sync_points"] = syncs
+    if memory:   # before the floors: their sleeps let the host queue a step's worth of work ahead
+        res["memory"] = memory_peak(lambda fwd, bwd: _step(model, loss_fn, batches[1], params, opt,
+                                                           before_backward=fwd, after_backward=bwd))
+        print("MEMORY", json.dumps(res["memory"], indent=0), flush=True)
     res.update(floor(model, loss_fn, batches, params, opt))
     stem = name.replace('/', '_').replace('+', '_')
     (out / f"host_{stem}.json").write_text(json.dumps(res, indent=1))
     print("HOST", json.dumps(res), flush=True)
-    if memory:
-        res["memory"] = memory_peak(lambda mid: _step(model, loss_fn, batches[1], params, opt, before_backward=mid))
-        print("MEMORY", json.dumps(res["memory"], indent=0), flush=True)
-        (out / f"host_{stem}.json").write_text(json.dumps(res, indent=1))
     if not trace:
         return res
     res["profile"] = gaps(_trace(out, f"trace_{stem}", lambda: _step(model, loss_fn, batches[1], params, opt)))

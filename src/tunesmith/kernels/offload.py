@@ -25,7 +25,6 @@ gradients bit for bit (the tensors round-trip unchanged); tests/test_checkpointi
 """
 from __future__ import annotations
 
-import collections
 import contextlib
 import weakref
 from typing import Callable
@@ -97,13 +96,12 @@ class _HostPool:
 class _Group:
     """The tensors one block saved (one tensor per group where blocks are not grouped); ``prev``: the
     group saved before it, which backward needs next; ``pending``: (entry, tensor) pairs whose copies
-    start together when the block returns; ``entered``: backward has unpacked from it. Entries are
-    held weakly: the autograd graph owns them, and a cycle here would keep their host buffers out of
-    the pool until a collection."""
-    __slots__ = ("entries", "prev", "pending", "entered")
+    start together when the block returns. Entries are held weakly: the autograd graph owns them, and
+    a cycle here would keep their host buffers out of the pool until a collection."""
+    __slots__ = ("entries", "prev", "pending")
 
     def __init__(self, prev):
-        self.entries, self.prev, self.pending, self.entered = [], prev, [], False
+        self.entries, self.prev, self.pending = [], prev, []
 
 
 class _Entry:
@@ -122,22 +120,13 @@ class _Entry:
 class ActivationOffload:
     """``saved_tensors_hooks`` that keep eligible saved tensors in pinned host memory.
 
-    Backward's host thread runs ahead of the GPU, and every group it unpacks starts bringing back the
-    group before it, into GPU memory taken at once. Unbounded, what had come back ahead of its turn
-    held 2.5 GB (56 tensors) at the memory peak of an 8B LoRA step. Before a prefetch, the host therefore waits until the
-    GPU has reached the group it unpacked ``AHEAD`` groups earlier, so at most ``AHEAD`` + 1 groups
-    are back on the GPU before their turn.
-
     Eligible: CUDA floating-point tensors of at least ``min_bytes`` that require grad (layer inputs;
     the rotary tables and masks that every layer shares stay on the GPU), or, inside a compiled block
     (``block``), that are not stored with a parameter (``params``: the model's parameters, read at
     the first step, once the model sits where it trains)."""
 
-    AHEAD = 2
-
     def __init__(self, min_bytes: int = MIN_BYTES, params: Callable | None = None):
         self.min_bytes = min_bytes
-        self.reached: collections.deque = collections.deque()   # when the GPU got to each group unpacked
         self.params = params
         self.frozen: set[int] | None = None
         self.streams: dict[torch.device, torch.cuda.Stream] = {}
@@ -150,7 +139,6 @@ class ActivationOffload:
         """Forget the packing order (called as each forward begins): older graphs still unpack, only
         without prefetch."""
         self.last = None
-        self.reached.clear()
         if self.frozen is None:
             self.frozen = {p.untyped_storage().data_ptr() for p in self.params()} if self.params else set()
 
@@ -224,16 +212,11 @@ class ActivationOffload:
         group = e.group
         if e.gpu is None:   # with the rest of its block, which backward unpacks together
             self._fetch([e] + [x for x in self._waiting(group) if x is not e])
-        current = torch.cuda.current_stream(e.device)
-        current.wait_event(e.ready)
-        if not group.entered:
-            group.entered = True
-            self.reached.append(current.record_event())
-            while len(self.reached) > self.AHEAD:    # the GPU's distance behind, bounded
-                self.reached.popleft().synchronize()
         prev, group.prev = group.prev, None
         if prev is not None:
             self._fetch(self._waiting(prev))  # the block before this one is unpacked next
+        current = torch.cuda.current_stream(e.device)
+        current.wait_event(e.ready)
         gpu, e.gpu, e.used = e.gpu, None, True
         gpu.record_stream(current)            # allocated on the side stream, used and freed on this one
         return gpu
