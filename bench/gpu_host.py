@@ -269,7 +269,9 @@ def memory_peak(step, top: int = 25) -> dict:
         snap = torch.cuda.memory._snapshot()
     finally:
         torch.cuda.memory._record_memory_history(enabled=None)
-    events = [e for e in snap["device_traces"][torch.cuda.current_device()] if e["action"] in ("alloc", "free_completed")]
+    # a tensor's memory counts from its allocation to its release by the program ("free_requested"),
+    # not to the allocator's reuse of it, which waits for the streams that used it
+    events = [e for e in snap["device_traces"][torch.cuda.current_device()] if e["action"] in ("alloc", "free_requested")]
     cur = peak = at = 0
     for i, e in enumerate(events):
         cur += e["size"] if e["action"] == "alloc" else -e["size"]
