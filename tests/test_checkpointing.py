@@ -245,3 +245,6 @@ def test_offload_leaves_the_last_kept_block_on_the_gpu():
     model = _lora_model()
     accel.enable_checkpointing(model, layers=2, offload=True, kept_on_gpu=2)   # both blocks outside it
     assert [getattr(b, "activation_offload", None) is not None for b in find_blocks(model)[1]] == [False, True, False, True]
+    model = _lora_model()
+    accel.enable_checkpointing(model, layers=2, offload=True, kept_on_gpu=5)   # more than there are
+    assert [getattr(b, "activation_offload", None) is not None for b in find_blocks(model)[1]] == [False, True, False, True]

@@ -107,7 +107,7 @@ def enable_checkpointing(model: nn.Module, layers: int | None = None, offload: b
         off = ActivationOffload(params=model.parameters)
         model.register_forward_pre_hook(lambda *_: off.new_step())
     unchecked = [i for i, on in enumerate(chosen) if not on]
-    kept = set(unchecked[len(unchecked) - kept_on_gpu:]) if kept_on_gpu > 0 else set()
+    kept = set(unchecked[max(0, len(unchecked) - kept_on_gpu):]) if kept_on_gpu > 0 else set()
     for i, (block, on) in enumerate(zip(blocks, chosen)):
         block.gradient_checkpointing = on
         if off is not None:
