@@ -238,6 +238,31 @@ def stream_gaps(trace: dict, min_us: float = 1.0) -> dict:
             "gap_by_next_kernel_ms": [(k, round(v / 1e3, 3)) for k, v in top]}
 
 
+def _site(frames) -> str:
+    """Where an allocation was made: the innermost frames in tunesmith, transformers, peft, torch's
+    autograd and checkpoint code, inductor's generated code, the optimizer or the benchmark."""
+    keep = [f for f in frames if any(k in f["filename"] for k in ("tunesmith", "transformers", "peft", "checkpoint",
+                                                                     "autograd", "offload", "inductor", "optim",
+                                                                     "bench"))]
+    f = (keep or frames or [{"filename": "?", "line": 0, "name": "?"}])[:3]
+    return " < ".join(f"{Path(x['filename']).name}:{x['line']}:{x['name']}" for x in f)
+
+
+def _live_by_site(snap: dict, top: int) -> list:
+    """The allocated blocks of a memory snapshot, summed by allocation site (frames are there for
+    what was allocated while the history was recorded)."""
+    groups: dict = {}
+    for seg in snap["segments"]:
+        for b in seg["blocks"]:
+            if b["state"] != "active_allocated":
+                continue
+            k = _site(b.get("frames", []))
+            n, size = groups.get(k, (0, 0))
+            groups[k] = (n + 1, size + b["size"])
+    rows = sorted(groups.items(), key=lambda kv: -kv[1][1])[:top]
+    return [(k, n, round(b / 2**20, 1)) for k, (n, b) in rows]
+
+
 def memory_peak(step, top: int = 25) -> dict:
     """Peak memory of the forward (with the loss), of backward and of the optimizer step
     (``step(forward_done, backward_done)`` runs one step and calls each hook at the end of its
@@ -259,6 +284,7 @@ def memory_peak(step, top: int = 25) -> dict:
         return done
     torch.cuda.synchronize()
     phases["start_gib"] = gib(torch.cuda.memory_allocated())
+    phases["live_at_start"] = _live_by_site(torch.cuda.memory._snapshot(), top)
     torch.cuda.reset_peak_memory_stats()
     step(mark("forward"), mark("backward"))   # without the history, which holds frees back
     mark("optimizer")()
@@ -284,14 +310,9 @@ def memory_peak(step, top: int = 25) -> dict:
         else:
             live.pop(e["addr"], None)
 
-    def where(frames) -> str:
-        keep = [f for f in frames if any(k in f["filename"] for k in ("tunesmith", "transformers", "checkpoint",
-                                                                         "autograd", "offload", "inductor"))]
-        f = (keep or frames or [{"filename": "?", "line": 0, "name": "?"}])[:3]
-        return " < ".join(f"{Path(x['filename']).name}:{x['line']}:{x['name']}" for x in f)
     groups: dict = {}
     for e in live.values():
-        k = where(e.get("frames", []))
+        k = _site(e.get("frames", []))
         n, b = groups.get(k, (0, 0))
         groups[k] = (n + 1, b + e["size"])
     rows = sorted(groups.items(), key=lambda kv: -kv[1][1])[:top]
@@ -306,6 +327,8 @@ def run(name: str, out: Path, trace: bool = True, memory: bool = False) -> dict:
     key, impl = name.split("/")
     (arch, method, batch, gc_on, data), _ = T.CONFIGS[key]
     side, flags = impl.split("+")[0], set(impl.split("+")[1:])
+    if memory:   # from the model's build on: what the step starts with is attributed too
+        torch.cuda.memory._record_memory_history(max_entries=2_000_000)
     model = G.build_model(arch)
     if side == "hf":
         model, loss_fn = G.setup_hf(model, method, gc_on)
@@ -349,6 +372,7 @@ def run(name: str, out: Path, trace: bool = True, memory: bool = False) -> dict:
         syncs[where] = syncs.get(where, 0) + 1
     res["sync_points"] = syncs
     if memory:   # before the floors: their sleeps let the host queue a step's worth of work ahead
+        gc.collect()   # the timed steps ran with the collector off: their cycles are not the step's memory
         res["memory"] = memory_peak(lambda fwd, bwd: _step(model, loss_fn, batches[1], params, opt,
                                                            before_backward=fwd, after_backward=bwd))
         print("MEMORY", json.dumps(res["memory"], indent=0), flush=True)

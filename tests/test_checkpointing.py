@@ -248,3 +248,20 @@ def test_offload_leaves_the_last_kept_block_on_the_gpu():
     model = _lora_model()
     accel.enable_checkpointing(model, layers=2, offload=True, kept_on_gpu=5)   # more than there are
     assert [getattr(b, "activation_offload", None) is not None for b in find_blocks(model)[1]] == [False, True, False, True]
+
+
+def test_checkpointing_leaves_the_embeddings_output_without_grad():
+    """Non-reentrant checkpointing needs no input that requires grad; transformers' hook that makes
+    the embeddings' output require it is removed, so no step computes the first block's input
+    gradient, and the gradients of the trained weights are unchanged."""
+    batch = ids(2, 16)
+    ref_model = _lora_model(layers=2)
+    ref = _grads(ref_model, batch)
+    model = _lora_model(layers=2)
+    accel.enable_checkpointing(model)
+    seen = []
+    model.get_input_embeddings().register_forward_hook(lambda m, i, out: seen.append(out))
+    got = _grads(model, batch)
+    assert seen and not seen[0].requires_grad and seen[0].grad is None
+    for n in ref:
+        torch.testing.assert_close(got[n], ref[n], rtol=1e-5, atol=1e-7, msg=n)

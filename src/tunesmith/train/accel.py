@@ -100,6 +100,12 @@ def enable_checkpointing(model: nn.Module, layers: int | None = None, offload: b
         enable(activation_checkpointing_kwargs={"use_reentrant": False})
     else:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    # transformers also makes the embeddings' output require grad, which only reentrant checkpointing
+    # needs: the trained weights give the checkpointed blocks their gradient path. With it, every step
+    # computed the first block's input gradient for nothing, into a leaf tensor's .grad.
+    disable = getattr(model, "disable_input_require_grads", None)
+    if disable is not None:
+        disable()
     if not per_block:
         return chosen
     off = None
