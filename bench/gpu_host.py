@@ -418,7 +418,9 @@ def main() -> None:
     ap.add_argument("--worker", default=None)
     ap.add_argument("--deadline", type=float, default=540)
     ap.add_argument("--no-trace", action="store_true", help="skip the profiled step and its trace")
-    ap.add_argument("--memory", action="store_true", help="what is live at the step's memory peak")
+    ap.add_argument("--memory", action="store_true",
+                    help="memory by phase, and what is live at a step's start and at its peak (records the allocator's "
+                         "history from the model's build on, which slows that run's timed steps)")
     args = ap.parse_args()
     out = Path(args.out)
     if args.worker:
