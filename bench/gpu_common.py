@@ -185,11 +185,13 @@ def flops_per_token(arch: str, seq: int, full: bool) -> float:
 
 # -- timing ------------------------------------------------------------------------------------
 def random_batches(vocab: int, batch: int, seq: int, n: int = 2, seed: int = 1) -> list[dict]:
+    """Batches as tunesmith's training loop hands them over (``to_device``: with their CPU copy)."""
+    from tunesmith.data.collate import to_device
     g = torch.Generator(device=DEV).manual_seed(seed)
     out = []
     for _ in range(n):
-        x = torch.randint(0, vocab, (batch, seq), device=DEV, generator=g)
-        out.append({"input_ids": x, "labels": x})
+        x = torch.randint(0, vocab, (batch, seq), device=DEV, generator=g).cpu()
+        out.append(to_device({"input_ids": x, "labels": x}, torch.device(DEV)))
     return out
 
 

@@ -6,6 +6,8 @@ import torch
 
 from helpers import ids, rel_err, tiny
 from tunesmith.config import TrainConfig
+from tunesmith.data.collate import HOST, to_device
+from tunesmith.data.packing import real_tokens
 from tunesmith.kernels import cross_entropy as CE
 from tunesmith.kernels.cross_entropy import linear_cross_entropy, linear_cross_entropy_reference
 from tunesmith.train.objectives.causal_lm import ChunkedLoss, LogitsLoss, CausalLM, next_token_labels
@@ -124,3 +126,68 @@ def test_objective_flag(monkeypatch):
 def test_next_token_labels():
     labels = torch.tensor([[1, 2, 3], [4, -100, 6]])
     assert next_token_labels(labels).tolist() == [2, 3, -100, -100, 6, -100]
+
+
+# -- rows found on the host: no device-to-host sync in the middle of a step ---------------------------
+class _OnDevice(torch.Tensor):
+    """A tensor whose values the host may not read, as it could not read a GPU tensor's without
+    waiting for the GPU (``int``, ``bool``, ``item``, ``nonzero``, ``tolist`` raise)."""
+    READS = {"__int__", "__bool__", "__float__", "item", "nonzero", "tolist"}
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        if getattr(func, "__name__", None) in cls.READS:
+            raise AssertionError(f"{func.__name__} read a device tensor on the host")
+        return super().__torch_function__(func, types, args, kwargs or {})
+
+
+def test_rows_given_match_rows_found():
+    h, w, _, labels = _case()
+    rows = CE.labelled_rows(labels, h.device)
+    assert rows.tolist() == [i for i, y in enumerate(labels.tolist()) if y != -100]
+    got = _grads(linear_cross_entropy, h, w, None, labels, rows=rows, chunk_elements=50 * 5)
+    ref = _grads(linear_cross_entropy, h, w, None, labels, chunk_elements=50 * 5)
+    for a, b in zip(got, ref):
+        assert torch.equal(a, b)
+    assert CE.labelled_rows(torch.tensor([3, 1, 4]), h.device) is None   # every row: no selection at all
+
+
+def test_host_reads_are_detected():
+    with pytest.raises(AssertionError, match="nonzero"):
+        (torch.tensor([1, -100]).as_subclass(_OnDevice) != -100).nonzero()
+
+
+def test_chunked_loss_and_counts_read_labels_on_the_host():
+    """With the CPU copy that ``to_device`` keeps, the loss finds its rows and the loop its counts
+    without reading a device tensor; without it, the loss reads the device labels (which is a sync)."""
+    model = tiny("llama")
+    x = ids(2, 10, vocab=model.config.vocab_size)
+    labels = x.clone()
+    labels[0, :4] = -100
+    cpu = {"input_ids": x, "attention_mask": torch.ones_like(x), "labels": labels}
+    batch = to_device(cpu, torch.device("cpu"))
+    assert batch[HOST]["labels"] is labels and set(batch[HOST]) == set(cpu)
+    batch["labels"] = batch["labels"].as_subclass(_OnDevice)   # (the model's mask reads attention_mask)
+    objective = CausalLM(chunked=True)
+    loss = objective.lm_loss(model, batch)
+    want = ChunkedLoss()(model, cpu)
+    assert torch.equal(loss.as_subclass(torch.Tensor), want)
+    assert objective.count(batch) == 9 + 6   # targets: row 0 loses 3 of its 9 to the mask
+    assert real_tokens({**batch, "attention_mask": batch["attention_mask"].as_subclass(_OnDevice)}) == 20
+    del batch[HOST]
+    with pytest.raises(AssertionError, match="read a device tensor"):
+        objective.lm_loss(model, batch)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_rows_given_need_no_sync_on_cuda():
+    h, w, _, labels = (t.cuda() if t is not None else None for t in _case(torch.float32))
+    rows = CE.labelled_rows(labels.cpu(), h.device)
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        loss = linear_cross_entropy(h, w, labels, rows=rows)
+        loss.backward()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    ref = linear_cross_entropy_reference(h.detach(), w.detach(), labels)
+    assert rel_err(loss.detach(), ref) < 1e-5

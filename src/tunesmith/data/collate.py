@@ -7,6 +7,10 @@ from typing import Any
 import torch
 
 IGNORE = -100
+#: Key of the CPU copy of a batch that ``to_device`` keeps beside the device tensors. Counts (label
+#: tokens, real tokens) and the rows a loss reads come from it, so a training step never waits for
+#: the GPU to learn them.
+HOST = "host"
 
 
 def pad_id_for(tokenizer) -> int:
@@ -92,3 +96,17 @@ def batch_indices(n: int, batch_size: int, *, seed: int, epoch: int, shuffle: bo
     if drop_last and batches and len(batches[-1]) < batch_size:
         batches.pop()
     return batches
+
+
+def to_device(batch: dict, device: torch.device) -> dict:
+    """``batch``'s tensors on ``device``, and the CPU batch itself under ``HOST``."""
+    host = {k: v for k, v in batch.items() if torch.is_tensor(v)}
+    out = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items() if k != HOST}
+    out[HOST] = host
+    return out
+
+
+def on_host(batch: dict, key: str) -> torch.Tensor:
+    """``batch[key]`` as the CPU copy ``to_device`` kept, or as it is where there is none."""
+    host = batch.get(HOST)
+    return host[key] if host is not None and key in host else batch[key]

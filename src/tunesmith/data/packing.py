@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from .collate import IGNORE
+from .collate import IGNORE, on_host
 
 
 def pack_groups(lengths: list[int], max_tokens: int, *, seed: int, epoch: int, shuffle: bool = True
@@ -71,7 +71,7 @@ def collate_packed(examples: list[dict[str, Any]]) -> dict[str, torch.Tensor | i
 
 
 def real_tokens(batch: dict) -> int:
-    """Non-pad tokens of a padded or packed batch."""
+    """Non-pad tokens of a padded or packed batch (counted on the batch's CPU copy where it has one)."""
     if "attention_mask" in batch:
-        return int(batch["attention_mask"].sum())
+        return int(on_host(batch, "attention_mask").sum())
     return int(batch["input_ids"].numel()) if "input_ids" in batch else 0

@@ -94,19 +94,37 @@ class _LinearCE(torch.autograd.Function):
         return scale(gh), scale(gw), scale(gb), None, None, None
 
 
+def labelled_rows(labels: torch.Tensor, device: torch.device) -> torch.Tensor | None:
+    """The rows of ``labels`` (on the CPU) whose label is not ignored, as indices on ``device`` (None:
+    every row). Found on the host and copied ahead of use, they spare the loss the device-to-host sync
+    that finding them on the GPU costs: there the host would wait, in the middle of the step, for the
+    whole forward pass (and, with ``train.offload_activations``, for the copies to host memory queued
+    before it on the copy engine) before it could queue backward."""
+    keep = (labels != IGNORE).nonzero().squeeze(1)                    # (n,)
+    if keep.numel() == labels.numel():
+        return None
+    if device.type == "cuda":
+        return keep.pin_memory().to(device, non_blocking=True)
+    return keep.to(device)
+
+
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
                          bias: torch.Tensor | None = None, chunk_elements: int | None = None,
-                         compiled: bool = False) -> torch.Tensor:
+                         compiled: bool = False, rows: torch.Tensor | None | str = "find") -> torch.Tensor:
     """Fused, chunked ``linear_cross_entropy_reference``: same value and gradients (to rounding).
 
     Computes the head in autocast's dtype when autocast is on, else in ``hidden``'s dtype.
     ``compiled``: the per-chunk loss and gradient run as one compiled function (a trained bias
-    keeps the eager form).
+    keeps the eager form). ``rows``: the indices of the rows whose label is not ignored, when the
+    caller knows them (``labelled_rows``; None: all rows); by default they are found on the device,
+    which waits for it.
     """
     dt = torch.get_autocast_dtype(hidden.device.type) if torch.is_autocast_enabled(hidden.device.type) else hidden.dtype
-    keep = (labels != IGNORE).nonzero().squeeze(1)                    # (n,)
-    if keep.numel() < labels.numel():
-        hidden, labels = hidden.index_select(0, keep), labels.index_select(0, keep)  # (n, d), (n,)
+    if isinstance(rows, str):
+        rows = (labels != IGNORE).nonzero().squeeze(1)                # (n,)
+        rows = None if rows.numel() == labels.numel() else rows
+    if rows is not None:
+        hidden, labels = hidden.index_select(0, rows), labels.index_select(0, rows)  # (n, d), (n,)
     if labels.numel() == 0:
         return hidden.sum() * 0.0
     if chunk_elements is None:

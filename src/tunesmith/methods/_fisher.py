@@ -17,14 +17,17 @@ from typing import Iterable, Iterator
 import torch
 from torch import nn
 
+from ..data.collate import HOST
+
 
 def split_examples(batch: dict) -> Iterator[dict]:
-    """One batch per example, with padding columns removed."""
+    """One batch per example, with padding columns removed (and without the batch's CPU copy, which
+    holds every example)."""
     n = batch["input_ids"].shape[0]
     length = batch["input_ids"].shape[1]
     for i in range(n):
         ex = {k: v[i:i + 1] if torch.is_tensor(v) and v.ndim >= 1 and v.shape[0] == n else v
-              for k, v in batch.items()}
+              for k, v in batch.items() if k != HOST}
         if "attention_mask" in ex:
             keep = ex["attention_mask"][0].bool()
             ex = {k: v[:, keep] if torch.is_tensor(v) and v.ndim == 2 and v.shape[1] == length else v

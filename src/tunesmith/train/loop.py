@@ -11,6 +11,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..data import collate, batch_indices
+from ..data.collate import to_device
 from ..data.packing import collate_packed, pack_groups, real_tokens
 
 
@@ -90,10 +91,6 @@ class Batches:
         """Unshuffled pass (for evaluation), at most ``limit`` batches."""
         for idx in self._groups(0, shuffle=False)[:limit]:
             yield self._collate(idx)
-
-
-def to_device(batch: dict, device: torch.device) -> dict:
-    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
 def autocast(device: torch.device, precision: str):

@@ -19,7 +19,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import Objective, register
-from ...kernels.cross_entropy import IGNORE, linear_cross_entropy
+from ...data.collate import HOST, on_host
+from ...kernels.cross_entropy import IGNORE, labelled_rows, linear_cross_entropy
 
 MODEL_KEYS = ("input_ids", "attention_mask", "position_ids",
               "cu_seq_lens_q", "cu_seq_lens_k", "max_length_q", "max_length_k")
@@ -71,9 +72,12 @@ class ChunkedLoss:
         head = plain_head(model)
         if head is None:
             return LogitsLoss()(model, batch)
+        labels = next_token_labels(batch["labels"])
+        host = batch.get(HOST, {}).get("labels")   # the rows to score, found without waiting for the GPU
+        rows = "find" if host is None else labelled_rows(next_token_labels(host), labels.device)
         hidden = model.get_decoder()(**model_inputs(batch)).last_hidden_state  # (B, T, d)
-        return linear_cross_entropy(hidden.reshape(-1, hidden.shape[-1]), head.weight,
-                                    next_token_labels(batch["labels"]), head.bias, compiled=self.compiled)
+        return linear_cross_entropy(hidden.reshape(-1, hidden.shape[-1]), head.weight, labels, head.bias,
+                                    compiled=self.compiled, rows=rows)
 
 
 def default_chunked() -> bool:
@@ -94,7 +98,7 @@ class CausalLM(Objective):
             self.lm_loss.compiled = bool(train_cfg.compile)
 
     def count(self, batch):
-        return int((batch["labels"][:, 1:] != -100).sum())
+        return int((on_host(batch, "labels")[:, 1:] != -100).sum())
 
     def loss(self, model, batch):
         return self.lm_loss(model, batch), self.count(batch), {}
