@@ -183,11 +183,16 @@ def test_chunked_loss_and_counts_read_labels_on_the_host():
 def test_rows_given_need_no_sync_on_cuda():
     h, w, _, labels = (t.cuda() if t is not None else None for t in _case(torch.float32))
     rows = CE.labelled_rows(labels.cpu(), h.device)
-    torch.cuda.set_sync_debug_mode("error")
+    torch.cuda.set_sync_debug_mode("error")   # the forward, where the rows were found on the device
     try:
         loss = linear_cross_entropy(h, w, labels, rows=rows)
-        loss.backward()
     finally:
         torch.cuda.set_sync_debug_mode(0)
     ref = linear_cross_entropy_reference(h.detach(), w.detach(), labels)
     assert rel_err(loss.detach(), ref) < 1e-5
+    with pytest.raises(RuntimeError, match="synchroniz"):   # what the default does
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            linear_cross_entropy(h, w, labels)
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
