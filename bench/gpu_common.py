@@ -121,12 +121,12 @@ def inductor_options(flags) -> dict | None:
     combo (independent small kernels, such as the casts of the adapter weights, fused into one; every
     compiled block has it since it measured faster, kernels/compile.py's BLOCK_OPTIONS),
     cpp (inductor's C++ wrapper: each graph's kernels launched from compiled C++, not Python)."""
-    opts = {"triton.cudagraphs": "cg" in flags, "combo_kernels": "combo" in flags}
+    opts = {k: True for k, flag in (("triton.cudagraphs", "cg"), ("combo_kernels", "combo")) if flag in flags}
     if "cpp" in flags:  # spelled out: a block's backward graph compiles at its first call, after
         # torch.compile's own setup for cpp_wrapper is undone, and would not keep its kernels' binaries
         opts.update({"cpp_wrapper": True, "triton.store_cubin": True, "triton.autotune_at_compile_time": True,
                      "triton.autotune_cublasLt": False})
-    return opts if any(opts.values()) else None
+    return opts or None   # (what is not set stays as BLOCK_OPTIONS has it)
 
 
 def setup_tunesmith(model, method: str, gc_on: bool, *, liger: bool = False, packed: bool = False,
