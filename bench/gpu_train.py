@@ -27,7 +27,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 # side: liger, compile, kdora (fused DoRA), ckN (checkpoint only N blocks), off (offload block inputs),
 # cg (compiled with CUDA graphs: torch.compile's reduce-overhead mode), combo (inductor's combo kernels),
 # offall (with off: the last block outside ckN offloads too), keepN (with off: the last N blocks outside
-# ckN keep their products on the GPU; 1 by default), cpp (inductor's C++ wrapper)
+# ckN keep their products on the GPU; 1 by default), cpp (inductor's C++ wrapper), ceN (2**N logits a chunk of
+# the chunked loss)
 CONFIGS = {
     "8b-lora-b2": (("8b", "lora", 2, True, "random"), {"hf": "plain", "ts": "plain", "ts+compile": "compile",
                                                          "ts+compile+ck31": "compile", "ts+compile+cg": "compile",
@@ -61,7 +62,9 @@ CONFIGS = {
                                                          "ts+compile+off+ck8+keep4": "compile",
                                                          "ts+compile+off+ck12+keep4+cpp": "compile",
                                                          "ts+compile+off+ck10+keep4+cpp": "compile",
-                                                         "ts+compile+off+ck8+keep4+cpp": "compile"}),
+                                                         "ts+compile+off+ck8+keep4+cpp": "compile",
+                                                         "ts+compile+off+ck12+keep4+cpp+ce26": "compile",
+                                                         "ts+compile+off+ck12+keep4+cpp+ce27": "compile"}),
     "8b-lora-b4": (("8b", "lora", 4, True, "random"), {"hf": "plain", "ts+liger": "liger", "ts+compile": "compile"}),
     "8b-dora-b2": (("8b", "dora", 2, True, "random"), {"hf": "plain", "ts+liger": "liger", "ts+compile": "compile",
                                                          "ts+compile+cg": "compile", "ts+compile+combo": "compile",
