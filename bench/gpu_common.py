@@ -157,10 +157,9 @@ def setup_tunesmith(model, method: str, gc_on: bool, *, liger: bool = False, pac
     if compile_layers:
         from tunesmith.kernels.compile import compile_decoder_layers
         compile_decoder_layers(model, options=inductor_options(compile_flags))
+    from tunesmith.kernels import cross_entropy   # ceN: 2**N logits a chunk of the chunked loss (a frozen head)
     ce = [int(f[2:]) for f in compile_flags if f.startswith("ce")]
-    if ce:  # ceN: 2**N fp32 logits a chunk of the chunked loss
-        from tunesmith.kernels import cross_entropy
-        cross_entropy.CHUNK_ELEMENTS = 1 << ce[0]
+    cross_entropy.CHUNK_ELEMENTS = 1 << (ce[0] if ce else 25)   # set each time: configurations share a process
     objective = CausalLM()
     objective.configure(TrainConfig(compile=compile_layers))  # train.compile also compiles the loss's chunks
 
