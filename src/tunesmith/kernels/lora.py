@@ -19,8 +19,7 @@ dropout, or with a trainable bias, ``lora_linear`` computes the reference.
 
 Under torch.compile the layer takes a traceable form (``_LoraLinearTraceable``): one node whose two
 large products are opaque operators accumulating in place, and whose recomputation the compiler's
-partitioner trims inside a checkpointed block (kernels/compile.py). On CUDA its backward reads the
-output gradient once for both g B and B's gradient (kernels/lora_grads.py).
+partitioner trims inside a checkpointed block (kernels/compile.py).
 
 The frozen weight may also be a 4-bit bitsandbytes weight (QLoRA): ``frozen_weight(base)`` returns a
 ``Dequantized`` handle that the base node dequantizes to bf16 in forward and again in backward,
@@ -34,7 +33,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .lora_grads import lora_grads, usable
 from .ops import define
 
 
@@ -184,12 +182,9 @@ class _LoraLinearTraceable(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g):
         x2, u, a, b = ctx.saved_tensors
-        if ctx.needs_input_grad[2] and usable(g, b):
-            gu, gb = lora_grads(g, b, u)                                      # g read once for both
-        else:
-            gu = torch.mm(g, b)                                               # (N, r)
-            gb = torch.mm(g.t(), u) if ctx.needs_input_grad[2] else None      # (d_out, r)
+        gu = torch.mm(g, b)                                                   # (N, r)
         ga = torch.mm(gu.t(), x2) if ctx.needs_input_grad[1] else None
+        gb = torch.mm(g.t(), u) if ctx.needs_input_grad[2] else None
         gx = lora_input_grad(g, _materialize(ctx.weight, g.dtype), gu, a) if ctx.needs_input_grad[0] else None
         return gx, ga, gb, None, None
 
