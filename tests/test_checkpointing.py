@@ -109,6 +109,9 @@ def test_checkpoint_layers_through_a_run(alpaca_file, tmp_path):
     ({"gradient_checkpointing": True, "offload_activations": True}, "model is on cpu"),
     ({"gradient_checkpointing": True, "checkpoint_layers": 3}, r"3 is not between 1 and the 2 transformer blocks"),
     ({"gradient_checkpointing": True, "checkpoint_layers": 0}, "train.checkpoint_layers"),
+    ({"gradient_checkpointing": True, "offload_kept_layers": 2}, "train.offload_kept_layers: applies to offloaded"),
+    ({"gradient_checkpointing": True, "offload_activations": True, "offload_kept_layers": -1},
+     "train.offload_kept_layers"),
 ])
 def test_impossible_checkpointing_settings_are_refused(train, message, alpaca_file, tmp_path):
     with pytest.raises(ConfigError, match=message):
@@ -248,6 +251,18 @@ def test_offload_leaves_the_last_kept_block_on_the_gpu():
     model = _lora_model()
     accel.enable_checkpointing(model, layers=2, offload=True, kept_on_gpu=5)   # more than there are
     assert [getattr(b, "activation_offload", None) is not None for b in find_blocks(model)[1]] == [False, True, False, True]
+
+
+def test_offload_kept_layers_reaches_the_blocks(monkeypatch):
+    """train.offload_kept_layers is what enable_checkpointing keeps on the GPU (1 when unset)."""
+    from tunesmith.config import TrainConfig
+    seen = []
+    monkeypatch.setattr(accel, "enable_checkpointing", lambda model, layers, offload, kept_on_gpu: seen.append(
+        (layers, offload, kept_on_gpu)))
+    for kept in (None, 0, 4):
+        accel.after_method(None, TrainConfig(gradient_checkpointing=True, checkpoint_layers=12,
+                                             offload_activations=True, offload_kept_layers=kept))
+    assert seen == [(12, True, 1), (12, True, 0), (12, True, 4)]
 
 
 def test_checkpointing_leaves_the_embeddings_output_without_grad():

@@ -49,6 +49,11 @@ class TrainConfig(BaseModel):
         False, description="With gradient_checkpointing: keep each checkpointed block's input in pinned host memory, "
                            "copied on a side stream (CUDA). Frees layers × tokens × width of GPU memory: long context. "
                            "With compile, also the activations of the blocks outside checkpoint_layers.")
+    offload_kept_layers: int | None = Field(
+        None, ge=0, description="With offload_activations and compile: how many of the last blocks outside "
+                                "checkpoint_layers keep their activations on the GPU instead of in host memory "
+                                "(null = 1). Backward reaches them first, before a round trip to the host could end; "
+                                "each costs one block's activations of GPU memory and spares the host link its copies.")
     chunked_ce: bool | Literal["auto"] = Field(
         "auto", description="Causal LM loss through the chunked linear cross-entropy (no full logits tensor); "
                             "auto = on CUDA only.")

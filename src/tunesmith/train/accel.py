@@ -39,6 +39,9 @@ def check(tc, objective: str, method_cls, device: torch.device) -> None:
                               "sequence and cannot run on packed rows; set train.padding_free: false")
     elif tc.max_tokens_per_batch is not None:
         raise ConfigError("train.max_tokens_per_batch: only used with train.padding_free: true")
+    if tc.offload_kept_layers is not None and not tc.offload_activations:
+        raise ConfigError("train.offload_kept_layers: applies to offloaded activations; set "
+                          "train.offload_activations: true as well, or remove train.offload_kept_layers")
     if not tc.gradient_checkpointing:
         for field in ("checkpoint_layers", "offload_activations"):
             if getattr(tc, field) not in (None, False):
@@ -125,6 +128,7 @@ def enable_checkpointing(model: nn.Module, layers: int | None = None, offload: b
 
 def after_method(model: nn.Module, tc) -> None:
     if tc.gradient_checkpointing:
-        enable_checkpointing(model, tc.checkpoint_layers, tc.offload_activations)
+        kept = 1 if tc.offload_kept_layers is None else tc.offload_kept_layers
+        enable_checkpointing(model, tc.checkpoint_layers, tc.offload_activations, kept_on_gpu=kept)
     if tc.compile:
         compile_decoder_layers(model)
