@@ -122,9 +122,10 @@ def inductor_options(flags) -> dict | None:
     compiled block has it since it measured faster, kernels/compile.py's BLOCK_OPTIONS),
     cpp (inductor's C++ wrapper: each graph's kernels launched from compiled C++, not Python)."""
     opts = {k: True for k, flag in (("triton.cudagraphs", "cg"), ("combo_kernels", "combo")) if flag in flags}
-    if "cpp" in flags:  # what train.compile_wrapper: cpp sets
-        from tunesmith.kernels.compile import CPP_WRAPPER
-        opts.update(CPP_WRAPPER)
+    if "cpp" in flags:  # spelled out: a block's backward graph compiles at its first call, after
+        # torch.compile's own setup for cpp_wrapper is undone, and would not keep its kernels' binaries
+        opts.update({"cpp_wrapper": True, "triton.store_cubin": True, "triton.autotune_at_compile_time": True,
+                     "triton.autotune_cublasLt": False})
     return opts or None   # (what is not set stays as BLOCK_OPTIONS has it)
 
 

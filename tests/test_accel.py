@@ -12,7 +12,6 @@ from helpers import run_config
 from tunesmith.config import ConfigError
 from tunesmith.data.collate import IGNORE
 from tunesmith.kernels import liger
-from tunesmith.train import accel
 from tunesmith.train.loop import Batches
 
 
@@ -92,8 +91,6 @@ def test_compiled_layers_give_the_eager_losses(alpaca_file, tmp_path):
     ({"max_tokens_per_batch": 512}, {"name": "lora"}, "alpaca", "only used with train.padding_free"),
     ({"chunked_ce": True}, {"name": "lora"}, "cls", "train.chunked_ce"),
     ({"liger": True}, {"name": "lora"}, "alpaca", "train.liger"),
-    ({"compile_wrapper": "cpp"}, {"name": "lora"}, "alpaca", "train.compile_wrapper: cpp .* needs train.compile: true"),
-    ({"compile_wrapper": "cpp", "compile": True}, {"name": "lora"}, "alpaca", "a CUDA model"),
 ])
 def test_impossible_speed_settings_are_refused_before_loading(train, method, data, message, alpaca_file, cls_file,
                                                               tmp_path):
@@ -109,16 +106,3 @@ def test_speed_fields_are_validated_by_name(alpaca_file, tmp_path):
     cfg = run_config(alpaca_file, tmp_path, {"name": "lora"}, chunked_ce="sometimes")
     with pytest.raises(ConfigError, match="train.chunked_ce"):
         tunesmith.train(cfg)
-    cfg = run_config(alpaca_file, tmp_path, {"name": "lora"}, compile_wrapper="c")
-    with pytest.raises(ConfigError, match="train.compile_wrapper"):
-        tunesmith.train(cfg)
-
-
-def test_cpp_wrapper_options_reach_the_compiled_layers(monkeypatch):
-    from tunesmith.config import TrainConfig
-    from tunesmith.kernels.compile import CPP_WRAPPER
-    seen = []
-    monkeypatch.setattr(accel, "compile_decoder_layers", lambda model, options=None: seen.append(options))
-    accel.after_method(None, TrainConfig(compile=True))
-    accel.after_method(None, TrainConfig(compile=True, compile_wrapper="cpp"))
-    assert seen == [None, CPP_WRAPPER] and CPP_WRAPPER["cpp_wrapper"] is True

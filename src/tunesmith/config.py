@@ -62,10 +62,6 @@ class TrainConfig(BaseModel):
     compile: bool = Field(False, description="torch.compile each decoder layer (one graph a layer) and the "
                                              "chunked loss's per-chunk softmax; the first steps include "
                                              "compile time.")
-    compile_wrapper: Literal["python", "cpp"] = Field(
-        "python", description="With compile on CUDA: what launches each compiled layer's kernels: inductor's Python "
-                              "wrapper, or a C++ wrapper (less host time a step; a longer first compile, and a C++ "
-                              "compiler on the machine).")
     padding_free: bool = Field(False, description="Pack whole examples end to end into one row per micro-batch, "
                                                   "with document-masked attention and no pad tokens (sft, pt).")
     max_tokens_per_batch: int | None = Field(

@@ -229,13 +229,6 @@ class BlockPasses(CustomGraphPass):
 #: Inductor options every compiled block gets (combo kernels: measured in the module docstring).
 BLOCK_OPTIONS = {"joint_custom_pre_pass": BlockPasses(), "combo_kernels": True}
 
-#: ``train.compile_wrapper: cpp``: each compiled graph launches its kernels from a C++ wrapper instead
-#: of inductor's Python one. Spelled out beyond ``cpp_wrapper``: a block's backward graph compiles at
-#: its first call, after torch.compile's own set-up for the C++ wrapper is undone, and would not keep
-#: its kernels' binaries (``store_cubin``) nor tune them at compile time.
-CPP_WRAPPER = {"cpp_wrapper": True, "triton.store_cubin": True, "triton.autotune_at_compile_time": True,
-               "triton.autotune_cublasLt": False}
-
 
 def _policy(ctx, op, *args, **kwargs) -> CheckpointPolicy:
     if op in SMALL_OPS:

@@ -14,7 +14,7 @@ from torch import nn
 
 from ..errors import ConfigError
 from ..kernels import attention, liger
-from ..kernels.compile import CPP_WRAPPER, compile_decoder_layers
+from ..kernels.compile import compile_decoder_layers
 from ..kernels.offload import ActivationOffload, offloading
 from ..models.targets import find_blocks
 
@@ -51,10 +51,6 @@ def check(tc, objective: str, method_cls, device: torch.device) -> None:
         if device.type != "cuda":
             raise ConfigError(f"train.offload_activations: moves saved activations from GPU to host memory, and the "
                               f"model is on {device}; set train.offload_activations: false")
-    if tc.compile_wrapper == "cpp" and not (tc.compile and device.type == "cuda"):
-        raise ConfigError("train.compile_wrapper: cpp launches the kernels of compiled layers on CUDA; it needs "
-                          f"train.compile: true and a CUDA model (compile: {tc.compile}, device: {device}); "
-                          "set it to python")
     if tc.chunked_ce is True and objective not in CAUSAL:
         raise ConfigError(f"train.chunked_ce: applies to the causal LM objectives ({', '.join(CAUSAL)}), "
                           f"not {objective!r}; leave it at auto")
@@ -135,4 +131,4 @@ def after_method(model: nn.Module, tc) -> None:
         kept = 1 if tc.offload_kept_layers is None else tc.offload_kept_layers
         enable_checkpointing(model, tc.checkpoint_layers, tc.offload_activations, kept_on_gpu=kept)
     if tc.compile:
-        compile_decoder_layers(model, options=CPP_WRAPPER if tc.compile_wrapper == "cpp" else None)
+        compile_decoder_layers(model)
