@@ -100,12 +100,16 @@ def labelled_rows(labels: torch.Tensor, device: torch.device) -> torch.Tensor | 
     that finding them on the GPU costs: there the host would wait, in the middle of the step, for the
     whole forward pass (and, with ``train.offload_activations``, for the copies to host memory queued
     before it on the copy engine) before it could queue backward."""
+    keep = _kept(labels)
+    if keep is None or device.type != "cuda":
+        return None if keep is None else keep.to(device)
+    return keep.pin_memory().to(device, non_blocking=True)
+
+
+def _kept(labels: torch.Tensor) -> torch.Tensor | None:
+    """Indices of the rows whose label is not ignored, on the labels' device (None: every row)."""
     keep = (labels != IGNORE).nonzero().squeeze(1)                    # (n,)
-    if keep.numel() == labels.numel():
-        return None
-    if device.type == "cuda":
-        return keep.pin_memory().to(device, non_blocking=True)
-    return keep.to(device)
+    return None if keep.numel() == labels.numel() else keep
 
 
 def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
@@ -121,8 +125,7 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: tor
     """
     dt = torch.get_autocast_dtype(hidden.device.type) if torch.is_autocast_enabled(hidden.device.type) else hidden.dtype
     if isinstance(rows, str):
-        rows = (labels != IGNORE).nonzero().squeeze(1)                # (n,)
-        rows = None if rows.numel() == labels.numel() else rows
+        rows = _kept(labels)
     if rows is not None:
         hidden, labels = hidden.index_select(0, rows), labels.index_select(0, rows)  # (n, d), (n,)
     if labels.numel() == 0:
