@@ -83,7 +83,7 @@ def test_offload_hooks_see_exactly_the_checkpointed_blocks_inputs(monkeypatch):
     batch = ids(2, 16)
     ref = _grads(_lora_model(), batch)
     model = _lora_model()
-    accel.enable_checkpointing(model, layers=2, offload=True)
+    accel.enable_checkpointing(model, layers=2, offload=True, kept_on_gpu=0)   # blocks 1 and 3 checkpointed
     got = _grads(model, batch)
     assert seen == [(2, 16, 64), (2, 16, 64)]              # blocks 1 and 3: their inputs, nothing else
     for n in ref:
@@ -239,18 +239,21 @@ def test_offload_leaves_the_last_kept_block_on_the_gpu():
     backward reaches it first, before its products could come back from the host."""
     model = _lora_model()
     chosen = accel.enable_checkpointing(model, layers=2, offload=True)
-    assert chosen == [False, True, False, True]
+    assert chosen == [True, False, True, False]            # the spread ends on the kept block
     carriers = [getattr(b, "activation_offload", None) is not None for b in find_blocks(model)[1]]
-    assert carriers == [True, True, False, True]
+    assert carriers == [True, True, True, False]
     model = _lora_model()
-    accel.enable_checkpointing(model, layers=2, offload=True, kept_on_gpu=0)
+    chosen = accel.enable_checkpointing(model, layers=2, offload=True, kept_on_gpu=0)
+    assert chosen == [False, True, False, True]            # nothing kept: the plain spread
     assert all(getattr(b, "activation_offload", None) is not None for b in find_blocks(model)[1])
     model = _lora_model()
     accel.enable_checkpointing(model, layers=2, offload=True, kept_on_gpu=2)   # both blocks outside it
-    assert [getattr(b, "activation_offload", None) is not None for b in find_blocks(model)[1]] == [False, True, False, True]
+    assert [getattr(b, "activation_offload", None) is not None for b in find_blocks(model)[1]] == [True, False, True, False]
     model = _lora_model()
     accel.enable_checkpointing(model, layers=2, offload=True, kept_on_gpu=5)   # more than there are
-    assert [getattr(b, "activation_offload", None) is not None for b in find_blocks(model)[1]] == [False, True, False, True]
+    assert [getattr(b, "activation_offload", None) is not None for b in find_blocks(model)[1]] == [True, False, True, False]
+    chosen = accel.enable_checkpointing(_lora_model(layers=32), layers=12, offload=True, kept_on_gpu=4)
+    assert sum(chosen) == 12 and chosen[-3:] == [True, False, False] and chosen[0]
 
 
 def test_offload_kept_layers_reaches_the_blocks(monkeypatch):

@@ -84,7 +84,10 @@ def enable_checkpointing(model: nn.Module, layers: int | None = None, offload: b
     the checkpointed blocks' inputs wait in pinned host memory (``kernels/offload.py``); each block
     carries the offload as ``activation_offload``, and blocks compiled later offload everything they
     keep (kernels/compile.py), except the last ``kept_on_gpu`` blocks that are not checkpointed:
-    backward reaches them first, before their products could make the round trip.
+    backward reaches them first, before their products could make the round trip. With such blocks
+    the spread ends on one of them rather than on a checkpointed block: backward's memory peak is at
+    its first block, where all kept blocks are still held, and a checkpointed block there would add
+    its recomputed products to them.
     Returns which blocks are checkpointed."""
     _, blocks = find_blocks(model)
     n = len(blocks)
@@ -92,7 +95,10 @@ def enable_checkpointing(model: nn.Module, layers: int | None = None, offload: b
         raise ConfigError(f"train.checkpoint_layers: {layers} is not between 1 and the {n} transformer blocks "
                           f"of {type(model).__name__}; use null to checkpoint all of them")
     k = n if layers is None else layers
-    chosen = [(i + 1) * k // n > i * k // n for i in range(n)]
+    if offload and kept_on_gpu > 0:   # spread so that the last block is one kept on the GPU (see below)
+        chosen = [(n - i) * k // n > (n - i - 1) * k // n for i in range(n)]
+    else:
+        chosen = [(i + 1) * k // n > i * k // n for i in range(n)]
     per_block = layers is not None or offload
     if per_block and not all(hasattr(b, "gradient_checkpointing") for b in blocks):
         field = "train.offload_activations" if offload else "train.checkpoint_layers"
