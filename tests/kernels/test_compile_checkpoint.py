@@ -62,8 +62,13 @@ def test_compiled_checkpointed_blocks_recompute_only_what_backward_reads():
 
     cfg = model.config
     saved, _ = _saved_shapes(model, batch)
-    widths = {s[-1] for s in saved if len(s) >= 2 and s[0] * (s[1] if len(s) == 3 else 1) == batch.numel()}
-    assert cfg.intermediate_size not in widths and 4 not in widths, widths   # no MLP activation, no x·Aᵀ
+    rows = [s for s in saved if len(s) >= 2 and s[0] * (s[1] if len(s) == 3 else 1) == batch.numel()]
+    # a block keeps its input and its 7 narrow x·Aᵀ (recomputing them would read their inputs again),
+    # no MLP activation, no attention product
+    widths = [s[-1] for s in rows]
+    assert cfg.intermediate_size not in widths, widths
+    assert widths.count(4) == 7 * 2, widths
+    assert set(widths) <= {cfg.hidden_size, 4, 1, cfg.vocab_size}, widths   # the rest: the final norm and loss
 
 
 def test_blocks_left_unchecked_keep_their_activations_under_compile():

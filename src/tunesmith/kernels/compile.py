@@ -51,7 +51,7 @@ from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selectiv
 
 from ..models.targets import find_blocks
 from .dora import kept
-from .lora import lora_output
+from .lora import lora_input_grad, lora_input_grad_sum, lora_output
 from .ops import alias
 
 #: Operator namespaces whose outputs are dequantized weights (recomputed, never saved).
@@ -215,12 +215,98 @@ def shared_operand_products(graph: torch.fx.Graph) -> int:
     return merged
 
 
+def _is_add(node) -> bool:
+    """A plain two-tensor ``add`` of equal shapes (no alpha, no broadcast)."""
+    if not (isinstance(node, torch.fx.Node) and node.op == "call_function" and node.target is _aten.add.Tensor
+            and len(node.args) == 2 and not node.kwargs and all(isinstance(a, torch.fx.Node) for a in node.args)):
+        return False
+    shapes = [a.meta.get("val") for a in (*node.args, node)]
+    return (all(isinstance(v, torch.Tensor) for v in shapes)
+            and len({tuple(d if isinstance(d, int) else str(d) for d in v.shape) for v in shapes}) == 1)
+
+
+def _input_grad(leaf):
+    """The ``lora_input_grad`` node that ``leaf`` is (or is the only view of), used nowhere else, whose
+    frozen weight is a graph input; else None. (A computed weight, a dequantized 4-bit one, is left
+    alone: merged, every projection's dequantized weight would be alive at once.)"""
+    node = leaf
+    if node.op == "call_function" and node.target in _VIEWS and len(node.users) == 1:
+        node = node.args[0]
+    if not (isinstance(node, torch.fx.Node) and node.op == "call_function" and node.target is lora_input_grad
+            and len(node.users) == 1):
+        return None
+    return node if node.args[1].op == "placeholder" else None
+
+
+def summed_input_gradients(graph: torch.fx.Graph) -> int:
+    """Merge the input gradients of projections that read one input into one buffer.
+
+    q, k and v (and gate and up) read the same normed input, so backward sums their input gradients
+    gᵢ W0ᵢ + guᵢ Aᵢ. Each ``lora_input_grad`` writes its own (tokens × width) buffer, and the sum
+    reads them all back. ``lora_input_grad_sum`` writes one buffer with a single rank-Σr product and
+    accumulates every base product into it: two buffers fewer to write and read for q, k and v, one
+    for gate and up, and two rank products fewer. Other terms of the sum stay added to the result.
+    Returns how many input gradients were merged away."""
+    from torch._guards import detect_fake_mode
+
+    merged = 0
+    for root in list(graph.nodes):
+        if root.graph is not graph or not _is_add(root):
+            continue
+        if len(root.users) == 1 and _is_add(next(iter(root.users))):
+            continue                                    # expanded from the add that uses it
+        leaves, inner, stack = [], [], [root]
+        while stack:
+            for a in stack.pop().args:
+                if _is_add(a) and len(a.users) == 1:
+                    inner.append(a)
+                    stack.append(a)
+                else:
+                    leaves.append(a)
+        grads = {leaf: _input_grad(leaf) for leaf in leaves}
+        parts = [leaf for leaf in leaves if grads[leaf] is not None]
+        nodes = [grads[leaf] for leaf in parts]
+        if len(nodes) < 2 or len({n.meta["val"].dtype for n in nodes}) != 1 or len(set(nodes)) != len(nodes):
+            continue
+        fake = detect_fake_mode([n.meta["val"] for n in nodes])
+        meta = {k: v for k, v in root.meta.items() if k not in ("val", "tensor_meta")}
+        with graph.inserting_before(root):
+            new = []
+            gu = graph.call_function(_aten.cat.default, ([n.args[2] for n in nodes], 1))
+            a = graph.call_function(_aten.cat.default, ([n.args[3] for n in nodes], 0))
+            total = graph.call_function(lora_input_grad_sum, ([n.args[0] for n in nodes], [n.args[1] for n in nodes], gu, a))
+            new += [gu, a, total]
+            first = parts[0]
+            if first is not nodes[0]:                   # the view the gradients are summed in
+                total = graph.call_function(first.target, (total, *first.args[1:]), dict(first.kwargs))
+                new.append(total)
+            for leaf in leaves:
+                if grads[leaf] is None:
+                    total = graph.call_function(_aten.add.Tensor, (total, leaf))
+                    new.append(total)
+        for n in new:
+            with fake:
+                args = torch.fx.node.map_arg(n.args, lambda m: m.meta["val"])
+                kwargs = torch.fx.node.map_arg(n.kwargs, lambda m: m.meta["val"])
+                n.meta["val"] = n.target(*args, **kwargs)
+            n.meta.update(meta)
+        root.replace_all_uses_with(total)
+        for n in [root, *inner, *(p for p in parts if p not in nodes), *nodes]:
+            graph.erase_node(n)
+        merged += len(nodes) - 1
+    if merged:
+        graph.lint()
+    return merged
+
+
 class BlockPasses(CustomGraphPass):
-    """Joint-graph passes of every compiled block: ``seedless_attention``, ``shared_operand_products``."""
+    """Joint-graph passes of every compiled block: ``seedless_attention``, ``shared_operand_products``,
+    ``summed_input_gradients``."""
 
     def __call__(self, graph: torch.fx.Graph) -> None:
         seedless_attention(graph)
         shared_operand_products(graph)
+        summed_input_gradients(graph)
 
     def uuid(self) -> bytes:
         return get_hash_for_files((__file__,))
@@ -240,9 +326,21 @@ def _policy(ctx, op, *args, **kwargs) -> CheckpointPolicy:
     return CheckpointPolicy.PREFER_RECOMPUTE
 
 
+def _narrow(op, args) -> bool:
+    """A matrix product whose output is at most ``GROUP_MAX`` columns wide and narrower than the input
+    it reads (LoRA's x Aᵀ): recomputing it reads that whole input again, keeping it costs its few
+    columns."""
+    if op is not _aten.mm.default or len(args) < 2:
+        return False
+    x, r = args[0], args[1]
+    return isinstance(x, torch.Tensor) and isinstance(r, torch.Tensor) and _small(r.shape[1], x.shape[1])
+
+
 def _recompute_all(ctx, op, *args, **kwargs) -> CheckpointPolicy:
     # spelled out: some torch versions keep opaque operators' outputs under a plain checkpoint
-    return CheckpointPolicy.MUST_SAVE if op in SMALL_OPS else CheckpointPolicy.MUST_RECOMPUTE
+    if op in SMALL_OPS or _narrow(op, args):
+        return CheckpointPolicy.MUST_SAVE
+    return CheckpointPolicy.MUST_RECOMPUTE
 
 
 def _checkpoint_inside(layer: nn.Module, checkpointed: bool) -> None:

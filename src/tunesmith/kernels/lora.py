@@ -159,10 +159,23 @@ def _lora_input_grad(g, w, gu, a):
     return torch.mm(gu, a).addmm_(g, w)
 
 
+def _lora_input_grad_sum(gs, ws, gu, a):
+    """Σᵢ (gᵢ W0ᵢ + guᵢ Aᵢ) of projections that read one input (q, k and v; gate and up): gu is the
+    guᵢ side by side (N, Σr) and a the Aᵢ stacked (Σr, d_in), so one product writes the buffer that
+    every base product then accumulates into. Separately, each projection would write its own
+    (N, d_in) gradient and a later kernel would read them all back to sum them."""
+    out = torch.mm(gu, a)
+    for g, w in zip(gs, ws):
+        out.addmm_(g, w)
+    return out
+
+
 lora_output = define("lora_output(Tensor x2, Tensor w, Tensor u, Tensor b, Tensor? bias) -> Tensor", _lora_output,
                      lambda x2, w, u, b, bias: x2.new_empty((x2.shape[0], w.shape[0])))
 lora_input_grad = define("lora_input_grad(Tensor g, Tensor w, Tensor gu, Tensor a) -> Tensor", _lora_input_grad,
                          lambda g, w, gu, a: g.new_empty((g.shape[0], w.shape[1])))
+lora_input_grad_sum = define("lora_input_grad_sum(Tensor[] g, Tensor[] w, Tensor gu, Tensor a) -> Tensor",
+                             _lora_input_grad_sum, lambda gs, ws, gu, a: gu.new_empty((gu.shape[0], a.shape[1])))
 
 
 class _LoraLinearTraceable(torch.autograd.Function):
