@@ -196,3 +196,21 @@ def test_rows_given_need_no_sync_on_cuda():
             linear_cross_entropy(h, w, labels)
         finally:
             torch.cuda.set_sync_debug_mode(0)
+
+
+def test_chunk_loss_is_finite_for_labels_far_below_the_maximum():
+    """A label whose logit sits 2·10⁴ below the row's maximum: its probability is 0 in fp32, yet the
+    loss is lse − logit (2·10⁴ a row), not −log(0), and the gradient is softmax − one-hot."""
+    logits = torch.full((2, 50), -1e4)
+    logits[:, 0] = 1e4
+    labels = torch.tensor([3, 0])
+    loss, grad = CE.chunk_loss_and_grad(logits, labels)
+    assert torch.isfinite(loss) and loss.item() == pytest.approx(2e4, rel=1e-6)
+    want = torch.zeros(2, 50)
+    want[:, 0] = 1.0
+    want[0, 3] -= 1.0
+    want[1, 0] -= 1.0
+    torch.testing.assert_close(grad, want)
+    compiled_loss, compiled_grad = CE._compiled_chunk()(logits, labels)
+    torch.testing.assert_close(compiled_loss, loss)
+    torch.testing.assert_close(compiled_grad, grad)

@@ -34,12 +34,20 @@ def linear_cross_entropy_reference(hidden: torch.Tensor, weight: torch.Tensor, l
 
 def chunk_loss_and_grad(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed CE of a chunk's rows (fp32) and d loss / d logits in the logits' dtype; logits (c, V),
-    labels (c,) all valid. Written to be compiled (``_compiled_chunk``)."""
+    labels (c,) all valid. Written to be compiled (``_compiled_chunk``): the row maximum and the sum of
+    exponentials are the softmax's pattern, which inductor reduces in one online pass, and they give
+    both lse = max + log(sum) (the loss stays lse − logit, finite however unlikely the label) and the
+    softmax; the label's −1 is a comparison with the column index, not a scatter, so the gradient is
+    one elementwise pass. On an H100 (261 rows of 128,256 logits): 215 µs a chunk against 301 µs for
+    logsumexp, exp and scatter_add (bench/gpu_loss_chunk.py)."""
     lf = logits.to(torch.promote_types(logits.dtype, torch.float32))
-    lse = torch.logsumexp(lf, dim=-1)                                              # (c,)
+    m = lf.amax(dim=-1, keepdim=True)                                              # (c, 1)
+    e = torch.exp(lf - m)
+    s = e.sum(dim=-1, keepdim=True)
+    lse = (m + torch.log(s)).squeeze(1)                                            # (c,)
     loss = (lse - lf.gather(1, labels[:, None]).squeeze(1)).sum()
-    grad = torch.exp(lf - lse[:, None])                                            # softmax, (c, V)
-    grad = grad.scatter_add(1, labels[:, None], grad.new_full((labels.shape[0], 1), -1.0))
+    cols = torch.arange(lf.shape[1], device=lf.device)
+    grad = e / s - (cols[None, :] == labels[:, None]).to(lf.dtype)                 # softmax − one-hot
     return loss, grad.to(logits.dtype)
 
 
