@@ -214,3 +214,16 @@ def test_chunk_loss_is_finite_for_labels_far_below_the_maximum():
     compiled_loss, compiled_grad = CE._compiled_chunk()(logits, labels)
     torch.testing.assert_close(compiled_loss, loss)
     torch.testing.assert_close(compiled_grad, grad)
+
+
+def test_compiled_chunk_silences_only_inductors_online_softmax_notice(monkeypatch):
+    """On CUDA, inductor warns once when it reduces a small chunk in split passes instead of one online
+    pass; a run would print it though the values are the same. Other warnings still show."""
+    import warnings
+    monkeypatch.setattr(CE, "_compiled", None)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        CE._compiled_chunk()
+        warnings.warn("\nOnline softmax is disabled on the fly since Inductor decides to\nsplit the reduction.", UserWarning)
+        warnings.warn("something else", UserWarning)
+    assert [str(w.message) for w in seen] == ["something else"]

@@ -16,6 +16,8 @@ Reference: ``linear_cross_entropy_reference`` (the head's full logits, then ``F.
 """
 from __future__ import annotations
 
+import warnings
+
 import torch
 import torch.nn.functional as F
 
@@ -57,6 +59,10 @@ _compiled = None
 def _compiled_chunk():
     global _compiled
     if _compiled is None:
+        # inductor reduces a chunk with few rows (a ragged last chunk, a small vocabulary) in split
+        # passes instead of one online pass, and says so in a warning a run would print; the values are
+        # the same either way
+        warnings.filterwarnings("ignore", message="\\s*Online softmax is disabled on the fly", category=UserWarning)
         _compiled = torch.compile(chunk_loss_and_grad, dynamic=True)
     return _compiled
 
