@@ -37,6 +37,20 @@ def sync() -> None:
         torch.cuda.synchronize()
 
 
+def event_us(fn, n: int = 30, warmup: int = 5) -> float:
+    """Mean µs of ``fn()`` on the GPU over ``n`` calls after ``warmup``, timed with CUDA events."""
+    for _ in range(warmup):
+        fn()
+    torch.cuda.synchronize()
+    s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    s.record()
+    for _ in range(n):
+        fn()
+    e.record()
+    torch.cuda.synchronize()
+    return s.elapsed_time(e) / n * 1000.0
+
+
 def peak_gib(reserved: bool = False) -> float:
     if DEV != "cuda":
         return 0.0

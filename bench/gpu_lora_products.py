@@ -20,6 +20,8 @@ import torch
 import triton
 import triton.language as tl
 
+from gpu_common import event_us
+
 
 @triton.jit
 def _narrow_k(x_ptr, y_ptr, c_ptr, M, N, K, sxm, sxk, syk, syn, scm, scn,
@@ -48,17 +50,8 @@ def narrow_k_mm(x: torch.Tensor, y: torch.Tensor, bm: int, bn: int, warps: int, 
     return c
 
 
-def timeit(fn, n: int = 50) -> float:
-    for _ in range(10):
-        fn()
-    torch.cuda.synchronize()
-    s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    s.record()
-    for _ in range(n):
-        fn()
-    e.record()
-    torch.cuda.synchronize()
-    return s.elapsed_time(e) / n * 1000.0   # µs
+def timeit(fn) -> float:
+    return event_us(fn, n=50, warmup=10)
 
 
 CONFIGS = [(64, 128, 4), (64, 256, 4), (128, 128, 4), (128, 128, 8), (128, 256, 8), (256, 128, 8), (64, 512, 8)]

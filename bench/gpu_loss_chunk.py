@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+from gpu_common import event_us  # noqa: E402
 from tunesmith.kernels.cross_entropy import chunk_loss_and_grad  # noqa: E402
 
 
@@ -57,19 +58,6 @@ def explicit_lse(logits, labels):
     return loss, grad.to(logits.dtype)
 
 
-def timeit(fn, n: int = 30) -> float:
-    for _ in range(5):
-        fn()
-    torch.cuda.synchronize()
-    s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    s.record()
-    for _ in range(n):
-        fn()
-    e.record()
-    torch.cuda.synchronize()
-    return s.elapsed_time(e) / n * 1000.0
-
-
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=None)
@@ -89,7 +77,7 @@ def main() -> None:
             loss, grad = fn(logits, labels)
             torch.testing.assert_close(loss, ref_loss, rtol=1e-4, atol=1e-2)
             torch.testing.assert_close(grad.float(), ref_grad.float(), rtol=2e-2, atol=1e-3)
-            row[f"{name}_us"] = timeit(lambda: fn(logits, labels))
+            row[f"{name}_us"] = event_us(lambda: fn(logits, labels))
         print(json.dumps({k: round(v, 2) if isinstance(v, float) else v for k, v in row.items()}), flush=True)
         rows_out.append(row)
     if args.out:
