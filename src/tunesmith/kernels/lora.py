@@ -156,7 +156,7 @@ def _lora_output(x2, w, u, b, bias):
 
 def _lora_input_grad(g, w, gu, a):
     """g W0 + gu A: g (N, d_out), w (d_out, d_in), gu (N, r), a (r, d_in) -> (N, d_in)."""
-    return torch.mm(gu, a).addmm_(g, w)
+    return _lora_input_grad_sum((g,), (w,), gu, a)
 
 
 def _lora_input_grad_sum(gs, ws, gu, a):
