@@ -98,7 +98,7 @@ class CausalLM(Objective):
             self.lm_loss.compiled = bool(train_cfg.compile)
 
     def count(self, batch):
-        return int((on_host(batch, "labels")[:, 1:] != -100).sum())
+        return int((on_host(batch, "labels")[:, 1:] != IGNORE).sum())
 
     def loss(self, model, batch):
         return self.lm_loss(model, batch), self.count(batch), {}
