@@ -146,5 +146,19 @@ def bert_classify(model, h: torch.Tensor) -> torch.Tensor:
     return model.classifier(model.bert.pooler(h))
 
 
+def bert_deep_prompt_logits(model, input_ids: torch.Tensor) -> torch.Tensor:
+    """Classification logits of a BERT carrying a key/value prefix (prefix tuning, P-tuning v2),
+    computed by hand from its prefix table: every layer attends over [P_k; K], [P_v; V], and the
+    real tokens sit after the prompts at positions n.. (as the official implementation on HF BERT)."""
+    from tunesmith.methods._virtual import dims
+    d, n = dims(model), model.prompt_encoder.num_virtual_tokens
+    table = model.prompt_encoder.table().detach()                                        # (n, L·2·H·hd)
+    kv = table.view(n, d["layers"] * 2, d["heads"], d["head_dim"]).permute(1, 2, 0, 3)  # (L·2, H, n, hd)
+    h = bert_embed(model, input_ids, offset=n)
+    for i, layer in enumerate(model.bert.encoder.layer):
+        h = bert_layer(layer, h, prefix=(kv[2 * i], kv[2 * i + 1]))
+    return bert_classify(model, h)
+
+
 __all__ = ["small", "lm_batches", "lm_loss", "curve", "max_rel_diff", "copy_encoder", "perturb", "logits",
-           "train_and_reload", "bert_layer", "bert_embed", "bert_classify", "copy", "VOCAB"]
+           "train_and_reload", "bert_layer", "bert_embed", "bert_classify", "bert_deep_prompt_logits", "copy", "VOCAB"]

@@ -13,6 +13,7 @@ from helpers import alpaca_rows, ids, run_config, write_jsonl
 from tunesmith.infer import generate
 from tunesmith.infer.generate import prompt_ids
 from tunesmith.methods.inject import disable_adapters
+from tunesmith.models.compat import cache_kwargs
 
 STEPS = 6
 OPTIONS = {"prompt": {"num_virtual_tokens": 4}, "ptuning": {"num_virtual_tokens": 4, "encoder_hidden": 16},
@@ -38,7 +39,7 @@ def _inputs_by_hand(model, out, mask):
     cache = DynamicCache(config=model.config)
     for layer in range(s["layers"]):
         cache.update(kv[2 * layer].expand(B, -1, -1, -1), kv[2 * layer + 1].expand(B, -1, -1, -1), layer)
-    return {"input_ids": out, "attention_mask": full_mask, "position_ids": pos + n, "past_key_values": cache}
+    return {"input_ids": out, "attention_mask": full_mask, "position_ids": pos + n, **cache_kwargs(model, cache)}
 
 
 def reference_greedy(model, x, mask, steps):

@@ -7,12 +7,13 @@ import torch
 from peft import PeftModel, PrefixTuningConfig, get_peft_model
 
 import tunesmith
-from additive_helpers import (copy, copy_encoder, curve, lm_batches, logits, max_rel_diff, perturb, small,
+from additive_helpers import (VOCAB, bert_deep_prompt_logits, copy, copy_encoder, curve, lm_batches, logits, max_rel_diff, perturb, small,
                               train_and_reload)
-from helpers import rel_err
+from helpers import ids, peft_oracle, rel_err
 from tunesmith.errors import ConfigError
 from tunesmith.methods import registry
 from tunesmith.methods.prefix import prefix_trainable_count
+from tunesmith.models.compat import enable_checkpointing
 
 N, H = 4, 16
 
@@ -34,7 +35,21 @@ def test_logits_match_peft(arch, task):
     perturb(ours.prompt_encoder)  # peft keeps its own copy of the task head
     copy_encoder(ours, theirs)
     b = lm_batches(1)[0]
-    assert rel_err(logits(ours, b), logits(theirs, b)) <= 1e-5
+    with peft_oracle(f"prefix tuning ({task})"):
+        expected = logits(theirs, b)
+    assert rel_err(logits(ours, b), expected) <= 1e-5
+
+
+def test_bert_classification_matches_the_written_out_prefix_computation():
+    """tunesmith's own reference for prefix tuning on an encoder, independent of peft: the MLP's
+    prefix table in every layer's keys and values, the layers written out by hand."""
+    m = tunesmith.apply(small("bert", "classification"), "prefix", num_virtual_tokens=N, reparam_hidden=H)
+    perturb(m.prompt_encoder)
+    x = ids(2, 7, vocab=VOCAB)
+    m.eval()
+    with torch.no_grad():
+        got, expected = m(input_ids=x).logits, bert_deep_prompt_logits(m, x)
+    assert rel_err(got, expected) <= 1e-5
 
 
 def test_loss_curve_matches_peft():
@@ -59,7 +74,7 @@ def test_mlp_is_folded_away_and_peft_loads_it(tmp_path):
 
 def test_gradient_checkpointing_is_refused():
     m = small()
-    m.gradient_checkpointing_enable()
+    enable_checkpointing(m)
     method = registry.get("prefix")(registry.build_config({"name": "prefix"}))
     method.apply(m)
     with pytest.raises(ConfigError, match="gradient_checkpointing"):

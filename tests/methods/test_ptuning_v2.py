@@ -6,7 +6,7 @@ import pytest
 from peft import PrefixTuningConfig, get_peft_model
 
 import tunesmith
-from additive_helpers import (VOCAB, bert_classify, bert_embed, bert_layer, copy, copy_encoder, lm_batches, logits,
+from additive_helpers import (VOCAB, bert_deep_prompt_logits, copy, copy_encoder, lm_batches, logits,
                               small, train_and_reload)
 from helpers import ids, rel_err
 from tunesmith.methods._virtual import dims
@@ -17,16 +17,9 @@ N = 3
 
 def test_matches_the_written_out_deep_prompt_computation():
     m = tunesmith.apply(small("bert", "classification"), "ptuning_v2", num_virtual_tokens=N)
-    d = dims(m)
-    table = m.prompt_encoder.embedding.weight.detach()                       # (N, L·2·H·hd)
-    kv = table.view(N, d["layers"] * 2, d["heads"], d["head_dim"]).permute(1, 2, 0, 3)  # (L·2, H, N, hd)
     x = ids(2, 7, vocab=VOCAB)
     m.eval()
-    # real tokens sit after the prompts: positions N.. (as the official implementation on HF BERT)
-    h = bert_embed(m, x, offset=N)
-    for layer_idx, layer in enumerate(m.bert.encoder.layer):
-        h = bert_layer(layer, h, prefix=(kv[2 * layer_idx], kv[2 * layer_idx + 1]))
-    expected = bert_classify(m, h)
+    expected = bert_deep_prompt_logits(m, x)
     got = m(input_ids=x).logits
     assert rel_err(got, expected) <= 1e-5
     assert rel_err(got, tunesmith.apply(small("bert", "classification"), "full")(input_ids=x).logits) > 1e-3

@@ -45,12 +45,15 @@ def _artifact(path: Path) -> Path:
     return path
 
 
-def _refuse(src: Path, target: str, reasons: list[str]) -> ExportRefused:
-    merged = "MERGED_DIR"
-    hint = TARGETS[target]["merged_hint"].format(merged=merged)
+def _refuse(src: Path, target: str, reasons: list[str], method: type[registry.Method] | None = None) -> ExportRefused:
     lines = [f"{target} cannot load {src} as it is:"] + [f"  - {r}" for r in reasons]
-    lines += ["Instead, merge the method into the weights and export the plain model:",
-              f"  tunesmith merge {src} {merged}", f"  {hint}"]
+    if method is not None and not method.mergeable:
+        lines += [f"Nor can {method.name} be merged into the weights ({method.unmergeable_reason}). Load the "
+                  f"adapter with peft or tunesmith instead: tunesmith export {src} --for peft"]
+    else:
+        merged = "MERGED_DIR"
+        lines += ["Instead, merge the method into the weights and export the plain model:",
+                  f"  tunesmith merge {src} {merged}", f"  {TARGETS[target]['merged_hint'].format(merged=merged)}"]
     return ExportRefused("\n".join(lines))
 
 
@@ -85,9 +88,13 @@ def _copy_adapter(art: Path, out_dir: Path, fold_rslora: bool) -> None:
     peft_format.write_adapter(out_dir, cfg, state, meta)
 
 
-def _method_of(art: Path) -> type[registry.Method] | None:
+def _method_of(art: Path, peft_cfg: dict | None = None) -> type[registry.Method] | None:
+    """The tunesmith method of an adapter (its tunesmith.json, else the method that loads its peft_type)."""
     meta = _read_json(art / peft_format.META_NAME)
-    return registry.get(meta["method"]["name"]) if "method" in meta else None
+    if "method" in meta:
+        return registry.get(meta["method"]["name"])
+    ptype = (peft_cfg or {}).get("peft_type")
+    return next((m for m in registry.all_methods().values() if ptype and m.peft_type == ptype), None)
 
 
 def export(path: str | Path, target: str, *, out: str | Path | None = None, rank: int | None = None,
@@ -110,7 +117,7 @@ def export(path: str | Path, target: str, *, out: str | Path | None = None, rank
         cfg = _read_json(art / peft_format.CONFIG_NAME)
         reasons = problems(target, cfg, _tensor_names(art), fold_rslora=fold_rslora)
         if reasons:
-            raise _refuse(src, target, reasons)
+            raise _refuse(src, target, reasons, _method_of(art, cfg))
         _copy_adapter(art, out_dir, fold_rslora)
     return ExportResult(out_dir, TARGETS[target]["notes"](cfg, out_dir))
 

@@ -18,6 +18,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..models.compat import cache_kwargs
+
 
 def positions(mask: torch.Tensor) -> torch.Tensor:
     """Position ids from a left-padded 2-D mask: 0.. for real tokens, 0 on padding."""
@@ -78,7 +80,7 @@ class ProxyTuned:
         for _ in range(max_new_tokens):
             pos = positions(mask)[:, -step_ids.shape[1]:]
             outs = [m(input_ids=step_ids.to(_device(m)), attention_mask=mask.to(_device(m)),
-                      position_ids=pos.to(_device(m)), past_key_values=c, use_cache=True).logits[:, -1]
+                      position_ids=pos.to(_device(m)), use_cache=True, **cache_kwargs(m, c)).logits[:, -1]
                     for m, c in zip(self.models, caches)]
             nxt = sampler(self.combine(*(o.to(ids.device) for o in outs)))
             nxt = torch.where(done, torch.full_like(nxt, pad_token_id), nxt)

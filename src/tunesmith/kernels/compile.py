@@ -56,6 +56,7 @@ from torch import nn
 from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_files
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
+from ..models.compat import CACHE_NAMES
 from ..models.targets import find_blocks
 from .dora import kept
 from .lora import lora_input_grad, lora_input_grad_sum, lora_output
@@ -365,7 +366,7 @@ def _checkpoint_inside(layer: nn.Module, checkpointed: bool) -> None:
             return forward(*args, **kwargs)  # uncompiled, the fused op keeps no dequantized weight anyway
         # no KV cache while training: a checkpointed block would write it twice, and writing it inside
         # the graph breaks it (transformers drops it for the blocks it checkpoints in the same way)
-        for key in ("past_key_values", "layer_past"):
+        for key in (*CACHE_NAMES, "layer_past"):
             if kwargs.get(key) is not None:
                 kwargs[key] = None
         if kwargs.get("use_cache"):

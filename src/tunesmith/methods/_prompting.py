@@ -16,6 +16,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from ..errors import ConfigError
+from ..models.compat import checkpointing_on
 from ..models.targets import task_heads
 from . import peft_format
 from ._virtual import ATTR, PrefixTable, PromptTable, VirtualTokens, carrier, dims
@@ -32,7 +33,8 @@ class VirtualMethod(Method):
     artifact = "adapter"
     loads_peft = True
     identity_at_init = False  # virtual tokens change every output from the start
-    mergeable = False         # nothing to fold into the weights: the tokens are extra inputs
+    mergeable = False
+    unmergeable_reason = "its virtual tokens are extra inputs, not a change of the weights"
     supports_packing = False  # one set of virtual tokens per sequence, not per packed document
     invariant_cases = [
         {},
@@ -152,8 +154,6 @@ class KVPrefixMethod(VirtualMethod):
                 "num_attention_heads": d["kv_heads"]}
 
     def prepare(self, model: nn.Module, batches, objective) -> None:
-        attr = "is_activation_checkpointing" if hasattr(type(model), "is_activation_checkpointing") \
-            else "is_gradient_checkpointing"  # renamed in transformers 5.2x
-        if getattr(model, attr, False):
+        if checkpointing_on(model):
             raise ConfigError(f"method {self.name}: train.gradient_checkpointing=true drops the key/value cache "
                               "that carries the prefix in transformers; set train.gradient_checkpointing=false")

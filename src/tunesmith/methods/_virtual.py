@@ -11,7 +11,8 @@ token, [CLS] pooler) and ``model.generate`` work unchanged. No model class is su
   embeddings by the prompts; the backbone's hidden states of the ``n`` virtual positions are
   dropped on the way out. Layout: ``[virtual × n][input tokens]``, as in HF peft.
 * Key/value level (prefix tuning, P-tuning v2): on a fresh call the backbone's
-  ``transformers.DynamicCache`` is filled with ``n`` trained key/value vectors per layer (the
+  ``transformers.DynamicCache`` (passed under the name the installed transformers takes:
+  :mod:`tunesmith.models.compat`) is filled with ``n`` trained key/value vectors per layer (the
   public ``Cache.update`` API), so the real tokens attend to them and sit at positions ``n..``.
 
 In both cases the 2-D attention mask gets ``n`` ones in front, and ``position_ids`` (and
@@ -26,6 +27,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
+from ..models.compat import cache_kwargs, pop_cache
 from .inject import TunedLayer
 
 ATTR = "prompt_encoder"
@@ -86,7 +88,9 @@ class VirtualTokens(TunedLayer):
             if len(args) > 1 or "input_ids" in kwargs:
                 raise TypeError("a model with virtual tokens takes its inputs as keyword arguments")
             kwargs["input_ids"] = args[0]
-        cache = kwargs.get("past_key_values")
+        cache = pop_cache(kwargs)
+        if cache is not None:
+            kwargs.update(cache_kwargs(module, cache))
         fresh = cache is None or (hasattr(cache, "get_seq_length") and cache.get_seq_length() == 0)
         ref = kwargs.get("input_ids")
         ref = ref if ref is not None else kwargs["inputs_embeds"]
@@ -184,7 +188,7 @@ class KVPrefix(VirtualTokens):
     def _begin(self, backbone, kwargs, batch, device) -> None:
         from transformers import DynamicCache
         s, n = self.shape, self.num_virtual_tokens
-        cache = kwargs.get("past_key_values")
+        cache = pop_cache(kwargs)
         if cache is None:
             cache = DynamicCache(config=backbone.config)
         dtype = backbone.get_input_embeddings().weight.dtype
@@ -193,7 +197,7 @@ class KVPrefix(VirtualTokens):
         kv = kv.unsqueeze(1).expand(-1, batch, -1, -1, -1)   # (layers*2, B, kv_heads, n, head_dim)
         for layer in range(s["layers"]):
             cache.update(kv[2 * layer], kv[2 * layer + 1], layer)
-        kwargs["past_key_values"] = cache
+        kwargs.update(cache_kwargs(backbone, cache))
 
 
 class PromptTable(InputPrompt):

@@ -159,7 +159,8 @@ class Adapter(Method):
     summary = "Bottleneck adapters after attention/FFN (Houlsby 2019), FFN only (Pfeiffer) or parallel (He 2022)."
     Config = AdapterConfig
     identity_at_init = True
-    mergeable = False  # the nonlinearity keeps the adapter out of the weights
+    mergeable = False
+    unmergeable_reason = "the bottleneck's nonlinearity keeps the adapter out of the weights"
     invariant_cases = [
         {},
         {"arch": "qwen2", "options": {"placement": "parallel", "reduction_factor": 8, "nonlinearity": "gelu"}},

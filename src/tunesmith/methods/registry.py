@@ -51,6 +51,8 @@ class Method:
     #: base model's at init; merge() folds the method into plain weights; configs to test.
     identity_at_init: ClassVar[bool] = False
     mergeable: ClassVar[bool] = False
+    #: Why ``merge`` refuses a method that is not mergeable (said in the error).
+    unmergeable_reason: ClassVar[str] = "its trained modules are not a change of the base weights"
     invariant_cases: ClassVar[list[dict]] = [{}]
     #: Keep trainable weights in fp32 when the base model is bf16/fp16.
     upcast_trainable: ClassVar[bool] = True
@@ -139,7 +141,12 @@ class Method:
         raise NotImplementedError
 
     def merge(self, model: nn.Module) -> nn.Module:
-        """Fold the method into plain transformers modules and return the model."""
+        """Fold the method into plain transformers modules and return the model (methods whose
+        weights already sit in place need nothing); a method that cannot be folded refuses."""
+        if not self.mergeable:
+            raise ConfigError(f"merge: {self.name} cannot be folded into the weights of a plain model "
+                              f"({self.unmergeable_reason}); use its adapter instead: tunesmith.load, "
+                              "tunesmith.generate, or peft's PeftModel.from_pretrained")
         return model
 
 
