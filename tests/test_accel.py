@@ -75,6 +75,7 @@ def test_chunked_cross_entropy_gives_the_reference_losses(alpaca_file, tmp_path)
         assert abs(x["loss"] - y["loss"]) <= 1e-5 * abs(y["loss"])
 
 
+@pytest.mark.slow
 def test_compiled_layers_give_the_eager_losses(alpaca_file, tmp_path):
     method = {"name": "lora", "r": 4}
     eager, _ = tunesmith.train(run_config(alpaca_file, tmp_path / "a", method, max_steps=2))

@@ -31,3 +31,16 @@ def test_train_with_overrides_then_resume_then_merge(alpaca_file, tmp_path, caps
     assert cli.main(["merge", str(run), str(tmp_path / "merged")]) == 0
     assert (tmp_path / "merged" / "config.json").is_file()
     assert (tmp_path / "merged" / "tokenizer.json").is_file() or (tmp_path / "merged" / "vocab.txt").is_file()
+
+
+def test_env_prints_what_a_bug_report_needs(capsys):
+    import platform
+    import re
+    from importlib.metadata import version
+    assert cli.main(["env"]) == 0
+    rows = dict(re.split(r"\s{2,}", line, maxsplit=1) for line in capsys.readouterr().out.splitlines())
+    for pkg in ("tunesmith", "torch", "transformers", "peft"):
+        assert rows[pkg] == version(pkg)
+    assert rows["python"] == platform.python_version()
+    assert rows["bitsandbytes"] and rows["liger-kernel"]  # a version, or "not installed"
+    assert "gpu" in rows or "gpu 0" in rows

@@ -17,6 +17,8 @@ from tunesmith.kernels import compile as C
 from tunesmith.models.targets import find_blocks
 from tunesmith.train import accel
 
+pytestmark = pytest.mark.slow  # compiles with torch.compile: minutes on a 2-core machine
+
 OP = "tunesmith::lora_output"
 
 

@@ -4,6 +4,7 @@ does; the compiled block's saved tensors hold no weight-sized tensor, and its gr
 eager block's."""
 from __future__ import annotations
 
+import pytest
 import torch
 from torch import nn
 
@@ -12,6 +13,8 @@ from helpers import ids, rel_err, tiny
 from tunesmith.kernels import compile as C
 from tunesmith.kernels import lora as K
 from tunesmith.models.targets import find_blocks
+
+pytestmark = pytest.mark.slow  # compiles with torch.compile: minutes on a 2-core machine
 
 
 @torch.library.custom_op("tunesmith_test::dequantize", mutates_args=())

@@ -42,6 +42,7 @@ def test_matches_reference_float64(bias, chunk_elements):
         assert rel_err(a, b) < 1e-10
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("bias", [False, True])   # a trained bias keeps the eager chunk loop
 def test_compiled_chunks_match_reference_float64(bias, monkeypatch):
     calls = []
@@ -55,6 +56,7 @@ def test_compiled_chunks_match_reference_float64(bias, monkeypatch):
     assert len(calls) == (0 if bias else 6)   # 26 labelled rows in chunks of 5
 
 
+@pytest.mark.slow
 def test_train_compile_compiles_the_chunked_loss():
     objective = CausalLM()
     objective.configure(TrainConfig(chunked_ce=True, compile=True))
@@ -63,6 +65,7 @@ def test_train_compile_compiles_the_chunked_loss():
     assert not objective.lm_loss.compiled
 
 
+@pytest.mark.slow
 def test_compiled_chunks_write_the_gradient_in_the_head_dtype_under_autocast():
     h, w, b, labels = _case(torch.float32)
     with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -216,6 +219,7 @@ def test_chunk_loss_is_finite_for_labels_far_below_the_maximum():
     torch.testing.assert_close(compiled_grad, grad)
 
 
+@pytest.mark.slow
 def test_compiled_chunk_silences_only_inductors_online_softmax_notice(monkeypatch):
     """On CUDA, inductor warns once when it reduces a small chunk in split passes instead of one online
     pass; a run would print it though the values are the same. Other warnings still show."""

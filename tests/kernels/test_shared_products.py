@@ -61,6 +61,7 @@ def _mm_calls(fn) -> int:
     return sum(e.count for e in prof.key_averages() if e.key == "aten::mm")
 
 
+@pytest.mark.slow
 def test_compiled_lora_block_reads_its_shared_inputs_once():
     """A Llama block with LoRA on its 7 projections: q, k, v share one input, gate and up another.
     Eager, forward runs 14 products a block (x Aᵀ and u Bᵀ for each projection); compiled, 11 (the
