@@ -16,7 +16,7 @@ from ..errors import ConfigError
 from ..kernels import attention, liger
 from ..kernels.compile import compile_decoder_layers
 from ..kernels.offload import ActivationOffload, offloading
-from ..models.compat import enable_checkpointing
+from ..models import compat
 from ..models.targets import find_blocks
 
 CAUSAL = ("sft", "pt")
@@ -105,7 +105,7 @@ def enable_checkpointing(model: nn.Module, layers: int | None = None, offload: b
         field = "train.offload_activations" if offload else "train.checkpoint_layers"
         raise ConfigError(f"{field}: {type(blocks[0]).__name__} blocks are not checkpointed one by one in this "
                           f"transformers version; remove {field} (plain gradient_checkpointing works)")
-    enable_checkpointing(model)
+    compat.enable_checkpointing(model)
     # transformers also makes the embeddings' output require grad, which only reentrant checkpointing
     # needs: the trained weights give the checkpointed blocks their gradient path. With it, every step
     # computed the first block's input gradient for nothing, into a leaf tensor's .grad.
