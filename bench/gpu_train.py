@@ -68,6 +68,7 @@ CONFIGS = {
                                                          "ts+compile+off+ck11+keep5": "compile",
                                                          "ts+compile+off+ck12+keep4+ce26": "compile",
                                                          "ts+compile+off+ck11+keep4+ce26": "compile"}),
+    "8b-lora-b2-nogc": (("8b", "lora", 2, False, "random"), {"hf": "plain", "ts+compile": "compile"}),
     "8b-lora-b4": (("8b", "lora", 4, True, "random"), {"hf": "plain", "ts+liger": "liger", "ts+compile": "compile"}),
     "8b-dora-b2": (("8b", "dora", 2, True, "random"), {"hf": "plain", "ts+liger": "liger", "ts+compile": "compile",
                                                          "ts+compile+cg": "compile", "ts+compile+combo": "compile",
