@@ -3,6 +3,7 @@
 once, and so do their A gradients guᵀ x in backward."""
 from __future__ import annotations
 
+import pytest
 import torch
 from torch.fx.experimental.proxy_tensor import make_fx
 from torch.profiler import ProfilerActivity, profile
