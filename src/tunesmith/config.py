@@ -1,7 +1,7 @@
 """The run config: pydantic models for the YAML sections model, method, data, train, output.
 
-Every field is documented once, on the field; the README's reference and CLI help come from
-these descriptions. Unknown keys are errors. YAML is read with ``yaml.safe_load`` only.
+Every field is documented once, on the field; the config reference (docs/config.md, written by
+``python -m tunesmith.docs``) and CLI help come from these descriptions. Unknown keys are errors. YAML is read with ``yaml.safe_load`` only.
 """
 from __future__ import annotations
 

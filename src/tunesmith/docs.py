@@ -1,7 +1,13 @@
-"""The config reference, generated from the pydantic models and the method registry.
+"""Generated documentation: the config reference (docs/config.md) and the README's tables of methods
+and objectives, all read from the pydantic models and the registries.
 
-``python -m tunesmith.docs`` prints it; ``python -m tunesmith.docs --write README.md`` replaces the
-text between the reference markers in the README.
+    python -m tunesmith.docs            print the config reference
+    python -m tunesmith.docs --write    rewrite the generated blocks of README.md and docs/config.md
+    python -m tunesmith.docs --check    exit 1, naming the files, if a generated block is out of date
+
+A generated block is the text between ``<!-- NAME:begin -->`` and ``<!-- NAME:end -->``, where NAME
+is a key of :data:`BLOCKS`; the rest of each file is written by hand. Paths are relative to the
+current directory (run it from the repository root).
 """
 from __future__ import annotations
 
@@ -9,10 +15,12 @@ import argparse
 import re
 import sys
 from pathlib import Path
+from typing import Callable
 
 from pydantic import BaseModel
 
-BEGIN, END = "<!-- config-reference:begin -->", "<!-- config-reference:end -->"
+#: The files that hold generated blocks, relative to the repository root.
+FILES = ("README.md", "docs/config.md")
 
 
 def _type(info) -> str:
@@ -30,17 +38,21 @@ def _default(info) -> str:
     return f"`{info.default!r}`"
 
 
+def _cell(text: str) -> str:
+    return (text or "").replace("|", "\\|").replace("\n", " ")
+
+
 def table(model: type[BaseModel], prefix: str, skip: tuple[str, ...] = ()) -> str:
     rows = ["| field | type | default | description |", "|---|---|---|---|"]
     for name, info in model.model_fields.items():
         if name in skip:
             continue
-        desc = (info.description or "").replace("|", "\\|").replace("\n", " ")
-        rows.append(f"| `{prefix}{name}` | {_type(info)} | {_default(info)} | {desc} |")
+        rows.append(f"| `{prefix}{name}` | {_type(info)} | {_default(info)} | {_cell(info.description)} |")
     return "\n".join(rows)
 
 
 def reference() -> str:
+    """Every config section's fields, then each registered method's own fields."""
     from .config import OutputConfig, TrainConfig
     from .data import DataConfig
     from .methods import registry
@@ -55,21 +67,92 @@ def reference() -> str:
     return "\n\n".join(parts) + "\n"
 
 
-def write(readme: Path) -> None:
-    text = readme.read_text()
-    if BEGIN not in text or END not in text:
-        raise SystemExit(f"{readme}: markers {BEGIN} / {END} not found")
-    head, rest = text.split(BEGIN, 1)
-    _, tail = rest.split(END, 1)
-    readme.write_text(f"{head}{BEGIN}\n{reference()}{END}{tail}")
+def _result(cls) -> str:
+    if cls.artifact == "adapter":
+        return f"`adapter/` (peft `{cls.peft_type}`)" if cls.peft_type else "`adapter/` (tunesmith format)"
+    return f"`{cls.artifact}/`"
+
+
+def methods_table() -> str:
+    """One row per registered method: name, family, what it does, what a run saves, whether it merges."""
+    from .methods import registry
+    rows = ["| `method.name` | family | what it does | a run saves | `merge` |", "|---|---|---|---|---|"]
+    for name, cls in registry.all_methods().items():
+        rows.append(f"| `{name}` | {cls.family} | {_cell(cls.summary)} | {_result(cls)} | "
+                    f"{'yes' if cls.mergeable else 'no'} |")
+    return "\n".join(rows) + "\n"
+
+
+def objectives_table() -> str:
+    """One row per registered objective: name, the data formats it is the default for, what it trains."""
+    from .train import objectives
+    rows = ["| `train.objective` | default for `data.format` | model head | what it trains |", "|---|---|---|---|"]
+    for name, cls in objectives.all_objectives().items():
+        formats = ", ".join(f"`{f}`" for f in cls.formats) or "–"
+        rows.append(f"| `{name}` | {formats} | {cls.task} | {_cell(cls.summary)} |")
+    return "\n".join(rows) + "\n"
+
+
+#: Generated blocks by marker name.
+BLOCKS: dict[str, Callable[[], str]] = {
+    "config-reference": reference,
+    "methods": methods_table,
+    "objectives": objectives_table,
+}
+
+
+def markers(name: str) -> tuple[str, str]:
+    return f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
+
+
+def blocks_in(text: str) -> list[str]:
+    """Names of the generated blocks whose begin marker ``text`` contains."""
+    return [name for name in BLOCKS if markers(name)[0] in text]
+
+
+def fill(text: str, source: str = "text") -> str:
+    """``text`` with every generated block it contains replaced by its current content."""
+    for name in blocks_in(text):
+        begin, end = markers(name)
+        head, rest = text.split(begin, 1)
+        if end not in rest:
+            raise SystemExit(f"{source}: {begin} has no {end} after it")
+        _, tail = rest.split(end, 1)
+        text = f"{head}{begin}\n{BLOCKS[name]()}{end}{tail}"
+    return text
+
+
+def stale(paths) -> list[Path]:
+    """Those of ``paths`` whose generated blocks are out of date."""
+    return [Path(p) for p in paths if fill(Path(p).read_text(), str(p)) != Path(p).read_text()]
+
+
+def write(path: Path) -> bool:
+    """Rewrite the generated blocks of ``path``; returns whether anything changed."""
+    text = path.read_text()
+    if not blocks_in(text):
+        raise SystemExit(f"{path}: no generated block ({', '.join(markers(n)[0] for n in BLOCKS)})")
+    new = fill(text, str(path))
+    if new != text:
+        path.write_text(new)
+    return new != text
 
 
 def main(argv=None) -> None:
-    p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--write", metavar="README", help="replace the reference between the markers in this file")
+    p = argparse.ArgumentParser(description="Print or rewrite tunesmith's generated documentation.")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--write", nargs="*", metavar="FILE",
+                   help=f"rewrite the generated blocks of these files (default: {' '.join(FILES)})")
+    g.add_argument("--check", nargs="*", metavar="FILE",
+                   help="exit 1 if a generated block of these files is out of date (default: the same files)")
     args = p.parse_args(argv)
-    if args.write:
-        write(Path(args.write))
+    if args.write is not None:
+        for path in args.write or FILES:
+            print(f"{path}: {'updated' if write(Path(path)) else 'up to date'}")
+    elif args.check is not None:
+        old = stale(args.check or FILES)
+        if old:
+            raise SystemExit(f"out of date: {', '.join(map(str, old))}; run: python -m tunesmith.docs --write")
     else:
         sys.stdout.write(reference())
 

@@ -11,8 +11,9 @@ What each compiled block keeps for backward is set by a selective-checkpoint pol
   may recompute the elementwise rest (norms, SwiGLU, RoPE) where that saves memory, and the
   dequantized weights of a 4-bit base (QLoRA) are always recomputed from the 4-bit weight, as the
   eager fused op does. Left to itself the compiler would keep each dequantized weight (0.4 GiB a
-  layer at 8B: the dequantization is opaque to it) and fp32 intermediates of the norms. Measured on
-  an H100: 8B QLoRA 0.91 → 0.33 GiB a block; 1B full fine-tuning 18.4 → 15.4 GiB at the same speed.
+  layer at 8B: the dequantization is opaque to it) and fp32 intermediates of the norms. With the
+  policy, bench/gpu_train.py on an H100 80GB: 8B QLoRA keeps 0.33 GiB a block instead of 0.91, and 1B
+  full fine-tuning peaks at 15.4 GiB instead of 18.4, at the same speed.
 * Checkpointed blocks checkpoint inside the graph (transformers' own flag is turned off): from
   outside, the checkpoint would rerun the block's whole compiled forward in backward, while inside
   it the partitioner recomputes only what backward reads. The last projection's product feeds
@@ -35,13 +36,11 @@ operand: LoRA's x Aᵀ of q, k and v (and of gate and up) become one product wit
 side, and so do their A gradients guᵀ x in backward, so the block reads its normed input once instead
 of once a projection. A third (``summed_input_gradients``) sums the input gradients of those
 projections in one buffer (``lora_input_grad_sum``): one rank-Σr product writes it and every base
-product accumulates into it, where each projection wrote its own (tokens × width) gradient for a
-later kernel to read back and add. Measured on an H100 together with the kept x Aᵀ above (8B LoRA,
-12 blocks checkpointed, 4 kept): 13,882–14,212 tokens/s in four calls against 13,799 before. Every
-compiled block also gets inductor's combo kernels, which launch independent small kernels (the
-casts of a block's adapter weights and of their gradients) as one. Measured on an H100 (8B LoRA,
-offloaded, 18 blocks checkpointed): 13,169 tokens/s with combo kernels against 13,056 without, in
-one call.
+product accumulates into it, instead of each projection writing its own (tokens × width) gradient
+for a later kernel to read back and add: a block's backward writes and reads three such gradients
+fewer and runs three rank products fewer. Every compiled block also gets inductor's combo kernels,
+which launch independent small kernels (the casts of a block's adapter weights and of their
+gradients) as one: about 1% faster on the offloaded 8B LoRA step of bench/gpu_train.py.
 
 With ``train.offload_activations`` every tensor a compiled block keeps goes to host memory
 (kernels/offload.py), so blocks outside ``train.checkpoint_layers`` keep their products there.
@@ -320,7 +319,7 @@ class BlockPasses(CustomGraphPass):
         return get_hash_for_files((__file__,))
 
 
-#: Inductor options every compiled block gets (combo kernels: measured in the module docstring).
+#: Inductor options every compiled block gets (combo kernels: see the module docstring).
 BLOCK_OPTIONS = {"joint_custom_pre_pass": BlockPasses(), "combo_kernels": True}
 
 

@@ -13,11 +13,11 @@ back layer i's input also starts the copy of layer i-1's, one layer ahead of use
 Compiled blocks (``train.compile``) are offloaded whole: every tensor a compiled block keeps for
 backward goes to the host, in a block that recomputes only its input, in one that is not checkpointed
 (``train.checkpoint_layers``) also its matrix products. Backward then reads a block's products back
-from the host instead of recomputing them, which pays where the copies hide behind compute. On an
-H100 the host link moves a Llama-8B block's products (386 MB at 4,096 tokens) in about 7 ms each
-way, at 54 GB/s; the GPU computes the block's forward in about 3.8 ms and its recomputation and
-backward in about 8 ms. Bringing back any tensor of a
-block brings back the whole block and starts the copies of the block before it.
+from the host instead of recomputing them, which pays where the copies hide behind compute. A
+Llama-8B block's products at 4,096 tokens are 386 MB: about 7 ms each way over a 54 GB/s host link
+(bench/gpu_pcie.py on an H100 80GB), against about 3.8 ms for the block's forward and 8 ms for its
+recomputation and backward. Bringing back any tensor of a block brings back the whole block and
+starts the copies of the block before it.
 
 Reference: ``torch.autograd.graph.save_on_cpu(pin_memory=True)`` places the same tensors in the
 same memory, but copies on the compute stream, so every copy stalls the step. Both give the same
