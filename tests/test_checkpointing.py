@@ -104,12 +104,16 @@ def test_checkpoint_layers_through_a_run(alpaca_file, tmp_path):
 
 
 @pytest.mark.parametrize("train, message", [
-    ({"checkpoint_layers": 1}, "train.checkpoint_layers: applies to checkpointed layers"),
-    ({"offload_activations": True}, "train.offload_activations: applies to checkpointed layers"),
+    ({"gradient_checkpointing": False, "checkpoint_layers": 1}, "train.checkpoint_layers: applies to checkpointed layers"),
+    ({"gradient_checkpointing": False, "offload_activations": True},
+     "train.offload_activations: applies to checkpointed layers"),
+    ({"offload_activations": True}, "model is on cpu"),   # implies gradient_checkpointing
     ({"gradient_checkpointing": True, "offload_activations": True}, "model is on cpu"),
     ({"gradient_checkpointing": True, "checkpoint_layers": 3}, r"3 is not between 1 and the 2 transformer blocks"),
     ({"gradient_checkpointing": True, "checkpoint_layers": 0}, "train.checkpoint_layers"),
-    ({"gradient_checkpointing": True, "offload_kept_layers": 2}, "train.offload_kept_layers: applies to offloaded"),
+    ({"gradient_checkpointing": True, "offload_activations": False, "offload_kept_layers": 2},
+     "train.offload_kept_layers: applies to offloaded"),
+    ({"offload_kept_layers": 2}, "model is on cpu"),   # implies offload_activations
     ({"gradient_checkpointing": True, "offload_activations": True, "offload_kept_layers": -1},
      "train.offload_kept_layers"),
 ])

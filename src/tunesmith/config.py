@@ -5,6 +5,7 @@ Every field is documented once, on the field; the config reference (docs/config.
 """
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -18,6 +19,17 @@ from .methods.registry import MethodConfig
 from .models.loader import ModelConfig
 
 SECTIONS = ("model", "method", "data", "train", "output")
+_UNITS = {"b": 1, "kb": 1e3, "mb": 1e6, "gb": 1e9, "tb": 1e12, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+def parse_bytes(value: str | int | float | None, field_name: str = "train.memory_limit") -> int | None:
+    """``24GiB``, ``24 GB``, ``1.5e10`` or a number of bytes → bytes (None stays None)."""
+    if value is None or isinstance(value, (int, float)):
+        return None if value is None else int(value)
+    m = re.fullmatch(r"\s*([0-9.]+(?:e[0-9]+)?)\s*([KMGT]i?B|B)?\s*", str(value), re.IGNORECASE)
+    if not m:
+        raise ConfigError(f"{field_name}: {value!r} is not a size; write e.g. 24GiB, 80GB or a number of bytes")
+    return int(float(m.group(1)) * _UNITS[(m.group(2) or "b").lower()])
 
 
 class TrainConfig(BaseModel):
@@ -41,27 +53,37 @@ class TrainConfig(BaseModel):
     max_grad_norm: float | None = Field(1.0, description="Gradient clipping norm; null disables.")
     precision: Literal["auto", "fp32", "bf16"] = Field(
         "auto", description="Compute precision: auto = bf16 autocast on CUDA, fp32 on CPU.")
-    gradient_checkpointing: bool = Field(False, description="Recompute activations in backward to save memory.")
+    speed: Literal["auto", "off"] = Field(
+        "auto", description="auto: on CUDA, the speed fields left unset (compile, gradient_checkpointing, "
+                            "checkpoint_layers, offload_activations, offload_kept_layers) are chosen from the model, the "
+                            "batch and the GPU's free memory (within memory_limit), and the summary says what and why; "
+                            "off: unset fields mean off. Either way nothing changes on the CPU.")
+    memory_limit: str | None = Field(
+        None, description="GPU memory the speed choice may plan for, e.g. 24GiB (null: the GPU's free memory).")
+    gradient_checkpointing: bool | None = Field(
+        None, description="Recompute activations in backward to save memory (null: chosen by train.speed).")
     checkpoint_layers: int | None = Field(
         None, ge=1, description="With gradient_checkpointing: recompute only this many transformer blocks, spread "
-                                "evenly (null = all); the others keep their activations: faster, more memory.")
-    offload_activations: bool = Field(
-        False, description="With gradient_checkpointing: keep each checkpointed block's input in pinned host memory, "
-                           "copied on a side stream (CUDA). Frees layers × tokens × width of GPU memory: long context. "
-                           "With compile, also the activations of the blocks outside checkpoint_layers.")
+                                "evenly (null: chosen by train.speed, or all with speed off); the others keep their "
+                                "activations: faster, more memory.")
+    offload_activations: bool | None = Field(
+        None, description="With gradient_checkpointing: keep each checkpointed block's input in pinned host memory, "
+                          "copied on a side stream (CUDA). Frees layers × tokens × width of GPU memory: long context. "
+                          "With compile, also the activations of the blocks outside checkpoint_layers. "
+                          "Null: chosen by train.speed.")
     offload_kept_layers: int | None = Field(
         None, ge=0, description="With offload_activations and compile: how many of the last blocks outside "
                                 "checkpoint_layers keep their activations on the GPU instead of in host memory "
-                                "(null = 1). Backward reaches them first, before a round trip to the host could end; "
+                                "(null: chosen by train.speed, or 1). Backward reaches them first, before a round trip to the host could end; "
                                 "each costs one block's activations of GPU memory and spares the host link its copies.")
     chunked_ce: bool | Literal["auto"] = Field(
         "auto", description="Causal LM loss through the chunked linear cross-entropy (no full logits tensor); "
                             "auto = on CUDA only.")
     liger: bool = Field(False, description="Patch liger-kernel's Triton RMSNorm, SwiGLU and RoPE into the model "
                                            "(CUDA; `pip install liger-kernel`).")
-    compile: bool = Field(False, description="torch.compile each decoder layer (one graph a layer) and the "
-                                             "chunked loss's per-chunk softmax; the first steps include "
-                                             "compile time.")
+    compile: bool | None = Field(None, description="torch.compile each decoder layer (one graph a layer) and the "
+                                                    "chunked loss's per-chunk softmax; the first steps include "
+                                                    "compile time. Null: chosen by train.speed.")
     padding_free: bool = Field(False, description="Pack whole examples end to end into one row per micro-batch, "
                                                   "with document-masked attention and no pad tokens (sft, pt).")
     max_tokens_per_batch: int | None = Field(
@@ -72,6 +94,15 @@ class TrainConfig(BaseModel):
     keep_checkpoints: int = Field(2, ge=1, description="Checkpoints kept in checkpoints/ (oldest removed first).")
     log_every: int = Field(1, ge=1, description="Write a train-loss line to metrics.jsonl every N steps.")
     progress: bool = Field(True, description="Show a progress bar.")
+
+    @field_validator("memory_limit")
+    @classmethod
+    def _size(cls, v):
+        try:
+            parse_bytes(v)
+        except ConfigError as e:
+            raise ValueError(str(e).split(": ", 1)[1]) from None
+        return v
 
     @model_validator(mode="after")
     def _check(self):

@@ -108,6 +108,7 @@ class DoraLinear(LoraLinear):
 @register
 class Dora(LowRankMethod):
     name = "dora"
+    auto_compile = True
     loads_peft = True
     summary = "Weight-decomposed LoRA: learned magnitude × direction of W + B·A (Liu et al. 2024)."
     Config = DoraConfig

@@ -21,6 +21,7 @@ class Full(Method):
     Config = FullConfig
     artifact = "model"
     upcast_trainable = False
+    auto_compile = True
     identity_at_init = True
     mergeable = True
     invariant_cases = [{}, {"arch": "bert", "task": "classification"}]

@@ -293,6 +293,7 @@ def _init_from_peft(init) -> str:
 @register
 class Lora(LowRankMethod):
     name = "lora"
+    auto_compile = True
     loads_peft = True
     summary = "Low-rank update B·A beside frozen linear layers (Hu et al. 2021); rsLoRA, PiSSA init, LoRA+."
     Config = LoraConfig

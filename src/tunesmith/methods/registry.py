@@ -56,6 +56,9 @@ class Method:
     invariant_cases: ClassVar[list[dict]] = [{}]
     #: Keep trainable weights in fp32 when the base model is bf16/fp16.
     upcast_trainable: ClassVar[bool] = True
+    #: Whether ``train.speed: auto`` compiles the model's blocks for this method on CUDA (methods whose
+    #: compiled blocks are measured in bench/gpu_train.py; ``train.compile: true`` works for any method).
+    auto_compile: ClassVar[bool] = False
     #: Whether the method trains on padding-free packed rows (``train.padding_free``).
     supports_packing: ClassVar[bool] = True
     #: Whether the model should load on the CPU, with ``apply`` placing it on ``self.device`` (QLoRA:

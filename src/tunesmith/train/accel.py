@@ -18,12 +18,15 @@ from ..kernels.compile import compile_decoder_layers
 from ..kernels.offload import ActivationOffload, offloading
 from ..models import compat
 from ..models.targets import find_blocks
+from . import speed
 
 CAUSAL = ("sft", "pt")
 
 
 def check(tc, objective: str, method_cls, device: torch.device) -> None:
-    """Refuse combinations that cannot work, naming the ``train.*`` field."""
+    """Refuse combinations that cannot work, naming the ``train.*`` field (fields left to train.speed
+    count as off, and what the set ones imply counts as set: speed.fixed_fields)."""
+    tc = tc.model_copy(update=speed.fixed_fields(tc))
     if tc.liger:
         if not liger.available():
             raise ConfigError("train.liger: liger-kernel is not installed; `pip install liger-kernel`, "
@@ -40,10 +43,10 @@ def check(tc, objective: str, method_cls, device: torch.device) -> None:
                               "sequence and cannot run on packed rows; set train.padding_free: false")
     elif tc.max_tokens_per_batch is not None:
         raise ConfigError("train.max_tokens_per_batch: only used with train.padding_free: true")
-    if tc.offload_kept_layers is not None and not tc.offload_activations:
+    if tc.offload_kept_layers is not None and tc.offload_activations is False:
         raise ConfigError("train.offload_kept_layers: applies to offloaded activations; set "
                           "train.offload_activations: true as well, or remove train.offload_kept_layers")
-    if not tc.gradient_checkpointing:
+    if tc.gradient_checkpointing is False:
         for field in ("checkpoint_layers", "offload_activations"):
             if getattr(tc, field) not in (None, False):
                 raise ConfigError(f"train.{field}: applies to checkpointed layers; set train.gradient_checkpointing: "
@@ -130,6 +133,7 @@ def enable_checkpointing(model: nn.Module, layers: int | None = None, offload: b
 
 
 def after_method(model: nn.Module, tc) -> None:
+    """Apply the speed paths of ``tc`` (unset fields, None, mean off: train.speed resolves them first)."""
     if tc.gradient_checkpointing:
         kept = 1 if tc.offload_kept_layers is None else tc.offload_kept_layers
         enable_checkpointing(model, tc.checkpoint_layers, tc.offload_activations, kept_on_gpu=kept)

@@ -132,6 +132,7 @@ class Loop:
         self.total_steps = total_steps
         self.on_eval, self.on_checkpoint, self.log = on_eval, on_checkpoint, log
         self.params = [p for p in model.parameters() if p.requires_grad]
+        self.first_step_peak_gib: float | None = None  # CUDA: the peak of this process's first step
 
     def step(self, state: LoopState) -> dict:
         """One optimizer step over ``grad_accum`` micro-batches; returns its log record."""
@@ -177,6 +178,8 @@ class Loop:
                 torch.cuda.synchronize(self.device)
             dt = time.perf_counter() - t0
             state.train_time += dt
+            if self.first_step_peak_gib is None and self.device.type == "cuda":
+                self.first_step_peak_gib = torch.cuda.max_memory_allocated(self.device) / 2**30
             record["tokens_per_s"] = (state.tokens - tokens0) / max(dt, 1e-9)
             if not math.isfinite(record["loss"]):
                 raise FloatingPointError(f"loss became {record['loss']} at step {state.step}; "

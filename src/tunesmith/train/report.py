@@ -72,6 +72,13 @@ def format_summary(s: dict) -> str:
     lines += [
         f"time               {s['time_s']:.1f} s  ({s['tokens_per_s']:.0f} tokens/s)",
         f"peak memory        {s['peak_memory_gib']:.2f} GiB ({s['device']})",
+    ]
+    sp = s.get("speed") or {}
+    if sp.get("mode") == "auto" and sp.get("predicted_peak_gib") is not None:
+        measured = sp.get("measured_peak_gib")
+        lines.append(f"speed: auto        {sp.get('reason', '')}; first step's peak "
+                     f"{'-' if measured is None else format(measured, '.1f')} GiB")
+    lines += [
         f"optimizer state    {s.get('optimizer_state_bytes', 0) / 2**20:.2f} MiB",
         f"saved              {s['artifact']}  ({s.get('artifact_bytes', 0) / 2**20:.2f} MiB)",
     ]

@@ -18,7 +18,7 @@ from ..data.formats import apply_field_map, detect_format
 from ..data.readers import read_rows
 from ..methods import registry
 from ..models.loader import base_reference, load_model, load_tokenizer, resolve_device
-from . import accel, checkpoint, objectives
+from . import accel, checkpoint, objectives, speed
 from .loop import Batches, Loop, LoopState, evaluate
 from .optim import build_optimizer, build_scheduler
 from .report import MetricsLog, format_summary, peak_memory_gib, plot_losses
@@ -123,7 +123,9 @@ def run(cfg: RunConfig, resume: Path | None = None) -> RunResult:
     tokenizer, train_ds, val_ds, report, model, method, objective = build(cfg, objective_name)
     device = next(model.parameters()).device
     precision = precision_for(cfg, device)
-    tc = cfg.train
+    tokens = accel.packed_tokens(cfg.train) or cfg.train.batch_size * cfg.train.max_seq_len
+    tc, speed_report = speed.resolve(cfg.train, model, type(method), device, tokens)
+    objective.configure(tc)  # again, with the speed fields resolved (the compiled loss chunk follows train.compile)
     accel.after_method(model, tc)
     pad_id = pad_id_for(tokenizer)
     batches = Batches(train_ds, tc.batch_size, tc.seed, pad_id, device, packed_tokens=accel.packed_tokens(tc))
@@ -176,6 +178,8 @@ def run(cfg: RunConfig, resume: Path | None = None) -> RunResult:
         plot_losses(records, run_dir / "loss.png")
     summary = _summary(cfg, run_dir, model, method, state, records, report, artifact, device, t_start)
     summary.update(optimizer_state_bytes=optimizer_state_bytes(optimizer), artifact_bytes=path_bytes(artifact))
+    speed_report.measured_peak_gib = loop.first_step_peak_gib
+    summary["speed"] = speed_report.as_dict()
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     if tc.progress:
         print(format_summary(summary), flush=True)
