@@ -183,6 +183,33 @@ def setup_tunesmith(model, method: str, gc_on: bool, *, liger: bool = False, pac
     return model, loss_fn
 
 
+def setup_tunesmith_auto(model, method: str, tokens: int, limit_gib: float | None):
+    """tunesmith as a run with ``train.speed: auto`` sets it up: the method, then the speed fields chosen by
+    train/speed.py (within ``limit_gib`` when given) and applied by train/accel.py. Returns
+    (model, loss_fn, what speed chose)."""
+    import tunesmith
+    from tunesmith.config import TrainConfig
+    from tunesmith.methods import registry
+    from tunesmith.train import accel, speed
+    from tunesmith.train.objectives.causal_lm import CausalLM
+    opts = {} if method == "full" else {"target_modules": TARGETS, **LORA}
+    model = tunesmith.apply(model, method, **opts)
+    if registry.get(method).upcast_trainable:
+        upcast_trainable(model)
+    tc = TrainConfig(memory_limit=f"{limit_gib}GiB" if limit_gib else None)
+    tc, report = speed.resolve(tc, model, registry.get(method), torch.device(DEV), tokens)
+    accel.after_method(model, tc)
+    from tunesmith.kernels import cross_entropy
+    cross_entropy.CHUNK_ELEMENTS = 1 << 25
+    objective = CausalLM()
+    objective.configure(tc)
+
+    def loss_fn(m, batch):
+        n = max(1, objective.count(batch))
+        return objective.lm_loss(m, batch) / n
+    return model, loss_fn, report.as_dict()
+
+
 # -- FLOPs -------------------------------------------------------------------------------------
 def flops_per_token(arch: str, seq: int, full: bool) -> float:
     """Model FLOPs a token (no recomputation counted): 6N for trained weights, 4N for frozen ones

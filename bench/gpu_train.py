@@ -69,6 +69,12 @@ CONFIGS = {
                                                          "ts+compile+off+ck12+keep4+ce26": "compile",
                                                          "ts+compile+off+ck11+keep4+ce26": "compile"}),
     "8b-lora-b2-nogc": (("8b", "lora", 2, False, "random"), {"hf": "plain", "ts+compile": "compile"}),
+    "auto-8b-lora-b2": (("8b", "lora", 2, True, "random"), {"hf": "plain", "ts+auto+lim0.8": "auto",
+                                                              "ts+auto": "auto"}),
+    "auto-8b-qlora-b2": (("8b", "qlora", 2, True, "random"), {"hf": "plain", "ts+auto+lim1.0": "auto"}),
+    "auto-8b-dora-b2": (("8b", "dora", 2, True, "random"), {"hf": "plain", "ts+auto+lim0.8": "auto"}),
+    "auto-1b-full-b4": (("1b", "full", 4, False, "random"), {"hf+liger": "liger", "ts+auto+lim1.0": "auto"}),
+    "auto-1b-lora-b4": (("1b", "lora", 4, False, "random"), {"hf": "plain", "ts+auto": "auto"}),
     "8b-lora-b4": (("8b", "lora", 4, True, "random"), {"hf": "plain", "ts+liger": "liger", "ts+compile": "compile"}),
     "8b-dora-b2": (("8b", "dora", 2, True, "random"), {"hf": "plain", "ts+liger": "liger", "ts+compile": "compile",
                                                          "ts+compile+cg": "compile", "ts+compile+combo": "compile",
@@ -88,7 +94,7 @@ CONFIGS = {
     "8b-dolly-b4": (("8b", "lora", 4, True, "padded"), {"hf": "plain", "ts": "plain"}),
     "8b-dolly-packed": (("8b", "lora", 8192, True, "packed"), {"ts": "plain", "ts+liger": "liger"}),
 }
-BASELINE = {"1b-full-b4": "hf+liger"}  # ratios are to "hf" unless named here
+BASELINE = {"1b-full-b4": "hf+liger", "auto-1b-full-b4": "hf+liger"}  # ratios are to "hf" unless named here
 SEQ = int(os.environ.get("BENCH_SEQ", 2048))
 
 
@@ -103,7 +109,7 @@ def select(only: str | None, exact: bool = False) -> list[tuple[str, str, str]]:
 
 
 # -- worker ------------------------------------------------------------------------------------
-def run_one(key: str, impl: str, profile: bool, outdir: Path) -> dict:
+def run_one(key: str, impl: str, profile: bool, outdir: Path, limits: dict | None = None) -> dict:
     import torch
     import gpu_common as G
     (arch, method, batch, gc_on, data), _ = CONFIGS[key]
@@ -113,8 +119,11 @@ def run_one(key: str, impl: str, profile: bool, outdir: Path) -> dict:
     model = G.build_model(arch)
     vocab = model.config.vocab_size
     side, flags = impl.split("+")[0], set(impl.split("+")[1:])
+    chosen = None
     if side == "hf":
         model, loss_fn = G.setup_hf(model, method, gc_on)
+    elif "auto" in flags:
+        model, loss_fn, chosen = G.setup_tunesmith_auto(model, method, batch * SEQ, (limits or {}).get(f"{key}/{impl}"))
     else:
         ck = [int(f[2:]) for f in flags if f.startswith("ck")]
         model, loss_fn = G.setup_tunesmith(model, method, gc_on, liger="liger" in flags, packed=(data == "packed"),
@@ -132,6 +141,8 @@ def run_one(key: str, impl: str, profile: bool, outdir: Path) -> dict:
         res = G.train(model, loss_fn, batches, steps=2 * len(batches), warmup=len(batches), total_based=True)
     res["mfu"] = res["tokens_per_s"] * G.flops_per_token(arch, SEQ, method == "full") / (G.PEAK_TFLOPS * 1e12)
     res.update(key=key, impl=impl, arch=arch, method=method, batch=batch, gc=gc_on, data=data, seq=SEQ)
+    if chosen is not None:
+        res["speed"] = chosen
     if data == "packed" and side == "ts":
         import gpu_dolly
         res["packed_vs_padded_rel_diff"] = gpu_dolly.packing_check(model, batches[0])
@@ -144,7 +155,8 @@ def run_one(key: str, impl: str, profile: bool, outdir: Path) -> dict:
     return res
 
 
-def worker(group: str, runs: list[str], profile: str | None, json_path: Path, profile_dir: Path) -> None:
+def worker(group: str, runs: list[str], profile: str | None, json_path: Path, profile_dir: Path,
+           limits: dict | None = None) -> None:
     if group == "liger":
         from liger_kernel.transformers import apply_liger_kernel_to_llama
         apply_liger_kernel_to_llama()  # rope, rms_norm, swiglu, fused linear cross-entropy (HF side)
@@ -153,7 +165,7 @@ def worker(group: str, runs: list[str], profile: str | None, json_path: Path, pr
         key, impl = name.split("/")
         t0 = time.time()
         try:
-            res = run_one(key, impl, name in (profile or "").split(","), profile_dir)
+            res = run_one(key, impl, name in (profile or "").split(","), profile_dir, limits)
         except Exception as e:  # noqa: BLE001 - a failed configuration is reported, the rest still run
             import gpu_common as G
             res = {"key": key, "impl": impl, "error": f"{type(e).__name__}: {str(e)[:300]}"}
@@ -188,6 +200,19 @@ def table(results: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def limits(results: list[dict], runs: list[str]) -> dict:
+    """{key/impl: GiB} for the ts+auto+limX runs: X × the baseline side's measured train peak."""
+    peaks = {(r["key"], r["impl"]): r.get("train_peak_gib") for r in results if "key" in r}
+    out = {}
+    for name in runs:
+        key, impl = name.split("/")
+        lim = [f[3:] for f in impl.split("+") if f.startswith("lim")]
+        base = peaks.get((key, BASELINE.get(key, "hf")))
+        if lim and base:
+            out[name] = float(lim[0]) * base
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="gpu_train.json")
@@ -200,6 +225,7 @@ def main() -> None:
     ap.add_argument("--worker", default=None)
     ap.add_argument("--profile-dir", default=".")
     ap.add_argument("--runs", default="")
+    ap.add_argument("--limits", default="{}", help="(worker) JSON {key/impl: GiB} for ts+auto+limX sides")
     args = ap.parse_args()
     out = Path(args.out)
     if args.worker:
@@ -207,13 +233,14 @@ def main() -> None:
             import gpu_long
             gpu_long.worker(args.worker, args.long_cap, out)
         else:
-            worker(args.worker, args.runs.split(","), args.profile, out, Path(args.profile_dir))
+            worker(args.worker, args.runs.split(","), args.profile, out, Path(args.profile_dir),
+                   json.loads(args.limits))
         return
     import gpu_common as G
     results, groups = [], {}
     for key, impl, group in select(args.only, args.exact):
         groups.setdefault(group, []).append(f"{key}/{impl}")
-    order = ["plain", "liger", "compile"]
+    order = ["plain", "liger", "compile", "auto"]   # auto last: its limits come from the baselines' peaks
     jobs = [(g, ["--runs", ",".join(groups[g])]) for g in order if g in groups]
     if args.long:
         jobs += [(g, []) for g in args.long.split(",")]
@@ -222,7 +249,8 @@ def main() -> None:
         part = Path("/tmp") / f"gpu_train_part_{group}.json"
         part.unlink(missing_ok=True)
         cmd = [sys.executable, __file__, "--worker", group, "--out", str(part), "--long-cap", str(args.long_cap),
-               "--profile-dir", str(out.parent), *extra] + (["--profile", args.profile] if args.profile else [])
+               "--profile-dir", str(out.parent), "--limits", json.dumps(limits(results, groups.get(group, []))),
+               *extra] + (["--profile", args.profile] if args.profile else [])
         print(f"== {group}: {' '.join(extra[1:])}", flush=True)
         left = args.deadline - (time.time() - start)
         if left < 20:
