@@ -22,7 +22,12 @@ class FileError(TunesmithError, ValueError):
 
 
 class TrainingDiverged(TunesmithError):
-    """A run stopped because its loss, gradients or weights went bad; the message says what to change."""
+    """A run stopped because its loss, gradients or weights went bad; the message says what to change.
+    ``first_bad_step``: the first optimizer step that showed it (the weights before it are the last good)."""
+
+    def __init__(self, message: str, first_bad_step: int | None = None):
+        super().__init__(message)
+        self.first_bad_step = first_bad_step
 
 
 # Names other tools (peft, transformers, LLaMA-Factory) use for tunesmith's fields.

@@ -69,7 +69,7 @@ class DataConfig(BaseModel):
         "train on is dropped). Continued pre-training rows are always cut at the end.",
     )
     max_response_share: float = Field(
-        default=0.5, gt=0.0, le=1.0,
+        default=0.75, gt=0.0, le=1.0,
         description="With truncation middle or left: when prompt and response are both long, the "
         "response keeps at most this share of max_seq_len (cut at its end) and the prompt the "
         "rest; a short prompt leaves all the remaining room to the response.",

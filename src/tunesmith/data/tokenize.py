@@ -45,7 +45,7 @@ def _no_labels(loc: str, max_seq_len: int) -> str:
 
 
 def tokenize_lm(rows, fmt: str, tokenizer, renderer: ChatRenderer, *, max_seq_len: int,
-                objective: str, packing: bool, truncation: str = "middle", response_share: float = 0.5
+                objective: str, packing: bool, truncation: str = "middle", response_share: float = 0.75
                 ) -> Tokenized:
     """sft/pt examples. ``rows`` are ``(loc, canonical dict)`` pairs."""
     if fmt == "text":
@@ -105,7 +105,7 @@ def tokenize_cls(rows, tokenizer, label_ids: dict, *, max_seq_len: int) -> Token
 
 
 def tokenize_pref(rows, tokenizer, renderer: ChatRenderer, *, max_seq_len: int, truncation: str = "middle",
-                  response_share: float = 0.5) -> Tokenized:
+                  response_share: float = 0.75) -> Tokenized:
     """rm/dpo examples; the prompt is masked, the response is trained.
 
     Str rows are concatenated as ``bos? + prompt + response + eos`` (no template, like the

@@ -32,7 +32,7 @@ def response_start(labels: list[int]) -> int:
 
 
 def fit(ids: list[int], labels: list[int], max_len: int, policy: str = "middle",
-        response_share: float = 0.5) -> tuple[list[int], list[int], bool]:
+        response_share: float = 0.75) -> tuple[list[int], list[int], bool]:
     """``(ids, labels, truncated)`` with at most ``max_len`` tokens, cut by ``policy``."""
     n = len(ids)
     if n <= max_len:

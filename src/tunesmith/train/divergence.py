@@ -11,9 +11,10 @@ has) and says why the run must stop, or nothing:
     - the loss is far above where the run started (more than twice the first step's loss, plus 1);
     - the gradient norm is exactly zero (saturated or dead weights: nothing is learned any more).
 
-While such a streak is going on the run is :attr:`~Divergence.suspect`, and the loop saves no
-checkpoint, so the newest checkpoint left is one from before the trouble. :func:`nonfinite_weights`
-is checked before anything is saved.
+While such a streak is going on the run is :attr:`~Divergence.suspect` and the loop saves no
+checkpoint. A step's loss is computed before its update, so the trouble first seen at step b was
+caused by the weights of step b-1: checkpoints from step b-1 on are not good (the runner removes
+them). :func:`nonfinite_weights` is checked before anything is saved.
 """
 from __future__ import annotations
 
@@ -40,10 +41,10 @@ class Divergence:
 
     def observe(self, step: int, loss: float, grad_norm: float | None) -> str | None:
         """Record optimizer step ``step``; the reason to stop, or None."""
-        if not math.isfinite(loss):
-            return f"the loss became {loss} at step {step}"
-        if grad_norm is not None and not math.isfinite(grad_norm):
-            return f"the gradient norm became {grad_norm} at step {step}"
+        if not math.isfinite(loss) or (grad_norm is not None and not math.isfinite(grad_norm)):
+            self.first_bad = step if self.first_bad is None else self.first_bad
+            what = "loss" if not math.isfinite(loss) else "gradient norm"
+            return f"the {what} became {loss if what == 'loss' else grad_norm} at step {step}"
         if self.start is None:
             self.start = loss
         bad = self._symptom(loss, grad_norm)

@@ -197,7 +197,7 @@ class Loop:
                 bar.close()
                 if not state.step % cfg.log_every == 0 and not done:
                     self.log(record)
-                raise TrainingDiverged(reason)
+                raise TrainingDiverged(reason, self.divergence.first_bad)
             recent.append(record["loss"])
             bar.update(1)
             bar.set_postfix(loss=f"{record['loss']:.4f}", avg10=f"{sum(recent) / len(recent):.4f}",

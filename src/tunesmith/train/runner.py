@@ -143,6 +143,7 @@ def run(cfg: RunConfig, resume: Path | None = None) -> RunResult:
     except TrainingDiverged as e:
         if progress["run_dir"] is None:
             raise
+        _drop_checkpoints_from(progress["run_dir"], (e.first_bad_step or progress["state"].step) - 1)
         message = _diverged_message(str(e), cfg, progress["run_dir"])
         _mark_failed(cfg, message, progress, t_start)
         raise TrainingDiverged(message) from None
@@ -232,7 +233,14 @@ def _check_weights(named, step: int) -> None:
     bad = nonfinite_weights(named)
     if bad:
         raise TrainingDiverged(f"the trainable weights hold NaN or infinity at step {step} "
-                               f"({len(bad)} tensors, e.g. {bad[0]})")
+                               f"({len(bad)} tensors, e.g. {bad[0]})", step)
+
+
+def _drop_checkpoints_from(run_dir: Path, step: int) -> None:
+    """Remove the checkpoints of steps >= ``step``: their weights led to the bad steps."""
+    for ckpt in checkpoint.list_checkpoints(run_dir / "checkpoints"):
+        if int(ckpt.name.split("-")[1]) >= step:
+            shutil.rmtree(ckpt, ignore_errors=True)
 
 
 def _save_artifact(method, model, tokenizer, run_dir: Path, base: str) -> Path:
@@ -253,8 +261,8 @@ def _save_artifact(method, model, tokenizer, run_dir: Path, base: str) -> Path:
 def _diverged_message(reason: str, cfg: RunConfig, run_dir: Path) -> str:
     ckpts = checkpoint.list_checkpoints(run_dir / "checkpoints")
     kept = (f"the last good checkpoint is {ckpts[-1]}" if ckpts else "no checkpoint was saved before it")
-    return (f"training diverged: {reason}. Lower train.lr (now {cfg.train.lr:g}), add train.warmup_steps or "
-            f"keep train.max_grad_norm set; {kept}, and no adapter or model was saved ({run_dir} is marked failed)")
+    return (f"training diverged: {reason}. Lower train.lr (now {cfg.train.lr:g}) or add train.warmup_steps; "
+            f"{kept}, and no adapter or model was saved ({run_dir} is marked failed)")
 
 
 def _mark_failed(cfg: RunConfig, reason: str, progress: dict, t_start: float) -> None:
