@@ -72,6 +72,7 @@ def _command_modules():
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # read when transformers is first imported (later)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     for noisy in ("transformers", "httpx", "urllib3", "matplotlib"):
         logging.getLogger(noisy).setLevel(logging.ERROR)

@@ -21,7 +21,7 @@ SECTIONS = ("model", "method", "data", "train", "output")
 
 
 class TrainConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", defer_build=True)
     objective: str = Field("auto", description="Training objective: sft, pt, cls (auto: from data.format).")
     max_steps: int | None = Field(None, ge=1, description="Optimizer steps; overrides epochs when set.")
     epochs: float | None = Field(None, gt=0, description="Passes over the training data (default 1 when max_steps is unset).")
@@ -86,13 +86,13 @@ class TrainConfig(BaseModel):
 
 
 class OutputConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", defer_build=True)
     dir: str = Field("runs/run", description="Run directory; if it exists a suffix -2, -3, … is added.")
     plot: bool = Field(True, description="Draw loss.png (train and eval curves).")
 
 
 class RunConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+    model_config = ConfigDict(extra="forbid", protected_namespaces=(), defer_build=True)
     model: ModelConfig = Field(default_factory=ModelConfig)
     method: SerializeAsAny[MethodConfig] = Field(description="Method name plus its fields (see `tunesmith methods`).")
     data: DataConfig

@@ -18,7 +18,7 @@ CANONICAL_FIELDS = (
 class DataConfig(BaseModel):
     """Training data: files, format, validation split and error policy."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", defer_build=True)
 
     train: str = Field(
         description="Training data file (.jsonl, .json, .csv, .parquet or .txt), or a directory of "

@@ -86,7 +86,7 @@ def _bad_bytes(loc: str, text: str) -> str | None:
     if m is None:
         return None
     byte = ord(m.group()) - 0xDC00
-    return (f"{loc}: not valid UTF-8 (byte 0x{byte:02x} at character {m.start() + 1}); re-save the file as "
+    return (f"{loc}: not valid UTF-8 (byte 0x{byte:02x} at column {m.start() + 1}); re-save the file as "
             "UTF-8, or set data.on_error: skip to drop such rows")
 
 

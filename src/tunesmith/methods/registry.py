@@ -34,7 +34,7 @@ class MethodConfig(BaseModel):
     """Fields common to every method; each method's Config subclasses this and sets ``family`` and
     ``summary`` (one line for `tunesmith methods` and the docs)."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, defer_build=True)
     family: ClassVar[str]
     summary: ClassVar[str]
     name: str = Field(description="Registered method name (see `tunesmith methods`).")

@@ -7,7 +7,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 
 class ModelConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+    model_config = ConfigDict(extra="forbid", protected_namespaces=(), defer_build=True)
     name_or_path: str = Field(
         "smollm2-135m", description="HF model directory or hub id, a .gguf file, an embedded name "
                                     "(smollm2-135m, minilm-l6), or random:<llama|qwen2|bert> for tests.")
