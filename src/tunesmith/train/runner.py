@@ -179,13 +179,7 @@ def _train(cfg: RunConfig, resume: Path | None, built, t_start: float, progress:
     optimizer = build_optimizer(method, model, tc, device)
     scheduler = build_scheduler(optimizer, tc, total_steps)
     if resume:
-        ckpt, data = checkpoint.read_latest(run_dir, say=lambda m: print(m, file=sys.stderr, flush=True))
-        pos = checkpoint.load(ckpt, method=method, model=model, optimizer=optimizer, scheduler=scheduler, data=data)
-        state = LoopState(step=pos["step"], micro=pos["micro"], tokens=pos["tokens"], train_time=pos["train_time"])
-        progress["wall"] = pos.get("wall_time", pos["train_time"])
-        if state.step >= total_steps:
-            print(f"{run_dir}: already trained to step {state.step} of {total_steps}; writing its outputs again",
-                  file=sys.stderr, flush=True)
+        state, progress["wall"] = _restore(run_dir, method, model, optimizer, scheduler, total_steps)
     progress["state"], progress["run_dir"] = state, run_dir
     log = MetricsLog(run_dir / "metrics.jsonl", resume_step=state.step if resume else None)
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
@@ -217,16 +211,31 @@ def _train(cfg: RunConfig, resume: Path | None, built, t_start: float, progress:
     log.write({"step": state.step, "split": "train_probe", **after_train})
     _check_weights(named, state.step)
     artifact = _save_artifact(method, model, tokenizer, run_dir, base_reference(cfg.model))
-    records = log.read()
-    if cfg.output.plot:
-        plot_losses(records, run_dir / "loss.png")
-    summary = _summary(cfg, run_dir, model, method, state, records, report, artifact, device, t_start)
+    summary = _finish(cfg, run_dir, model, method, state, log.read(), report, artifact, device, t_start)
     summary.update(time_s=progress["wall"] + summary["session_time_s"], train_probe_batches=probe_n,
                    optimizer_state_bytes=optimizer_state_bytes(optimizer), artifact_bytes=path_bytes(artifact))
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     if tc.progress:
         print(format_summary(summary), flush=True)
     return RunResult(run_dir, summary)
+
+
+def _restore(run_dir: Path, method, model, optimizer, scheduler, total_steps: int) -> tuple[LoopState, float]:
+    """The loop state and wall-clock seconds so far, from the newest readable checkpoint of ``run_dir``."""
+    ckpt, data = checkpoint.read_latest(run_dir, say=lambda m: print(m, file=sys.stderr, flush=True))
+    pos = checkpoint.load(ckpt, method=method, model=model, optimizer=optimizer, scheduler=scheduler, data=data)
+    state = LoopState(step=pos["step"], micro=pos["micro"], tokens=pos["tokens"], train_time=pos["train_time"])
+    if state.step >= total_steps:
+        print(f"{run_dir}: already trained to step {state.step} of {total_steps}; writing its outputs again",
+              file=sys.stderr, flush=True)
+    return state, pos.get("wall_time", pos["train_time"])
+
+
+def _finish(cfg, run_dir, model, method, state, records, report, artifact, device, t_start) -> dict:
+    """loss.png (when asked for) and the summary of a completed run."""
+    if cfg.output.plot:
+        plot_losses(records, run_dir / "loss.png")
+    return _summary(cfg, run_dir, model, method, state, records, report, artifact, device, t_start)
 
 
 def _check_weights(named, step: int) -> None:
