@@ -92,8 +92,17 @@ def test_damaged_delta_config(tmp_path):
     from helpers import alpaca_rows, write_jsonl
     data = write_jsonl(tmp_path / "train.jsonl", alpaca_rows())
     run_dir, _ = tunesmith.train(run_config(data, tmp_path, {"name": "freeze", "layers": "last 1"}, max_steps=1))
-    (run_dir / "delta" / "delta_config.json").write_text('{"tensors": {}}')
+    cfg_file = run_dir / "delta" / "delta_config.json"
+    cfg = json.loads(cfg_file.read_text())
+    cfg_file.write_text(json.dumps({k: v for k, v in cfg.items() if k != "base_model_name_or_path"}))
     with pytest.raises(FileError, match=r"delta_config.json: field 'base_model_name_or_path' is missing"):
+        tunesmith.load(run_dir / "delta", device="cpu")
+    cfg_file.write_text(json.dumps(cfg)[:-20])
+    with pytest.raises(FileError, match=r"delta_config.json: not valid JSON"):
+        tunesmith.load(run_dir, device="cpu")
+    truncate(run_dir / "delta" / "delta.safetensors")
+    cfg_file.write_text(json.dumps(cfg))
+    with pytest.raises(FileError, match=r"delta.safetensors: not a readable safetensors file"):
         tunesmith.load(run_dir / "delta", device="cpu")
 
 

@@ -67,7 +67,9 @@ def _task_from_peft(peft_cfg: dict, state: dict) -> tuple[str, int | None]:
     return "classification", (heads[-1].shape[0] if heads else 2)
 
 
-def _method_for_adapter(path: Path, peft_cfg: dict, meta: dict | None) -> type[registry.Method]:
+def _method_for_adapter(path: Path, peft_cfg: dict, meta: dict | None = None) -> type[registry.Method]:
+    from .methods import peft_format
+    meta = meta if meta is not None else peft_format.read_meta(path)
     if meta is not None:
         return registry.get(meta["method"]["name"])
     ptype = peft_cfg.get("peft_type")
@@ -88,11 +90,15 @@ def _adapter_base(path: Path, peft_cfg: dict, meta: dict | None) -> str:
     from .methods import peft_format
     if meta is not None:
         return meta["base"]
-    name = peft_cfg.get("base_model_name_or_path")
+    return _named_base(path / peft_format.CONFIG_NAME, peft_cfg)
+
+
+def _named_base(file: Path, cfg: dict) -> str:
+    name = cfg.get("base_model_name_or_path")
     if not isinstance(name, str) or not name:
         found = "missing" if name is None else f"{name!r}, not a model name or path"
-        raise FileError(f"{path / peft_format.CONFIG_NAME}: field 'base_model_name_or_path' is {found}; it "
-                        "should name the base model the adapter was trained on (or pass base=... to tunesmith.load)")
+        raise FileError(f"{file}: field 'base_model_name_or_path' is {found}; it should name the base model "
+                        "it was trained on (or pass base=... to tunesmith.load)")
     return name
 
 
@@ -117,8 +123,12 @@ def load(path: str | Path, *, base: str | None = None, device: str = "auto", dty
         return model.eval(), load_tokenizer(mcfg)
     if (p / delta.CONFIG_NAME).is_file():
         dcfg = delta.read_config(p)
-        mcfg = _base_config(base or dcfg["base_model_name_or_path"], device, dtype)
-        model = registry.get(dcfg["method"]["name"]).load_artifact(load_model(mcfg), p)
+        method = dcfg.get("method") if isinstance(dcfg.get("method"), dict) else {}
+        if not isinstance(method.get("name"), str):
+            raise FileError(f"{p / delta.CONFIG_NAME}: field 'method' should be the method's config with its "
+                            f"'name', found {dcfg.get('method')!r}; the file is damaged")
+        mcfg = _base_config(base or _named_base(p / delta.CONFIG_NAME, dcfg), device, dtype)
+        model = registry.get(method["name"]).load_artifact(load_model(mcfg), p)
         return model.eval(), load_tokenizer(mcfg)
     if p.is_dir() and not (p / "config.json").is_file():
         raise ModelError(f"{path}: not a run directory, adapter, delta or model directory "

@@ -182,7 +182,7 @@ def validate(data: dict, source: str = "config", overrides: dict[str, str] | Non
         data = {**data, "method": method}
     if isinstance(method, dict):  # validate the method first so its errors say method.<field>
         try:
-            cls = registry.config_class(method["name"]) if "name" in method else None
+            cls = registry.config_class(method["name"]) if "name" in method else None  # ConfigError if unknown
             registry.build_config(method)
         except ConfigError as e:
             raise ConfigError(_message([("method.name", str(e).split(": ", 1)[-1])], source, overrides)) from None

@@ -96,11 +96,16 @@ def tokenize_cls(rows, tokenizer, label_ids: dict, *, max_seq_len: int) -> Token
             raise DataError(f"{rows[i][0]}: field 'text_pair' is set on some rows but not others; "
                             "give it on every row or on none")
         second = None if pairs[0] is None else pairs
-        full = tokenizer(texts, second, verbose=False)["input_ids"]
-        out.truncated += sum(len(x) > max_seq_len for x in full)
-        enc = tokenizer(texts, second, truncation=True, max_length=max_seq_len)
-        for ids, r in zip(enc["input_ids"], chunk):
-            out.examples.append({"input_ids": list(ids), "label": label_ids[r["label"]]})
+        encoded = [list(x) for x in tokenizer(texts, second, verbose=False)["input_ids"]]
+        long = [j for j, x in enumerate(encoded) if len(x) > max_seq_len]
+        if long:  # the tokenizer's own truncation (it keeps the special tokens), for the rows that need it
+            cut = tokenizer([texts[j] for j in long], None if second is None else [second[j] for j in long],
+                            truncation=True, max_length=max_seq_len)["input_ids"]
+            for j, ids in zip(long, cut):
+                encoded[j] = list(ids)
+        out.truncated += len(long)
+        for ids, r in zip(encoded, chunk):
+            out.examples.append({"input_ids": ids, "label": label_ids[r["label"]]})
     return out
 
 

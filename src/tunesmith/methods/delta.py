@@ -92,11 +92,10 @@ def read_config(path: Path) -> dict:
     f = Path(path) / CONFIG_NAME
     if not f.is_file():
         raise ConfigError(f"{path}: not a tunesmith delta directory (no {CONFIG_NAME})")
-    cfg = read_json(f, required={"base_model_name_or_path": "it should name the base model the delta was "
-                                                            "trained on (or pass base=... to tunesmith.load)"})
-    method = cfg.get("method")
-    if not isinstance(method, dict) or not isinstance(method.get("name"), str) or not isinstance(cfg.get("tensors"), dict):
-        raise FileError(f"{f}: expected fields 'method' (with its 'name') and 'tensors'; the file is damaged")
+    cfg = read_json(f)
+    if not isinstance(cfg.get("tensors"), dict):
+        raise FileError(f"{f}: field 'tensors' is {cfg.get('tensors')!r}, expected the delta's tensor list; "
+                        "the file is damaged")
     return cfg
 
 

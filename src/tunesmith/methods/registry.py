@@ -215,6 +215,8 @@ def all_methods() -> dict[str, type[Method]]:
 
 def config_class(name: str) -> type[MethodConfig]:
     """The config of method ``name``; ConfigError naming the valid methods otherwise (no torch import)."""
+    if not isinstance(name, str):
+        raise ConfigError(f"method.name: expected a method name, got {name!r} (see `tunesmith methods`)")
     configs = all_configs()
     if name not in configs:
         raise ConfigError(f"method.name: unknown method {name!r}{did_you_mean(name, configs)}; "

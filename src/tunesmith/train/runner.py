@@ -55,7 +55,7 @@ def resolve_objective(cfg: RunConfig) -> str:
         return cfg.train.objective
     fmt = cfg.data.format
     if fmt == "auto":
-        rows = read_rows(cfg.data.train, max_rows=None if cfg.data.on_error == "skip" else 1,
+        rows = read_rows(cfg.data.train, max_rows=100 if cfg.data.on_error == "skip" else 1,
                          on_error=cfg.data.on_error, txt_documents=cfg.data.txt_documents)
         fmt = detect_format(apply_field_map(first_readable(rows), cfg.data.field_map))
     return objectives.for_format(fmt)
