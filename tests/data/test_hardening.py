@@ -196,3 +196,21 @@ def test_unpacked_text_documents_cut_at_the_end_are_counted(tmp_path, bert_tok):
     train, _, report = build_datasets(DataConfig(train=str(f), val_split=0, packing=False, txt_documents="blank_line"),
                                       bert_tok, max_seq_len=16, objective="pt", seed=0)
     assert len(train) == 2 and report.truncated == 1 and "1 truncated to max_seq_len=16 (cut at the end)" in report.line()
+
+
+# ---- end to end: the run stops before writing anything ----------------------------------------------
+@pytest.mark.parametrize("content, message", [
+    (GOOD * 8 + b'{"instruction": "caf\xe9", "output": "x"}\n', r"d\.jsonl:9: not valid UTF-8"),
+    (GOOD * 8 + b'{"instruction": "Say hi.", "output": ""}\n', r"d\.jsonl:9: field 'output' is empty"),
+    (b'{"instruction": "' + b"word " * 80 + b'", "output": "Hi."}\n' + GOOD * 8,
+     r"1 of 9 rows \(11%\) would be dropped: no trainable tokens left after truncation to max_seq_len=32"),
+])
+def test_bad_data_stops_the_run_before_anything_is_written(tmp_path, content, message):
+    import tunesmith
+    from helpers import run_config
+    (tmp_path / "d.jsonl").write_bytes(content)
+    cfg = run_config(tmp_path / "d.jsonl", tmp_path, {"name": "lora", "r": 2}, max_steps=1, max_seq_len=32)
+    cfg["data"].update(truncation="right", val_split=0)
+    with pytest.raises(DataError, match=message):
+        tunesmith.train(cfg)
+    assert not (tmp_path / "run").exists()
