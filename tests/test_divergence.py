@@ -47,6 +47,15 @@ def test_far_above_start_and_zero_gradients_and_recovery():
     assert guard.suspect and guard.first_bad == 5
 
 
+def test_a_streak_on_the_last_step_stops_the_run():
+    guard = Divergence(uniform=None, patience=5)
+    assert guard.observe(1, 2.0, 1.0) is None and guard.observe(2, 2.1, 1.0, final=True) is None
+    guard = Divergence(uniform=None, patience=5)
+    assert guard.observe(1, 2.0, 1.0) is None
+    assert guard.observe(2, 7.0, 1.0, final=True) == ("the loss rose to 7.0000, far above its start (2.0000) "
+                                                      "at the end of the run (steps 2-2)")
+
+
 def test_nonfinite_loss_or_gradient_stops_at_once():
     assert feed(Divergence(uniform=U), [2.0, float("nan")]) == (2, "the loss became nan at step 2")
     assert feed(Divergence(uniform=U), [2.0, 1.0], grads=[1.0, float("inf")]) == (

@@ -39,8 +39,9 @@ class Divergence:
         """A streak of bad steps is going on (not yet long enough to stop)."""
         return self.streak > 0
 
-    def observe(self, step: int, loss: float, grad_norm: float | None) -> str | None:
-        """Record optimizer step ``step``; the reason to stop, or None."""
+    def observe(self, step: int, loss: float, grad_norm: float | None, final: bool = False) -> str | None:
+        """Record optimizer step ``step``; the reason to stop, or None. On the ``final`` step a streak
+        that has begun stops the run too (its result would be the bad weights)."""
         if not math.isfinite(loss) or (grad_norm is not None and not math.isfinite(grad_norm)):
             self.first_bad = step if self.first_bad is None else self.first_bad
             what = "loss" if not math.isfinite(loss) else "gradient norm"
@@ -53,9 +54,11 @@ class Divergence:
             return None
         self.streak, self.symptom = self.streak + 1, bad
         self.first_bad = step if self.first_bad is None else self.first_bad
-        if self.streak < self.patience:
-            return None
-        return f"{bad} for {self.streak} steps in a row (steps {self.first_bad}-{step})"
+        if self.streak >= self.patience:
+            return f"{bad} for {self.streak} steps in a row (steps {self.first_bad}-{step})"
+        if final:
+            return f"{bad} at the end of the run (steps {self.first_bad}-{step})"
+        return None
 
     def _symptom(self, loss: float, grad_norm: float | None) -> str | None:
         u, s = self.uniform, self.start

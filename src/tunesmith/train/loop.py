@@ -188,15 +188,11 @@ class Loop:
             state.train_time += dt
             record["tokens_per_s"] = (state.tokens - tokens0) / max(dt, 1e-9)
             done = state.step == self.total_steps
-            if state.step % cfg.log_every == 0 or done:
+            reason = self.divergence.observe(state.step, record["loss"], record["grad_norm"], final=done)
+            if state.step % cfg.log_every == 0 or done or reason:
                 self.log(record)
-            reason = self.divergence.observe(state.step, record["loss"], record["grad_norm"])
-            if reason is None and done and self.divergence.suspect:
-                reason = f"{self.divergence.symptom} at the end of the run (steps {self.divergence.first_bad}-{state.step})"
             if reason is not None:
                 bar.close()
-                if not state.step % cfg.log_every == 0 and not done:
-                    self.log(record)
                 raise TrainingDiverged(reason, self.divergence.first_bad)
             recent.append(record["loss"])
             bar.update(1)
