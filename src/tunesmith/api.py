@@ -1,17 +1,20 @@
-"""The Python API: train, load, apply, merge, methods."""
+"""The Python API: train, load, apply, merge, methods.
+
+torch, transformers and the method implementations are imported inside the functions that use
+them, so importing tunesmith (and validating a config) stays fast.
+"""
 from __future__ import annotations
 
-import json
 from pathlib import Path
-from typing import Any
-
-import torch
-from torch import nn
+from typing import TYPE_CHECKING, Any
 
 from . import config as config_mod
-from .errors import ConfigError, ModelError
-from .methods import delta, peft_format, registry
-from .models.loader import ModelConfig, load_model, load_tokenizer
+from .errors import ConfigError, FileError, ModelError
+from .methods import registry
+from .models.config import ModelConfig
+
+if TYPE_CHECKING:
+    from torch import nn
 
 ARTIFACTS = ("adapter", "delta", "model")
 
@@ -29,18 +32,19 @@ def _overrides(kw: dict[str, Any]) -> dict[str, Any]:
 
 
 def train(config_or_path, *, resume: str | Path | None = None, **overrides):
-    """Run a fine-tune. Returns ``RunResult(run_dir, metrics)`` (unpackable as a pair)."""
-    from .train import runner
+    """Run a fine-tune. Returns ``RunResult(run_dir, metrics)`` (unpackable as a pair). The config is
+    validated before torch is imported."""
     if resume is not None:
-        cfg = runner.resume_config(Path(resume), _overrides(overrides))
-        return runner.run(cfg, resume=Path(resume))
-    cfg = config_mod.load(config_or_path, _overrides(overrides))
-    return runner.run(cfg)
+        cfg = config_mod.load_run(Path(resume), _overrides(overrides))
+    else:
+        cfg = config_mod.load(config_or_path, _overrides(overrides))
+    from .train import runner
+    return runner.run(cfg, resume=Path(resume) if resume is not None else None)
 
 
 def methods() -> list[dict[str, str]]:
     """Registered methods: name, family, summary."""
-    return [{"name": n, "family": c.family, "summary": c.summary} for n, c in registry.all_methods().items()]
+    return [{"name": n, "family": c.family, "summary": c.summary} for n, c in registry.all_configs().items()]
 
 
 def apply(model: nn.Module, name: str, **options) -> nn.Module:
@@ -63,10 +67,11 @@ def _task_from_peft(peft_cfg: dict, state: dict) -> tuple[str, int | None]:
     return "classification", (heads[-1].shape[0] if heads else 2)
 
 
-def _method_for_adapter(path: Path, peft_cfg: dict) -> type[registry.Method]:
-    meta = path / peft_format.META_NAME
-    if meta.is_file():
-        return registry.get(json.loads(meta.read_text())["method"]["name"])
+def _method_for_adapter(path: Path, peft_cfg: dict, meta: dict | None = None) -> type[registry.Method]:
+    from .methods import peft_format
+    meta = meta if meta is not None else peft_format.read_meta(path)
+    if meta is not None:
+        return registry.get(meta["method"]["name"])
     ptype = peft_cfg.get("peft_type")
     for cls in registry.all_methods().values():
         if cls.accepts_peft(peft_cfg):
@@ -75,30 +80,55 @@ def _method_for_adapter(path: Path, peft_cfg: dict) -> type[registry.Method]:
 
 
 def _base_config(name: str, device: str, dtype: str) -> ModelConfig:
-    return ModelConfig(name_or_path=name, device=device, dtype=dtype)
+    from .models.loader import stored_base
+    return ModelConfig(name_or_path=stored_base(name), device=device, dtype=dtype)
+
+
+def _adapter_base(path: Path, peft_cfg: dict, meta: dict | None) -> str:
+    """The base an adapter names: tunesmith.json's ``base``, else adapter_config.json's
+    ``base_model_name_or_path`` (one error naming the file when that is missing)."""
+    from .methods import peft_format
+    if meta is not None:
+        return meta["base"]
+    return _named_base(path / peft_format.CONFIG_NAME, peft_cfg)
+
+
+def _named_base(file: Path, cfg: dict) -> str:
+    name = cfg.get("base_model_name_or_path")
+    if not isinstance(name, str) or not name:
+        found = "missing" if name is None else f"{name!r}, not a model name or path"
+        raise FileError(f"{file}: field 'base_model_name_or_path' is {found}; it should name the base model "
+                        "it was trained on (or pass base=... to tunesmith.load)")
+    return name
 
 
 def load(path: str | Path, *, base: str | None = None, device: str = "auto", dtype: str = "auto"):
     """Load ``(model, tokenizer)`` from a run directory, a tunesmith or peft adapter directory, a
     delta directory, a merged/full model directory, or any model name the config accepts.
-    ``base`` overrides the base model an adapter or delta names."""
+    ``base`` overrides the base model an adapter or delta names. A damaged or incomplete file
+    raises one FileError naming it."""
+    from .methods import delta, peft_format
+    from .models.loader import load_model, load_tokenizer
     p = Path(path)
     if (p / "config.yaml").is_file() and any((p / a).is_dir() for a in ARTIFACTS):
         return _load_run(p, device, dtype)
     if (p / peft_format.CONFIG_NAME).is_file():
         peft_cfg, state = peft_format.read_adapter(p)
-        cls = _method_for_adapter(p, peft_cfg)
-        meta = p / peft_format.META_NAME
-        base_name = base or (json.loads(meta.read_text())["base"] if meta.is_file() else peft_cfg["base_model_name_or_path"])
+        meta = peft_format.read_meta(p)
+        cls = _method_for_adapter(p, peft_cfg, meta)
         task, num_labels = _task_from_peft(peft_cfg, state)
-        mcfg = _base_config(base_name, device, dtype)
+        mcfg = _base_config(base or _adapter_base(p, peft_cfg, meta), device, dtype)
         model = load_model(mcfg, task=task, num_labels=num_labels)
         model = cls.load_artifact(model, p)
         return model.eval(), load_tokenizer(mcfg)
     if (p / delta.CONFIG_NAME).is_file():
         dcfg = delta.read_config(p)
-        mcfg = _base_config(base or dcfg["base_model_name_or_path"], device, dtype)
-        model = registry.get(dcfg["method"]["name"]).load_artifact(load_model(mcfg), p)
+        method = dcfg.get("method") if isinstance(dcfg.get("method"), dict) else {}
+        if not isinstance(method.get("name"), str):
+            raise FileError(f"{p / delta.CONFIG_NAME}: field 'method' should be the method's config with its "
+                            f"'name', found {dcfg.get('method')!r}; the file is damaged")
+        mcfg = _base_config(base or _named_base(p / delta.CONFIG_NAME, dcfg), device, dtype)
+        model = registry.get(method["name"]).load_artifact(load_model(mcfg), p)
         return model.eval(), load_tokenizer(mcfg)
     if p.is_dir() and not (p / "config.json").is_file():
         raise ModelError(f"{path}: not a run directory, adapter, delta or model directory "
@@ -108,22 +138,25 @@ def load(path: str | Path, *, base: str | None = None, device: str = "auto", dty
 
 
 def _task_of_model_dir(p: Path) -> str:
+    from .files import read_json
     cfg_file = p / "config.json"
     if cfg_file.is_file():
-        archs = json.loads(cfg_file.read_text()).get("architectures") or []
+        archs = read_json(cfg_file).get("architectures") or []
         if any("SequenceClassification" in a for a in archs):
             return "classification"
     return "causal_lm"
 
 
 def _load_run(run_dir: Path, device: str, dtype: str):
+    from .files import read_json
+    from .models.loader import load_model, load_tokenizer
+    from .train import objectives
     cfg = config_mod.load(run_dir / "config.yaml")
     mcfg = cfg.model.model_copy(update={"device": device, "dtype": dtype})
-    from .train import objectives
     objective = objectives.get(cfg.train.objective) if cfg.train.objective != "auto" else None
     task = objective.task if objective else "causal_lm"
     summary = run_dir / "summary.json"
-    labels = json.loads(summary.read_text()).get("label_names") if summary.is_file() else None
+    labels = read_json(summary).get("label_names") if summary.is_file() else None
     cls = registry.get(cfg.method.name)
     if (run_dir / "model").is_dir():
         model = load_model(_base_config(str(run_dir / "model"), device, dtype), task=task,
@@ -148,6 +181,7 @@ def merge(path: str | Path, out_dir: str | Path) -> Path:
     out = Path(out_dir)
     if out.exists() and any(out.iterdir()):
         raise ConfigError(f"merge: output directory {out} exists and is not empty")
+    import torch
     with torch.no_grad():
         model.save_pretrained(out)
     tokenizer.save_pretrained(out)

@@ -18,8 +18,9 @@ def _cmd_train(args) -> None:
     if not args.config:
         raise TunesmithError("train: give a config file (e.g. examples/quickstart.yaml) or --resume RUN_DIR")
     from . import config as config_mod
+    cfg = config_mod.load(args.config, _check(args.overrides))  # before torch is imported: errors come at once
     from .train import runner
-    runner.run(config_mod.load(args.config, _check(args.overrides)))
+    runner.run(cfg)
 
 
 def _check(overrides: list[str]) -> list[str]:
@@ -71,8 +72,9 @@ def _command_modules():
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # read when transformers is first imported (later)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    for noisy in ("transformers", "httpx", "urllib3"):
+    for noisy in ("transformers", "httpx", "urllib3", "matplotlib"):
         logging.getLogger(noisy).setLevel(logging.ERROR)
     args = build_parser().parse_args(argv)
     try:

@@ -12,11 +12,11 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, ValidationError, field_validator, model_validator
 
-from .data import DataConfig
+from .data.config import DataConfig
 from .errors import ConfigError, did_you_mean
 from .methods import registry
 from .methods.registry import MethodConfig
-from .models.loader import ModelConfig
+from .models.config import ModelConfig
 
 SECTIONS = ("model", "method", "data", "train", "output")
 _UNITS = {"b": 1, "kb": 1e3, "mb": 1e6, "gb": 1e9, "tb": 1e12, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
@@ -33,7 +33,7 @@ def parse_bytes(value: str | int | float | None, field_name: str = "train.memory
 
 
 class TrainConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", defer_build=True)
     objective: str = Field("auto", description="Training objective: sft, pt, cls (auto: from data.format).")
     max_steps: int | None = Field(None, ge=1, description="Optimizer steps; overrides epochs when set.")
     epochs: float | None = Field(None, gt=0, description="Passes over the training data (default 1 when max_steps is unset).")
@@ -93,6 +93,11 @@ class TrainConfig(BaseModel):
     save_every: int | None = Field(None, ge=1, description="Checkpoint every N steps (default: at each eval and at the end).")
     keep_checkpoints: int = Field(2, ge=1, description="Checkpoints kept in checkpoints/ (oldest removed first).")
     log_every: int = Field(1, ge=1, description="Write a train-loss line to metrics.jsonl every N steps.")
+    divergence_steps: int | None = Field(
+        5, ge=1, description="Stop the run (keeping the last good checkpoint, saving no result) when for this "
+                             "many steps in a row the loss sits at the level of a uniform guess after starting "
+                             "below it, or rises above twice its start plus 1, or the gradient norm is exactly 0 "
+                             "(needs max_grad_norm); a NaN/inf loss stops at once. null: only NaN/inf stops.")
     progress: bool = Field(True, description="Show a progress bar.")
 
     @field_validator("memory_limit")
@@ -112,13 +117,13 @@ class TrainConfig(BaseModel):
 
 
 class OutputConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", defer_build=True)
     dir: str = Field("runs/run", description="Run directory; if it exists a suffix -2, -3, … is added.")
     plot: bool = Field(True, description="Draw loss.png (train and eval curves).")
 
 
 class RunConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+    model_config = ConfigDict(extra="forbid", protected_namespaces=(), defer_build=True)
     model: ModelConfig = Field(default_factory=ModelConfig)
     method: SerializeAsAny[MethodConfig] = Field(description="Method name plus its fields (see `tunesmith methods`).")
     data: DataConfig
@@ -135,28 +140,34 @@ class RunConfig(BaseModel):
         return registry.build_config(v)
 
 
-def _format_errors(err: ValidationError, prefix: str = "") -> str:
-    lines = []
+def _format_errors(err: ValidationError, prefix: str = "", root: Any = None) -> list[tuple[str, str]]:
+    """``(dotted field, message)`` for each error; unknown keys list the valid keys of their section
+    (of ``root``, the model that was validated: RunConfig or a method's config)."""
+    out = []
     for e in err.errors():
         loc = ".".join(str(p) for p in e["loc"])
         where = f"{prefix}{loc}" if loc else prefix.rstrip(".")
         if e["type"] == "extra_forbidden":
-            lines.append(f"{where}: unknown key{_key_hint(e['loc'])}")
+            out.append((where, f"unknown key{_key_hint(e['loc'], root or RunConfig, prefix)}"))
         elif e["type"] == "missing":
-            lines.append(f"{where}: required field is missing")
+            out.append((where, "required field is missing"))
         else:
-            lines.append(f"{where}: {e['msg']} (got {e.get('input')!r})")
-    return "; ".join(lines)
+            out.append((where, f"{e['msg']} (got {e.get('input')!r})"))
+    return out
 
 
-def _key_hint(loc) -> str:
+def _key_hint(loc, root, prefix: str = "") -> str:
     *parent, key = [str(p) for p in loc]
-    fields = _fields_at(parent)
-    return f" '{key}'{did_you_mean(key, fields)}; valid keys: {', '.join(fields)}" if fields else ""
+    fields = _fields_at(parent, root)
+    if not fields:
+        return ""
+    section = f"method {root.model_fields['name'].default}" if root is not RunConfig else (
+        ".".join(parent) or "the config")
+    return f" '{key}'{did_you_mean(key, fields)}; valid keys for {section}: {', '.join(fields)}"
 
 
-def _fields_at(path: list[str]) -> list[str]:
-    model: Any = RunConfig
+def _fields_at(path: list[str], root: Any) -> list[str]:
+    model: Any = root
     for p in path:
         info = getattr(model, "model_fields", {}).get(p)
         if info is None:
@@ -168,8 +179,28 @@ def _fields_at(path: list[str]) -> list[str]:
     return list(model.model_fields)
 
 
-def validate(data: dict, source: str = "config") -> RunConfig:
-    """Validate a config dict; errors name the source, the field, the value and what is valid."""
+def _blame(where: str, overrides: dict[str, str]) -> str | None:
+    """The override that set field ``where`` (or a section above it), if any."""
+    parts = where.split(".")
+    for i in range(len(parts), 0, -1):
+        if ".".join(parts[:i]) in overrides:
+            return overrides[".".join(parts[:i])]
+    return None
+
+
+def _message(errors: list[tuple[str, str]], source: str, overrides: dict[str, str]) -> str:
+    """One message: errors from command-line overrides name the override, the others the file."""
+    parts = []
+    for where, text in errors:
+        item = _blame(where, overrides)
+        parts.append(f"override {item!r}: {where}: {text}" if item else f"{source}: {where}: {text}")
+    return "; ".join(parts)
+
+
+def validate(data: dict, source: str = "config", overrides: dict[str, str] | None = None) -> RunConfig:
+    """Validate a config dict; errors name the source (or the override), the field, the value and
+    what is valid. ``overrides`` maps dotted keys set on the command line to how they were given."""
+    overrides = overrides or {}
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: expected a mapping with sections {', '.join(SECTIONS)}")
     unknown = [k for k in data if k not in SECTIONS]
@@ -177,13 +208,21 @@ def validate(data: dict, source: str = "config") -> RunConfig:
         k = unknown[0]
         raise ConfigError(f"{source}: unknown section '{k}'{did_you_mean(k, SECTIONS)}; valid: {', '.join(SECTIONS)}")
     method = data.get("method")
-    try:
-        if isinstance(method, dict):  # validate the method first so its errors say method.<field>
+    if isinstance(method, str):
+        method = {"name": method}
+        data = {**data, "method": method}
+    if isinstance(method, dict):  # validate the method first so its errors say method.<field>
+        try:
+            cls = registry.config_class(method["name"]) if "name" in method else None  # ConfigError if unknown
             registry.build_config(method)
+        except ConfigError as e:
+            raise ConfigError(_message([("method.name", str(e).split(": ", 1)[-1])], source, overrides)) from None
+        except ValidationError as e:
+            raise ConfigError(_message(_format_errors(e, "method.", cls), source, overrides)) from None
+    try:
         return RunConfig.model_validate(data)
     except ValidationError as e:
-        prefix = "method." if e.title != "RunConfig" else ""
-        raise ConfigError(f"{source}: {_format_errors(e, prefix)}") from None
+        raise ConfigError(_message(_format_errors(e), source, overrides)) from None
 
 
 def load_yaml(path: str | Path) -> dict:
@@ -207,6 +246,8 @@ def apply_overrides(data: dict, overrides: list[str] | dict[str, Any]) -> dict:
         if parts[0] not in SECTIONS:
             raise ConfigError(f"override {key!r}: unknown section '{parts[0]}'{did_you_mean(parts[0], SECTIONS)}; "
                               f"valid: {', '.join(SECTIONS)}")
+        if parts[0] == "method" and isinstance(out.get("method"), str) and len(parts) > 1:
+            out["method"] = {"name": out["method"]}  # `method: lora` given as a name
         node = out
         for p in parts[:-1]:
             node = node.setdefault(p, {})
@@ -235,9 +276,22 @@ def load(path_or_dict: str | Path | dict | RunConfig, overrides=None) -> RunConf
         path_or_dict = path_or_dict.model_dump(mode="json")
     source = str(path_or_dict) if isinstance(path_or_dict, (str, Path)) else "config"
     data = load_yaml(path_or_dict) if isinstance(path_or_dict, (str, Path)) else path_or_dict
+    given = {}
     if overrides:
         data = apply_overrides(data, overrides)
-    return validate(data, source)
+        if isinstance(overrides, dict):
+            given = {k: f"{k}={v}" for k, v in overrides.items()}
+        else:
+            given = {o.split("=", 1)[0].strip(): o.strip() for o in overrides}
+    return validate(data, source, given)
+
+
+def load_run(run_dir: str | Path, overrides=None) -> RunConfig:
+    """The config of the run directory ``run_dir`` (for --resume), with optional overrides."""
+    path = Path(run_dir) / "config.yaml"
+    if not path.is_file():
+        raise ConfigError(f"--resume {run_dir}: no config.yaml there; is it a tunesmith run directory?")
+    return load(path, overrides)
 
 
 def dump(cfg: RunConfig) -> str:

@@ -62,9 +62,9 @@ def test_empty_file(tmp_path, suffix):
 def test_missing_file_and_unknown_suffix(tmp_path):
     with pytest.raises(DataError, match=r"not found: 'nope/missing\.jsonl'"):
         read_rows("nope/missing.jsonl")
-    other = tmp_path / "d.txt"
+    other = tmp_path / "d.tsv"
     other.write_text("hi")
-    with pytest.raises(DataError, match=r"d\.txt: unknown file type '\.txt'.*\.jsonl"):
+    with pytest.raises(DataError, match=r"d\.tsv: unknown file type '\.tsv'.*\.jsonl"):
         read_rows(str(other))
 
 

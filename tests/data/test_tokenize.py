@@ -143,22 +143,33 @@ def test_slow_tokenizer_path_matches_offsets_path(chat_tok):
     assert slow == fast == expected_chatml(chat_tok, CHAT)
 
 
-def test_truncation_keeps_the_beginning(write, bert_tok):
+def test_right_truncation_keeps_the_beginning(write, bert_tok):
     full, _, _ = build(write, bert_tok, [ALPACA])
-    cut, _, _ = build(write, bert_tok, [ALPACA], max_seq_len=len(full[0]["input_ids"]) - 2)
+    cut, _, report = build(write, bert_tok, [ALPACA], max_seq_len=len(full[0]["input_ids"]) - 2, truncation="right")
     n = len(cut[0]["input_ids"])
     assert n == len(full[0]["input_ids"]) - 2
     assert cut[0]["input_ids"] == full[0]["input_ids"][:n]
     assert cut[0]["labels"] == full[0]["labels"][:n]
+    assert report.truncated == 1
+
+
+def test_default_truncation_keeps_the_answer(write, bert_tok):
+    full, _, _ = build(write, bert_tok, [ALPACA])
+    n = len(full[0]["input_ids"]) - 2
+    cut, _, report = build(write, bert_tok, [ALPACA], max_seq_len=n)
+    answer = trained(full[0]["labels"])
+    assert len(cut[0]["input_ids"]) == n and trained(cut[0]["labels"]) == answer
+    assert cut[0]["input_ids"][-len(answer):] == answer and report.truncated == 1 and report.skipped == 0
 
 
 def test_fully_masked_examples_are_dropped_and_counted(write, bert_tok):
     long_prompt = dict(ALPACA, instruction="word " * 40)
-    train, _, report = build(write, bert_tok, [ALPACA, long_prompt, ALPACA], max_seq_len=30)
+    rows = [ALPACA, long_prompt, ALPACA]
+    train, _, report = build(write, bert_tok, rows, max_seq_len=30, truncation="right", on_error="skip")
     assert len(train) == 2 and report.skipped == 1
     assert report.skipped_reasons[0].endswith(":2: no trainable tokens left after truncation to max_seq_len=30")
     with pytest.raises(DataError, match=r"d\.jsonl: no examples left after filtering"):
-        build(write, bert_tok, [long_prompt], max_seq_len=30)
+        build(write, bert_tok, [long_prompt], max_seq_len=30, truncation="right", on_error="skip")
 
 
 def test_pt_on_alpaca_trains_every_token(write, bert_tok):

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import os
+from collections import Counter
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -13,10 +15,12 @@ from .config import DataConfig
 from .errors import DataError
 from .formats import OBJECTIVE_FORMATS, apply_field_map, check_objective, detect_format, normalize
 from .labels import check_labels, label_vocab
-from .readers import Row, read_rows
-from .tokenize import Tokenized, tokenize_cls, tokenize_lm, tokenize_pref
+from .readers import Row, first_readable, read_rows
+from .tokenize import NO_LABELS, Tokenized, tokenize_cls, tokenize_lm, tokenize_pref
 
 MAX_REASONS = 10
+CUTS = {"middle": "the prompt cut in the middle, the response kept",
+        "left": "the prompt cut at its start, the response kept", "right": "cut at the end"}
 
 
 class TokenizedDataset(Dataset):
@@ -38,7 +42,7 @@ class TokenizedDataset(Dataset):
 
 @dataclass
 class DataReport:
-    """What build_datasets read, kept and dropped."""
+    """What build_datasets read, kept, truncated and dropped; :meth:`line` says it in one line."""
 
     train_rows: int
     validation_rows: int
@@ -48,21 +52,44 @@ class DataReport:
     label_names: list[str] | None
     num_labels: int | None
     format: str
+    rows_read: int = 0
+    truncated: int = 0
+    skipped_kinds: dict[str, int] = field(default_factory=dict)
+    max_seq_len: int = 0
+    truncation: str = "middle"
+    packed: bool = False
+
+    def line(self) -> str:
+        """``data: ...`` — examples kept, rows truncated (and how), rows dropped (and why)."""
+        kept = f"{self.train_rows} train + {self.validation_rows} validation examples"
+        head = f"data: {self.rows_read} rows -> {kept}" + (" (packed into blocks)" if self.packed else "")
+        cut = f"{self.truncated} truncated to max_seq_len={self.max_seq_len}"
+        if self.truncated:
+            cut += f" ({CUTS.get(self.truncation, self.truncation) if self.format != 'text' else 'cut at the end'})"
+        if not self.skipped:
+            return f"{head}; {cut}; 0 dropped"
+        why = ", ".join(f"{n} {kind}" for kind, n in self.skipped_kinds.items())
+        return f"{head}; {cut}; {self.skipped} dropped ({why}), first: {self.skipped_reasons[0]}"
 
 
 class _Skips:
     def __init__(self) -> None:
-        self.count, self.reasons = 0, []
+        self.count, self.reasons, self.kinds = 0, [], Counter()
 
-    def add(self, messages: list[str]) -> None:
+    def add(self, messages: list[str], kind: str) -> None:
         self.count += len(messages)
+        if messages:
+            self.kinds[kind] += len(messages)
         self.reasons.extend(messages[: MAX_REASONS - len(self.reasons)])
 
 
 def _validate(raw: list[Row], fmt: str, on_error: str, skips: _Skips, path: str):
     """``(loc, canonical row)`` pairs; bad rows raise or are skipped per ``on_error``."""
-    good, bad = [], []
+    good, bad, unreadable = [], [], []
     for row in raw:
+        if row.error:  # only passed on with on_error skip
+            unreadable.append(row.error)
+            continue
         try:
             good.append((row.loc, normalize(row, fmt)))
         except DataError as exc:
@@ -71,9 +98,30 @@ def _validate(raw: list[Row], fmt: str, on_error: str, skips: _Skips, path: str)
             bad.append(str(exc))
     if not good:
         raise DataError(f"{path}: every row is invalid for format {fmt} ({len(raw)} rows); "
-                        f"first error: {bad[0]}")
-    skips.add(bad)
+                        f"first error: {(unreadable + bad)[0]}")
+    skips.add(unreadable, "unreadable")
+    skips.add(bad, "invalid")
     return good
+
+
+def _check_txt(path: str, fmt: str) -> None:
+    if (os.path.isdir(path) or path.lower().endswith(".txt")) and fmt != "text":
+        raise DataError(f"{path}: plain text (.txt) is read as format text (one document per file or per "
+                        f"blank-line block, see data.txt_documents), not {fmt}; set data.format to text or auto")
+
+
+def _check_drops(cfg: DataConfig, skips: _Skips, rows: int, max_seq_len: int) -> None:
+    """With on_error raise: DataError when truncation would drop more than max_drop_fraction of the rows."""
+    dropped = skips.kinds.get(NO_LABELS, 0)
+    if cfg.on_error != "raise" or dropped <= cfg.max_drop_fraction * rows:
+        return
+    first = next(r for r in skips.reasons if NO_LABELS in r)
+    raise DataError(
+        f"{dropped} of {rows} rows ({dropped / rows:.0%}) would be dropped: {NO_LABELS} to "
+        f"max_seq_len={max_seq_len} with data.truncation: {cfg.truncation}, more than data.max_drop_fraction="
+        f"{cfg.max_drop_fraction} (first: {first}). Raise train.max_seq_len, use data.truncation: middle or "
+        "left (keeps the response), or accept the loss with a higher data.max_drop_fraction or "
+        "data.on_error: skip")
 
 
 def _split(rows: list, val_split: float, seed: int, path: str) -> tuple[list, list]:
@@ -99,8 +147,10 @@ def build_datasets(cfg: DataConfig, tokenizer, *, max_seq_len: int, objective: s
         raise DataError(f"unknown objective {objective!r}; valid: {', '.join(OBJECTIVE_FORMATS)}")
     if max_seq_len < 1:
         raise DataError(f"max_seq_len must be >= 1, got {max_seq_len}")
-    raw = [apply_field_map(r, cfg.field_map) for r in read_rows(cfg.train, cfg.max_rows, "train file")]
-    fmt = detect_format(raw[0]) if cfg.format == "auto" else cfg.format
+    read = dict(on_error=cfg.on_error, txt_documents=cfg.txt_documents)
+    raw = [apply_field_map(r, cfg.field_map) for r in read_rows(cfg.train, cfg.max_rows, "train file", **read)]
+    fmt = detect_format(first_readable(raw)) if cfg.format == "auto" else cfg.format
+    _check_txt(cfg.train, fmt)
     check_objective(fmt, objective)
     packing = fmt == "text" if cfg.packing is None else cfg.packing
     if packing and fmt != "text":
@@ -116,7 +166,8 @@ def build_datasets(cfg: DataConfig, tokenizer, *, max_seq_len: int, objective: s
         train = _check_labels(train, mapping, names, known, cfg.on_error, skips, cfg.train)
     val_name = cfg.validation or f"{cfg.train} (validation split)"
     if cfg.validation:
-        vraw = [apply_field_map(r, cfg.field_map) for r in read_rows(cfg.validation, None, "validation file")]
+        _check_txt(cfg.validation, fmt)
+        vraw = [apply_field_map(r, cfg.field_map) for r in read_rows(cfg.validation, None, "validation file", **read)]
         val = _validate(vraw, fmt, cfg.on_error, skips, cfg.validation)
         if mapping is not None:
             val = _check_labels(val, mapping, names, known, cfg.on_error, skips, cfg.validation)
@@ -125,9 +176,13 @@ def build_datasets(cfg: DataConfig, tokenizer, *, max_seq_len: int, objective: s
     else:
         val = None
 
+    truncated = 0
+
     def tok(rows, path: str) -> TokenizedDataset:
+        nonlocal truncated
         out = _tokenize(rows, fmt, objective, tokenizer, cfg, mapping, max_seq_len, packing)
-        skips.add(out.dropped)
+        skips.add(out.dropped, NO_LABELS)
+        truncated += out.truncated
         if not out.examples:
             raise DataError(f"{path}: no examples left after filtering ({len(out.dropped)} dropped; "
                             f"first: {out.dropped[0] if out.dropped else 'none'})")
@@ -135,10 +190,13 @@ def build_datasets(cfg: DataConfig, tokenizer, *, max_seq_len: int, objective: s
 
     train_ds = tok(train, cfg.train)
     val_ds = tok(val, val_name) if val is not None else None
+    _check_drops(cfg, skips, len(train) + len(val or []), max_seq_len)
     report = DataReport(
         train_rows=len(train_ds), validation_rows=len(val_ds) if val_ds is not None else 0,
         skipped=skips.count, skipped_reasons=skips.reasons, train_tokens=train_ds.num_tokens(),
         label_names=names, num_labels=len(names) if names is not None else None, format=fmt,
+        rows_read=len(raw) + (len(vraw) if cfg.validation else 0), truncated=truncated,
+        skipped_kinds=dict(skips.kinds), max_seq_len=max_seq_len, truncation=cfg.truncation, packed=packing,
     )
     return train_ds, val_ds, report
 
@@ -149,7 +207,7 @@ def _check_labels(rows, mapping, names, known, on_error: str, skips: _Skips, pat
         raise DataError(bad[0])
     if not good:
         raise DataError(f"{path}: no row has a known label; first error: {bad[0]}")
-    skips.add(bad)
+    skips.add(bad, "unknown label")
     return good
 
 
@@ -157,8 +215,9 @@ def _tokenize(rows, fmt, objective, tokenizer, cfg: DataConfig, mapping, max_seq
               ) -> Tokenized:
     if objective in ("sft", "pt"):
         renderer = ChatRenderer(tokenizer, cfg.system_prompt)
-        return tokenize_lm(rows, fmt, tokenizer, renderer, max_seq_len=max_seq_len,
-                           objective=objective, packing=packing)
+        return tokenize_lm(rows, fmt, tokenizer, renderer, max_seq_len=max_seq_len, objective=objective,
+                           packing=packing, truncation=cfg.truncation, response_share=cfg.max_response_share)
     if objective == "cls":
         return tokenize_cls(rows, tokenizer, mapping, max_seq_len=max_seq_len)
-    return tokenize_pref(rows, tokenizer, ChatRenderer(tokenizer), max_seq_len=max_seq_len)
+    return tokenize_pref(rows, tokenizer, ChatRenderer(tokenizer), max_seq_len=max_seq_len,
+                         truncation=cfg.truncation, response_share=cfg.max_response_share)

@@ -1,10 +1,15 @@
-"""Batching: padding collate and deterministic, resumable batch order."""
+"""Batching: padding collate and deterministic, resumable batch order.
+
+torch is imported inside the functions, so ``tunesmith.data`` (whose ``collate`` is the function
+here) loads without it.
+"""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 IGNORE = -100
 #: Key of the CPU copy of a batch that ``to_device`` keeps beside the device tensors. Counts (label
@@ -27,6 +32,7 @@ def _round_up(n: int, multiple: int | None) -> int:
 
 
 def _pad(rows: list[list[int]], length: int, value: int) -> torch.Tensor:
+    import torch
     out = torch.full((len(rows), length), value, dtype=torch.long)  # [B, T]
     for i, r in enumerate(rows):
         out[i, : len(r)] = torch.as_tensor(r, dtype=torch.long)
@@ -42,6 +48,7 @@ def collate(examples: list[dict[str, Any]], pad_id: int, *, pad_to_multiple_of: 
     key is padded with 0. ``chosen_*`` and ``rejected_*`` share one length so they can be
     concatenated into one batch. Lengths are rounded up to ``pad_to_multiple_of``.
     """
+    import torch
     if not examples:
         raise ValueError("collate got an empty list of examples")
     keys = list(examples[0])
@@ -89,6 +96,7 @@ def batch_indices(n: int, batch_size: int, *, seed: int, epoch: int, shuffle: bo
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if shuffle:
+        import torch
         order = torch.randperm(n, generator=torch.Generator().manual_seed(seed + epoch)).tolist()
     else:
         order = list(range(n))
@@ -100,6 +108,7 @@ def batch_indices(n: int, batch_size: int, *, seed: int, epoch: int, shuffle: bo
 
 def to_device(batch: dict, device: torch.device) -> dict:
     """``batch``'s tensors on ``device``, and the CPU batch itself under ``HOST``."""
+    import torch
     host = {k: v for k, v in batch.items() if torch.is_tensor(v)}
     out = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items() if k != HOST}
     out[HOST] = host

@@ -18,11 +18,12 @@ CANONICAL_FIELDS = (
 class DataConfig(BaseModel):
     """Training data: files, format, validation split and error policy."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", defer_build=True)
 
     train: str = Field(
-        description="Training data file (.jsonl, .json, .csv or .parquet). Relative paths "
-        "are resolved against the current directory."
+        description="Training data file (.jsonl, .json, .csv, .parquet or .txt), or a directory of "
+        ".txt files (a plain-text corpus for format text). Relative paths are resolved against "
+        "the current directory."
     )
     validation: str | None = Field(
         default=None,
@@ -48,8 +49,35 @@ class DataConfig(BaseModel):
     )
     on_error: Literal["raise", "skip"] = Field(
         default="raise",
-        description="raise: the first bad row stops with an error naming file, line and "
-        "field. skip: bad rows are dropped and counted in the report.",
+        description="raise: the first bad row (unreadable, not UTF-8, a field missing, empty or "
+        "of the wrong type) stops with an error naming file, line and field, and so does losing "
+        "more than max_drop_fraction of the rows to truncation. skip: bad rows are dropped and "
+        "counted in the report.",
+    )
+    max_drop_fraction: float = Field(
+        default=0.05, ge=0.0, le=1.0,
+        description="With on_error raise: the largest fraction of rows that may be dropped because "
+        "truncation left them nothing to train on before the run stops (every drop is reported "
+        "either way).",
+    )
+    truncation: Literal["middle", "left", "right"] = Field(
+        default="middle",
+        description="How a row longer than train.max_seq_len is cut. middle: the response is kept "
+        "and the prompt loses its middle (its start, e.g. the instruction, and its end, the text "
+        "just before the answer, stay); left: the response is kept and the prompt loses its "
+        "start; right: the row's end is cut (the answer may be lost; a row left with nothing to "
+        "train on is dropped). Continued pre-training rows are always cut at the end.",
+    )
+    max_response_share: float = Field(
+        default=0.75, gt=0.0, le=1.0,
+        description="With truncation middle or left: when prompt and response are both long, the "
+        "response keeps at most this share of max_seq_len (cut at its end) and the prompt the "
+        "rest; a short prompt leaves all the remaining room to the response.",
+    )
+    txt_documents: Literal["file", "blank_line"] = Field(
+        default="file",
+        description=".txt input: one document per file, or one per block of lines between "
+        "blank lines.",
     )
     max_rows: int | None = Field(
         default=None, ge=1,

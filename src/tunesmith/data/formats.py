@@ -82,7 +82,7 @@ def apply_field_map(row: Row, field_map: dict[str, str]) -> Row:
     targets = set(field_map.values())
     data = {k: v for k, v in row.data.items() if k not in field_map and k not in targets}
     data.update({field_map[k]: v for k, v in row.data.items() if k in field_map})
-    return Row(row.loc, data)
+    return Row(row.loc, data, row.error)
 
 
 def normalize(row: Row, fmt: str) -> dict[str, Any]:
@@ -91,6 +91,7 @@ def normalize(row: Row, fmt: str) -> dict[str, Any]:
 
 
 def _get(row: Row, fmt: str, field: str, types: tuple[type, ...], *, optional: bool = False):
+    """The field's value; a required str field must not be empty (optional ones may be)."""
     value = row.data.get(field)
     if value is None:
         if optional:
@@ -102,6 +103,9 @@ def _get(row: Row, fmt: str, field: str, types: tuple[type, ...], *, optional: b
             f"{row.loc}: field {field!r} has type {type_name(value)} (value {short(value)}), "
             f"expected {expected}"
         )
+    if isinstance(value, str) and not optional and not value.strip():
+        raise DataError(f"{row.loc}: field {field!r} is empty ({short(value)}); format {fmt} needs text in it "
+                        "(fix or remove the row, or set data.on_error: skip to drop such rows)")
     return value
 
 
@@ -131,6 +135,9 @@ def _turns(row: Row, field: str, items: list, role_key: str, text_key: str,
         if not isinstance(text, str):
             raise DataError(f"{row.loc}: field '{where}.{text_key}' has type {type_name(text)} "
                             f"(value {short(text)}), expected str")
+        if not text.strip():
+            raise DataError(f"{row.loc}: field '{where}.{text_key}' is empty ({short(text)}); every turn needs "
+                            "text (fix or remove the row, or set data.on_error: skip to drop such rows)")
         out.append({"role": roles[role], "content": text})
     if not any(t["role"] == "assistant" for t in out):
         raise DataError(f"{row.loc}: field {field!r} has no assistant turn; at least one is "

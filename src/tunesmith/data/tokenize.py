@@ -1,5 +1,7 @@
 """Normalised rows -> token examples for each objective, with truncation and packing.
 
+Too-long rows are cut by :mod:`tunesmith.data.truncate` (``data.truncation``) and counted.
+
 Example shapes:
 
 - sft / pt: ``{"input_ids": [...], "labels": [...]}`` (labels -100 where masked)
@@ -14,6 +16,7 @@ from typing import Any
 
 from .errors import DataError
 from .chat import IGNORE, ChatRenderer, bos_ids, encode, eos_id
+from .truncate import fit
 
 BATCH = 1000  # rows per tokenizer call for plain texts
 
@@ -24,6 +27,7 @@ class Tokenized:
 
     examples: list[dict[str, Any]] = field(default_factory=list)
     dropped: list[str] = field(default_factory=list)
+    truncated: int = 0  # examples cut to max_seq_len (kept)
 
 
 def _encode_many(tokenizer, texts: list[str]) -> list[list[int]]:
@@ -33,12 +37,16 @@ def _encode_many(tokenizer, texts: list[str]) -> list[list[int]]:
     return out
 
 
+NO_LABELS = "no trainable tokens left after truncation"
+
+
 def _no_labels(loc: str, max_seq_len: int) -> str:
-    return f"{loc}: no trainable tokens left after truncation to max_seq_len={max_seq_len}"
+    return f"{loc}: {NO_LABELS} to max_seq_len={max_seq_len}"
 
 
 def tokenize_lm(rows, fmt: str, tokenizer, renderer: ChatRenderer, *, max_seq_len: int,
-                objective: str, packing: bool) -> Tokenized:
+                objective: str, packing: bool, truncation: str = "middle", response_share: float = 0.75
+                ) -> Tokenized:
     """sft/pt examples. ``rows`` are ``(loc, canonical dict)`` pairs."""
     if fmt == "text":
         return _text(rows, tokenizer, max_seq_len=max_seq_len, packing=packing)
@@ -50,10 +58,11 @@ def tokenize_lm(rows, fmt: str, tokenizer, renderer: ChatRenderer, *, max_seq_le
             ids, labels = renderer.messages(row["messages"])
         if objective == "pt":
             labels = list(ids)
-        ids, labels = ids[:max_seq_len], labels[:max_seq_len]
+        ids, labels, cut = fit(ids, labels, max_seq_len, truncation, response_share)
         if all(x == IGNORE for x in labels):
             out.dropped.append(_no_labels(loc, max_seq_len))
             continue
+        out.truncated += cut
         out.examples.append({"input_ids": ids, "labels": labels})
     return out
 
@@ -70,6 +79,7 @@ def _text(rows, tokenizer, *, max_seq_len: int, packing: bool) -> Tokenized:
             out.examples.append({"input_ids": block, "labels": list(block)})
         return out
     for doc in docs:
+        out.truncated += len(doc) > max_seq_len
         doc = doc[:max_seq_len]
         out.examples.append({"input_ids": doc, "labels": list(doc)})
     return out
@@ -85,14 +95,22 @@ def tokenize_cls(rows, tokenizer, label_ids: dict, *, max_seq_len: int) -> Token
         if any(p is None for p in pairs) and not all(p is None for p in pairs):
             raise DataError(f"{rows[i][0]}: field 'text_pair' is set on some rows but not others; "
                             "give it on every row or on none")
-        enc = tokenizer(texts, None if pairs[0] is None else pairs, truncation=True,
-                        max_length=max_seq_len)
-        for ids, r in zip(enc["input_ids"], chunk):
-            out.examples.append({"input_ids": list(ids), "label": label_ids[r["label"]]})
+        second = None if pairs[0] is None else pairs
+        encoded = [list(x) for x in tokenizer(texts, second, verbose=False)["input_ids"]]
+        long = [j for j, x in enumerate(encoded) if len(x) > max_seq_len]
+        if long:  # the tokenizer's own truncation (it keeps the special tokens), for the rows that need it
+            cut = tokenizer([texts[j] for j in long], None if second is None else [second[j] for j in long],
+                            truncation=True, max_length=max_seq_len)["input_ids"]
+            for j, ids in zip(long, cut):
+                encoded[j] = list(ids)
+        out.truncated += len(long)
+        for ids, r in zip(encoded, chunk):
+            out.examples.append({"input_ids": ids, "label": label_ids[r["label"]]})
     return out
 
 
-def tokenize_pref(rows, tokenizer, renderer: ChatRenderer, *, max_seq_len: int) -> Tokenized:
+def tokenize_pref(rows, tokenizer, renderer: ChatRenderer, *, max_seq_len: int, truncation: str = "middle",
+                  response_share: float = 0.75) -> Tokenized:
     """rm/dpo examples; the prompt is masked, the response is trained.
 
     Str rows are concatenated as ``bos? + prompt + response + eos`` (no template, like the
@@ -102,13 +120,15 @@ def tokenize_pref(rows, tokenizer, renderer: ChatRenderer, *, max_seq_len: int) 
     out = Tokenized()
     for loc, row in rows:
         ex: dict[str, Any] = {}
+        cut = False
         for side in ("chosen", "rejected"):
             ids, labels = _pref_side(row["prompt"], row[side], tokenizer, renderer)
-            ids, labels = ids[:max_seq_len], labels[:max_seq_len]
-            ex[f"{side}_input_ids"], ex[f"{side}_labels"] = ids, labels
+            ids, labels, side_cut = fit(ids, labels, max_seq_len, truncation, response_share)
+            ex[f"{side}_input_ids"], ex[f"{side}_labels"], cut = ids, labels, cut or side_cut
         if any(all(x == IGNORE for x in ex[f"{s}_labels"]) for s in ("chosen", "rejected")):
             out.dropped.append(_no_labels(loc, max_seq_len))
             continue
+        out.truncated += cut
         out.examples.append(ex)
     return out
 

@@ -8,7 +8,6 @@ model is a plain transformers directory.
 """
 from __future__ import annotations
 
-import json
 import math
 import tempfile
 from dataclasses import dataclass, field
@@ -17,6 +16,7 @@ from pathlib import Path
 from safetensors import safe_open
 
 from ..errors import ConfigError, TunesmithError
+from ..files import read_json
 from ..methods import peft_format, registry
 from .rules import TARGETS, problems
 
@@ -66,7 +66,7 @@ def _tensor_names(adapter: Path) -> list[str]:
 
 
 def _read_json(path: Path) -> dict:
-    return json.loads(path.read_text()) if path.is_file() else {}
+    return read_json(path) if path.is_file() else {}
 
 
 def _out_dir(src: Path, art: Path, target: str, out: str | Path | None) -> Path:

@@ -8,7 +8,6 @@ rebuilds the folded form: a plain table.
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -29,7 +28,6 @@ TABLE_KEY = "prompt_embeddings"
 class VirtualMethod(Method):
     """Base of the virtual-token methods: install, heads, peft-format save/load."""
 
-    family = "additive"
     artifact = "adapter"
     loads_peft = True
     identity_at_init = False  # virtual tokens change every output from the start
@@ -88,18 +86,15 @@ class VirtualMethod(Method):
         heads = {n: p for n, p in model.named_parameters() if p.requires_grad and not n.startswith(ATTR + ".")}
         tensors = {TABLE_KEY: carrier(model).table().detach().contiguous().cpu(), **peft_format.to_peft_keys(heads)}
         save_file(tensors, str(path / peft_format.WEIGHTS_NAME), metadata={"format": "pt"})
-        (path / peft_format.CONFIG_NAME).write_text(json.dumps(self.peft_config(model, base_name), indent=2,
-                                                               sort_keys=True))
         meta = {"method": self.cfg.model_dump(mode="json"), "base": base_name}
-        (path / peft_format.META_NAME).write_text(json.dumps(meta, indent=2, sort_keys=True))
+        peft_format.write_configs(path, self.peft_config(model, base_name), meta)
         return path
 
     @classmethod
     def load_artifact(cls, model: nn.Module, path: Path) -> nn.Module:
         peft_cfg, state = peft_format.read_adapter(path)
-        meta = path / peft_format.META_NAME
-        cfg = (cls.Config.model_validate(json.loads(meta.read_text())["method"]) if meta.is_file()
-               else cls.config_from_peft(peft_cfg))
+        meta = peft_format.read_meta(path)
+        cfg = cls.Config.model_validate(meta["method"]) if meta else cls.config_from_peft(peft_cfg)
         if TABLE_KEY not in state:
             raise ConfigError(f"{path}: no {TABLE_KEY!r} tensor in {peft_format.WEIGHTS_NAME}")
         table = state.pop(TABLE_KEY)

@@ -101,7 +101,6 @@ class SparseMaskMethod(Method):
     ``apply`` installs a uniformly random mask of the same size until ``prepare`` replaces it.
     """
 
-    family = "selective"
     artifact = "delta"
     identity_at_init = True
     mergeable = True

@@ -14,43 +14,18 @@ format follow HF peft (``lora_E``, ``rank_pattern``), so peft loads the result a
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
-from typing import Literal
 
 import torch
-from pydantic import Field, ValidationError, model_validator
+from pydantic import ValidationError
 from torch import nn
 
 from . import peft_format
 from .inject import TunedLayer, tuned_layers
-from .lora import TargetedConfig, LowRankMethod, _as_targets
+from .lora import LowRankMethod, _as_targets
 from .registry import MethodConfig, attach, register
 from ..errors import ConfigError
-
-
-class AdaLoraConfig(TargetedConfig):
-    name: Literal["adalora"] = "adalora"
-    init_r: int = Field(12, ge=1, description="Initial rank of every adapted layer (the starting budget).")
-    target_r: int = Field(8, ge=0, description="Average final rank: the final budget is target_r × layers.")
-    tinit: int = Field(0, ge=0, description="Warm-up steps before any rank is pruned.")
-    tfinal: int = Field(0, ge=0, description="Final steps trained with the rank pattern fixed.")
-    deltaT: int = Field(1, ge=1, description="Steps between two budget allocations.")
-    total_steps: int | None = Field(None, ge=1, description="Length of the budget schedule in optimizer steps "
-                                                            "(null: the run's total steps).")
-    beta1: float = Field(0.85, gt=0, lt=1, description="EMA coefficient of the sensitivity (eq. 8).")
-    beta2: float = Field(0.85, gt=0, lt=1, description="EMA coefficient of the uncertainty (eq. 9).")
-    orth_reg_weight: float = Field(0.5, ge=0, description="Weight of the orthogonality regulariser of P and Q.")
-    alpha: float = Field(8.0, gt=0, description="Scale numerator: the update is multiplied by alpha/init_r.")
-
-    @model_validator(mode="after")
-    def _schedule(self):
-        if self.target_r > self.init_r:
-            raise ValueError(f"target_r ({self.target_r}) must be <= init_r ({self.init_r})")
-        if self.total_steps is not None and self.tinit >= self.total_steps - self.tfinal:
-            raise ValueError(f"tinit ({self.tinit}) must be < total_steps - tfinal "
-                             f"({self.total_steps} - {self.tfinal}); lower tinit or tfinal")
-        return self
+from .configs.adalora import AdaLoraConfig
 
 
 class SvdLinear(TunedLayer):
@@ -181,10 +156,8 @@ class RankAllocator:
 
 @register
 class AdaLora(LowRankMethod):
-    name = "adalora"
     peft_type = "ADALORA"
     loads_peft = True
-    summary = "SVD-form LoRA whose per-layer ranks are pruned to a budget by importance (Zhang et al. 2023)."
     Config = AdaLoraConfig
     invariant_cases = [
         {"options": {"total_steps": 10, "init_r": 4, "target_r": 2}},
@@ -291,8 +264,7 @@ class AdaLora(LowRankMethod):
     @classmethod
     def load_artifact(cls, model: nn.Module, path: Path) -> nn.Module:
         peft_cfg, state = peft_format.read_adapter(path)
-        meta = path / peft_format.META_NAME
-        method = cls.from_saved(peft_cfg, json.loads(meta.read_text()) if meta.is_file() else None)
+        method = cls.from_saved(peft_cfg, peft_format.read_meta(path))
         method.apply(model)
         pattern = {}
         for key, keep in (peft_cfg.get("rank_pattern") or {}).items():

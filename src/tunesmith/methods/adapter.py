@@ -17,34 +17,20 @@ target-module data (``attn_out``, ``ff_in``, ``ff_out`` in models/targets.py).
 """
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
-from typing import Literal
 
 import torch
-from pydantic import Field
 from torch import nn
 
 from ..errors import ConfigError
 from ..models.targets import arch, task_heads
 from . import peft_format
 from .inject import TunedLayer, freeze_all, replace_module, resolve_targets, tuned_layers, unfreeze_modules
-from .registry import Method, MethodConfig, attach, register
+from .registry import Method, attach, register
+from .configs.adapter import AdapterConfig
 
 NONLINEARITIES = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU, "tanh": nn.Tanh}
-
-
-class AdapterConfig(MethodConfig):
-    name: Literal["adapter"] = "adapter"
-    reduction_factor: float = Field(16.0, gt=0, description="Bottleneck size m = hidden_size / reduction_factor "
-                                                            "(at least 1).")
-    placement: Literal["houlsby", "pfeiffer", "parallel"] = Field(
-        "houlsby", description="houlsby: after attention and feed-forward; pfeiffer: after feed-forward only; "
-                               "parallel: beside the feed-forward sublayer (He et al. 2022).")
-    nonlinearity: Literal["relu", "gelu", "silu", "tanh"] = Field("relu", description="Bottleneck nonlinearity f.")
-    scaling: float | None = Field(None, gt=0, description="Scale s of the adapter's output (null: 1 for houlsby/"
-                                                          "pfeiffer, 4 for parallel).")
 
 
 class Bottleneck(nn.Module):
@@ -154,9 +140,6 @@ PLACEMENTS = {"houlsby": (_houlsby, 1.0), "pfeiffer": (_pfeiffer, 1.0), "paralle
 
 @register
 class Adapter(Method):
-    name = "adapter"
-    family = "additive"
-    summary = "Bottleneck adapters after attention/FFN (Houlsby 2019), FFN only (Pfeiffer) or parallel (He 2022)."
     Config = AdapterConfig
     identity_at_init = True
     mergeable = False
@@ -194,7 +177,10 @@ class Adapter(Method):
     @classmethod
     def load_artifact(cls, model: nn.Module, path: Path) -> nn.Module:
         _, state = peft_format.read_adapter(path)
-        method = cls(cls.Config.model_validate(json.loads((path / peft_format.META_NAME).read_text())["method"]))
+        meta = peft_format.read_meta(path)
+        if meta is None:
+            raise ConfigError(f"{path}: no {peft_format.META_NAME}; a bottleneck adapter needs it to be rebuilt")
+        method = cls(cls.Config.model_validate(meta["method"]))
         method.apply(model)
         peft_format.load_into(model, state, path)
         attach(model, method)

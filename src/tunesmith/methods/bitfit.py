@@ -21,10 +21,8 @@ merging says so and the run still loads with ``tunesmith.load``.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
 
 import torch
-from pydantic import Field, field_validator
 from torch import nn
 
 from ..errors import ConfigError
@@ -32,25 +30,11 @@ from ..models.targets import arch
 from . import delta
 from ._sparse import head_prefixes
 from .inject import freeze_all, matches, resolve_targets
-from .registry import Method, MethodConfig, attach, register
+from .registry import Method, attach, register
+from .configs.bitfit import BitFitConfig
 
 #: transformers config switches that give a group of projections biases (data, not code).
 BIAS_SWITCHES = {"attention_bias": "attention", "mlp_bias": "mlp"}
-
-
-class BitFitConfig(MethodConfig):
-    name: Literal["bitfit"] = "bitfit"
-    add_missing_biases: Literal["auto"] | bool | list[str] = Field(
-        "auto", description="Zero-initialised biases for linear layers without one: auto (attention and MLP "
-                            "projections, only if the model has no biases), true (every such projection "
-                            "lacking one), false (never), or a list of module names.")
-
-    @field_validator("add_missing_biases")
-    @classmethod
-    def _nonempty(cls, v):
-        if isinstance(v, list) and not v:
-            raise ValueError("empty list; give module names, auto, true or false")
-        return v
 
 
 def _has_bias(model: nn.Module, heads: tuple[str, ...]) -> bool:
@@ -64,9 +48,6 @@ def add_bias(layer: nn.Linear) -> None:
 
 @register
 class BitFit(Method):
-    name = "bitfit"
-    family = "selective"
-    summary = "Train only the biases (plus the task head) (Ben Zaken et al. 2022); adds zero biases to bias-free models."
     Config = BitFitConfig
     artifact = "delta"
     identity_at_init = True

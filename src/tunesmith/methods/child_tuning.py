@@ -20,38 +20,21 @@ implementation restricts D's mask to the encoder layers and trains embeddings in
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
 
 import torch
-from pydantic import Field
 from torch import nn
 
 from . import delta
 from ._fisher import budget, empirical_fisher
 from ._sparse import SparseMaskMethod, head_prefixes, load_delta_method
-from .registry import Method, MethodConfig, register
-
-
-class ChildTuningConfig(MethodConfig):
-    name: Literal["child_tuning"] = "child_tuning"
-    mode: Literal["F", "D"] = Field(
-        "D", description="F: a fresh Bernoulli(p) gradient mask every step; D: a fixed child network of the "
-                         "top-p Fisher entries.")
-    p: float = Field(0.3, gt=0, le=1, description="F: probability p_F that a gradient entry is kept (kept entries "
-                                                  "are scaled by 1/p_F); D: fraction p_D of entries in the child "
-                                                  "network.")
-    fisher_samples: int | None = Field(
-        None, ge=1, description="D: training examples over which the Fisher is estimated (null: the whole "
-                                "training set, as in the paper).")
+from .registry import Method, register
+from .configs.child_tuning import ChildTuningConfig
 
 
 @register
 class ChildTuning(Method):
     """Dispatches on ``mode`` to :class:`ChildTuningF` or :class:`ChildTuningD` at construction."""
 
-    name = "child_tuning"
-    family = "selective"
-    summary = "Update a child network: Bernoulli gradient masks (F) or a top-Fisher subset (D) (Xu et al. 2021)."
     Config = ChildTuningConfig
     artifact = "delta"
     identity_at_init = True

@@ -21,10 +21,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
-from ..errors import ConfigError
+from ..errors import ConfigError, FileError
+from ..files import load_safetensors, read_json
 
 CONFIG_NAME = "delta_config.json"
 WEIGHTS_NAME = "delta.safetensors"
@@ -91,14 +92,18 @@ def read_config(path: Path) -> dict:
     f = Path(path) / CONFIG_NAME
     if not f.is_file():
         raise ConfigError(f"{path}: not a tunesmith delta directory (no {CONFIG_NAME})")
-    return json.loads(f.read_text())
+    cfg = read_json(f)
+    if not isinstance(cfg.get("tensors"), dict):
+        raise FileError(f"{f}: field 'tensors' is {cfg.get('tensors')!r}, expected the delta's tensor list; "
+                        "the file is damaged")
+    return cfg
 
 
 def apply_delta(model: nn.Module, path: Path) -> nn.Module:
     """Write the delta's tensors into ``model`` (a freshly loaded base) in place."""
     path = Path(path)
     cfg = read_config(path)
-    tensors = load_file(str(path / WEIGHTS_NAME))
+    tensors = load_safetensors(path / WEIGHTS_NAME)
     params = dict(model.named_parameters())
     with torch.no_grad():
         for name, spec in cfg["tensors"].items():

@@ -9,28 +9,15 @@ As in §4.3 of the paper (and peft), the norm is treated as a constant in backwa
 """
 from __future__ import annotations
 
-from typing import Literal
-
 import torch
 import torch.nn.functional as F
-from pydantic import field_validator
 from torch import nn
 
-from .lora import LoraConfig, LoraLinear, LowRankMethod
+from .lora import LoraLinear, LowRankMethod
 from ..kernels.dora import dora_linear, weight_sq_norm
 from ..kernels.lora import frozen_weight
 from .registry import register
-
-
-class DoraConfig(LoraConfig):
-    name: Literal["dora"] = "dora"
-
-    @field_validator("init")
-    @classmethod
-    def _no_pissa(cls, v):
-        if v == "pissa":
-            raise ValueError("init 'pissa' is not supported with dora; valid: kaiming, gaussian, zero_b")
-        return v
+from .configs.dora import DoraConfig
 
 
 class DoraLinear(LoraLinear):
@@ -107,10 +94,8 @@ class DoraLinear(LoraLinear):
 
 @register
 class Dora(LowRankMethod):
-    name = "dora"
     auto_compile = True
     loads_peft = True
-    summary = "Weight-decomposed LoRA: learned magnitude × direction of W + B·A (Liu et al. 2024)."
     Config = DoraConfig
     invariant_cases = [
         {},

@@ -11,33 +11,18 @@ plain LoRA of rank r_max; :meth:`DyLora.export_rank` cuts it to any rank b as a 
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
-from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import Field, model_validator
 from torch import nn
 
 from . import peft_format
 from .inject import tuned_layers
-from .lora import TargetedConfig, LoraLinear, LowRankMethod
+from .lora import LoraLinear, LowRankMethod
 from .registry import MethodConfig, register
 from ..errors import ConfigError
-
-
-class DyLoraConfig(TargetedConfig):
-    name: Literal["dylora"] = "dylora"
-    r_min: int = Field(1, ge=1, description="Smallest rank drawn during training.")
-    r_max: int = Field(8, ge=1, description="Largest rank (the size of A and B).")
-    alpha: float = Field(16.0, gt=0, description="Scale numerator: at rank b the update is multiplied by alpha/b.")
-
-    @model_validator(mode="after")
-    def _ranks(self):
-        if self.r_min > self.r_max:
-            raise ValueError(f"r_min ({self.r_min}) must be <= r_max ({self.r_max})")
-        return self
+from .configs.dylora import DyLoraConfig
 
 
 class DyLoraLinear(LoraLinear):
@@ -81,8 +66,6 @@ def set_rank(model: nn.Module, b: int) -> None:
 
 @register
 class DyLora(LowRankMethod):
-    name = "dylora"
-    summary = "LoRA trained over all ranks r_min..r_max at once; pick the rank after training (Valipour et al. 2023)."
     Config = DyLoraConfig
     invariant_cases = [
         {"options": {"r_min": 2, "r_max": 6}},
@@ -132,8 +115,7 @@ class DyLora(LowRankMethod):
     def export_rank(cls, adapter_dir: Path, b: int, out_dir: Path) -> Path:
         """Write the adapter in ``adapter_dir`` cut to rank ``b`` as a plain LoRA (method lora) to ``out_dir``."""
         peft_cfg, state = peft_format.read_adapter(adapter_dir)
-        meta_file = adapter_dir / peft_format.META_NAME
-        meta = json.loads(meta_file.read_text()) if meta_file.is_file() else {"base": peft_cfg["base_model_name_or_path"]}
+        meta = peft_format.read_meta(adapter_dir) or {"base": peft_cfg.get("base_model_name_or_path")}
         if not 1 <= b <= peft_cfg["r"]:
             raise ConfigError(f"--rank {b}: outside 1..{peft_cfg['r']} (the adapter's r_max)")
         cut = {k: v[:b] if k.endswith("lora_A.weight") else v[:, :b] if k.endswith("lora_B.weight") else v

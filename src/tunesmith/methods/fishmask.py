@@ -13,40 +13,16 @@ of a classifier trains in full. The checkpoint is a sparse delta (indices + valu
 """
 from __future__ import annotations
 
-from typing import Literal
-
-from pydantic import Field, model_validator
 from torch import nn
 
 from ._fisher import budget, empirical_fisher, random_scores
 from ._sparse import SparseMaskMethod
-from .registry import MethodConfig, register
-
-DEFAULT_FRACTION = 0.005
-
-
-class FishMaskConfig(MethodConfig):
-    name: Literal["fishmask"] = "fishmask"
-    fraction: float | None = Field(
-        None, gt=0, le=1, description=f"Fraction of the base model's entries to train (default "
-                                      f"{DEFAULT_FRACTION} = 0.5% when count is unset).")
-    count: int | None = Field(None, ge=1, description="Number of entries to train (instead of fraction).")
-    fisher_samples: int = Field(1024, ge=1, description="Training examples over which the Fisher is estimated "
-                                                        "(one backward pass each).")
-    selection: Literal["fisher", "random"] = Field(
-        "fisher", description="How the mask is chosen: fisher (FishMask) or random (the paper's baseline).")
-
-    @model_validator(mode="after")
-    def _one_budget(self):
-        if self.fraction is not None and self.count is not None:
-            raise ValueError(f"set either method.fraction ({self.fraction}) or method.count ({self.count}), not both")
-        return self
+from .registry import register
+from .configs.fishmask import FishMaskConfig, DEFAULT_FRACTION
 
 
 @register
 class FishMask(SparseMaskMethod):
-    name = "fishmask"
-    summary = "Train the top-k Fisher-information entries, a fixed sparse mask (Sung et al. 2021); sparse delta."
     Config = FishMaskConfig
     invariant_cases = [
         {},

@@ -2,22 +2,15 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
 
 from torch import nn
 
-from .registry import Method, MethodConfig, register
-
-
-class FullConfig(MethodConfig):
-    name: Literal["full"] = "full"
+from .registry import Method, register
+from .configs.full import FullConfig
 
 
 @register
 class Full(Method):
-    name = "full"
-    family = "full"
-    summary = "Full fine-tuning: every weight trains; saves a transformers model directory."
     Config = FullConfig
     artifact = "model"
     upcast_trainable = False

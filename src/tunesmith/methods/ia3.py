@@ -10,38 +10,17 @@ weights: W ← diag(l) W (and the bias) for outputs, W ← W diag(l) for inputs.
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
-from typing import Literal
 
 import torch
-from pydantic import Field, field_validator
 from torch import nn
 
 from ..errors import ConfigError
 from ..models.targets import arch, task_heads
 from . import peft_format
 from .inject import TunedLayer, freeze_all, inject, matches, resolve_targets, tuned_layers, unfreeze_modules, unwrap
-from .registry import Method, MethodConfig, attach, register
-
-Targets = str | list[str] | None
-
-
-class Ia3Config(MethodConfig):
-    name: Literal["ia3"] = "ia3"
-    target_modules: Targets = Field(
-        None, description="Linear layers to rescale (suffix match or full-match regex); null: the "
-                          "architecture's key, value and feed-forward output projections.")
-    feedforward_modules: Targets = Field(
-        None, description="Which of target_modules are feed-forward output layers whose input is rescaled "
-                          "(the others rescale their output); null: the feed-forward output projections.")
-
-    @field_validator("target_modules", "feedforward_modules")
-    @classmethod
-    def _nonempty(cls, v):
-        if isinstance(v, list) and not v:
-            raise ValueError("empty list; give module names, a regex or null")
-        return v
+from .registry import Method, attach, register
+from .configs.ia3 import Ia3Config, Targets
 
 
 class Ia3Out(TunedLayer):
@@ -103,9 +82,6 @@ def default_targets(model: nn.Module) -> tuple[list[str], list[str]]:
 
 @register
 class Ia3(Method):
-    name = "ia3"
-    family = "additive"
-    summary = "(IA)³: learned rescaling of keys, values and feed-forward activations; merges (Liu et al. 2022)."
     Config = Ia3Config
     peft_type = "IA3"
     loads_peft = True
@@ -157,9 +133,9 @@ class Ia3(Method):
     @classmethod
     def load_artifact(cls, model: nn.Module, path: Path) -> nn.Module:
         peft_cfg, state = peft_format.read_adapter(path)
-        meta = path / peft_format.META_NAME
-        if meta.is_file():
-            cfg = cls.Config.model_validate(json.loads(meta.read_text())["method"])
+        meta = peft_format.read_meta(path)
+        if meta is not None:
+            cfg = cls.Config.model_validate(meta["method"])
         else:
             cfg = cls.Config(name=cls.name, target_modules=peft_cfg.get("target_modules"),
                              feedforward_modules=peft_cfg.get("feedforward_modules") or None)

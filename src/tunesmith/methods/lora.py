@@ -9,13 +9,10 @@ with learning rate lr_ratio_b * lr.
 """
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
-from typing import Literal
 
 import torch
-from pydantic import Field, field_validator
 from torch import nn
 
 from . import peft_format
@@ -24,42 +21,7 @@ from .registry import Method, MethodConfig, attach, register
 from ..errors import ConfigError
 from ..kernels.lora import frozen_weight, lora_linear
 from ..models.targets import task_heads
-
-
-class TargetedConfig(MethodConfig):
-    """Fields shared by the methods that wrap target modules with an adapter."""
-
-    dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the adapter's input.")
-    target_modules: str | list[str] | None = Field(
-        None, description="Module names (suffix match), a full-match regex, 'all-linear', or null for "
-                          "the architecture's attention and MLP projections.")
-    modules_to_save: list[str] | None = Field(
-        None, description="Extra modules trained in full and saved with the adapter (task heads are added "
-                          "automatically for classification).")
-
-    @field_validator("target_modules")
-    @classmethod
-    def _nonempty(cls, v):
-        if isinstance(v, list) and not v:
-            raise ValueError("empty list; give module names, a regex, 'all-linear' or null")
-        return v
-
-
-class LoraConfig(TargetedConfig):
-    name: Literal["lora"] = "lora"
-    r: int = Field(8, ge=1, description="Rank of the update B·A.")
-    alpha: float = Field(16.0, gt=0, description="Scale numerator: the update is multiplied by alpha/r.")
-    bias: Literal["none", "all", "lora_only"] = Field(
-        "none", description="Which biases train: none, all biases, or those of adapted layers.")
-    init: Literal["kaiming", "gaussian", "zero_b", "pissa"] = Field(
-        "kaiming", description="Adapter init. B = 0 and A is: kaiming = peft's default kaiming-uniform; "
-                               "gaussian = N(0, 1/r²) as peft's 'gaussian'; zero_b = the paper's N(0, 1/d_in). "
-                               "pissa = A, B from the top-r singular vectors of W and the base weight replaced "
-                               "by the residual (peft's init_lora_weights='pissa'); saved as a rank-2r LoRA "
-                               "for the original base, as peft's path_initial_model_for_weight_conversion.")
-    use_rslora: bool = Field(False, description="Scale by alpha/sqrt(r) (rsLoRA) instead of alpha/r.")
-    lr_ratio_b: float = Field(1.0, gt=0, description="LoRA+: B's learning rate is lr_ratio_b × train.lr "
-                                                     "(the paper suggests 16; 1 = plain LoRA).")
+from .configs.lora import LoraConfig
 
 
 class LoraLinear(TunedLayer):
@@ -157,7 +119,6 @@ class PissaLinear(LoraLinear):
 class LowRankMethod(Method):
     """Shared behaviour of the LoRA family: wrapping, bias/heads, peft-format save and load."""
 
-    family = "low-rank"
     peft_type = "LORA"
     identity_at_init = True
     mergeable = True
@@ -261,8 +222,7 @@ class LowRankMethod(Method):
     @classmethod
     def load_artifact(cls, model: nn.Module, path: Path) -> nn.Module:
         peft_cfg, state = peft_format.read_adapter(path)
-        meta = path / peft_format.META_NAME
-        method = cls.from_saved(peft_cfg, json.loads(meta.read_text()) if meta.is_file() else None)
+        method = cls.from_saved(peft_cfg, peft_format.read_meta(path))
         method.apply(model)
         peft_format.load_into(model, state, path)
         attach(model, method)
@@ -292,10 +252,8 @@ def _init_from_peft(init) -> str:
 
 @register
 class Lora(LowRankMethod):
-    name = "lora"
     auto_compile = True
     loads_peft = True
-    summary = "Low-rank update B·A beside frozen linear layers (Hu et al. 2021); rsLoRA, PiSSA init, LoRA+."
     Config = LoraConfig
     invariant_cases = LowRankMethod.invariant_cases + [
         {"options": {"init": "pissa", "r": 4, "use_rslora": True, "lr_ratio_b": 16.0}},

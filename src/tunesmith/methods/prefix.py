@@ -10,23 +10,13 @@ and the KV cache work as for any prompt.
 """
 from __future__ import annotations
 
-from typing import Literal
-
 import torch
-from pydantic import Field
 from torch import nn
 
 from ._prompting import KVPrefixMethod
 from ._virtual import KVPrefix, dims
-from .registry import MethodConfig, register
-
-
-class PrefixConfig(MethodConfig):
-    name: Literal["prefix"] = "prefix"
-    num_virtual_tokens: int = Field(20, ge=1, le=512, description="Prefix length: trained key/value vectors per "
-                                                                   "layer.")
-    reparam_hidden: int = Field(512, ge=1, description="Hidden size of the training-time MLP that produces the "
-                                                       "prefix (folded away after training).")
+from .registry import register
+from .configs.prefix import PrefixConfig
 
 
 class PrefixMlp(KVPrefix):
@@ -44,8 +34,6 @@ class PrefixMlp(KVPrefix):
 
 @register
 class Prefix(KVPrefixMethod):
-    name = "prefix"
-    summary = "Prefix tuning: trained key/value prefixes in every layer via a folded MLP (Li & Liang 2021)."
     Config = PrefixConfig
     peft_type = "PREFIX_TUNING"
     invariant_cases = [

@@ -9,32 +9,15 @@ prompts at the scale of real token embeddings.
 from __future__ import annotations
 
 import math
-from typing import Literal
 
 import torch
-from pydantic import Field, field_validator
 from torch import nn
 
 from ..errors import ConfigError
 from ._prompting import InputPromptMethod
 from ._virtual import PromptTable, dims
-from .registry import MethodConfig, register
-
-
-class PromptConfig(MethodConfig):
-    name: Literal["prompt"] = "prompt"
-    num_virtual_tokens: int = Field(20, ge=1, le=512, description="Number of trained prompt tokens prepended "
-                                                                   "to every input.")
-    init_text: str | None = Field(
-        None, description="Initialise the prompts from the embeddings of this text (repeated or cut to "
-                          "num_virtual_tokens tokens); null samples vocabulary embeddings.")
-
-    @field_validator("init_text")
-    @classmethod
-    def _nonempty(cls, v):
-        if v is not None and not v.strip():
-            raise ValueError("empty text; give some words (e.g. 'Classify the sentiment of this review') or null")
-        return v
+from .registry import register
+from .configs.prompt import PromptConfig
 
 
 def tokenizer_for(model: nn.Module):
@@ -52,8 +35,6 @@ def text_token_ids(model: nn.Module, text: str, n: int) -> list[int]:
 
 @register
 class Prompt(InputPromptMethod):
-    name = "prompt"
-    summary = "Prompt tuning: n trained embeddings prepended to the input (Lester et al. 2021)."
     Config = PromptConfig
     peft_type = "PROMPT_TUNING"
 

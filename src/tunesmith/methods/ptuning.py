@@ -9,26 +9,13 @@ lstm_head, mlp_head), so weights copy across.
 """
 from __future__ import annotations
 
-from typing import Literal
-
 import torch
-from pydantic import Field
 from torch import nn
 
 from ._prompting import InputPromptMethod
 from ._virtual import InputPrompt, dims
-from .registry import MethodConfig, register
-
-
-class PtuningConfig(MethodConfig):
-    name: Literal["ptuning"] = "ptuning"
-    num_virtual_tokens: int = Field(20, ge=1, le=512, description="Number of virtual tokens prepended to every "
-                                                                   "input.")
-    encoder: Literal["lstm", "mlp"] = Field(
-        "lstm", description="Prompt encoder: lstm (the paper's bidirectional LSTM + 2-layer MLP) or mlp "
-                            "(3-layer ReLU MLP).")
-    encoder_hidden: int | None = Field(None, ge=1, description="Hidden size of the prompt encoder (null: the "
-                                                               "model's hidden size).")
+from .registry import register
+from .configs.ptuning import PtuningConfig
 
 
 class LstmPromptEncoder(InputPrompt):
@@ -62,8 +49,6 @@ ENCODERS = {"lstm": LstmPromptEncoder, "mlp": MlpPromptEncoder}
 
 @register
 class Ptuning(InputPromptMethod):
-    name = "ptuning"
-    summary = "P-tuning v1: input virtual tokens from an LSTM/MLP prompt encoder, folded (Liu et al. 2021)."
     Config = PtuningConfig
     peft_type = "P_TUNING"
     invariant_cases = InputPromptMethod.invariant_cases + [{"options": {"encoder": "mlp", "encoder_hidden": 16}}]

@@ -9,26 +9,16 @@ through transformers' DynamicCache, so generation with the KV cache works.
 """
 from __future__ import annotations
 
-from typing import Literal
-
-from pydantic import Field
 from torch import nn
 
 from ._prompting import KVPrefixMethod
 from ._virtual import PrefixTable, dims
-from .registry import MethodConfig, register
-
-
-class PtuningV2Config(MethodConfig):
-    name: Literal["ptuning_v2"] = "ptuning_v2"
-    num_virtual_tokens: int = Field(20, ge=1, le=512, description="Prompt length: trained key/value vectors per "
-                                                                   "layer.")
+from .registry import register
+from .configs.ptuning_v2 import PtuningV2Config
 
 
 @register
 class PtuningV2(KVPrefixMethod):
-    name = "ptuning_v2"
-    summary = "P-tuning v2: deep prompts (keys/values) at every layer, no reparameterisation (Liu et al. 2022)."
     Config = PtuningV2Config
     peft_type = "PREFIX_TUNING"
     loads_peft = False  # a plain peft prefix adapter loads as `prefix`; the folded forms are identical

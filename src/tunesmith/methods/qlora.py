@@ -15,34 +15,17 @@ so it loads as method lora anywhere; loading it quantizes nothing.
 from __future__ import annotations
 
 import importlib
-from typing import Literal
 
 import torch
-from pydantic import Field, field_validator
 from torch import nn
 
 from .inject import TunedLayer, replace_module, resolve_targets, tuned_layers, unwrap
 from .lora import Lora, LoraConfig, LoraLinear
 from .registry import register
 from ..errors import ConfigError
+from .configs.qlora import QloraConfig
 
 COMPUTE_DTYPE = torch.bfloat16
-
-
-class QloraConfig(LoraConfig):
-    name: Literal["qlora"] = "qlora"
-    quant_type: Literal["nf4", "fp4"] = Field(
-        "nf4", description="4-bit data type of the frozen base: nf4 (NormalFloat, the paper's) or fp4.")
-    double_quant: bool = Field(True, description="Quantize the per-block scales too (double quantization, "
-                                                 "~0.37 bits/parameter saved).")
-
-    @field_validator("init")
-    @classmethod
-    def _no_pissa(cls, v):
-        if v == "pissa":
-            raise ValueError("init 'pissa' is not supported with qlora (it rewrites the base weight, which is "
-                             "quantized here); valid: kaiming, gaussian, zero_b")
-        return v
 
 
 def require_bitsandbytes(feature: str = "method qlora"):
@@ -109,9 +92,7 @@ class QloraLinear(LoraLinear):
 
 @register
 class Qlora(Lora):
-    name = "qlora"
     loads_peft = False  # a saved QLoRA adapter is a plain LoRA: peft adapters load as method lora
-    summary = "LoRA on a frozen 4-bit NF4 base with double quantization (Dettmers et al. 2023); needs CUDA."
     Config = QloraConfig
     invariant_cases = []  # 4-bit bases need CUDA; the GPU benchmark covers the numerics
     stages_on_cpu = True  # a run loads on the CPU; apply() quantizes each layer on its way to the GPU

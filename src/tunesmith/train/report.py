@@ -10,12 +10,16 @@ import torch
 
 
 class MetricsLog:
-    """Appends one JSON object per line; on resume, lines after the checkpoint step are dropped."""
+    """Appends one JSON object per line. On resume, lines after the checkpoint step are dropped, and so
+    is the end-of-run train probe at that step (the resumed run writes it again)."""
 
     def __init__(self, path: Path, resume_step: int | None = None):
         self.path = path
         if resume_step is not None and path.is_file():
-            kept = [l for l in path.read_text().splitlines() if l and json.loads(l).get("step", 0) <= resume_step]
+            def keep(r: dict) -> bool:
+                step = r.get("step", 0)
+                return step < resume_step or (step == resume_step and (step == 0 or r.get("split") != "train_probe"))
+            kept = [l for l in path.read_text().splitlines() if l and keep(json.loads(l))]
             path.write_text("".join(l + "\n" for l in kept))
 
     def write(self, record: dict) -> None:
@@ -62,7 +66,10 @@ def format_summary(s: dict) -> str:
         f"parameters         {s['trainable_params']:,} trainable / {s['total_params']:,} total "
         f"({s['trainable_pct']:.4f}%)",
         f"steps              {s['steps']}  ({s['train_tokens']:,} tokens)",
-        f"train loss         {f(s.get('train_loss_before'))} -> {f(s.get('train_loss_after'))}",
+        f"train loss         {f(s.get('train_loss_before'))} -> {f(s.get('train_loss_after'))}  "
+        f"(the same {s.get('train_probe_batches', 4)} training batches, before and after training)",
+        f"last step loss     {f(s.get('last_step_loss'))}  (mean of the last {s.get('last_steps_n', 0)} steps: "
+        f"{f(s.get('last_steps_mean_loss'))})",
         f"eval loss          {f(s.get('eval_loss_before'))} -> {f(s.get('eval_loss_after'))}",
     ]
     if s.get("eval_accuracy_after") is not None:
@@ -70,7 +77,9 @@ def format_summary(s: dict) -> str:
     if s.get("data_skipped"):
         lines.append(f"rows skipped       {s['data_skipped']}")
     lines += [
-        f"time               {s['time_s']:.1f} s  ({s['tokens_per_s']:.0f} tokens/s)",
+        f"time               {s['time_s']:.1f} s, {s['train_time_s']:.1f} s of it training "
+        f"({s['tokens_per_s']:.0f} tokens/s)" + (f"; this session {s['session_time_s']:.1f} s"
+                                                 if s.get("session_time_s", s["time_s"]) < s["time_s"] else ""),
         f"peak memory        {s['peak_memory_gib']:.2f} GiB ({s['device']})",
     ]
     sp = s.get("speed") or {}

@@ -1,9 +1,17 @@
-"""A training run end to end: config → tokenizer → data → model → method → loop → run directory."""
+"""A training run end to end: config → tokenizer → data → model → method → loop → run directory.
+
+The run directory ends with ``summary.json``: ``status: completed`` with the results, or ``status:
+failed`` with the reason (a diverged run keeps its checkpoints from before the trouble and saves no
+result). The artifact is written to a staging directory and moved into place only when complete.
+"""
 from __future__ import annotations
 
 import json
 import math
+import os
 import random
+import shutil
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,10 +23,12 @@ from .. import config as config_mod
 from ..config import RunConfig
 from ..data import build_datasets, pad_id_for
 from ..data.formats import apply_field_map, detect_format
-from ..data.readers import read_rows
+from ..data.readers import first_readable, read_rows
+from ..errors import TrainingDiverged
 from ..methods import registry
-from ..models.loader import base_reference, load_model, load_tokenizer, resolve_device
+from ..models.loader import base_reference, load_model, load_tokenizer, quiet_progress, resolve_device
 from . import accel, checkpoint, objectives, speed
+from .divergence import Divergence, nonfinite_weights
 from .loop import Batches, Loop, LoopState, evaluate
 from .optim import build_optimizer, build_scheduler
 from .report import MetricsLog, format_summary, peak_memory_gib, plot_losses
@@ -45,8 +55,9 @@ def resolve_objective(cfg: RunConfig) -> str:
         return cfg.train.objective
     fmt = cfg.data.format
     if fmt == "auto":
-        row = read_rows(cfg.data.train, max_rows=1)[0]
-        fmt = detect_format(apply_field_map(row, cfg.data.field_map))
+        rows = read_rows(cfg.data.train, max_rows=100 if cfg.data.on_error == "skip" else 1,
+                         on_error=cfg.data.on_error, txt_documents=cfg.data.txt_documents)
+        fmt = detect_format(apply_field_map(first_readable(rows), cfg.data.field_map))
     return objectives.for_format(fmt)
 
 
@@ -74,12 +85,15 @@ def build(cfg: RunConfig, objective_name: str):
     method_cls = registry.get(cfg.method.name)
     device = resolve_device(cfg.model.device)
     accel.check(cfg.train, objective_name, method_cls, device)
-    tokenizer = load_tokenizer(cfg.model)
+    with quiet_progress(not cfg.train.progress):
+        tokenizer = load_tokenizer(cfg.model)
     train_ds, val_ds, report = build_datasets(cfg.data, tokenizer, max_seq_len=cfg.train.max_seq_len,
                                               objective=objective.data_objective, seed=cfg.train.seed)
-    model = load_model(cfg.model, task=objective.task, num_labels=report.num_labels,
-                       vocab_size=len(tokenizer), seed=cfg.train.seed,
-                       stage_on_cpu=method_cls.stages_on_cpu and device.type == "cuda")
+    print(report.line(), file=sys.stderr, flush=True)
+    with quiet_progress(not cfg.train.progress):
+        model = load_model(cfg.model, task=objective.task, num_labels=report.num_labels,
+                           vocab_size=len(tokenizer), seed=cfg.train.seed,
+                           stage_on_cpu=method_cls.stages_on_cpu and device.type == "cuda")
     if objective.task == "classification":
         model.config.pad_token_id = pad_id_for(tokenizer)
     accel.before_method(model, cfg.train)
@@ -117,10 +131,31 @@ def path_bytes(path: Path) -> int:
 
 
 def run(cfg: RunConfig, resume: Path | None = None) -> RunResult:
+    """Train; a run that fails after its directory exists is marked ``status: failed`` there."""
     t_start = time.perf_counter()
     objective_name = resolve_objective(cfg)
     cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"objective": objective_name})})
-    tokenizer, train_ds, val_ds, report, model, method, objective = build(cfg, objective_name)
+    built = build(cfg, objective_name)
+    # run_dir: set once the run owns a directory (a new one, or a resumed one once training starts)
+    progress = {"state": LoopState(), "wall": 0.0, "run_dir": None}
+    try:
+        return _train(cfg, resume, built, t_start, progress)
+    except TrainingDiverged as e:
+        if progress["run_dir"] is None:
+            raise
+        _drop_checkpoints_from(progress["run_dir"], (e.first_bad_step or progress["state"].step) - 1)
+        message = _diverged_message(str(e), cfg, progress["run_dir"])
+        _mark_failed(cfg, message, progress, t_start)
+        raise TrainingDiverged(message) from None
+    except BaseException as e:
+        if progress["run_dir"] is not None:
+            why = "interrupted" if isinstance(e, KeyboardInterrupt) else f"{type(e).__name__}: {e}"
+            _mark_failed(cfg, why, progress, t_start)
+        raise
+
+
+def _train(cfg: RunConfig, resume: Path | None, built, t_start: float, progress: dict) -> RunResult:
+    tokenizer, train_ds, val_ds, report, model, method, objective = built
     device = next(model.parameters()).device
     precision = precision_for(cfg, device)
     tokens = accel.packed_tokens(cfg.train) or cfg.train.batch_size * cfg.train.max_seq_len
@@ -134,9 +169,11 @@ def run(cfg: RunConfig, resume: Path | None = None) -> RunResult:
     method.on_train_begin(model, total_steps)  # before anything is written: it may refuse the config
     eval_limit = tc.eval_batches
     val_batches = (lambda: Batches(val_ds, tc.batch_size, tc.seed, pad_id, device).iterate(eval_limit)) if val_ds else None
-    train_probe = lambda: batches.iterate(min(eval_limit or 4, 4))  # noqa: E731  fixed slice of train, before/after
+    probe_n = min(eval_limit or 4, 4)
+    train_probe = lambda: batches.iterate(probe_n)  # noqa: E731  fixed slice of train, before/after
 
     run_dir = Path(resume) if resume else new_run_dir(cfg.output.dir)
+    progress["run_dir"] = None if resume else run_dir
     (run_dir / "config.yaml").write_text(config_mod.dump(cfg))
     state = LoopState()
     if not resume:
@@ -144,10 +181,10 @@ def run(cfg: RunConfig, resume: Path | None = None) -> RunResult:
     optimizer = build_optimizer(method, model, tc, device)
     scheduler = build_scheduler(optimizer, tc, total_steps)
     if resume:
-        ckpt = checkpoint.latest(run_dir)
-        pos = checkpoint.load(ckpt, method=method, model=model, optimizer=optimizer, scheduler=scheduler)
-        state = LoopState(step=pos["step"], micro=pos["micro"], tokens=pos["tokens"], train_time=pos["train_time"])
+        state, progress["wall"] = _restore(run_dir, method, model, optimizer, scheduler, total_steps)
+    progress["state"], progress["run_dir"] = state, run_dir
     log = MetricsLog(run_dir / "metrics.jsonl", resume_step=state.step if resume else None)
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
 
     def on_eval(s: LoopState) -> None:
         if val_batches:
@@ -155,29 +192,30 @@ def run(cfg: RunConfig, resume: Path | None = None) -> RunResult:
             log.write({"step": s.step, "split": "eval", **res})
 
     def on_checkpoint(s: LoopState) -> None:
+        _check_weights(named, s.step)
         checkpoint.save(run_dir / "checkpoints", s.step, trainable=method.trainable_state(model),
                         optimizer=optimizer, scheduler=scheduler, keep=tc.keep_checkpoints,
-                        position={"micro": s.micro, "tokens": s.tokens, "train_time": s.train_time})
+                        position={"micro": s.micro, "tokens": s.tokens, "train_time": s.train_time,
+                                  "wall_time": progress["wall"] + time.perf_counter() - t_start})
 
     before = {}
     if not resume:
         before = {"train": evaluate(model, objective, train_probe(), precision, device)}
         log.write({"step": 0, "split": "train_probe", **before["train"]})
         on_eval(state)
+    first = next((r["loss"] for r in log.read() if r["split"] == "train"), None)
+    guard = Divergence(uniform=objective.uniform_loss(model), patience=tc.divergence_steps or 1 << 30, start=first)
     loop = Loop(model=model, method=method, objective=objective, optimizer=optimizer, scheduler=scheduler,
                 batches=batches, cfg=tc, device=device, precision=precision, total_steps=total_steps,
-                on_eval=on_eval, on_checkpoint=on_checkpoint, log=log.write)
+                on_eval=on_eval, on_checkpoint=on_checkpoint, log=log.write, divergence=guard)
     state = loop.run(state)
     after_train = evaluate(model, objective, train_probe(), precision, device)
     log.write({"step": state.step, "split": "train_probe", **after_train})
-    artifact = method.save(model, run_dir, base_reference(cfg.model))
-    if method.artifact == "model":
-        tokenizer.save_pretrained(artifact)
-    records = log.read()
-    if cfg.output.plot:
-        plot_losses(records, run_dir / "loss.png")
-    summary = _summary(cfg, run_dir, model, method, state, records, report, artifact, device, t_start)
-    summary.update(optimizer_state_bytes=optimizer_state_bytes(optimizer), artifact_bytes=path_bytes(artifact))
+    _check_weights(named, state.step)
+    artifact = _save_artifact(method, model, tokenizer, run_dir, base_reference(cfg.model))
+    summary = _finish(cfg, run_dir, model, method, state, log.read(), report, artifact, device, t_start)
+    summary.update(time_s=progress["wall"] + summary["session_time_s"], train_probe_batches=probe_n,
+                   optimizer_state_bytes=optimizer_state_bytes(optimizer), artifact_bytes=path_bytes(artifact))
     speed_report.measured_peak_gib = loop.first_step_peak_gib
     summary["speed"] = speed_report.as_dict()
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
@@ -186,30 +224,101 @@ def run(cfg: RunConfig, resume: Path | None = None) -> RunResult:
     return RunResult(run_dir, summary)
 
 
+def _restore(run_dir: Path, method, model, optimizer, scheduler, total_steps: int) -> tuple[LoopState, float]:
+    """The loop state and wall-clock seconds so far, from the newest readable checkpoint of ``run_dir``."""
+    ckpt, data = checkpoint.read_latest(run_dir, say=lambda m: print(m, file=sys.stderr, flush=True))
+    pos = checkpoint.load(ckpt, method=method, model=model, optimizer=optimizer, scheduler=scheduler, data=data)
+    state = LoopState(step=pos["step"], micro=pos["micro"], tokens=pos["tokens"], train_time=pos["train_time"])
+    if state.step >= total_steps:
+        print(f"{run_dir}: already trained to step {state.step} of {total_steps}; writing its outputs again",
+              file=sys.stderr, flush=True)
+    return state, pos.get("wall_time", pos["train_time"])
+
+
+def _finish(cfg, run_dir, model, method, state, records, report, artifact, device, t_start) -> dict:
+    """loss.png (when asked for) and the summary of a completed run."""
+    if cfg.output.plot:
+        plot_losses(records, run_dir / "loss.png")
+    return _summary(cfg, run_dir, model, method, state, records, report, artifact, device, t_start)
+
+
+def _check_weights(named, step: int) -> None:
+    bad = nonfinite_weights(named)
+    if bad:
+        raise TrainingDiverged(f"the trainable weights hold NaN or infinity at step {step} "
+                               f"({len(bad)} tensors, e.g. {bad[0]})", step)
+
+
+def _drop_checkpoints_from(run_dir: Path, step: int) -> None:
+    """Remove the checkpoints of steps >= ``step``: their weights led to the bad steps."""
+    for ckpt in checkpoint.list_checkpoints(run_dir / "checkpoints"):
+        if int(ckpt.name.split("-")[1]) >= step:
+            shutil.rmtree(ckpt, ignore_errors=True)
+
+
+def _save_artifact(method, model, tokenizer, run_dir: Path, base: str) -> Path:
+    """method.save into a staging directory, then moved into the run directory whole."""
+    staging = run_dir / ".saving"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir()
+    artifact = method.save(model, staging, base)
+    if method.artifact == "model":
+        tokenizer.save_pretrained(artifact)
+    final = run_dir / artifact.relative_to(staging)
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(artifact, final)
+    shutil.rmtree(staging, ignore_errors=True)
+    return final
+
+
+def _diverged_message(reason: str, cfg: RunConfig, run_dir: Path) -> str:
+    ckpts = checkpoint.list_checkpoints(run_dir / "checkpoints")
+    kept = (f"the last good checkpoint is {ckpts[-1]}" if ckpts else "no checkpoint was saved before it")
+    return (f"training diverged: {reason}. Lower train.lr (now {cfg.train.lr:g}) or add train.warmup_steps; "
+            f"{kept}, and no adapter or model was saved ({run_dir} is marked failed)")
+
+
+def _mark_failed(cfg: RunConfig, reason: str, progress: dict, t_start: float) -> None:
+    """summary.json with status failed and the reason; no half-written staging or checkpoint left."""
+    run_dir = progress["run_dir"]
+    shutil.rmtree(run_dir / ".saving", ignore_errors=True)
+    for tmp in (run_dir / "checkpoints").glob("*.tmp"):
+        shutil.rmtree(tmp, ignore_errors=True)
+    state = progress["state"]
+    ckpts = checkpoint.list_checkpoints(run_dir / "checkpoints")
+    session = time.perf_counter() - t_start
+    summary = {"status": "failed", "reason": reason, "run_dir": str(run_dir), "method": cfg.method.name,
+               "steps": state.step, "train_tokens": state.tokens, "last_checkpoint": str(ckpts[-1]) if ckpts else None,
+               "time_s": progress["wall"] + session, "session_time_s": session, "train_time_s": state.train_time}
+    try:
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        if cfg.output.plot and (run_dir / "metrics.jsonl").is_file():
+            plot_losses(MetricsLog(run_dir / "metrics.jsonl").read(), run_dir / "loss.png")
+    except OSError:
+        pass
+
+
 def _summary(cfg, run_dir, model, method, state, records, report, artifact, device, t_start) -> dict:
     trainable, total = method.param_counts(model)
     probes = [r for r in records if r["split"] == "train_probe"]
     evals = [r for r in records if r["split"] == "eval"]
+    steps = [r["loss"] for r in records if r["split"] == "train"][-10:]
     first_eval = evals[0] if evals and evals[0]["step"] == 0 else {}
     return {
-        "run_dir": str(run_dir), "method": cfg.method.name,
+        "status": "completed", "run_dir": str(run_dir), "method": cfg.method.name,
         "trainable_params": trainable, "total_params": total, "trainable_pct": 100.0 * trainable / max(total, 1),
         "steps": state.step, "train_tokens": state.tokens,
         "train_loss_before": probes[0]["loss"] if probes and probes[0]["step"] == 0 else None,
         "train_loss_after": probes[-1]["loss"] if probes else None,
+        "last_step_loss": steps[-1] if steps else None, "last_steps_n": len(steps),
+        "last_steps_mean_loss": sum(steps) / len(steps) if steps else None,
         "eval_loss_before": first_eval.get("loss"), "eval_loss_after": evals[-1]["loss"] if evals else None,
         "eval_accuracy_before": first_eval.get("accuracy"),
         "eval_accuracy_after": evals[-1].get("accuracy") if evals else None,
         "data_skipped": report.skipped, "data_skipped_reasons": report.skipped_reasons,
+        "data_truncated": report.truncated, "data_report": report.line(),
         "label_names": report.label_names, "train_rows": report.train_rows, "validation_rows": report.validation_rows,
-        "time_s": time.perf_counter() - t_start, "train_time_s": state.train_time,
+        "session_time_s": time.perf_counter() - t_start, "train_time_s": state.train_time,
         "tokens_per_s": state.tokens / max(state.train_time, 1e-9),
         "peak_memory_gib": peak_memory_gib(device), "device": str(device), "artifact": str(artifact),
     }
-
-
-def resume_config(run_dir: Path, overrides=None) -> RunConfig:
-    path = Path(run_dir) / "config.yaml"
-    if not path.is_file():
-        raise config_mod.ConfigError(f"--resume {run_dir}: no config.yaml there; is it a tunesmith run directory?")
-    return config_mod.load(path, overrides)

@@ -36,6 +36,10 @@ class Objective:
         """Items the loss is averaged over (known before the forward pass)."""
         raise NotImplementedError
 
+    def uniform_loss(self, model: nn.Module) -> float | None:
+        """The loss of a uniform guess over the outcomes (divergence detection); None when it has none."""
+        return None
+
 
 def register(cls):
     _OBJECTIVES[cls.name] = cls

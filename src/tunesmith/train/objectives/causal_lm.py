@@ -12,6 +12,7 @@ loss when CUDA is available). Batches may carry packed-sequence keys (``data.pac
 """
 from __future__ import annotations
 
+import math
 import os
 
 import torch
@@ -102,6 +103,10 @@ class CausalLM(Objective):
 
     def loss(self, model, batch):
         return self.lm_loss(model, batch), self.count(batch), {}
+
+    def uniform_loss(self, model):
+        vocab = getattr(getattr(model, "config", None), "vocab_size", None)
+        return math.log(vocab) if vocab and vocab > 1 else None
 
 
 @register

@@ -1,6 +1,8 @@
 """Sequence classification: cross-entropy of the task head's logits against the label."""
 from __future__ import annotations
 
+import math
+
 import torch.nn.functional as F
 
 from . import Objective, register
@@ -22,3 +24,7 @@ class Classification(Objective):
         loss = F.cross_entropy(logits, batch["label"], reduction="sum")
         correct = (logits.argmax(-1) == batch["label"]).sum().item()
         return loss, self.count(batch), {"correct": correct}
+
+    def uniform_loss(self, model):
+        labels = getattr(getattr(model, "config", None), "num_labels", None)
+        return math.log(labels) if labels and labels > 1 else None

@@ -1,0 +1,23 @@
+"""Config of method dora: the YAML `method:` section (implementation: tunesmith/methods/dora.py)."""
+from __future__ import annotations
+
+from typing import ClassVar, Literal
+
+from pydantic import field_validator
+
+from ..registry import register_config
+from .lora import LoraConfig
+
+
+@register_config
+class DoraConfig(LoraConfig):
+    family: ClassVar[str] = "low-rank"
+    summary: ClassVar[str] = "Weight-decomposed LoRA: learned magnitude × direction of W + B·A (Liu et al. 2024)."
+    name: Literal["dora"] = "dora"
+
+    @field_validator("init")
+    @classmethod
+    def _no_pissa(cls, v):
+        if v == "pissa":
+            raise ValueError("init 'pissa' is not supported with dora; valid: kaiming, gaussian, zero_b")
+        return v

@@ -1,0 +1,13 @@
+"""Config of method full: the YAML `method:` section (implementation: tunesmith/methods/full.py)."""
+from __future__ import annotations
+
+from typing import ClassVar, Literal
+
+from ..registry import MethodConfig, register_config
+
+
+@register_config
+class FullConfig(MethodConfig):
+    family: ClassVar[str] = "full"
+    summary: ClassVar[str] = "Full fine-tuning: every weight trains; saves a transformers model directory."
+    name: Literal["full"] = "full"

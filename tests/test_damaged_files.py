@@ -1,0 +1,135 @@
+"""Damaged adapters, deltas and checkpoints: one error naming the file and what is wrong with it
+(never the library's traceback), and --resume falls back to the newest checkpoint that reads back."""
+from __future__ import annotations
+
+import json
+import re
+import shutil
+
+import pytest
+
+import tunesmith
+from helpers import run_config
+from tunesmith import cli
+from tunesmith.errors import ConfigError, FileError
+from tunesmith.train import checkpoint
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A finished tiny LoRA run with checkpoints at steps 1 and 2."""
+    from helpers import alpaca_rows, write_jsonl
+    tmp = tmp_path_factory.mktemp("damaged")
+    data = write_jsonl(tmp / "train.jsonl", alpaca_rows())
+    run_dir, _ = tunesmith.train(run_config(data, tmp, {"name": "lora", "r": 2}, max_steps=2, save_every=1))
+    return run_dir
+
+
+@pytest.fixture
+def adapter(trained, tmp_path):
+    path = tmp_path / "adapter"
+    shutil.copytree(trained / "adapter", path)
+    return path
+
+
+def truncate(path, keep=0.5):
+    data = path.read_bytes()
+    path.write_bytes(data[: int(len(data) * keep)])
+
+
+def test_truncated_safetensors(adapter):
+    truncate(adapter / "adapter_model.safetensors")
+    with pytest.raises(FileError, match=re.escape(str(adapter / "adapter_model.safetensors")) +
+                       r": not a readable safetensors file \(.*incomplete metadata.*\); the file is truncated or damaged"):
+        tunesmith.load(adapter, device="cpu")
+
+
+def test_garbage_adapter_config(adapter):
+    (adapter / "adapter_config.json").write_text("{not json")
+    with pytest.raises(FileError, match=re.escape(str(adapter / "adapter_config.json")) +
+                       r": not valid JSON \(Expecting property name enclosed in double quotes at line 1, column 2\)"):
+        tunesmith.load(adapter, device="cpu")
+
+
+def test_adapter_config_without_base_model(adapter):
+    cfg = json.loads((adapter / "adapter_config.json").read_text())
+    del cfg["base_model_name_or_path"]
+    (adapter / "adapter_config.json").write_text(json.dumps(cfg))
+    model, _ = tunesmith.load(adapter, device="cpu")  # tunesmith.json names the base
+    assert model is not None
+    (adapter / "tunesmith.json").unlink()             # a plain peft adapter: nothing names it
+    with pytest.raises(FileError, match=re.escape(str(adapter / "adapter_config.json")) +
+                       r": field 'base_model_name_or_path' is missing; it should name the base model"):
+        tunesmith.load(adapter, device="cpu")
+    model, _ = tunesmith.load(adapter, base="random:llama", device="cpu")
+    assert model is not None
+
+
+@pytest.mark.parametrize("text, message", [
+    ("\x00\x01garbage", r"not valid JSON \(Expecting value at line 1, column 1\)"),
+    ('{"method": {"name": "lora"}}', r"field 'base' is missing; it should name the base model"),
+    ('{"base": "random:llama", "method": "lora"}', r"field 'method' should be the method's config with its 'name'"),
+])
+def test_garbage_tunesmith_json(adapter, text, message):
+    (adapter / "tunesmith.json").write_text(text)
+    with pytest.raises(FileError, match=re.escape(str(adapter / "tunesmith.json")) + ": " + message):
+        tunesmith.load(adapter, device="cpu")
+
+
+def test_damaged_adapter_inside_a_run_and_through_the_cli(trained, tmp_path, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(trained, run)
+    truncate(run / "adapter" / "adapter_model.safetensors", keep=0.01)
+    with pytest.raises(FileError, match=r"adapter_model.safetensors: not a readable safetensors file"):
+        tunesmith.load(run, device="cpu")
+    assert cli.main(["merge", str(run), str(tmp_path / "merged")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: {run / 'adapter' / 'adapter_model.safetensors'}: ")
+    assert not (tmp_path / "merged").exists()
+
+
+def test_damaged_delta_config(tmp_path):
+    from helpers import alpaca_rows, write_jsonl
+    data = write_jsonl(tmp_path / "train.jsonl", alpaca_rows())
+    run_dir, _ = tunesmith.train(run_config(data, tmp_path, {"name": "freeze", "layers": "last 1"}, max_steps=1))
+    cfg_file = run_dir / "delta" / "delta_config.json"
+    cfg = json.loads(cfg_file.read_text())
+    cfg_file.write_text(json.dumps({k: v for k, v in cfg.items() if k != "base_model_name_or_path"}))
+    with pytest.raises(FileError, match=r"delta_config.json: field 'base_model_name_or_path' is missing"):
+        tunesmith.load(run_dir / "delta", device="cpu")
+    cfg_file.write_text(json.dumps(cfg)[:-20])
+    with pytest.raises(FileError, match=r"delta_config.json: not valid JSON"):
+        tunesmith.load(run_dir, device="cpu")
+    truncate(run_dir / "delta" / "delta.safetensors")
+    cfg_file.write_text(json.dumps(cfg))
+    with pytest.raises(FileError, match=r"delta.safetensors: not a readable safetensors file"):
+        tunesmith.load(run_dir / "delta", device="cpu")
+
+
+def test_resume_falls_back_from_a_truncated_optimizer_state(trained, tmp_path, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(trained, run)
+    shutil.rmtree(run / "adapter")
+    truncate(run / "checkpoints" / "step-2" / "optimizer.pt")
+    with pytest.raises(FileError, match=r"step-2/optimizer.pt: cannot be read by torch.load \(.*\); the file is "
+                                        r"truncated or damaged"):
+        checkpoint.read(run / "checkpoints" / "step-2")
+    capsys.readouterr()
+    _, metrics = tunesmith.train(None, resume=run)
+    warnings = [l for l in capsys.readouterr().err.splitlines() if l.startswith("warning:")]
+    assert len(warnings) == 1 and re.match(r"warning: checkpoint step-2 unreadable \(.*optimizer.pt: cannot be read "
+                                           r"by torch.load .*\); resuming from step-1, the newest readable", warnings[0])
+    assert metrics["status"] == "completed" and metrics["steps"] == 2
+    assert (run / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_resume_with_no_readable_checkpoint(trained, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(trained, run)
+    (run / "checkpoints" / "step-2" / "state.json").write_text("garbage")
+    truncate(run / "checkpoints" / "step-1" / "trainable.safetensors")
+    summary = (run / "summary.json").read_text()
+    with pytest.raises(ConfigError, match=r"--resume .*: no checkpoint can be read back \(.*step-2/state.json: not "
+                                          r"valid JSON .*; .*step-1/trainable.safetensors: not a readable"):
+        tunesmith.train(None, resume=run)
+    assert (run / "summary.json").read_text() == summary  # a resume that could not start changes nothing
