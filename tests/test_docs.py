@@ -24,6 +24,7 @@ def test_generated_blocks_are_current(name):
 def test_each_block_lives_where_the_docs_link_to():
     assert docs.blocks_in((ROOT / "docs" / "config.md").read_text()) == ["config-reference"]
     assert docs.blocks_in((ROOT / "README.md").read_text()) == ["methods", "objectives"]
+    assert docs.blocks_in((ROOT / "docs" / "models.md").read_text()) == ["support-table"]
 
 
 def test_fill_replaces_a_stale_block_and_keeps_the_rest():

@@ -61,6 +61,8 @@ def apply(model: nn.Module, name: str, **options) -> nn.Module:
 
 
 def _task_from_peft(peft_cfg: dict, state: dict) -> tuple[str, int | None]:
+    if peft_cfg.get("task_type") == "SEQ_2_SEQ_LM":
+        return "seq2seq", None
     if peft_cfg.get("task_type") != "SEQ_CLS":
         return "causal_lm", None
     heads = [v for k, v in state.items() if k.split(".")[0] in ("score", "classifier") and k.endswith("weight")]
@@ -108,7 +110,7 @@ def load(path: str | Path, *, base: str | None = None, device: str = "auto", dty
     ``base`` overrides the base model an adapter or delta names. A damaged or incomplete file
     raises one FileError naming it."""
     from .methods import delta, peft_format
-    from .models.loader import load_model, load_tokenizer
+    from .models.loader import is_encoder_decoder, load_model, load_tokenizer
     p = Path(path)
     if (p / "config.yaml").is_file() and any((p / a).is_dir() for a in ARTIFACTS):
         return _load_run(p, device, dtype)
@@ -128,7 +130,8 @@ def load(path: str | Path, *, base: str | None = None, device: str = "auto", dty
             raise FileError(f"{p / delta.CONFIG_NAME}: field 'method' should be the method's config with its "
                             f"'name', found {dcfg.get('method')!r}; the file is damaged")
         mcfg = _base_config(base or _named_base(p / delta.CONFIG_NAME, dcfg), device, dtype)
-        model = registry.get(method["name"]).load_artifact(load_model(mcfg), p)
+        task = "seq2seq" if is_encoder_decoder(mcfg) else "causal_lm"
+        model = registry.get(method["name"]).load_artifact(load_model(mcfg, task=task), p)
         return model.eval(), load_tokenizer(mcfg)
     if p.is_dir() and not (p / "config.json").is_file():
         raise ModelError(f"{path}: not a run directory, adapter, delta or model directory "
@@ -139,11 +142,17 @@ def load(path: str | Path, *, base: str | None = None, device: str = "auto", dty
 
 def _task_of_model_dir(p: Path) -> str:
     from .files import read_json
+    from .models.loader import is_encoder_decoder
     cfg_file = p / "config.json"
     if cfg_file.is_file():
-        archs = read_json(cfg_file).get("architectures") or []
+        config = read_json(cfg_file)
+        archs = config.get("architectures") or []
         if any("SequenceClassification" in a for a in archs):
             return "classification"
+        if config.get("is_encoder_decoder"):
+            return "seq2seq"
+    elif not p.exists() and is_encoder_decoder(ModelConfig(name_or_path=str(p))):
+        return "seq2seq"  # random:<family>, an embedded name or a hub id
     return "causal_lm"
 
 

@@ -34,7 +34,8 @@ def parse_bytes(value: str | int | float | None, field_name: str = "train.memory
 
 class TrainConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", defer_build=True)
-    objective: str = Field("auto", description="Training objective: sft, pt, cls (auto: from data.format).")
+    objective: str = Field("auto", description="Training objective: sft, pt, cls, seq2seq (auto: from data.format, "
+                                               "and seq2seq for encoder-decoder models).")
     max_steps: int | None = Field(None, ge=1, description="Optimizer steps; overrides epochs when set.")
     epochs: float | None = Field(None, gt=0, description="Passes over the training data (default 1 when max_steps is unset).")
     lr: float = Field(2e-4, gt=0, description="Peak learning rate.")

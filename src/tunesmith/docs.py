@@ -1,5 +1,6 @@
-"""Generated documentation: the config reference (docs/config.md) and the README's tables of methods
-and objectives, all read from the pydantic models and the registries.
+"""Generated documentation: the config reference (docs/config.md), the README's tables of methods
+and objectives, and the model support tables (docs/models.md), all read from the pydantic models,
+the registries and the architecture tables.
 
     python -m tunesmith.docs            print the config reference
     python -m tunesmith.docs --write    rewrite the generated blocks of README.md and docs/config.md
@@ -20,7 +21,7 @@ from typing import Callable
 from pydantic import BaseModel
 
 #: The files that hold generated blocks, relative to the repository root.
-FILES = ("README.md", "docs/config.md")
+FILES = ("README.md", "docs/config.md", "docs/models.md")
 
 
 def _type(info) -> str:
@@ -89,8 +90,79 @@ def objectives_table() -> str:
     rows = ["| `train.objective` | default for `data.format` | model head | what it trains |", "|---|---|---|---|"]
     for name, cls in objectives.all_objectives().items():
         formats = ", ".join(f"`{f}`" for f in cls.formats) or "–"
+        formats += " (encoder-decoders)" if getattr(cls, "encoder_decoder", False) else ""
         rows.append(f"| `{name}` | {formats} | {cls.task} | {_cell(cls.summary)} |")
     return "\n".join(rows) + "\n"
+
+
+def coverage_options(cls) -> dict:
+    """The options the coverage matrix and docs/models.md apply a method with: its first invariant case's."""
+    cases = cls.invariant_cases
+    return dict(cases[0].get("options", {})) if cases else {}
+
+
+def coverage_method(cls):
+    """An (unapplied) instance of method ``cls`` with :func:`coverage_options`."""
+    return cls(cls.Config.model_validate({"name": cls.name, **coverage_options(cls)}))
+
+
+def support() -> dict[str, dict[str, tuple[str, str | None]]]:
+    """family -> method -> ("merge" | "adapter" | "no", reason), asked of each family's weightless
+    skeleton (what tests/test_coverage.py checks against the trained tiny models)."""
+    from .methods import registry
+    from .models.families import FAMILIES
+    from .models.loader import skeleton
+    out = {}
+    for fam in FAMILIES:
+        model, row = skeleton(fam), {}
+        for name, cls in registry.all_methods().items():
+            method = coverage_method(cls)
+            reason = method.unsupported(model)
+            refusal = method.merge_refusal(model)
+            row[name] = ("no", reason) if reason else ("adapter", refusal) if refusal else ("merge", None)
+        out[fam] = row
+    return out
+
+
+def _mark(n: int) -> str:
+    return "".join("⁰¹²³⁴⁵⁶⁷⁸⁹"[int(c)] for c in str(n))
+
+
+def support_table() -> str:
+    """The method × family table and the target-module table of docs/models.md."""
+    from .methods import registry
+    from .models.families import FAMILIES
+    from .models.targets import ARCHITECTURES
+    methods = registry.all_methods()
+    notes: dict[str, int] = {}
+    rows = ["| family | model type | stands for | " + " | ".join(f"`{m}`" + ("*" if c.requires else "")
+                                                             for m, c in methods.items()) + " |",
+            "|---|---|---|" + "---|" * len(methods)]
+    symbol = {"merge": "✓", "adapter": "✓ₐ", "no": "✗"}
+    for fam, cells in support().items():
+        f = FAMILIES[fam]
+        out = []
+        for name, (status, reason) in cells.items():
+            mark = _mark(notes.setdefault(reason, len(notes) + 1)) if reason else ""
+            out.append(symbol[status] + mark)
+        rows.append(f"| `random:{fam}` ({f.kind}) | `{f.model_type}` | {f.covers} | " + " | ".join(out) + " |")
+    legend = ["✓ trains, saves and loads (and generates, on decoders and encoder-decoders), and merges into a "
+              "plain transformers model; ✓ₐ the same, but it stays an adapter (merge refuses); ✗ not supported "
+              "(apply refuses with the reason).", ""]
+    legend += [f"{_mark(i)} {text}" for text, i in notes.items()]
+    needs = [f"\\* `{n}` needs {c.requires}: without it, apply refuses (the CPU matrix checks only that)."
+             for n, c in methods.items() if c.requires]
+    targets = ["| model type | LoRA-family defaults (attention + feed-forward) | (IA)³ rescales (feed-forward "
+               "input) | adapters after | experts / router parameters |", "|---|---|---|---|---|"]
+    for mt in sorted({FAMILIES[f].model_type for f in FAMILIES}):
+        a = ARCHITECTURES[mt]
+        ia3 = list(dict.fromkeys(a["keys"] + a["values"] + a["ff_out"]))
+        sites = a["attn_out"] + a.get("ffn", a["ff_out"])
+        moe = ", ".join(a.get("experts", []) + a.get("router", [])) or "–"
+        targets.append(f"| `{mt}` | {', '.join(a['attention'] + a['mlp'])} | {', '.join(ia3)} "
+                       f"({', '.join(a['ff_out']) or '–'}) | {', '.join(sites)} | {moe} |")
+    return "\n".join(rows + [""] + legend + [""] + needs + ["", "Default targets (module-name suffixes, "
+                     "models/targets.py):", ""] + targets) + "\n"
 
 
 #: Generated blocks by marker name.
@@ -98,6 +170,7 @@ BLOCKS: dict[str, Callable[[], str]] = {
     "config-reference": reference,
     "methods": methods_table,
     "objectives": objectives_table,
+    "support-table": support_table,
 }
 
 

@@ -16,6 +16,7 @@ from .errors import DataError
 from .formats import OBJECTIVE_FORMATS, apply_field_map, check_objective, detect_format, normalize
 from .labels import check_labels, label_vocab
 from .readers import Row, first_readable, read_rows
+from .seq2seq import tokenize_seq2seq
 from .tokenize import NO_LABELS, Tokenized, tokenize_cls, tokenize_lm, tokenize_pref
 
 MAX_REASONS = 10
@@ -141,7 +142,7 @@ def build_datasets(cfg: DataConfig, tokenizer, *, max_seq_len: int, objective: s
                    ) -> tuple[TokenizedDataset, TokenizedDataset | None, DataReport]:
     """Read, validate, split and tokenize the data of ``cfg`` for ``objective``.
 
-    ``objective`` is one of sft, pt, cls, rm, dpo. Returns ``(train, validation or None, report)``.
+    ``objective`` is one of sft, pt, cls, seq2seq, rm, dpo. Returns ``(train, validation or None, report)``.
     """
     if objective not in OBJECTIVE_FORMATS:
         raise DataError(f"unknown objective {objective!r}; valid: {', '.join(OBJECTIVE_FORMATS)}")
@@ -219,5 +220,7 @@ def _tokenize(rows, fmt, objective, tokenizer, cfg: DataConfig, mapping, max_seq
                            packing=packing, truncation=cfg.truncation, response_share=cfg.max_response_share)
     if objective == "cls":
         return tokenize_cls(rows, tokenizer, mapping, max_seq_len=max_seq_len)
+    if objective == "seq2seq":
+        return tokenize_seq2seq(rows, fmt, tokenizer, max_seq_len=max_seq_len, system_prompt=cfg.system_prompt)
     return tokenize_pref(rows, tokenizer, ChatRenderer(tokenizer), max_seq_len=max_seq_len,
                          truncation=cfg.truncation, response_share=cfg.max_response_share)

@@ -30,6 +30,7 @@ OBJECTIVE_FORMATS = {
     "sft": ("alpaca", "messages", "sharegpt"),
     "pt": ("text", "alpaca", "messages", "sharegpt"),
     "cls": ("classification",),
+    "seq2seq": ("alpaca", "messages", "sharegpt"),
     "rm": ("preference",),
     "dpo": ("preference",),
 }

@@ -68,6 +68,13 @@ def _patterns(cfg: dict, keys: list[str]) -> str | None:
     return None
 
 
+def _parameter_targets(cfg: dict, keys: list[str]) -> str | None:
+    if cfg.get("target_parameters"):
+        return ("it adapts weights no linear layer holds (target_parameters: mixture-of-experts experts or router), "
+                "and {target} loads LoRA on linear layers only")
+    return None
+
+
 def _known_to_peft(cfg: dict, keys: list[str]) -> str | None:
     ptype = cfg.get("peft_type")
     if ptype not in PEFT_TYPES:
@@ -98,9 +105,9 @@ def _base(cfg: dict) -> str:
 
 
 TARGETS: dict[str, dict] = {
-    "vllm": {"checks": [_lora_only, _dora, _saved_modules, _bias], "notes": _vllm_notes,
+    "vllm": {"checks": [_lora_only, _dora, _parameter_targets, _saved_modules, _bias], "notes": _vllm_notes,
              "merged_hint": "vllm serve {merged}"},
-    "llama.cpp": {"checks": [_lora_only, _dora, _rslora, _patterns, _saved_modules, _bias],
+    "llama.cpp": {"checks": [_lora_only, _dora, _parameter_targets, _rslora, _patterns, _saved_modules, _bias],
                   "notes": _llama_cpp_notes,
                   "merged_hint": "python convert_hf_to_gguf.py {merged} --outfile model.gguf"},
     "peft": {"checks": [_known_to_peft], "notes": _peft_notes,

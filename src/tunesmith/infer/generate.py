@@ -3,7 +3,8 @@
 ``generate(model, prompts)`` tokenizes the prompts (left-padded), renders them as a user turn
 when asked (``chat``: the tokenizer's chat template, else the same plain "### Instruction:"
 layout tunesmith trains on) and decodes with transformers' ``model.generate``; virtual-token
-methods add their tokens inside the model. With ``expert`` and ``anti_expert`` it decodes with
+methods add their tokens inside the model. An encoder-decoder reads each prompt as its source text
+(right-padded, as it trains: :mod:`tunesmith.data.seq2seq`) and the answer is what its decoder writes. With ``expert`` and ``anti_expert`` it decodes with
 proxy-tuning instead (see :mod:`tunesmith.infer.proxy`).
 """
 from __future__ import annotations
@@ -42,14 +43,15 @@ def prompt_ids(tokenizer, prompt: str, chat: bool | None) -> list[int]:
     return [i for i, lab in zip(ids, labels) if lab == IGNORE]
 
 
-def left_pad(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(input_ids, attention_mask), both (B, T), padded on the left."""
+def left_pad(rows: list[list[int]], pad_id: int, right: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input_ids, attention_mask), both (B, T), padded on the left (``right``: on the right)."""
     width = max(len(r) for r in rows)
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.long)
     for i, r in enumerate(rows):
-        ids[i, width - len(r):] = torch.tensor(r, dtype=torch.long)
-        mask[i, width - len(r):] = 1
+        span = slice(0, len(r)) if right else slice(width - len(r), width)
+        ids[i, span] = torch.tensor(r, dtype=torch.long)
+        mask[i, span] = 1
     return ids, mask
 
 
@@ -75,7 +77,12 @@ def generate(model: ModelLike, prompts: str | list[str], *, tokenizer=None, max_
     texts = [prompts] if single else list(prompts)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     eos_id = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.sep_token_id
-    ids, mask = left_pad([prompt_ids(tokenizer, t, chat) for t in texts], pad_id or 0)
+    seq2seq = bool(getattr(model.config, "is_encoder_decoder", False))
+    if seq2seq and expert is not None:
+        raise ConfigError("generate: proxy-tuning combines decoder-only models token by token; "
+                          f"{type(model).__name__} is an encoder-decoder")
+    rows = [list(tokenizer(t)["input_ids"]) if seq2seq and not chat else prompt_ids(tokenizer, t, chat) for t in texts]
+    ids, mask = left_pad(rows, pad_id or 0, right=seq2seq)
     dev = next(model.parameters()).device
     ids, mask = ids.to(dev), mask.to(dev)
     gen = torch.Generator(device=dev).manual_seed(seed) if seed is not None else None
@@ -91,5 +98,6 @@ def generate(model: ModelLike, prompts: str | list[str], *, tokenizer=None, max_
             sampling = {"temperature": temperature, "top_p": top_p} if do_sample else {}
             out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
                                  do_sample=do_sample, pad_token_id=pad_id, eos_token_id=eos_id, **sampling)
-    new = tokenizer.batch_decode(out[:, ids.shape[1]:], skip_special_tokens=True)
+    # a decoder-only model's output repeats the prompt; an encoder-decoder's starts with the decoder start token
+    new = tokenizer.batch_decode(out[:, 1:] if seq2seq else out[:, ids.shape[1]:], skip_special_tokens=True)
     return new[0] if single else new

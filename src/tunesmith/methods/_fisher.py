@@ -30,7 +30,8 @@ def split_examples(batch: dict) -> Iterator[dict]:
               for k, v in batch.items() if k != HOST}
         if "attention_mask" in ex:
             keep = ex["attention_mask"][0].bool()
-            ex = {k: v[:, keep] if torch.is_tensor(v) and v.ndim == 2 and v.shape[1] == length else v
+            ex = {k: v[:, keep] if torch.is_tensor(v) and v.ndim == 2 and v.shape[1] == length
+                  and not k.startswith("decoder_") else v  # an encoder-decoder's targets have their own length
                   for k, v in ex.items()}
         yield ex
 

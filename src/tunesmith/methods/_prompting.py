@@ -15,10 +15,10 @@ from safetensors.torch import save_file
 from torch import nn
 
 from ..errors import ConfigError
-from ..models.compat import checkpointing_on
+from ..models.compat import checkpointing_on, takes_cache
 from ..models.targets import task_heads
 from . import peft_format
-from ._virtual import ATTR, PrefixTable, PromptTable, VirtualTokens, carrier, dims
+from ._virtual import ATTR, PrefixTable, PromptTable, VirtualTokens, carrier, dims, kv_backbone, kv_shape, seq2seq
 from .inject import freeze_all, unfreeze_modules
 from .registry import Method, MethodConfig, attach
 
@@ -76,6 +76,8 @@ class VirtualMethod(Method):
         d = dims(model)
         return {"peft_type": self.peft_type, "task_type": peft_format.task_type(model),
                 "base_model_name_or_path": base_name, "num_virtual_tokens": self.cfg.num_virtual_tokens,
+                # one submodule: an encoder-decoder's prompts go before the encoder input only, which is
+                # also all that peft's forward reads of the table for its default of two
                 "token_dim": d["hidden"], "num_transformer_submodules": 1, "num_attention_heads": d["heads"],
                 "num_layers": d["layers"], "inference_mode": True,
                 "modules_to_save": self.saved_modules or None, **self.peft_fields(model)}
@@ -136,17 +138,33 @@ class KVPrefixMethod(VirtualMethod):
 
     @classmethod
     def table_width(cls, model: nn.Module) -> int:
-        d = dims(model)
+        d = kv_shape(model)
         return d["layers"] * 2 * d["kv_heads"] * d["head_dim"]
 
     @classmethod
     def folded(cls, model, num_virtual_tokens, table):
-        return PrefixTable(num_virtual_tokens, dims(model), init=table)
+        return PrefixTable(num_virtual_tokens, kv_shape(model), init=table)
 
     def peft_config(self, model: nn.Module, base_name: str) -> dict:
-        d = dims(model)
-        return {**super().peft_config(model, base_name), "token_dim": d["kv_heads"] * d["head_dim"],
-                "num_attention_heads": d["kv_heads"]}
+        d = kv_shape(model)
+        out = {**super().peft_config(model, base_name), "token_dim": d["kv_heads"] * d["head_dim"],
+               "num_attention_heads": d["kv_heads"]}
+        if seq2seq(model):
+            # peft's encoder-decoder prefix puts one layer's keys into every decoder layer and drops the
+            # cross-attention half; this prefix (each decoder layer its own) is tunesmith's format
+            out.update(peft_type=None, tunesmith_method=self.name)
+        return out
+
+    def unsupported(self, model: nn.Module) -> str | None:
+        if not takes_cache(kv_backbone(model)):
+            return "the model's attention takes no key/value cache, where the prefix goes (prompt and ptuning work)"
+        return None
+
+    def apply(self, model: nn.Module) -> nn.Module:
+        reason = self.unsupported(model)
+        if reason:
+            raise ConfigError(f"method {self.name}: {type(kv_backbone(model)).__name__}: {reason}")
+        return super().apply(model)
 
     def prepare(self, model: nn.Module, batches, objective) -> None:
         if checkpointing_on(model):

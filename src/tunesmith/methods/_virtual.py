@@ -18,6 +18,14 @@ token, [CLS] pooler) and ``model.generate`` work unchanged. No model class is su
 In both cases the 2-D attention mask gets ``n`` ones in front, and ``position_ids`` (and
 ``cache_position`` where a model still takes it) are shifted by ``n``, on every call: during
 generation the cache holds the virtual tokens and the caller's counters do not.
+
+Encoder-decoders (T5, BART …): input-level prompts go before the encoder's input (Lester et al. 2021
+tune T5 so; HF peft does the same), and the encoder's outputs keep them, so the decoder's
+cross-attention reads them too: a hook on the whole model extends the encoder attention mask it hands
+the decoder, including during generation, where transformers runs the encoder once on its own.
+Key/value prefixes go into the decoder's self-attention cache (the self-attention half of the
+``EncoderDecoderCache``), every decoder layer its own; transformers' encoders take no cache. The
+key/value shapes come from the model itself (:func:`kv_dims`: one token through it).
 """
 from __future__ import annotations
 
@@ -38,14 +46,76 @@ def text_config(model: nn.Module):
     return cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
 
 
+def seq2seq(model: nn.Module) -> bool:
+    return bool(getattr(model.config, "is_encoder_decoder", False))
+
+
+def _first(cfg, names: tuple[str, ...]):
+    return next((getattr(cfg, n) for n in names if getattr(cfg, n, None)), None)
+
+
 def dims(model: nn.Module) -> dict[str, int]:
-    """Hidden size, layer count and key/value shape of a transformers model, from its config."""
+    """Hidden size, layer count and key/value shape of a transformers model, from its config (an
+    encoder-decoder's: its decoder's, where key/value prefixes go)."""
     cfg = text_config(model)
-    heads = cfg.num_attention_heads
+    dec = seq2seq(model)
+    heads = (dec and _first(cfg, ("decoder_attention_heads",))) or cfg.num_attention_heads
     kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
-    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
-    return {"hidden": model.get_input_embeddings().weight.shape[1], "layers": cfg.num_hidden_layers,
+    head_dim = _first(cfg, ("head_dim", "d_kv")) or cfg.hidden_size // heads
+    layers = (dec and _first(cfg, ("num_decoder_layers", "decoder_layers"))) or cfg.num_hidden_layers
+    return {"hidden": model.get_input_embeddings().weight.shape[1], "layers": layers,
             "heads": heads, "kv_heads": kv_heads, "head_dim": head_dim}
+
+
+def kv_backbone(model: nn.Module) -> nn.Module:
+    """The module whose forward takes the KV cache that key/value prefixes go into."""
+    return model.get_decoder() if seq2seq(model) else getattr(model, "base_model", model)
+
+
+def new_cache(model: nn.Module):
+    """An empty KV cache of the kind ``kv_backbone(model)`` takes."""
+    from transformers import DynamicCache, EncoderDecoderCache
+    cfg = kv_backbone(model).config
+    if seq2seq(model):
+        return EncoderDecoderCache(DynamicCache(config=cfg), DynamicCache(config=cfg))
+    return DynamicCache(config=cfg)
+
+
+def self_attention_cache(cache):
+    """The part of ``cache`` that self-attention reads (an EncoderDecoderCache's first half)."""
+    return getattr(cache, "self_attention_cache", cache)
+
+
+@torch.no_grad()
+def kv_dims(model: nn.Module) -> dict[str, int]:
+    """Layers, key/value heads and head size as the model's own attention layers write them into a KV
+    cache: one token through :func:`kv_backbone` (no architecture-specific code). A model whose
+    attention takes no cache (DeBERTa, ModernBERT) gets a ConfigError."""
+    known = getattr(model, "_tunesmith_kv_dims", None)
+    if known is not None:
+        return known
+    backbone, cache = kv_backbone(model), new_cache(model)
+    device = model.get_input_embeddings().weight.device
+    was_training = model.training
+    model.eval()
+    try:
+        backbone(input_ids=torch.ones(1, 1, dtype=torch.long, device=device), **cache_kwargs(backbone, cache))
+    finally:
+        model.train(was_training)
+    layers = [layer.keys for layer in self_attention_cache(cache).layers
+              if getattr(layer, "keys", None) is not None and layer.keys.numel()]
+    if not layers:
+        raise ConfigError(f"{type(model).__name__}'s attention takes no key/value cache, which is where prefix "
+                          "methods put their virtual keys and values; use an input-level prompt method "
+                          "(prompt, ptuning) or another method for this model")
+    out = {"layers": len(layers), "kv_heads": layers[0].shape[1], "head_dim": layers[0].shape[3]}
+    object.__setattr__(model, "_tunesmith_kv_dims", out)
+    return out
+
+
+def kv_shape(model: nn.Module) -> dict[str, int]:
+    """:func:`dims` with the key/value entries as the model writes its cache (:func:`kv_dims`)."""
+    return {**dims(model), **kv_dims(model)}
 
 
 class VirtualTokens(TunedLayer):
@@ -62,6 +132,7 @@ class VirtualTokens(TunedLayer):
         self.num_virtual_tokens = num_virtual_tokens
         self._added = 0
         self._pending = False
+        self._mask_may_be_extended = False  # an encoder's mask, extended already by _cross_mask_hook
 
     def table(self) -> torch.Tensor:
         raise NotImplementedError
@@ -71,12 +142,20 @@ class VirtualTokens(TunedLayer):
         if hasattr(model, ATTR):
             raise ConfigError(f"{type(model).__name__} already carries virtual tokens; apply one prompt method only")
         model.add_module(ATTR, self)
-        backbone = getattr(model, "base_model", model)
         self.pad_id = getattr(text_config(model), "pad_token_id", None) or 0
-        backbone.register_forward_pre_hook(self._pre_hook, with_kwargs=True)
-        backbone.register_forward_hook(self._post_hook)
+        embeddings = model.get_input_embeddings()
+        if self.input_level and seq2seq(model):  # prompts before the encoder input, kept in its outputs
+            self._mask_may_be_extended = True
+            encoder = model.get_encoder()
+            encoder.register_forward_pre_hook(self._pre_hook, with_kwargs=True)
+            model.register_forward_pre_hook(self._cross_mask_hook, with_kwargs=True)
+            embeddings = encoder.get_input_embeddings()  # the encoder's own module (weights tied to the model's)
+        else:
+            backbone = kv_backbone(model) if not self.input_level else getattr(model, "base_model", model)
+            backbone.register_forward_pre_hook(self._pre_hook, with_kwargs=True)
+            backbone.register_forward_hook(self._post_hook)
         if self.input_level:
-            model.get_input_embeddings().register_forward_hook(self._embed_hook)
+            embeddings.register_forward_hook(self._embed_hook)
 
     # -- hooks ----------------------------------------------------------------------------
     def _pre_hook(self, module, args, kwargs):
@@ -100,7 +179,8 @@ class VirtualTokens(TunedLayer):
         if mask is not None:
             if mask.dim() != 2:
                 raise ValueError("virtual tokens need a 2-D attention mask (batch, length)")
-            kwargs["attention_mask"] = torch.cat([mask.new_ones(batch, n), mask], dim=1)
+            if not (self._mask_may_be_extended and mask.shape[1] == ref.shape[1] + n):
+                kwargs["attention_mask"] = torch.cat([mask.new_ones(batch, n), mask], dim=1)
         for key in ("position_ids", "cache_position"):
             if kwargs.get(key) is not None:
                 kwargs[key] = _shift(kwargs[key], n, added)
@@ -112,6 +192,24 @@ class VirtualTokens(TunedLayer):
     def _begin(self, backbone, kwargs, batch, device) -> None:
         """Add the virtual tokens to a fresh call's inputs (subclass family specific)."""
         raise NotImplementedError
+
+    def _cross_mask_hook(self, module, args, kwargs):
+        """An encoder-decoder's call: the encoder attention mask (which the decoder's cross-attention
+        also reads) gets ``n`` ones in front unless it already has them."""
+        mask = kwargs.get("attention_mask")
+        if self.disabled or mask is None:
+            return None
+        if args:
+            raise TypeError("a model with virtual tokens takes its inputs as keyword arguments")
+        n, enc = self.num_virtual_tokens, kwargs.get("encoder_outputs")
+        if enc is not None:
+            real = enc[0].shape[1] - n        # encoder outputs hold the prompts already
+        else:
+            ref = kwargs.get("input_ids")
+            real = (ref if ref is not None else kwargs["inputs_embeds"]).shape[1]
+        if mask.shape[1] == real:
+            kwargs = {**kwargs, "attention_mask": torch.cat([mask.new_ones(mask.shape[0], n), mask], dim=1)}
+        return (), kwargs
 
     def _post_hook(self, module, args, output):
         n, self._added = self._added, 0
@@ -185,18 +283,22 @@ class KVPrefix(VirtualTokens):
         s = self.shape
         return s["layers"] * 2 * s["kv_heads"] * s["head_dim"]
 
+    def install(self, model: nn.Module) -> None:
+        object.__setattr__(self, "_model", model)  # a reference, for new_cache
+        super().install(model)
+
     def _begin(self, backbone, kwargs, batch, device) -> None:
-        from transformers import DynamicCache
         s, n = self.shape, self.num_virtual_tokens
         cache = pop_cache(kwargs)
         if cache is None:
-            cache = DynamicCache(config=backbone.config)
+            cache = new_cache(self._model)
         dtype = backbone.get_input_embeddings().weight.dtype
         kv = self.table().to(dtype).view(n, s["layers"] * 2, s["kv_heads"], s["head_dim"])
         kv = kv.permute(1, 2, 0, 3)                          # (layers*2, kv_heads, n, head_dim)
         kv = kv.unsqueeze(1).expand(-1, batch, -1, -1, -1)   # (layers*2, B, kv_heads, n, head_dim)
+        target = self_attention_cache(cache)
         for layer in range(s["layers"]):
-            cache.update(kv[2 * layer], kv[2 * layer + 1], layer)
+            target.update(kv[2 * layer], kv[2 * layer + 1], layer)
         kwargs.update(cache_kwargs(backbone, cache))
 
 

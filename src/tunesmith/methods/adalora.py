@@ -21,7 +21,7 @@ from pydantic import ValidationError
 from torch import nn
 
 from . import peft_format
-from .inject import TunedLayer, tuned_layers
+from .inject import TunedLayer, fan_in_fan_out, tuned_layers
 from .lora import LowRankMethod, _as_targets
 from .registry import MethodConfig, attach, register
 from ..errors import ConfigError
@@ -231,7 +231,7 @@ class AdaLora(LowRankMethod):
             "beta1": cfg.beta1, "beta2": cfg.beta2, "orth_reg_weight": cfg.orth_reg_weight,
             "lora_alpha": cfg.alpha, "lora_dropout": cfg.dropout, "target_modules": targets, "bias": "none",
             "modules_to_save": self.modules_to_save(model) or None, "init_lora_weights": True,
-            "fan_in_fan_out": False, "inference_mode": True,
+            "fan_in_fan_out": fan_in_fan_out(model), "inference_mode": True,
             "rank_pattern": {f"{n}.lora_E": m.tolist() for n, m in pattern.items()} if pattern else None,
         }
 

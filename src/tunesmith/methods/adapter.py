@@ -13,7 +13,10 @@ to m = d / reduction_factor, a nonlinearity f and an up-projection, with a resid
 Initialisation is near-identity (§3.6): W_down ~ truncated N(0, 10⁻²); W_up and the biases start
 at zero, so the adapted model equals the base model exactly at step 0 (He et al. 2022 / LoRA's
 choice; Houlsby draw W_up with the same small std). The modules come from the architecture's
-target-module data (``attn_out``, ``ff_in``, ``ff_out`` in models/targets.py).
+target-module data (``attn_out``, ``ff_in``, ``ff_out`` in models/targets.py); where no single linear
+layer gives the feed-forward output (mixture-of-experts blocks: ``ffn``), the adapter follows (or,
+parallel, sits beside) the whole feed-forward module. Encoder-decoders get adapters after self-
+and cross-attention and the feed-forward sublayer of both stacks.
 """
 from __future__ import annotations
 
@@ -26,7 +29,7 @@ from torch import nn
 from ..errors import ConfigError
 from ..models.targets import arch, task_heads
 from . import peft_format
-from .inject import TunedLayer, freeze_all, replace_module, resolve_targets, tuned_layers, unfreeze_modules
+from .inject import LINEAR_KINDS, TunedLayer, freeze_all, resolve_targets, tuned_layers, unfreeze_modules, wrap
 from .registry import Method, attach, register
 from .configs.adapter import AdapterConfig
 
@@ -51,16 +54,21 @@ class Bottleneck(nn.Module):
         return self.up(self.act(self.down(h.to(w.dtype)))).to(h.dtype)
 
 
-class SerialAdapter(TunedLayer):
-    """Output projection of a sublayer followed by an adapter: y = Wx; y + s · A(y)."""
+def _first_param(module: nn.Module) -> torch.Tensor:
+    return next(module.parameters())
 
-    def __init__(self, base: nn.Linear, m: int, act: str, scaling: float):
+
+class SerialAdapter(TunedLayer):
+    """A sublayer's output projection (or its whole feed-forward module) followed by an adapter:
+    y = f(x); y + s · A(y), y of width d."""
+
+    def __init__(self, base: nn.Module, d: int, m: int, act: str, scaling: float):
         super().__init__(base)
-        self.adapter = Bottleneck(base.out_features, m, act, base.weight)
+        self.adapter = Bottleneck(d, m, act, _first_param(base))
         self.scaling = scaling
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.base_layer(x)
+    def forward(self, *args, **kwargs) -> torch.Tensor:
+        y = self.base_layer(*args, **kwargs)
         if self.disabled:
             return y
         return y + self.scaling * self.adapter(y)
@@ -97,41 +105,64 @@ class ParallelAdapter(TunedLayer):
         return y + self.scaling * self.adapter(h)
 
 
-def _names(model: nn.Module, key: str) -> list[str]:
+class ParallelBlock(TunedLayer):
+    """A whole feed-forward module (a mixture-of-experts block) plus s · A(x) from its own input x."""
+
+    def __init__(self, base: nn.Module, d: int, m: int, act: str, scaling: float):
+        super().__init__(base)
+        self.adapter = Bottleneck(d, m, act, _first_param(base))
+        self.scaling = scaling
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        y = self.base_layer(x, *args, **kwargs)
+        if self.disabled:
+            return y
+        return y + self.scaling * self.adapter(x)
+
+
+def _names(model: nn.Module, key: str, kinds=LINEAR_KINDS) -> list[str]:
     a = arch(model)
     if not a or key not in a:
         raise ConfigError(f"method adapter: no {key!r} module names for model type "
-                          f"{getattr(model.config, 'model_type', '?')!r} in models/targets.py")
-    return resolve_targets(model, a[key], field=f"method adapter ({key})")
+                          f"{getattr(model.config, 'model_type', '?')!r} in models/targets.py (the families "
+                          "adapters know are listed in docs/models.md)")
+    return resolve_targets(model, a[key], kinds=kinds, field=f"method adapter ({key})")
 
 
-def _ff_out(model: nn.Module) -> list[str]:
+def _ff_sites(model: nn.Module) -> tuple[list[str], bool]:
+    """The feed-forward sites and whether they are whole modules (``ffn``) rather than output projections."""
+    if "ffn" in arch(model):
+        return _names(model, "ffn", kinds=(nn.Module,)), True
     attn_out = set(_names(model, "attn_out"))
-    return [n for n in _names(model, "ff_out") if n not in attn_out]
+    return [n for n in _names(model, "ff_out") if n not in attn_out], False
 
 
-def _serial(model: nn.Module, sites: list[str], m: int, act: str, scaling: float) -> None:
+def _serial(model: nn.Module, sites: list[str], d: int, m: int, act: str, scaling: float) -> None:
     for n in sites:
-        replace_module(model, n, SerialAdapter(model.get_submodule(n), m, act, scaling))
+        wrap(model, n, lambda _, base: SerialAdapter(base, getattr(base, "out_features", d), m, act, scaling))
 
 
-def _houlsby(model: nn.Module, m: int, act: str, scaling: float) -> None:
-    _serial(model, _names(model, "attn_out") + _ff_out(model), m, act, scaling)
+def _houlsby(model: nn.Module, d: int, m: int, act: str, scaling: float) -> None:
+    _serial(model, _names(model, "attn_out") + _ff_sites(model)[0], d, m, act, scaling)
 
 
-def _pfeiffer(model: nn.Module, m: int, act: str, scaling: float) -> None:
-    _serial(model, _ff_out(model), m, act, scaling)
+def _pfeiffer(model: nn.Module, d: int, m: int, act: str, scaling: float) -> None:
+    _serial(model, _ff_sites(model)[0], d, m, act, scaling)
 
 
-def _parallel(model: nn.Module, m: int, act: str, scaling: float) -> None:
+def _parallel(model: nn.Module, d: int, m: int, act: str, scaling: float) -> None:
+    sites, whole = _ff_sites(model)
+    if whole:
+        for n in sites:
+            wrap(model, n, lambda _, base: ParallelBlock(base, d, m, act, scaling))
+        return
     ff_in = _names(model, "ff_in")
-    for n in _ff_out(model):
+    for n in sites:
         src = max(ff_in, key=lambda c: len(os.path.commonprefix([c, n])))  # the same block's input projection
         tap = model.get_submodule(src)
         if not isinstance(tap, InputTap):
-            tap = InputTap(tap)
-            replace_module(model, src, tap)
-        replace_module(model, n, ParallelAdapter(model.get_submodule(n), tap, m, act, scaling))
+            tap = wrap(model, src, lambda _, base: InputTap(base))
+        wrap(model, n, lambda _, base: ParallelAdapter(base, tap, m, act, scaling))
 
 
 #: placement -> (where the adapters go, default output scale)
@@ -158,7 +189,8 @@ class Adapter(Method):
         cfg = self.cfg
         freeze_all(model)
         place, default_scale = PLACEMENTS[cfg.placement]
-        place(model, self.bottleneck(model), cfg.nonlinearity, cfg.scaling or default_scale)
+        d = model.get_input_embeddings().weight.shape[1]
+        place(model, d, self.bottleneck(model), cfg.nonlinearity, cfg.scaling or default_scale)
         for _, layer in tuned_layers(model):
             for p in layer.parameters():
                 p.requires_grad_(True)

@@ -29,7 +29,7 @@ from ..errors import ConfigError
 from ..models.targets import arch
 from . import delta
 from ._sparse import head_prefixes
-from .inject import freeze_all, matches, resolve_targets
+from .inject import LINEAR_KINDS, freeze_all, matches, resolve_targets
 from .registry import Method, attach, register
 from .configs.bitfit import BitFitConfig
 
@@ -97,22 +97,47 @@ class BitFit(Method):
         attach(model, method)
         return model
 
+    def merge_refusal(self, model: nn.Module) -> str | None:
+        added = getattr(self, "added", None)
+        left = _unswitched(model, set(self.bias_targets(model) if added is None else added))
+        if not left:
+            return None
+        groups = arch(model)
+        kinds = [k for k, label in (("attention", "attention"), ("mlp", "feed-forward"))
+                 if groups and any(matches(n, groups[k]) for n in left)]
+        named = " and ".join({"attention": "attention", "mlp": "feed-forward"}[k] for k in kinds) or "linear"
+        return f"the biases it adds to {named} projections have no config switch in a plain model of this type"
+
     def merge(self, model: nn.Module) -> nn.Module:
         """Turn on the config switches that make the added biases part of a plain model."""
-        left = set(getattr(self, "added", []))
-        groups = arch(model)
-        for switch, group in BIAS_SWITCHES.items():
-            if not left or not groups or not hasattr(model.config, switch):
-                continue
-            members = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and matches(n, groups[group])]
-            if left & set(members):
-                for n in members:
-                    if model.get_submodule(n).bias is None:
-                        add_bias(model.get_submodule(n))
-                setattr(model.config, switch, True)
-                left -= set(members)
-        if left:
-            raise ConfigError(f"method bitfit: biases added to {sorted(left)[:3]} cannot be stored in a plain "
-                              f"{model.config.model_type} model (no config switch for them); load the run with "
-                              "tunesmith.load instead of merging")
+        reason = self.merge_refusal(model)
+        if reason:
+            left = sorted(_unswitched(model, set(getattr(self, "added", []))))
+            raise ConfigError(f"method bitfit: {reason} ({model.config.model_type}: {', '.join(left[:3])} …); load "
+                              "the run with tunesmith.load instead of merging")
+        for switch, members in _switches(model, set(getattr(self, "added", []))):
+            for n in members:
+                if model.get_submodule(n).bias is None:
+                    add_bias(model.get_submodule(n))
+            setattr(model.config, switch, True)
         return model
+
+
+def _switches(model: nn.Module, added: set[str]) -> list[tuple[str, list[str]]]:
+    """The config switches (and the projections each covers) needed for biases added to ``added``."""
+    groups, out = arch(model), []
+    for switch, group in BIAS_SWITCHES.items():
+        if not added or not groups or not hasattr(model.config, switch):
+            continue
+        members = [n for n, m in model.named_modules() if isinstance(m, LINEAR_KINDS) and matches(n, groups[group])]
+        if added & set(members):
+            out.append((switch, members))
+    return out
+
+
+def _unswitched(model: nn.Module, added: set[str]) -> set[str]:
+    """Added biases that no config switch covers."""
+    left = set(added)
+    for _, members in _switches(model, added):
+        left -= set(members)
+    return left

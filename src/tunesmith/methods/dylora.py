@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import peft_format
-from .inject import tuned_layers
+from .inject import fan_in_fan_out, tuned_layers
 from .lora import LoraLinear, LowRankMethod
 from .registry import MethodConfig, register
 from ..errors import ConfigError
@@ -100,7 +100,7 @@ class DyLora(LowRankMethod):
             "base_model_name_or_path": base_name, "r": cfg.r_max, "lora_alpha": cfg.alpha,
             "lora_dropout": cfg.dropout, "target_modules": targets, "bias": "none", "use_rslora": False,
             "modules_to_save": self.modules_to_save(model) or None, "init_lora_weights": True,
-            "fan_in_fan_out": False, "inference_mode": True, "use_dora": False, "rank_pattern": {},
+            "fan_in_fan_out": fan_in_fan_out(model), "inference_mode": True, "use_dora": False, "rank_pattern": {},
             "alpha_pattern": {}, "layers_to_transform": None,
         }
 

@@ -5,7 +5,8 @@ Policies, combined as a union of selections minus ``exclude``:
 * ``layers``: blocks by index, range, ``first k``/``last k``, ``all``/``none``; with
   ``layer_types`` only those parameter types inside the chosen blocks (e.g. their attention);
 * ``types``: parameter types trained everywhere — ``norms`` (LayerNorm/RMSNorm), ``biases``,
-  ``attention`` and ``mlp`` (the projections named by ``models/targets.py``; other
+  ``attention`` and ``mlp`` (the projections named by ``models/targets.py``, with the fused expert and
+  router weights of mixture-of-experts blocks counted as ``mlp``; other
   architectures fall back to module names containing attn/attention resp. mlp/ffn/intermediate);
 * ``embeddings`` (the input embeddings), ``head`` (the task head), ``include`` regexes;
 * ``exclude`` regexes remove parameters from all of the above.
@@ -24,7 +25,7 @@ from torch import nn
 from ..errors import ConfigError
 from ..models.targets import arch, find_blocks, task_heads
 from . import delta
-from .inject import matches
+from .inject import LINEAR_KINDS, matches
 from .registry import Method, register
 from .configs.freeze import FreezeConfig, LayerSpec
 
@@ -40,6 +41,7 @@ def param_types(model: nn.Module) -> dict[str, set[str]]:
     """The :data:`ParamType` s of every parameter, by name (attention wins over mlp for BERT's
     ``attention.output.dense``, which both suffix lists match)."""
     a = arch(model)
+    moe = (a.get("experts") or []) + (a.get("router") or [])  # fused expert and router weights: feed-forward
     modules = dict(model.named_modules())
     out: dict[str, set[str]] = {}
     for n, _ in model.named_parameters():
@@ -50,7 +52,9 @@ def param_types(model: nn.Module) -> dict[str, set[str]]:
             kinds.add("biases")
         if module is not None and _is_norm(module):
             kinds.add("norms")
-        elif isinstance(module, nn.Linear):
+        elif moe and matches(n, moe):
+            kinds.add("mlp")
+        elif isinstance(module, LINEAR_KINDS):
             for kind in ("attention", "mlp"):
                 hit = matches(mod_name, a[kind]) if a else re.search(_FALLBACK[kind], mod_name)
                 if hit:

@@ -16,9 +16,10 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
-from ..models.targets import arch, task_heads
+from ..models.targets import arch, task_heads, unknown_architecture
 from . import peft_format
-from .inject import TunedLayer, freeze_all, inject, matches, resolve_targets, tuned_layers, unfreeze_modules, unwrap
+from .inject import (TunedLayer, fan_in_fan_out, freeze_all, inject, matches, resolve_targets, tuned_layers,
+                     unfreeze_modules, unwrap)
 from .registry import Method, attach, register
 from .configs.ia3 import Ia3Config, Targets
 
@@ -73,11 +74,13 @@ class Ia3In(Ia3Out):
 
 
 def default_targets(model: nn.Module) -> tuple[list[str], list[str]]:
+    """The architecture's key and value projections and feed-forward output projections (models/targets.py);
+    a fused query-key-value projection is rescaled whole, as peft does; mixture-of-experts blocks keep their
+    fused experts unscaled (no linear layer holds the intermediate activation there)."""
     a = arch(model)
     if not a:
-        raise ConfigError(f"method.target_modules: no default (IA)³ targets for model type "
-                          f"{getattr(model.config, 'model_type', '?')!r}; set target_modules and feedforward_modules")
-    return a["keys"] + a["values"] + a["ff_out"], a["ff_out"]
+        raise unknown_architecture(model, "method.target_modules")
+    return list(dict.fromkeys(a["keys"] + a["values"] + a["ff_out"])), a["ff_out"]
 
 
 @register
@@ -122,7 +125,7 @@ class Ia3(Method):
                 "base_model_name_or_path": base_name,
                 "target_modules": targets if isinstance(targets, str) else sorted(targets),
                 "feedforward_modules": ff if isinstance(ff, str) else sorted(ff),
-                "fan_in_fan_out": False, "init_ia3_weights": True, "inference_mode": True,
+                "fan_in_fan_out": fan_in_fan_out(model), "init_ia3_weights": True, "inference_mode": True,
                 "modules_to_save": self.saved_modules or None}
 
     def save(self, model: nn.Module, out_dir: Path, base_name: str) -> Path:

@@ -10,18 +10,34 @@ with learning rate lr_ratio_b * lr.
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from . import peft_format
-from .inject import TunedLayer, freeze_all, inject, resolve_targets, tuned_layers, unfreeze_modules, unwrap
+from .inject import (TunedLayer, fan_in_fan_out, freeze_all, inject, inject_params, resolve_targets, tuned_layers,
+                     unfreeze_modules, unwrap)
 from .registry import Method, MethodConfig, attach, register
 from ..errors import ConfigError
 from ..kernels.lora import frozen_weight, lora_linear
 from ..models.targets import task_heads
 from .configs.lora import LoraConfig
+
+
+@torch.no_grad()
+def init_lora_(a: torch.Tensor, b: torch.Tensor, init: str, r: int) -> None:
+    """B = 0 and A by ``init`` (LoraConfig.init); A is (rows, d_in)."""
+    if init == "kaiming":
+        nn.init.kaiming_uniform_(a, a=math.sqrt(5))
+    elif init == "gaussian":
+        nn.init.normal_(a, std=1 / r)
+    elif init == "zero_b":
+        nn.init.normal_(a, std=1 / math.sqrt(a.shape[1]))
+    else:
+        raise ValueError(f"unknown LoRA init {init!r}")
+    nn.init.zeros_(b)
 
 
 class LoraLinear(TunedLayer):
@@ -39,16 +55,7 @@ class LoraLinear(TunedLayer):
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
 
     def reset(self, init: str) -> None:
-        with torch.no_grad():
-            if init == "kaiming":
-                nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
-            elif init == "gaussian":
-                nn.init.normal_(self.lora_A.weight, std=1 / self.r)
-            elif init == "zero_b":
-                nn.init.normal_(self.lora_A.weight, std=1 / math.sqrt(self.lora_A.in_features))
-            else:
-                raise ValueError(f"unknown LoRA init {init!r}")
-            nn.init.zeros_(self.lora_B.weight)
+        init_lora_(self.lora_A.weight, self.lora_B.weight, init, self.r)
 
     def delta_weight(self) -> torch.Tensor:
         """ΔW = scaling · B A, shape (d_out, d_in)."""
@@ -135,7 +142,8 @@ class LowRankMethod(Method):
     def apply(self, model: nn.Module) -> nn.Module:
         cfg = self.cfg
         freeze_all(model)
-        self.targets = inject(model, cfg.target_modules, self.make_layer)
+        self.targets = inject(model, cfg.target_modules, self.make_layer) if cfg.target_modules != [] else []
+        self.param_targets = self.inject_parameters(model)
         for _, layer in tuned_layers(model):
             for n, p in layer.named_parameters():
                 if not n.startswith("base_layer."):
@@ -143,6 +151,10 @@ class LowRankMethod(Method):
         self._apply_bias(model)
         self.saved_modules = unfreeze_modules(model, self.modules_to_save(model))
         return model
+
+    def inject_parameters(self, model: nn.Module) -> list[str]:
+        """Wrap the parameters the method targets directly (none here; Lora's target_parameters)."""
+        return []
 
     def modules_to_save(self, model: nn.Module) -> list[str]:
         return list(dict.fromkeys((getattr(self.cfg, "modules_to_save", None) or []) + task_heads(model)))
@@ -176,14 +188,17 @@ class LowRankMethod(Method):
         targets = cfg.target_modules
         if targets is None or targets == "all-linear":
             targets = sorted({n.rsplit(".", 1)[-1] for n in self.targets})
-        return {
+        out = {
             "peft_type": self.peft_type, "task_type": peft_format.task_type(model),
             "base_model_name_or_path": base_name, "r": cfg.r, "lora_alpha": cfg.alpha,
             "lora_dropout": cfg.dropout, "target_modules": targets, "bias": cfg.bias,
             "use_rslora": cfg.use_rslora, "modules_to_save": self.modules_to_save(model) or None,
-            "init_lora_weights": True, "fan_in_fan_out": False, "inference_mode": True,
+            "init_lora_weights": True, "fan_in_fan_out": fan_in_fan_out(model), "inference_mode": True,
             "use_dora": False, "rank_pattern": {}, "alpha_pattern": {}, "layers_to_transform": None,
         }
+        if getattr(self, "param_targets", None):
+            out["target_parameters"] = list(self.param_targets)
+        return out
 
     def save(self, model: nn.Module, out_dir: Path, base_name: str) -> Path:
         state = self.trainable_state(model)
@@ -196,14 +211,16 @@ class LowRankMethod(Method):
         """Rewrite what ``save`` writes so that it applies to the unmodified base model (no-op here)."""
 
     def trainable_state(self, model: nn.Module) -> dict[str, torch.Tensor]:
-        # peft names the bias of a wrapped layer <path>.bias, not <path>.base_layer.bias
-        return {n.replace(".base_layer.", "."): p.detach() for n, p in model.named_parameters() if p.requires_grad}
+        # peft names the bias of a wrapped layer <path>.bias, not <path>.base_layer.bias (nested
+        # parameter wrappers keep their <path>.base_layer.lora_A names, as peft's)
+        return {_BASE_LEAF.sub(r".\1", n): p.detach() for n, p in model.named_parameters() if p.requires_grad}
 
     def load_trainable_state(self, model: nn.Module, state: dict[str, torch.Tensor]) -> None:
         peft_format.load_into(model, state, Path("<checkpoint>"))
 
     @classmethod
     def config_from_peft(cls, peft_cfg: dict) -> MethodConfig:
+        from ._param_lora import parameter_fields
         if peft_cfg.get("rank_pattern") or peft_cfg.get("alpha_pattern"):
             raise ConfigError("adapter_config.json: rank_pattern/alpha_pattern (per-module ranks) are not "
                               "supported for peft_type LORA; merge the adapter in peft instead")
@@ -212,7 +229,8 @@ class LowRankMethod(Method):
                           target_modules=_as_targets(peft_cfg.get("target_modules")),
                           bias=peft_cfg.get("bias", "none"), use_rslora=peft_cfg.get("use_rslora", False),
                           modules_to_save=peft_cfg.get("modules_to_save"),
-                          init=_init_from_peft(peft_cfg.get("init_lora_weights", True)))
+                          init=_init_from_peft(peft_cfg.get("init_lora_weights", True)),
+                          **parameter_fields(cls.Config, peft_cfg))
 
     @classmethod
     def from_saved(cls, peft_cfg: dict, meta: dict | None) -> "LowRankMethod":
@@ -232,6 +250,9 @@ class LowRankMethod(Method):
         for _, layer in tuned_layers(model):
             layer.merge()
         return unwrap(model)
+
+
+_BASE_LEAF = re.compile(r"\.base_layer\.(weight|bias)$")
 
 
 def _as_targets(t):
@@ -263,6 +284,17 @@ class Lora(LowRankMethod):
     @classmethod
     def accepts_peft(cls, peft_cfg: dict) -> bool:
         return super().accepts_peft(peft_cfg) and not peft_cfg.get("use_dora")
+
+    def inject_parameters(self, model: nn.Module) -> list[str]:
+        if not self.cfg.target_parameters:
+            return []
+        from ._param_lora import ParamLora
+
+        def make(name: str, owner: nn.Module, param_name: str) -> ParamLora:
+            layer = ParamLora(owner, param_name, self.cfg.r, self.cfg.alpha, self.cfg.use_rslora)
+            layer.reset(self.cfg.init)
+            return layer
+        return inject_params(model, self.cfg.target_parameters, make)
 
     def make_layer(self, name: str, base: nn.Module) -> LoraLinear:
         layer_cls = _LAYER_FOR_INIT.get(self.cfg.init, LoraLinear)

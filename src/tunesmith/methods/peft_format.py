@@ -31,6 +31,8 @@ def task_type(model: nn.Module) -> str:
     cls = type(model).__name__
     if "SequenceClassification" in cls or any("SequenceClassification" in a for a in archs):
         return "SEQ_CLS"
+    if getattr(getattr(model, "config", None), "is_encoder_decoder", False):
+        return "SEQ_2_SEQ_LM"
     if "CausalLM" in cls or "LMHead" in cls:
         return "CAUSAL_LM"
     return "FEATURE_EXTRACTION"

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from ._prompting import KVPrefixMethod
-from ._virtual import KVPrefix, dims
+from ._virtual import KVPrefix, kv_shape
 from .registry import register
 from .configs.prefix import PrefixConfig
 
@@ -43,7 +43,7 @@ class Prefix(KVPrefixMethod):
     ]
 
     def make(self, model: nn.Module) -> PrefixMlp:
-        return PrefixMlp(self.cfg.num_virtual_tokens, dims(model), self.cfg.reparam_hidden)
+        return PrefixMlp(self.cfg.num_virtual_tokens, kv_shape(model), self.cfg.reparam_hidden)
 
     def peft_fields(self, model: nn.Module) -> dict:
         return {"prefix_projection": True, "encoder_hidden_size": self.cfg.reparam_hidden}
@@ -56,7 +56,7 @@ class Prefix(KVPrefixMethod):
 
 def prefix_trainable_count(model: nn.Module, n: int, hidden: int) -> int:
     """Closed form: n·d_kv + (d_kv·h + h) + (h·L·2·d_kv + L·2·d_kv)."""
-    d = dims(model)
+    d = kv_shape(model)
     d_kv = d["kv_heads"] * d["head_dim"]
     out = d["layers"] * 2 * d_kv
     return n * d_kv + d_kv * hidden + hidden + hidden * out + out

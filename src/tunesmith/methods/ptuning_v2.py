@@ -12,7 +12,7 @@ from __future__ import annotations
 from torch import nn
 
 from ._prompting import KVPrefixMethod
-from ._virtual import PrefixTable, dims
+from ._virtual import PrefixTable, kv_shape
 from .registry import register
 from .configs.ptuning_v2 import PtuningV2Config
 
@@ -24,7 +24,7 @@ class PtuningV2(KVPrefixMethod):
     loads_peft = False  # a plain peft prefix adapter loads as `prefix`; the folded forms are identical
 
     def make(self, model: nn.Module) -> PrefixTable:
-        return PrefixTable(self.cfg.num_virtual_tokens, dims(model))
+        return PrefixTable(self.cfg.num_virtual_tokens, kv_shape(model))
 
     def peft_fields(self, model: nn.Module) -> dict:
         return {"prefix_projection": False}
@@ -32,5 +32,5 @@ class PtuningV2(KVPrefixMethod):
 
 def ptuning_v2_trainable_count(model: nn.Module, n: int) -> int:
     """Closed form: n · layers · 2 · kv_heads · head_dim."""
-    d = dims(model)
+    d = kv_shape(model)
     return n * d["layers"] * 2 * d["kv_heads"] * d["head_dim"]

@@ -15,11 +15,12 @@ so it loads as method lora anywhere; loading it quantizes nothing.
 from __future__ import annotations
 
 import importlib
+import importlib.util
 
 import torch
 from torch import nn
 
-from .inject import TunedLayer, replace_module, resolve_targets, tuned_layers, unwrap
+from .inject import Conv1DAsLinear, TunedLayer, as_linear, conv1d_from, replace_module, resolve_targets, tuned_layers, unwrap
 from .lora import Lora, LoraConfig, LoraLinear
 from .registry import register
 from ..errors import ConfigError
@@ -96,6 +97,11 @@ class Qlora(Lora):
     Config = QloraConfig
     invariant_cases = []  # 4-bit bases need CUDA; the GPU benchmark covers the numerics
     stages_on_cpu = True  # a run loads on the CPU; apply() quantizes each layer on its way to the GPU
+    requires = "a CUDA GPU and bitsandbytes"
+
+    @classmethod
+    def available(cls) -> bool:
+        return torch.cuda.is_available() and importlib.util.find_spec("bitsandbytes") is not None
 
     def apply(self, model: nn.Module) -> nn.Module:
         """Quantize every linear layer of the blocks (never the output head) onto ``self.device`` (default:
@@ -104,10 +110,11 @@ class Qlora(Lora):
         device = self.device or next(model.parameters()).device
         check_device(device)
         for name in resolve_targets(model, "all-linear", field="method (qlora base quantization)"):
-            lin = model.get_submodule(name)
+            lin = as_linear(model.get_submodule(name))  # GPT-2's Conv1D in nn.Linear layout
             if not isinstance(lin, bnb.nn.Linear4bit):  # a model loaded in 4 bits is used as it is
-                replace_module(model, name, quantize_linear(bnb, lin, self.cfg.quant_type, self.cfg.double_quant,
-                                                            device))
+                q = quantize_linear(bnb, lin, self.cfg.quant_type, self.cfg.double_quant, device)
+                q.from_conv1d = isinstance(lin, Conv1DAsLinear)
+                replace_module(model, name, q)
         model.to(device)
         if torch.cuda.is_available():
             torch.cuda.empty_cache()  # the full-precision weights just freed
@@ -121,11 +128,15 @@ class Qlora(Lora):
     def merge(self, model: nn.Module) -> nn.Module:
         """Dequantize every 4-bit layer into a plain nn.Linear, adding the LoRA update where there is one."""
         bnb = self.bnb
+
+        def plain(q, delta=None):  # back to the model's own layer type (Conv1D for GPT-2)
+            lin = dequantize_linear(bnb, q, delta)
+            return conv1d_from(lin) if getattr(q, "from_conv1d", False) else lin
         for name, layer in list(tuned_layers(model)):
-            replace_module(model, name, dequantize_linear(bnb, layer.base_layer, layer.delta_weight().detach()))
+            replace_module(model, name, plain(layer.base_layer, layer.delta_weight().detach()))
         for name, module in list(model.named_modules()):
             if isinstance(module, bnb.nn.Linear4bit) and not isinstance(module, TunedLayer):
-                replace_module(model, name, dequantize_linear(bnb, module))
+                replace_module(model, name, plain(module))
         return unwrap(model)
 
     @classmethod

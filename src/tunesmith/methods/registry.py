@@ -74,10 +74,28 @@ class Method:
     #: Whether the model should load on the CPU, with ``apply`` placing it on ``self.device`` (QLoRA:
     #: the full-precision weights never occupy the GPU, each layer is quantized as it moves there).
     stages_on_cpu: ClassVar[bool] = False
+    #: What the method needs beyond the model (said in docs/models.md), and whether this machine has it.
+    requires: ClassVar[str | None] = None
 
     def __init__(self, cfg: MethodConfig):
         self.cfg = cfg
         self.device: torch.device | None = None  # the run's device, where apply places a staged model
+
+    @classmethod
+    def available(cls) -> bool:
+        """Whether this machine has what ``requires`` names (apply raises a ConfigError otherwise)."""
+        return True
+
+    # -- coverage (tests/test_coverage.py checks each against what apply and merge do) ---------
+    def unsupported(self, model: nn.Module) -> str | None:
+        """Why this method cannot be applied to ``model`` (None: it can), judged from the model's
+        structure alone, so that docs/models.md can ask of weightless models; apply then raises a
+        ConfigError that says so."""
+        return None
+
+    def merge_refusal(self, model: nn.Module) -> str | None:
+        """Why ``merge`` refuses to fold this method into ``model`` (None: it folds)."""
+        return None if self.mergeable else self.unmergeable_reason
 
     @classmethod
     def accepts_peft(cls, peft_cfg: dict) -> bool:

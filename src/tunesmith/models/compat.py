@@ -42,6 +42,12 @@ def pop_cache(kwargs: dict):
     return found
 
 
+def takes_cache(module: nn.Module) -> bool:
+    """Whether ``module.forward`` has a KV-cache parameter at all (DeBERTa's and ModernBERT's have none)."""
+    forward = getattr(type(module), "forward", None) or module.forward
+    return any(name in inspect.signature(forward).parameters for name in CACHE_NAMES)
+
+
 def cache_kwargs(module: nn.Module, cache) -> dict:
     """``{name: cache}`` for a call of ``module``, under the name its transformers release takes."""
     return {cache_name(module): cache}
@@ -75,3 +81,14 @@ def enable_checkpointing(model: nn.Module) -> None:
         enable(activation_checkpointing_kwargs={"use_reentrant": False})
     else:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+def experts_transposed(experts: nn.Module) -> bool:
+    """Whether a mixture-of-experts module stores its fused 3-D weights as (experts, in, out).
+
+    transformers 5.17 through 5.24 store every expert of a block in one 3-D parameter per projection
+    (``gate_up_proj`` (E, 2·I, H), ``down_proj`` (E, H, I): (experts, out, in)), with no ``nn.Linear``
+    per expert; the experts decorator marks the few models that keep (experts, in, out) by
+    ``is_transposed``.
+    """
+    return bool(getattr(experts, "is_transposed", False))

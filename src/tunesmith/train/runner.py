@@ -26,7 +26,7 @@ from ..data.formats import apply_field_map, detect_format
 from ..data.readers import first_readable, read_rows
 from ..errors import TrainingDiverged
 from ..methods import registry
-from ..models.loader import base_reference, load_model, load_tokenizer, quiet_progress, resolve_device
+from ..models.loader import base_reference, is_encoder_decoder, load_model, load_tokenizer, quiet_progress, resolve_device
 from . import accel, checkpoint, objectives, speed
 from .divergence import Divergence, nonfinite_weights
 from .loop import Batches, Loop, LoopState, evaluate
@@ -58,7 +58,7 @@ def resolve_objective(cfg: RunConfig) -> str:
         rows = read_rows(cfg.data.train, max_rows=100 if cfg.data.on_error == "skip" else 1,
                          on_error=cfg.data.on_error, txt_documents=cfg.data.txt_documents)
         fmt = detect_format(apply_field_map(first_readable(rows), cfg.data.field_map))
-    return objectives.for_format(fmt)
+    return objectives.for_format(fmt, encoder_decoder=is_encoder_decoder(cfg.model))
 
 
 def new_run_dir(base: str) -> Path:

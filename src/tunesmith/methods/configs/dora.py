@@ -15,6 +15,13 @@ class DoraConfig(LoraConfig):
     summary: ClassVar[str] = "Weight-decomposed LoRA: learned magnitude × direction of W + B·A (Liu et al. 2024)."
     name: Literal["dora"] = "dora"
 
+    @field_validator("target_parameters")
+    @classmethod
+    def _no_parameters(cls, v):
+        if v:
+            raise ValueError("dora adapts linear layers only (its magnitude is per output row of one layer); use method lora for expert and router weights")
+        return v
+
     @field_validator("init")
     @classmethod
     def _no_pissa(cls, v):

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import ClassVar, Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from ..registry import MethodConfig, register_config
 
@@ -46,3 +46,29 @@ class LoraConfig(TargetedConfig):
     use_rslora: bool = Field(False, description="Scale by alpha/sqrt(r) (rsLoRA) instead of alpha/r.")
     lr_ratio_b: float = Field(1.0, gt=0, description="LoRA+: B's learning rate is lr_ratio_b × train.lr "
                                                      "(the paper suggests 16; 1 = plain LoRA).")
+    target_parameters: list[str] | None = Field(
+        None, description="Weights no linear layer holds, adapted directly (peft's target_parameters): the fused "
+                          "3-D expert weights and the router of mixture-of-experts blocks. Parameter names (suffix "
+                          "match, e.g. experts.down_proj, mlp.gate.weight), or the words experts and router for the "
+                          "architecture's own; null: none (experts and router stay frozen). With it, target_modules "
+                          "may be [] to adapt only these.")
+
+    @field_validator("target_modules")
+    @classmethod
+    def _nonempty(cls, v):
+        return v  # an empty list is checked with target_parameters below
+
+    @model_validator(mode="after")
+    def _parameter_targets(self):
+        if self.target_modules == [] and not self.target_parameters:
+            raise ValueError("target_modules: empty list; give module names, a regex, 'all-linear' or null "
+                             "(or target_parameters to adapt only those)")
+        if self.target_parameters is not None:
+            if not self.target_parameters:
+                raise ValueError("target_parameters: empty list; give parameter names, experts, router, or null")
+            if self.dropout > 0:
+                raise ValueError("dropout acts on a layer's input, which target_parameters have none of "
+                                 f"(got dropout={self.dropout}); set dropout 0 or drop target_parameters")
+            if self.init == "pissa":
+                raise ValueError("init 'pissa' is not supported with target_parameters; valid: kaiming, gaussian, zero_b")
+        return self

@@ -20,6 +20,13 @@ class QloraConfig(LoraConfig):
     double_quant: bool = Field(True, description="Quantize the per-block scales too (double quantization, "
                                                  "~0.37 bits/parameter saved).")
 
+    @field_validator("target_parameters")
+    @classmethod
+    def _no_parameters(cls, v):
+        if v:
+            raise ValueError("qlora adapts linear layers only (the 4-bit base is its linear layers); use method lora for expert and router weights")
+        return v
+
     @field_validator("init")
     @classmethod
     def _no_pissa(cls, v):

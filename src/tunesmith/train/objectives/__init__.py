@@ -25,6 +25,7 @@ class Objective:
     task: ClassVar[str] = "causal_lm"       # model head to load: causal_lm | classification
     data_objective: ClassVar[str] = "sft"   # what build_datasets produces
     formats: ClassVar[tuple[str, ...]] = ()  # data formats this objective is chosen for by default
+    encoder_decoder: ClassVar[bool] = False  # chosen by default for encoder-decoder models (else decoders)
 
     def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int, dict]:
         raise NotImplementedError
@@ -60,9 +61,12 @@ def get(name: str) -> Objective:
     return objs[name]()
 
 
-def for_format(fmt: str) -> str:
-    """The default objective for a data format."""
-    for name, cls in all_objectives().items():
-        if fmt in cls.formats:
+def for_format(fmt: str, encoder_decoder: bool = False) -> str:
+    """The default objective for a data format (and model kind: encoder-decoders have their own)."""
+    found = [(name, cls) for name, cls in all_objectives().items() if fmt in cls.formats]
+    for name, cls in found:
+        if cls.encoder_decoder == encoder_decoder:
             return name
+    if found:
+        return found[0][0]
     raise ConfigError(f"train.objective: no default objective for data format {fmt!r}; set train.objective")
