@@ -66,6 +66,7 @@ def set_rank(model: nn.Module, b: int) -> None:
 
 @register
 class DyLora(LowRankMethod):
+    per_row_serving = True
     Config = DyLoraConfig
     invariant_cases = [
         {"options": {"r_min": 2, "r_max": 6}},

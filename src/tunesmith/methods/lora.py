@@ -275,6 +275,7 @@ def _init_from_peft(init) -> str:
 class Lora(LowRankMethod):
     auto_compile = True
     loads_peft = True
+    per_row_serving = True
     Config = LoraConfig
     invariant_cases = LowRankMethod.invariant_cases + [
         {"options": {"init": "pissa", "r": 4, "use_rslora": True, "lr_ratio_b": 16.0}},

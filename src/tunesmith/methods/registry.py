@@ -76,6 +76,9 @@ class Method:
     stages_on_cpu: ClassVar[bool] = False
     #: What the method needs beyond the model (said in docs/models.md), and whether this machine has it.
     requires: ClassVar[str | None] = None
+    #: Whether a saved adapter is a plain LoRA computed on the unchanged base model, so the generation
+    #: engine can apply it per row of a batch on a base shared with other adapters.
+    per_row_serving: ClassVar[bool] = False
 
     def __init__(self, cfg: MethodConfig):
         self.cfg = cfg

@@ -1,0 +1,182 @@
+"""Several LoRA adapters on one base model, the adapter chosen per row of a batch.
+
+Every adapted projection of the base model is wrapped once in a :class:`MultiLoraLinear` that
+holds the low-rank factors of all loaded adapters side by side: A_cat (C, d_in) and B_cat
+(d_out, C), C = the sum of their ranks, with ``col_slot`` (C,) naming the adapter of each column
+and ``col_scale`` (C,) its scaling (alpha/r, or alpha/√r for rsLoRA). For a batch whose row b
+uses adapter slot s_b (-1: the base model)
+
+    y = W0 x + ((x A_catᵀ) ⊙ M) B_catᵀ,    M[b, c] = col_scale[c] · [col_slot[c] == s_b],
+
+so each row gets exactly W0 x + s_a B_a A_a x of its own adapter a (Hu et al. 2021, eq. 3): two
+skinny matmuls per projection whatever the number of adapters, no gather of per-row weights.
+
+Adapters come from peft-format directories (tunesmith runs and adapters, peft's own) that are
+plain LoRA: :func:`per_row_reasons` says why one is not (DoRA, trained biases or modules_to_save,
+per-module ranks, methods whose base weights differ at load time such as QLoRA); those are
+served with their own copy of the model instead. :class:`AdapterTable` adds and removes adapters
+at run time.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ...errors import ConfigError
+from ...methods import peft_format
+from ...methods.inject import TunedLayer, replace_module
+
+Factors = dict[str, tuple[torch.Tensor, torch.Tensor, float]]   # module -> (A (r, d_in), B (d_out, r), scale)
+
+
+def adapter_dir(path: str | Path) -> Path | None:
+    """The peft-format adapter directory of a run directory or adapter directory (None: not one)."""
+    p = Path(path)
+    for cand in (p / "adapter", p):
+        if (cand / peft_format.CONFIG_NAME).is_file():
+            return cand
+    return None
+
+
+def per_row_reasons(path: Path) -> list[str]:
+    """Why the adapter at ``path`` cannot be applied per row on a shared base (empty: it can)."""
+    from ...export.rules import problems
+    cfg = json.loads((path / peft_format.CONFIG_NAME).read_text())
+    meta_file = path / peft_format.META_NAME
+    reasons = []
+    if meta_file.is_file():
+        from ...methods import registry
+        name = json.loads(meta_file.read_text())["method"]["name"]
+        if not getattr(registry.get(name), "per_row_serving", False):
+            reasons.append(f"it was trained with {name}, which changes how the base computes")
+    _, state = peft_format.read_adapter(path)
+    reasons += [r for r in problems("vllm", cfg, list(state)) if r not in reasons]
+    if cfg.get("rank_pattern") or cfg.get("alpha_pattern"):
+        reasons.append("it has per-module ranks or alphas (rank_pattern/alpha_pattern)")
+    return reasons
+
+
+def read_factors(path: Path) -> Factors:
+    """The (A, B, scale) of every adapted module of a plain LoRA adapter directory."""
+    cfg, state = peft_format.read_adapter(path)
+    r, alpha = int(cfg["r"]), float(cfg.get("lora_alpha", 8))
+    scale = alpha / (math.sqrt(r) if cfg.get("use_rslora") else r)
+    out: Factors = {}
+    for key, a in state.items():
+        if key.endswith(".lora_A.weight"):
+            module = key[: -len(".lora_A.weight")]
+            b = state.get(module + ".lora_B.weight")
+            if b is None:
+                raise ConfigError(f"{path}: {key} has no matching lora_B tensor")
+            out[module] = (a, b, scale)
+    if not out:
+        raise ConfigError(f"{path}: no lora_A/lora_B tensors in {peft_format.WEIGHTS_NAME}")
+    return out
+
+
+class MultiLoraLinear(TunedLayer):
+    """A frozen linear layer plus the LoRA factors of every loaded adapter, chosen per row."""
+
+    def __init__(self, base: nn.Linear, table: "AdapterTable"):
+        super().__init__(base)
+        object.__setattr__(self, "table", table)   # not a submodule: shared by every wrapped layer
+        self.parts: dict[int, tuple[torch.Tensor, torch.Tensor, float]] = {}
+        self.A = self.B = self.col_slot = self.col_scale = None
+
+    def set(self, slot: int, factors: tuple[torch.Tensor, torch.Tensor, float] | None) -> None:
+        """Add (or with None remove) adapter ``slot``'s factors and rebuild the side-by-side tensors."""
+        if factors is None:
+            self.parts.pop(slot, None)
+        else:
+            w = self.base_layer.weight
+            a, b, s = factors
+            if a.shape[1] != self.base_layer.in_features or b.shape[0] != self.base_layer.out_features:
+                raise ConfigError(f"LoRA factors {tuple(b.shape)}·{tuple(a.shape)} do not fit a "
+                                  f"{self.base_layer.out_features}x{self.base_layer.in_features} layer")
+            self.parts[slot] = (a.to(w.device, w.dtype), b.to(w.device, w.dtype), float(s))
+        if not self.parts:
+            self.A = self.B = self.col_slot = self.col_scale = None
+            return
+        items = sorted(self.parts.items())
+        dev, dtype = self.base_layer.weight.device, self.base_layer.weight.dtype
+        self.A = torch.cat([a for _, (a, _, _) in items], dim=0)            # (C, d_in)
+        self.B = torch.cat([b for _, (_, b, _) in items], dim=1)            # (d_out, C)
+        self.col_slot = torch.cat([torch.full((a.shape[0],), k, dtype=torch.long, device=dev)
+                                   for k, (a, _, _) in items])
+        self.col_scale = torch.cat([torch.full((a.shape[0],), s, dtype=dtype, device=dev)
+                                    for _, (a, _, s) in items])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base_layer(x)
+        rows = self.table.rows
+        if self.A is None or rows is None or self.disabled:
+            return y
+        m = (rows[:, None] == self.col_slot).to(x.dtype) * self.col_scale    # (B, C)
+        h = F.linear(x, self.A)                                              # (B, T, C)
+        return y + F.linear(h * m.unsqueeze(1), self.B)
+
+
+class AdapterTable:
+    """The named LoRA adapters installed on one base model; each has a slot id (>= 0)."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self.slots: dict[str, int] = {}
+        self.modules: dict[str, list[str]] = {}
+        self.rows: torch.Tensor | None = None
+        self._next = 0
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.slots
+
+    def names(self) -> list[str]:
+        return list(self.slots)
+
+    def add(self, name: str, factors: Factors) -> int:
+        """Install ``factors`` under ``name``; returns its slot. All-or-nothing on a shape error."""
+        if name in self.slots:
+            raise ConfigError(f"adapter {name!r} is already loaded")
+        found = dict(self.model.named_modules())
+        for module, (a, b, _) in factors.items():
+            m = found.get(module)
+            base = m.base_layer if isinstance(m, MultiLoraLinear) else m
+            if not isinstance(base, nn.Linear):
+                raise ConfigError(f"adapter {name!r}: module {module!r} is not a linear layer of this base model "
+                                  f"({type(self.model).__name__}); is the adapter for another base?")
+            if a.shape[1] != base.in_features or b.shape[0] != base.out_features:
+                raise ConfigError(f"adapter {name!r}: {module} is {base.out_features}x{base.in_features} here, "
+                                  f"the adapter's factors are for {b.shape[0]}x{a.shape[1]} (another base model?)")
+        slot = self._next
+        self._next += 1
+        for module, f in factors.items():
+            m = found[module]
+            if not isinstance(m, MultiLoraLinear):
+                m = MultiLoraLinear(m, self)
+                replace_module(self.model, module, m)
+            m.set(slot, f)
+        self.slots[name], self.modules[name] = slot, list(factors)
+        return slot
+
+    def remove(self, name: str) -> None:
+        slot = self.slots.pop(name)
+        for module in self.modules.pop(name):
+            m = self.model.get_submodule(module)
+            m.set(slot, None)
+            if not m.parts:
+                replace_module(self.model, module, m.base_layer)
+
+    @contextlib.contextmanager
+    def bind(self, slots: torch.Tensor, active: bool = True):
+        """Within the block, row b of every forward uses adapter slot ``slots[b]`` (-1: none);
+        ``active``: whether any row uses an adapter (known on the host, so no device sync here)."""
+        self.rows = slots if self.slots and active else None
+        try:
+            yield
+        finally:
+            self.rows = None

@@ -1,0 +1,216 @@
+"""The fast decoding path: fixed KV buffers (a static cache of ``max_batch`` slots × ``max_len``
+columns) and a decode step compiled once per batch bucket, with CUDA graphs on CUDA.
+
+Every running row owns a slot (a row of the buffers). All rows write their next key/value at the
+same column ``t`` (a device scalar, so the step's graph never changes); a row's own tokens sit in
+columns [start, t) and a boolean ``valid`` (slots, W) says which columns each slot attends to, so
+rows of any length decode together and a newcomer joins without moving anyone: its prompt is
+prefilled on the plain path (a ``DynamicCache``) and its keys/values copied into its slot at
+columns [t − L, t). When ``t`` reaches the end, the columns no row uses are cut from the front.
+
+The step runs slots [0, bucket) (buckets are powers of two up to ``max_batch``, new rows take the
+lowest free slot), so batch 1 computes one row however large the buffers are. Attention for the
+one-token step goes through :func:`decode_attention`, which attends grouped-query heads to their
+shared key/value head without copying keys and values per query head (what transformers' SDPA
+path does whenever there is a mask).
+
+Models with virtual-token hooks (prompt, prefix, P-tuning) and proxy-tuning keep to the plain path
+(:mod:`.runner`), the reference this path is tested against.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ...models.compat import cache_kwargs
+from .runner import ModelRunner, device_of, virtual_head
+
+ATTENTION = "tunesmith_decode"
+
+
+def decode_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    """transformers attention-interface function. One-token queries with a 4-D mask: query heads
+    are grouped under their key/value head, (B, Hq, 1, D) -> (B, Hkv, G, D), and attend with SDPA
+    directly (no repeated keys and values). Anything else: transformers' SDPA function."""
+    b, hq, t, d = query.shape
+    hkv = key.shape[1]
+    if t != 1 or attention_mask is None or attention_mask.dim() != 4 or hq % hkv:
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+        return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
+                                      **kwargs)
+    q = query.view(b, hkv, hq // hkv, d)                        # head h -> kv head h // G, as repeat_kv
+    out = F.scaled_dot_product_attention(q, key, value, attn_mask=attention_mask, scale=scaling)
+    return out.reshape(b, hq, 1, d).transpose(1, 2), None      # (B, 1, Hq, D)
+
+
+def _register_attention() -> None:
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+    AttentionInterface.register(ATTENTION, decode_attention)
+    ALL_MASK_ATTENTION_FUNCTIONS.register(ATTENTION, sdpa_mask)
+
+
+class SlotCache:
+    """The KV cache object a model's layers write to during a step: ``update`` writes the new
+    key/value of slots [0, n) at column ``write`` and returns those slots' whole buffers."""
+
+    def __init__(self, keys: list[torch.Tensor], values: list[torch.Tensor], write: torch.Tensor):
+        self.keys, self.values, self.write = keys, values, write
+
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        n = key_states.shape[0]
+        k, v = self.keys[layer_idx][:n], self.values[layer_idx][:n]
+        k.index_copy_(2, self.write, key_states)
+        v.index_copy_(2, self.write, value_states)
+        return k, v
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        raise RuntimeError("SlotCache: pass position_ids; a slot's length is its own")
+
+
+def _kv_shape(model: nn.Module) -> tuple[int, int, int]:
+    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    heads = cfg.num_attention_heads
+    kv = getattr(cfg, "num_key_value_heads", None) or heads
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+    return cfg.num_hidden_layers, kv, head_dim
+
+
+class StaticRunner(ModelRunner):
+    """A model's batch in fixed buffers, decoded by a (compiled) step; same interface as ModelRunner."""
+
+    def __init__(self, model: nn.Module, pad_id: int = 0, table=None, *, max_batch: int = 32,
+                 max_len: int = 2048, compile_mode: str | None = None):
+        super().__init__(model, pad_id, table)
+        _register_attention()
+        layers, kv, hd = _kv_shape(model)
+        dtype = model.get_input_embeddings().weight.dtype
+        dev, self.S, self.W = self.device, max_batch, max_len
+        self.k = [torch.zeros(self.S, kv, self.W, hd, dtype=dtype, device=dev) for _ in range(layers)]
+        self.v = [torch.zeros_like(x) for x in self.k]
+        self.valid = torch.zeros(self.S, self.W, dtype=torch.bool, device=dev)
+        self.write = torch.zeros(1, dtype=torch.long, device=dev)
+        self.ids = torch.full((self.S, 1), pad_id, dtype=torch.long, device=dev)
+        self.posb = torch.zeros(self.S, 1, dtype=torch.long, device=dev)
+        self.slotb = torch.full((self.S,), -1, dtype=torch.long, device=dev)
+        self.t = 0
+        self.phys: list[int] = []          # logical row -> slot
+        self.start = [0] * self.S          # first column of each slot's tokens
+        self.slot_cache = SlotCache(self.k, self.v, self.write)
+        self.neg = torch.finfo(dtype).min
+        self.configs = list({id(m.config): m.config for m in model.modules() if hasattr(m, "config")}.values())
+        step = self._step
+        if compile_mode is not None:
+            from torch import _dynamo
+            _dynamo.config.cache_size_limit = max(_dynamo.config.cache_size_limit, 64)
+            step = torch.compile(step, mode=compile_mode, dynamic=False)
+        self.step_fn = step
+        self.can_merge = True
+
+    @property
+    def rows(self) -> int:
+        return len(self.phys)
+
+    def _step(self, ids, pos, valid):
+        """One decode step of slots [0, n): logits (n, V). The adapter rows are bound by the caller."""
+        mask = torch.where(valid, 0.0, self.neg).to(self.k[0].dtype)[:, None, None, :]   # (n, 1, 1, W)
+        out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True,
+                         **cache_kwargs(self.model, self.slot_cache))
+        return out.logits[:, -1].float()
+
+    # -- rows ----------------------------------------------------------------------------
+    def _shift(self, d: int) -> None:
+        """Move every slot's columns by ``d`` (right if > 0, left if < 0)."""
+        w = self.W - abs(d)
+        src, dst = (slice(0, w), slice(d, d + w)) if d > 0 else (slice(-d, -d + w), slice(0, w))
+        for buf in (*self.k, *self.v):
+            buf[:, :, dst] = buf[:, :, src].clone()
+        self.valid[:, dst] = self.valid[:, src].clone()
+        if d > 0:
+            self.valid[:, :d] = False
+        else:
+            self.valid[:, w:] = False
+        self.t += d
+        self.start = [max(0, s + d) for s in self.start]
+
+    @torch.no_grad()
+    def prefill(self, prompts: list[list[int]], slots: list[int]) -> torch.Tensor:
+        from transformers import DynamicCache
+        from ..generate import left_pad
+        from ..proxy import positions
+        ids, mask = left_pad(prompts, self.pad_id)
+        ids, mask = ids.to(self.device), mask.to(self.device)
+        slot_t = torch.tensor(slots, dtype=torch.long, device=self.device)
+        cache = DynamicCache(config=self.model.config)
+        out, logits = self._forward(ids, mask, positions(mask), cache, slot_t, slots)
+        n, L = mask.shape
+        if L > self.t:
+            self._shift(L - self.t)
+        free = [s for s in range(self.S) if s not in set(self.phys)][:n]
+        if len(free) < n:
+            raise RuntimeError(f"StaticRunner: {n} new rows but only {len(free)} free slots")
+        idx = torch.tensor(free, device=self.device)
+        cols = slice(self.t - L, self.t)
+        for layer, mine_k, mine_v in zip(cache.layers, self.k, self.v):
+            mine_k[idx, :, cols] = layer.keys
+            mine_v[idx, :, cols] = layer.values
+        self.valid[idx] = False
+        self.valid[idx, cols] = mask.bool()
+        self.posb[idx, 0] = mask.sum(-1)
+        self.slotb[idx] = slot_t
+        for f, length in zip(free, mask.sum(-1).tolist()):
+            self.start[f] = self.t - length
+        self.phys += free
+        self.slot_list += list(slots)
+        return logits
+
+    @torch.no_grad()
+    def decode(self, last: list[int]) -> torch.Tensor:
+        if self.t >= self.W:
+            cut = min(self.start[p] for p in self.phys)
+            if cut == 0:
+                raise RuntimeError(f"StaticRunner: a row fills all {self.W} columns; admit at most max_len tokens")
+            self._shift(-cut)
+        top = max(self.phys) + 1
+        n = min(self.S, 1 << (top - 1).bit_length())
+        idx = torch.tensor(self.phys, device=self.device)
+        self.ids[idx, 0] = torch.tensor(last, dtype=torch.long, device=self.device)
+        self.valid[:n, self.t] = True
+        self.write.fill_(self.t)
+        for cfg in self.configs:
+            cfg._attn_implementation, saved = ATTENTION, cfg._attn_implementation
+        try:
+            with self._bind(self.slotb[:n], self.slot_list):
+                logits = self.step_fn(self.ids[:n], self.posb[:n], self.valid[:n])
+        finally:
+            for cfg in self.configs:
+                cfg._attn_implementation = saved
+        self.t += 1
+        self.posb.add_(1).clamp_(max=self.W - 1)
+        return logits.index_select(0, idx)
+
+    def keep(self, idx: list[int]) -> None:
+        gone = set(self.phys) - {self.phys[i] for i in idx}
+        self.phys = [self.phys[i] for i in idx]
+        self.slot_list = [self.slot_list[i] for i in idx]
+        for s in gone:
+            self.slotb[s] = -1
+            self.posb[s] = 0
+        if not self.phys:
+            self.t = 0
+            self.valid.zero_()
+
+
+def make_runner(model: nn.Module, pad_id: int, table=None, *, fast: bool | str = "auto", max_batch: int = 32,
+                max_len: int = 2048):
+    """The runner for ``model``: the fast path on CUDA for models without virtual tokens ("auto"),
+    or as asked (True: the fast path, compiled only on CUDA; False: the plain path)."""
+    cuda = device_of(model).type == "cuda"
+    usable = virtual_head(model) == 0 and getattr(model, "prompt_encoder", None) is None
+    if fast is True and not usable:
+        raise ValueError("the fast path does not take models with virtual tokens; use fast=False")
+    if fast is True or (fast == "auto" and cuda and usable):
+        return StaticRunner(model, pad_id, table, max_batch=max_batch, max_len=max_len,
+                            compile_mode="reduce-overhead" if cuda else None)
+    return ModelRunner(model, pad_id, table)

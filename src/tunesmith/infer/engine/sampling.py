@@ -1,0 +1,173 @@
+"""Sampling parameters and the next-token choice for a batch whose rows each have their own.
+
+Rows are grouped by their processing parameters and each group goes through transformers' own
+logits processors, in the order ``generate`` applies them: repetition penalty, then temperature,
+top-k, top-p and min-p. ``temperature == 0`` is greedy (argmax after the repetition penalty). A row
+with a ``seed`` draws from its own ``torch.Generator``, so its tokens do not depend on the other
+requests it shares a batch with.
+
+Log-probabilities are those of the model's raw distribution (log-softmax of the logits before any
+processor, as vLLM reports by default), or of the processed one with ``processed_logprobs``.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, fields
+
+import torch
+
+from ...errors import ConfigError
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How one request is decoded. Every field is validated on construction."""
+
+    max_tokens: int = 128               #: new tokens at most (the stop token included)
+    temperature: float = 0.0            #: 0 = greedy; otherwise logits / temperature
+    top_p: float = 1.0                  #: nucleus sampling: the smallest set of tokens with this mass
+    top_k: int = 0                      #: keep the k most likely tokens (0 = all)
+    min_p: float = 0.0                  #: drop tokens below min_p × the top token's probability
+    repetition_penalty: float = 1.0     #: CTRL's penalty on tokens already in the prompt or output
+    seed: int | None = None             #: a per-request generator (reproducible in any batch)
+    stop: tuple[str, ...] = ()          #: strings that end the completion (not included in the text)
+    stop_token_ids: tuple[int, ...] = ()  #: extra token ids that end it (besides EOS / end of turn)
+    ignore_eos: bool = False            #: keep going past EOS and end-of-turn tokens
+    logprobs: bool = False              #: return the log-probability of every sampled token
+    top_logprobs: int = 0               #: and of the k most likely alternatives
+    processed_logprobs: bool = False    #: log-probs after the processors instead of the raw model's
+
+    def __post_init__(self):
+        _check(self.max_tokens >= 1, "max_tokens", self.max_tokens, "an integer >= 1")
+        _check(math.isfinite(self.temperature) and self.temperature >= 0, "temperature", self.temperature,
+               "a number >= 0 (0 = greedy)")
+        _check(0 < self.top_p <= 1, "top_p", self.top_p, "a number in (0, 1]")
+        _check(self.top_k >= 0, "top_k", self.top_k, "an integer >= 0 (0 = off)")
+        _check(0 <= self.min_p <= 1, "min_p", self.min_p, "a number in [0, 1]")
+        _check(math.isfinite(self.repetition_penalty) and self.repetition_penalty > 0, "repetition_penalty",
+               self.repetition_penalty, "a number > 0 (1 = off)")
+        _check(0 <= self.top_logprobs <= 20, "top_logprobs", self.top_logprobs, "an integer in [0, 20]")
+        if isinstance(self.stop, str):
+            object.__setattr__(self, "stop", (self.stop,))
+        object.__setattr__(self, "stop", tuple(s for s in self.stop if s))
+        object.__setattr__(self, "stop_token_ids", tuple(int(i) for i in self.stop_token_ids))
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0 or self.top_k == 1
+
+    def group_key(self) -> tuple:
+        """Rows with the same key go through the same processors."""
+        if self.greedy:
+            return (True, self.repetition_penalty)
+        return (False, self.repetition_penalty, self.temperature, self.top_k, self.top_p, self.min_p)
+
+    def replace(self, **changes) -> "SamplingParams":
+        values = {f.name: getattr(self, f.name) for f in fields(self)}
+        values.update(changes)
+        return SamplingParams(**values)
+
+
+def _check(ok: bool, name: str, value, valid: str) -> None:
+    if not ok:
+        raise ConfigError(f"sampling: {name}={value!r} is not valid; expected {valid}")
+
+
+def processors(params: SamplingParams):
+    """transformers' LogitsProcessorList for ``params`` (empty for plain greedy)."""
+    from transformers.generation import logits_process as lp
+    out = lp.LogitsProcessorList()
+    if params.repetition_penalty != 1.0:
+        out.append(lp.RepetitionPenaltyLogitsProcessor(params.repetition_penalty))
+    if params.greedy:
+        return out
+    if params.temperature != 1.0:
+        out.append(lp.TemperatureLogitsWarper(params.temperature))
+    if params.top_k > 0:
+        out.append(lp.TopKLogitsWarper(top_k=params.top_k))
+    if params.top_p < 1.0:
+        out.append(lp.TopPLogitsWarper(top_p=params.top_p))
+    if params.min_p > 0.0:
+        out.append(lp.MinPLogitsWarper(min_p=params.min_p))
+    return out
+
+
+@dataclass
+class Choice:
+    """What the sampler picked for each row of a step (host lists, one entry per row)."""
+
+    ids: list[int]
+    logprobs: list[float | None]
+    top: list[list[tuple[int, float]] | None] = field(default_factory=list)
+
+
+def history(rows, device) -> torch.Tensor:
+    """(n, T) prompt + output ids of ``rows``, right-padded with each row's first id (no extra penalty)."""
+    seqs = [r.prompt_ids + r.out_ids for r in rows]
+    width = max(len(s) for s in seqs)
+    out = torch.empty((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        out[i, :len(s)] = torch.tensor(s, dtype=torch.long)
+        out[i, len(s):] = s[0]
+    return out.to(device)
+
+
+def choose(logits: torch.Tensor, rows) -> Choice:
+    """Next token of every row; ``logits`` (B, V) float, ``rows`` objects with ``params``,
+    ``generator``, ``prompt_ids`` and ``out_ids``."""
+    params = [r.params for r in rows]
+    want_lp = any(p.logprobs or p.top_logprobs for p in params)
+    if all(p.greedy and p.repetition_penalty == 1.0 for p in params) and not any(p.processed_logprobs for p in params):
+        ids = logits.argmax(-1)
+        return _finish(ids, logits if want_lp else None, None, params)
+    ids = torch.empty(logits.shape[0], dtype=torch.long, device=logits.device)
+    processed = torch.empty_like(logits) if any(p.processed_logprobs for p in params) else None
+    groups: dict[tuple, list[int]] = {}
+    for i, p in enumerate(params):
+        groups.setdefault(p.group_key(), []).append(i)
+    for idx in groups.values():
+        sub_rows = [rows[i] for i in idx]
+        procs = processors(params[idx[0]])
+        index = torch.tensor(idx, device=logits.device)
+        sub = logits.index_select(0, index)
+        if procs:
+            sub = procs(history(sub_rows, logits.device), sub)
+        if processed is not None:
+            processed[index] = sub
+        ids[index] = sub.argmax(-1) if params[idx[0]].greedy else _draw(sub, sub_rows)
+    return _finish(ids, logits if want_lp else None, processed, params)
+
+
+def _draw(scores: torch.Tensor, rows) -> torch.Tensor:
+    """Multinomial draws from softmax(scores); seeded rows use their own generator."""
+    probs = torch.softmax(scores.float(), dim=-1)
+    out = torch.empty(scores.shape[0], dtype=torch.long, device=scores.device)
+    free = [i for i, r in enumerate(rows) if r.generator is None]
+    if free:
+        idx = torch.tensor(free, device=scores.device)
+        out[idx] = torch.multinomial(probs.index_select(0, idx), 1).squeeze(-1)
+    for i, r in enumerate(rows):
+        if r.generator is not None:
+            out[i] = torch.multinomial(probs[i], 1, generator=r.generator)[0]
+    return out
+
+
+def _finish(ids: torch.Tensor, raw: torch.Tensor | None, processed: torch.Tensor | None, params) -> Choice:
+    host = ids.tolist()
+    if raw is None:
+        return Choice(host, [None] * len(host), [None] * len(host))
+    logp = raw.float().log_softmax(-1)
+    if processed is not None:
+        logp_processed = processed.float().log_softmax(-1)
+        use = torch.tensor([p.processed_logprobs for p in params], device=raw.device)[:, None]
+        logp = torch.where(use, logp_processed, logp)
+    chosen = logp.gather(-1, ids[:, None]).squeeze(-1).tolist()
+    k = max(p.top_logprobs for p in params)
+    tops: list = [None] * len(host)
+    if k:
+        values, indices = logp.topk(k, dim=-1)
+        values, indices = values.tolist(), indices.tolist()
+        tops = [list(zip(indices[i][:p.top_logprobs], values[i][:p.top_logprobs])) if p.top_logprobs else None
+                for i, p in enumerate(params)]
+    lps = [c if (p.logprobs or p.top_logprobs) else None for c, p in zip(chosen, params)]
+    return Choice(host, lps, tops)
