@@ -98,6 +98,7 @@ class StaticRunner(ModelRunner):
         self.phys: list[int] = []          # logical row -> slot
         self.start = [0] * self.S          # first column of each slot's tokens
         self.slot_cache = SlotCache(self.k, self.v, self.write)
+        self.cache_kw = cache_kwargs(model, self.slot_cache)
         self.neg = torch.finfo(dtype).min
         self.configs = list({id(m.config): m.config for m in model.modules() if hasattr(m, "config")}.values())
         step = self._step
@@ -115,8 +116,7 @@ class StaticRunner(ModelRunner):
     def _step(self, ids, pos, valid):
         """One decode step of slots [0, n): logits (n, V). The adapter rows are bound by the caller."""
         mask = torch.where(valid, 0.0, self.neg).to(self.k[0].dtype)[:, None, None, :]   # (n, 1, 1, W)
-        out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True,
-                         **cache_kwargs(self.model, self.slot_cache))
+        out = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, **self.cache_kw)
         return out.logits[:, -1].float()
 
     # -- rows ----------------------------------------------------------------------------

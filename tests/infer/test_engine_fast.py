@@ -1,0 +1,88 @@
+"""The fast path (static slot cache, compiled step) against the plain path it must equal: greedy
+tokens of staggered requests with joins, the buffer shifts at both ends, per-row adapters, and the
+grouped-query decode attention against SDPA with repeated keys and values."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import tunesmith
+from additive_helpers import VOCAB, perturb, small
+from helpers import ids, rel_err
+from tunesmith.infer.engine import Engine, Request, SamplingParams
+from tunesmith.infer.engine.fast import StaticRunner, decode_attention
+from tunesmith.methods import registry
+
+
+def _run(engine, prompts, lengths, models=None, step_joins=True):
+    models = models or [None] * len(prompts)
+    hs = []
+    for i, (p, n, m) in enumerate(zip(prompts, lengths, models)):
+        hs.append(engine.submit(Request(prompt=p, model=m, params=SamplingParams(max_tokens=n, ignore_eos=True))))
+        if step_joins and i % 2:
+            engine.step()           # later requests join a running batch
+    engine.run_until_done()
+    return [h.result().token_ids for h in hs]
+
+
+def _prompts(n=6, seed=8):
+    x = ids(n, 12, vocab=VOCAB, seed=seed).tolist()
+    return [row[: 2 + (3 * i) % 10] for i, row in enumerate(x)]
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_static_slots_equal_the_plain_path(arch, tokenizer, monkeypatch):
+    shifts = []
+    real = StaticRunner._shift
+    monkeypatch.setattr(StaticRunner, "_shift", lambda self, d: (shifts.append(d), real(self, d))[1])
+    model = small(arch)
+    lengths = [5, 9, 3, 7, 4, 8]
+    plain = _run(Engine(model, tokenizer, fast=False, max_batch=4), _prompts(), lengths)
+    fast_engine = Engine(model, tokenizer, fast=True, max_batch=4, max_len=19)   # small: both shifts happen
+    assert isinstance(fast_engine.routes["base"].lane.runner, StaticRunner)
+    assert _run(fast_engine, _prompts(), lengths) == plain
+    assert min(shifts) < 0 < max(shifts)     # room made on the left for a long prompt, columns cut at the end
+
+
+def test_static_slots_with_per_row_adapters(tmp_path, tokenizer):
+    base = small()
+    dirs = []
+    for i, opts in enumerate([{"r": 4}, {"r": 2, "target_modules": ["q_proj", "o_proj"]}]):
+        m = tunesmith.apply(copy.deepcopy(base), "lora", **opts)
+        perturb(m, scale=0.3, seed=i)
+        dirs.append(registry.attached(m).save(m, tmp_path / str(i), "random:llama"))
+    models = ["base", "a0", "a1", "a0", "a1", "base"]
+    out = []
+    for fast in (False, True):
+        engine = Engine(copy.deepcopy(base), tokenizer, fast=fast, max_batch=8, max_len=32)
+        for i, d in enumerate(dirs):
+            engine.add_adapter(f"a{i}", d)
+        out.append(_run(engine, _prompts(), [6, 5, 7, 4, 6, 5], models))
+    assert out[0] == out[1]
+
+
+def test_grouped_decode_attention_equals_sdpa_with_repeated_kv():
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(3, 8, 1, 16, generator=g)
+    k, v = torch.randn(3, 2, 10, 16, generator=g), torch.randn(3, 2, 10, 16, generator=g)
+    valid = torch.rand(3, 10, generator=g) > 0.3
+    valid[:, -1] = True
+    mask = torch.where(valid, 0.0, torch.finfo(torch.float32).min)[:, None, None, :]
+    got, _ = decode_attention(None, q, k, v, mask, scaling=0.25)
+    want = F.scaled_dot_product_attention(q, k.repeat_interleave(4, 1), v.repeat_interleave(4, 1), attn_mask=mask,
+                                          scale=0.25).transpose(1, 2)
+    assert got.shape == (3, 1, 8, 16) and rel_err(got, want) < 1e-6
+
+
+@pytest.mark.slow
+def test_compiled_step_equals_the_plain_path(tokenizer):
+    model = small()
+    lengths = [4, 6, 3, 5]
+    plain = _run(Engine(model, tokenizer, fast=False, max_batch=4), _prompts(4), lengths)
+    engine = Engine(model, tokenizer, fast=False, max_batch=4)
+    lane = engine.routes["base"].lane
+    lane.runner = StaticRunner(model, engine.pad_id, engine.table, max_batch=4, max_len=32, compile_mode="default")
+    assert _run(engine, _prompts(4), lengths) == plain

@@ -1,0 +1,101 @@
+"""Sampling in the engine: transformers' generate as the oracle for greedy + repetition penalty,
+seeded rows independent of their batch companions, filters that hold, and log-probabilities equal
+to a full forward pass."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from additive_helpers import VOCAB, small
+from helpers import ids
+from tunesmith.errors import ConfigError
+from tunesmith.infer.engine import Engine, Request, SamplingParams
+from tunesmith.infer.engine.sampling import processors
+
+
+def _prompt(seed=2, n=7):
+    return ids(1, n, vocab=VOCAB, seed=seed)[0].tolist()
+
+
+def _engine(tokenizer, **kw):
+    return Engine(small(), tokenizer, fast=False, **kw)
+
+
+def test_greedy_with_repetition_penalty_equals_hf_generate(tokenizer):
+    engine = _engine(tokenizer)
+    p = _prompt()
+    got = engine.generate([p], params=SamplingParams(max_tokens=10, repetition_penalty=1.8, ignore_eos=True))[0]
+    x = torch.tensor([p])
+    want = engine.base_model.generate(input_ids=x, attention_mask=torch.ones_like(x), max_new_tokens=10,
+                                      do_sample=False, repetition_penalty=1.8, pad_token_id=0, eos_token_id=None)
+    assert got.token_ids == want[0, len(p):].tolist()
+    plain = engine.generate([p], params=SamplingParams(max_tokens=10, ignore_eos=True))[0]
+    assert plain.token_ids != got.token_ids   # the penalty changed something
+
+
+def test_top_k_one_is_greedy(tokenizer):
+    engine = _engine(tokenizer)
+    p = _prompt()
+    greedy = engine.generate([p], params=SamplingParams(max_tokens=8, ignore_eos=True))[0].token_ids
+    k1 = engine.generate([p], params=SamplingParams(max_tokens=8, temperature=1.3, top_k=1, ignore_eos=True))[0]
+    assert k1.token_ids == greedy
+
+
+def test_seeded_rows_do_not_depend_on_their_batch(tokenizer):
+    engine = _engine(tokenizer)
+    p = _prompt()
+    sp = SamplingParams(max_tokens=12, temperature=1.0, top_p=0.95, seed=11, ignore_eos=True)
+    alone = engine.generate([p], params=sp)[0].token_ids
+    others = [Request(prompt=_prompt(s), params=SamplingParams(max_tokens=5, temperature=0.7, ignore_eos=True))
+              for s in (3, 4)]
+    hs = [engine.submit(r) for r in others[:1]] + [engine.submit(Request(prompt=p, params=sp))]
+    hs += [engine.submit(r) for r in others[1:]]
+    engine.run_until_done()
+    assert hs[1].result().token_ids == alone
+    other_seed = engine.generate([p], params=sp.replace(seed=12))[0].token_ids
+    assert other_seed != alone
+
+
+def _step_logits(model, seq):
+    with torch.no_grad():
+        return model(input_ids=torch.tensor([seq])).logits[0, -1].float()
+
+
+@pytest.mark.parametrize("filt", [{"top_k": 3}, {"top_p": 0.3}, {"min_p": 0.5}])
+def test_sampled_tokens_stay_inside_the_filter(tokenizer, filt):
+    engine = _engine(tokenizer)
+    p = _prompt()
+    sp = SamplingParams(max_tokens=10, temperature=1.5, seed=5, ignore_eos=True, logprobs=True,
+                        processed_logprobs=True, **filt)
+    res = engine.generate([p], params=sp)[0]
+    procs = processors(sp)
+    seq = list(p)
+    for tok, lp in zip(res.token_ids, res.logprobs):
+        scores = procs(torch.tensor([seq]), _step_logits(engine.base_model, seq)[None])[0]
+        assert torch.isfinite(scores[tok])                               # never a filtered token
+        assert lp == pytest.approx(float(scores.log_softmax(-1)[tok]), abs=1e-4)
+        seq.append(tok)
+
+
+def test_logprobs_are_the_models_raw_distribution(tokenizer):
+    engine = _engine(tokenizer)
+    p = _prompt()
+    res = engine.generate([p], params=SamplingParams(max_tokens=6, temperature=0.8, seed=1, ignore_eos=True,
+                                                     logprobs=True, top_logprobs=3))[0]
+    with torch.no_grad():
+        full = engine.base_model(input_ids=torch.tensor([p + res.token_ids])).logits[0].float().log_softmax(-1)
+    for i, (tok, lp, top) in enumerate(zip(res.token_ids, res.logprobs, res.top_logprobs)):
+        row = full[len(p) - 1 + i]
+        assert lp == pytest.approx(float(row[tok]), abs=1e-4)
+        want = row.topk(3)
+        assert [t for t, _ in top] == want.indices.tolist()
+        assert [v for _, v in top] == pytest.approx(want.values.tolist(), abs=1e-4)
+
+
+def test_parameter_errors_name_the_field():
+    for bad, field in [({"temperature": -1}, "temperature"), ({"top_p": 0}, "top_p"), ({"top_k": -2}, "top_k"),
+                       ({"min_p": 2}, "min_p"), ({"repetition_penalty": 0}, "repetition_penalty"),
+                       ({"top_logprobs": 99}, "top_logprobs")]:
+        with pytest.raises(ConfigError, match=field):
+            SamplingParams(**bad)
+    assert SamplingParams(stop="x").stop == ("x",)
