@@ -15,7 +15,7 @@ from helpers import ids
 from tunesmith.data.chat import IGNORE, ChatRenderer
 from tunesmith.errors import TunesmithError
 from tunesmith.infer import ProxyTuned
-from tunesmith.infer.engine import Engine, EngineBusy, Request, RequestError, SamplingParams, UnknownModel
+from tunesmith.infer.engine import Engine, EngineBusy, EngineStopped, Request, RequestError, SamplingParams, UnknownModel
 from tunesmith.infer.engine.text import Prompter, TextStream, stop_token_ids
 from tunesmith.infer.generate import prompt_ids
 from tunesmith.infer.proxy import Sampler
@@ -136,6 +136,15 @@ def test_stop_token_ends_the_answer_without_its_text(tokenizer):
     assert got.text == tokenizer.decode(got.token_ids[:-1], skip_special_tokens=True)
 
 
+def test_streamed_text_is_the_whole_text(tokenizer):
+    engine = Engine(small(), tokenizer, fast=False)
+    for stop in ((), ("zzz",)):
+        sp = SamplingParams(max_tokens=7, ignore_eos=True, stop=stop)
+        h = engine.submit(Request(prompt=_prompts()[0], stream=True, params=sp))
+        engine.run_until_done()
+        assert "".join(d.text for d in h) == h.result().text != ""
+
+
 def test_stop_strings_cut_the_text_and_the_stream_never_shows_them(tokenizer):
     model = small()
     engine = Engine(model, tokenizer, fast=False)
@@ -165,17 +174,19 @@ def test_text_stream_holds_back_a_possible_stop_string(tokenizer):
 def test_request_errors(tokenizer):
     engine = Engine(small(), tokenizer, fast=False, max_len=16, max_queue=2)
     with pytest.raises(UnknownModel, match="available: base"):
-        engine.submit(Request(prompt="hi", model="nope"))
+        engine.submit(Request(prompt=[5, 6], model="nope"))
     with pytest.raises(RequestError, match="max_len of 16"):
         engine.submit(Request(prompt=list(range(5, 15)), params=SamplingParams(max_tokens=8)))
     with pytest.raises(RequestError, match="exactly one"):
         engine.submit(Request())
     with pytest.raises(TunesmithError, match="max_tokens=0"):
         SamplingParams(max_tokens=0)
+    with pytest.raises(RequestError, match="token id 600 is outside"):
+        engine.submit(Request(prompt=[5, 600], params=SamplingParams(max_tokens=2)))
     for _ in range(2):
-        engine.submit(Request(prompt="hi", params=SamplingParams(max_tokens=2)))
+        engine.submit(Request(prompt=[5, 6], params=SamplingParams(max_tokens=2)))
     with pytest.raises(EngineBusy, match="max_queue=2"):
-        engine.submit(Request(prompt="hi", params=SamplingParams(max_tokens=2)))
+        engine.submit(Request(prompt=[5, 6], params=SamplingParams(max_tokens=2)))
     engine.run_until_done()
     assert engine.load == {"running": 0, "waiting": 0}
 
@@ -213,5 +224,5 @@ def test_background_thread_serves_concurrent_callers_and_cancels(tokenizer):
         assert h.result(timeout=30).finish_reason == "cancelled"
     finally:
         engine.shutdown()
-    with pytest.raises(EngineBusy, match="shutting down"):
-        engine.submit(Request(prompt="hi"))
+    with pytest.raises(EngineStopped, match="shutting down"):
+        engine.submit(Request(prompt=[5, 6]))

@@ -7,9 +7,9 @@
 
 See docs/serving.md for the whole API.
 """
-from .core import Engine, EngineBusy, RequestError, UnknownModel
+from .core import Engine, EngineBusy, EngineStopped, RequestError, UnknownModel
 from .sampling import SamplingParams
 from .sequence import Completion, Handle, Output, Request
 
-__all__ = ["Engine", "EngineBusy", "RequestError", "UnknownModel", "SamplingParams", "Completion", "Handle",
+__all__ = ["Engine", "EngineBusy", "EngineStopped", "RequestError", "UnknownModel", "SamplingParams", "Completion", "Handle",
            "Output", "Request"]

@@ -37,6 +37,10 @@ class EngineBusy(TunesmithError):
     """The queue of waiting requests is full."""
 
 
+class EngineStopped(TunesmithError):
+    """The engine is shutting down (or was shut down) and takes no new requests."""
+
+
 class UnknownModel(TunesmithError):
     """A request named a model the engine does not serve."""
 
@@ -65,6 +69,7 @@ class Route:
     stop_ids: set[int]
     tokenizer: object
     kind: str = "model"       # model | adapter | proxy
+    vocab: int = 0            # token ids must be below this
 
 
 class Engine:
@@ -113,8 +118,9 @@ class Engine:
     def _add_route(self, name, lane, slot, model, tokenizer, system_prompt, layout, kind="model") -> None:
         if name in self.routes:
             raise ConfigError(f"engine: a model named {name!r} is already served")
+        vocab = model.get_input_embeddings().weight.shape[0]
         self.routes[name] = Route(lane, slot, Prompter(tokenizer, system_prompt, layout),
-                                  stop_token_ids(tokenizer, model), tokenizer, kind)
+                                  stop_token_ids(tokenizer, model), tokenizer, kind, vocab)
 
     def models(self) -> list[str]:
         """Every name a request may give as ``model``."""
@@ -213,6 +219,9 @@ class Engine:
             raise RequestError(f"cannot render the request: {e}") from None
         if not ids:
             raise RequestError("the prompt is empty")
+        bad = next((i for i in ids if not 0 <= i < route.vocab), None)
+        if bad is not None:
+            raise RequestError(f"token id {bad} is outside this model's vocabulary (0..{route.vocab - 1})")
         if len(ids) + request.params.max_tokens > self.max_len:
             raise RequestError(f"the prompt ({len(ids)} tokens) plus max_tokens ({request.params.max_tokens}) "
                                f"exceeds this engine's max_len of {self.max_len} tokens")
@@ -230,7 +239,7 @@ class Engine:
         seq.lane = route.lane
         with self._lock:
             if not self._accepting:
-                raise EngineBusy("the engine is shutting down")
+                raise EngineStopped("the engine is shutting down")
             if self._pending >= self.max_queue:
                 raise EngineBusy(f"{self._pending} requests are waiting already (max_queue={self.max_queue})")
             self._pending += 1
@@ -343,6 +352,7 @@ class Engine:
     # -- background thread ---------------------------------------------------------------
     def start(self) -> "Engine":
         """Run the steps on a background thread (what a server does)."""
+        self._accepting = True
         if self._thread is None:
             self._stopping = False
             self._thread = threading.Thread(target=self._loop, name="tunesmith-engine", daemon=True)
@@ -385,4 +395,4 @@ def _pad_id(tokenizer) -> int:
     return 0
 
 
-__all__ = ["Engine", "EngineBusy", "UnknownModel", "RequestError", "Request", "SamplingParams", "device_of"]
+__all__ = ["Engine", "EngineBusy", "EngineStopped", "UnknownModel", "RequestError", "Request", "SamplingParams", "device_of"]

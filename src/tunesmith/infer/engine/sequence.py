@@ -82,6 +82,7 @@ class Sequence:
         self.top: list = []
         self.text = TextStream(tokenizer, params.stop) if (stream or params.stop) else None
         self.finish_reason: str | None = None
+        self.unsent = ""
         self.error: str | None = None
         self.cancelled = False
         self.done = threading.Event()
@@ -105,6 +106,7 @@ class Sequence:
             self.finish_reason = "length"
         if self.stream and self.finish_reason is None:
             return Output(delta, [token], [logprob] if logprob is not None else None, [top] if top else None)
+        self.unsent = delta    # the last token's text goes out with the final output
         return None
 
     def final_text(self) -> str:
@@ -127,7 +129,7 @@ class Sequence:
         tops = self.top if self.params.top_logprobs else None
         self.result = Completion(text, list(self.out_ids), self.finish_reason, self.prompt_ids, lps, tops, error)
         if self.stream:
-            rest = self.text.flush() if self.text is not None else ""
+            rest = self.unsent + (self.text.flush() if self.text is not None else "")
             last = self.out_ids[-1:] if self.out_ids and not self._sent_last() else []
             out = Output(rest, last, lps[-1:] if lps and last else None, tops[-1:] if tops and last else None,
                          True, self.finish_reason, len(self.prompt_ids), len(self.out_ids), error)

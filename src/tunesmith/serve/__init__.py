@@ -1,0 +1,1 @@
+"""The OpenAI-compatible server (FastAPI + uvicorn) over the generation engine; ``tunesmith serve``."""
