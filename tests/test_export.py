@@ -123,3 +123,15 @@ def test_rank_only_for_dylora(tmp_path):
     res = export(path, "vllm", rank=3, out=tmp_path / "d")
     assert json.loads((res.out_dir / "adapter_config.json").read_text())["r"] == 3
     assert not list(tmp_path.glob("*rank-tmp*"))
+
+
+def test_vllm_command_for_several_runs_and_embedding_refusal(tmp_path, capsys):
+    a, _ = _adapter(tmp_path / "one", "lora", r=4)
+    b, _ = _adapter(tmp_path / "two", "lora", r=16, target_modules=["q_proj"])
+    assert cli.main(["export", str(a), str(b), "--for", "vllm"]) == 0
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert last == (f"serve with: vllm serve base-dir --enable-lora --max-lora-rank 16 --max-loras 2 --lora-modules "
+                    f"lora={(a.parent / 'export-vllm').resolve()} lora-1={(b.parent / 'export-vllm').resolve()}")
+    assert cli.main(["export", str(a), str(b), "--for", "peft"]) == 2
+    emb, _ = _adapter(tmp_path / "emb", "lora", r=2, target_modules=["q_proj", "lm_head"])
+    assert "embedding or output layer (lm_head)" in _refusal(emb, "vllm")

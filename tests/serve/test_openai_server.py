@@ -24,6 +24,8 @@ from additive_helpers import perturb
 from helpers import alpaca_rows, run_config, tiny, write_jsonl
 from tunesmith.methods import registry
 
+pytestmark = pytest.mark.slow   # a server process that imports torch, transformers and FastAPI: 30-60 s here
+
 KEY = "sk-test-key"
 SRC = str(Path(__file__).resolve().parents[2] / "src")
 PROMPTS = ["Add 1 and 2.", "Add 30 and 4."]

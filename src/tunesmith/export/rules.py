@@ -3,7 +3,8 @@
 Each check returns a reason (str) when the target cannot load the adapter as it is, or None.
 The reasons follow the targets' own loaders:
   * vLLM (``vllm/lora/peft_helper.py``): LoRA only; rejects ``use_dora``, non-empty
-    ``modules_to_save`` and adapter biases; applies rsLoRA scaling (alpha/√r) itself.
+    ``modules_to_save`` (vllm #9280) and adapter biases; no LoRA on the embedding or output layer
+    (vllm #3404, #21500); applies rsLoRA scaling (alpha/√r) itself.
   * llama.cpp (``convert_lora_to_gguf.py`` + ``llama-adapter``): LoRA only; reads ``lora_alpha`` and
     scales by alpha/r at run time (``use_rslora`` is ignored); converts only lora_A/lora_B tensors.
   * peft: anything with a ``peft_type`` it knows.
@@ -82,11 +83,34 @@ def _known_to_peft(cfg: dict, keys: list[str]) -> str | None:
     return None
 
 
+def _embeddings(cfg: dict, keys: list[str]) -> str | None:
+    hit = sorted({k.split(".lora_")[0].rsplit(".", 1)[-1] for k in keys if _is_lora_tensor(k)} & EMBEDDING_LEAVES)
+    if hit:
+        return (f"it puts LoRA on the embedding or output layer ({', '.join(hit)}), which {{target}} does not "
+                "load (only the attention and MLP projections)")
+    return None
+
+
+EMBEDDING_LEAVES = {"embed_tokens", "lm_head", "wte", "word_embeddings", "embed_in", "embed_out"}
+VLLM_MAX_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)   # the values vLLM's --max-lora-rank accepts
+
+
+def vllm_command(base: str, modules: list[tuple[str, str, int]]) -> str:
+    """``vllm serve`` for ``base`` with LoRA adapters ``modules`` = [(name, path, rank)]: requests pick an
+    adapter with ``"model": name``."""
+    import shlex
+    rank = max(r for _, _, r in modules)
+    max_rank = next((m for m in VLLM_MAX_RANKS if m >= rank), rank)
+    many = f" --max-loras {len(modules)}" if len(modules) > 1 else ""
+    lora = " ".join(shlex.quote(f"{n}={p}") for n, p, _ in modules)
+    return f"vllm serve {shlex.quote(base)} --enable-lora --max-lora-rank {max_rank}{many} --lora-modules {lora}"
+
+
 def _vllm_notes(cfg: dict, out_dir) -> list[str]:
-    rank = int(cfg.get("r") or 8)
-    max_rank = next((m for m in (8, 16, 32, 64, 128, 256, 320, 512) if m >= rank), rank)
-    return [f"serve with: vllm serve {_base(cfg)} --enable-lora --max-lora-rank {max_rank} "
-            f"--lora-modules adapter={out_dir}"]
+    from pathlib import Path
+    out = Path(out_dir).resolve()
+    name = out.parent.name if out.name.startswith("export-") else out.name
+    return [f"serve with: {vllm_command(_base(cfg), [(name, str(out), int(cfg.get('r') or 8))])}"]
 
 
 def _llama_cpp_notes(cfg: dict, out_dir) -> list[str]:
@@ -105,7 +129,7 @@ def _base(cfg: dict) -> str:
 
 
 TARGETS: dict[str, dict] = {
-    "vllm": {"checks": [_lora_only, _dora, _parameter_targets, _saved_modules, _bias], "notes": _vllm_notes,
+    "vllm": {"checks": [_lora_only, _dora, _parameter_targets, _saved_modules, _bias, _embeddings], "notes": _vllm_notes,
              "merged_hint": "vllm serve {merged}"},
     "llama.cpp": {"checks": [_lora_only, _dora, _parameter_targets, _rslora, _patterns, _saved_modules, _bias],
                   "notes": _llama_cpp_notes,
