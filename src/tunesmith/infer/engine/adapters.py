@@ -87,7 +87,8 @@ class MultiLoraLinear(TunedLayer):
         super().__init__(base)
         object.__setattr__(self, "table", table)   # not a submodule: shared by every wrapped layer
         self.parts: dict[int, tuple[torch.Tensor, torch.Tensor, float]] = {}
-        self.A = self.B = self.col_slot = self.col_scale = None
+        for name in ("A", "B", "col_slot", "col_scale"):   # buffers: fixed addresses for CUDA graphs
+            self.register_buffer(name, None, persistent=False)
 
     def set(self, slot: int, factors: tuple[torch.Tensor, torch.Tensor, float] | None) -> None:
         """Add (or with None remove) adapter ``slot``'s factors and rebuild the side-by-side tensors."""
@@ -130,6 +131,7 @@ class AdapterTable:
         self.slots: dict[str, int] = {}
         self.modules: dict[str, list[str]] = {}
         self.rows: torch.Tensor | None = None
+        self.version = 0     # bumped on every add / remove (compiled steps re-mark the new tensors)
         self._next = 0
 
     def __contains__(self, name: str) -> bool:
@@ -161,6 +163,7 @@ class AdapterTable:
                 replace_module(self.model, module, m)
             m.set(slot, f)
         self.slots[name], self.modules[name] = slot, list(factors)
+        self.version += 1
         return slot
 
     def remove(self, name: str) -> None:
@@ -170,6 +173,10 @@ class AdapterTable:
             m.set(slot, None)
             if not m.parts:
                 replace_module(self.model, module, m.base_layer)
+        self.version += 1
+
+    def layers(self) -> list[MultiLoraLinear]:
+        return [m for m in self.model.modules() if isinstance(m, MultiLoraLinear)]
 
     @contextlib.contextmanager
     def bind(self, slots: torch.Tensor, active: bool = True):

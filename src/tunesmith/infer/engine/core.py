@@ -75,13 +75,16 @@ class Route:
 class Engine:
     """Generation for one base model plus named adapters and models. See docs/serving.md.
 
+    ``model`` is used in place (per-row adapters wrap its linear layers); without a ``tokenizer``
+    requests give token ids and get token ids back (text is empty).
+
     ``max_batch``: rows decoded together on a lane; ``max_queue``: requests waiting beyond those
     (more raise :class:`EngineBusy`); ``max_len``: prompt + completion tokens at most (default the
     model's ``max_position_embeddings``); ``fast``: "auto" (on CUDA: static cache and a compiled
     decode step where the model allows it, see :mod:`.fast`), True or False (the plain path).
     """
 
-    def __init__(self, model: nn.Module, tokenizer, *, name: str = "base", max_batch: int = 32,
+    def __init__(self, model: nn.Module, tokenizer=None, *, name: str = "base", max_batch: int = 32,
                  max_queue: int = 1024, max_len: int | None = None, system_prompt: str | None = None,
                  layout: str = "auto", fast: bool | str = "auto"):
         if max_batch < 1:

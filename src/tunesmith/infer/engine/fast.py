@@ -102,9 +102,13 @@ class StaticRunner(ModelRunner):
         self.neg = torch.finfo(dtype).min
         self.configs = list({id(m.config): m.config for m in model.modules() if hasattr(m, "config")}.values())
         step = self._step
-        if compile_mode is not None:
+        self.compiled = compile_mode is not None
+        self.marked = -1    # the adapter table version whose tensors are marked static
+        if self.compiled:
             from torch import _dynamo
             _dynamo.config.cache_size_limit = max(_dynamo.config.cache_size_limit, 64)
+            for t in (*self.k, *self.v, self.valid, self.write, self.ids, self.posb, self.slotb):
+                _dynamo.mark_static_address(t)   # mutated or read in place by every replay of a CUDA graph
             step = torch.compile(step, mode=compile_mode, dynamic=False)
         self.step_fn = step
         self.can_merge = True
@@ -172,6 +176,12 @@ class StaticRunner(ModelRunner):
             if cut == 0:
                 raise RuntimeError(f"StaticRunner: a row fills all {self.W} columns; admit at most max_len tokens")
             self._shift(-cut)
+        if self.compiled and self.table is not None and self.marked != self.table.version:
+            from torch import _dynamo
+            for layer in self.table.layers():
+                for t in (layer.A, layer.B, layer.col_slot, layer.col_scale):
+                    _dynamo.mark_static_address(t)
+            self.marked = self.table.version
         top = max(self.phys) + 1
         n = min(self.S, 1 << (top - 1).bit_length())
         idx = torch.tensor(self.phys, device=self.device)

@@ -80,7 +80,7 @@ class Sequence:
         self.out_ids: list[int] = []
         self.logprobs: list[float] = []
         self.top: list = []
-        self.text = TextStream(tokenizer, params.stop) if (stream or params.stop) else None
+        self.text = TextStream(tokenizer, params.stop) if (stream or params.stop) and tokenizer is not None else None
         self.finish_reason: str | None = None
         self.unsent = ""
         self.error: str | None = None
@@ -116,7 +116,7 @@ class Sequence:
         ids = self.out_ids
         if self.finish_reason == "stop" and ids and ids[-1] in self.stop_ids:
             ids = ids[:-1]
-        return self.tokenizer.decode(ids, skip_special_tokens=True)
+        return self.tokenizer.decode(ids, skip_special_tokens=True) if self.tokenizer is not None else ""
 
     def finish(self, reason: str | None = None, error: str | None = None) -> None:
         """End the request: send the last output and wake whoever waits for the result."""

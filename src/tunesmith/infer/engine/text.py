@@ -30,6 +30,9 @@ class Prompter:
         if layout not in LAYOUTS:
             raise ValueError(f"layout {layout!r}; valid: {', '.join(LAYOUTS)}")
         self.tok = tokenizer
+        if tokenizer is None:    # token ids in, token ids out
+            self.layout = "ids"
+            return
         self.system_prompt = system_prompt
         self.renderer = ChatRenderer(tokenizer, system_prompt)
         has_template = self.renderer.has_template
@@ -39,10 +42,14 @@ class Prompter:
         """Raw text (the tokenizer's special tokens added, as ``tokenizer(prompt)``) or ids as given."""
         if isinstance(prompt, list):
             return [int(i) for i in prompt]
+        if self.tok is None:
+            raise ValueError("this model has no tokenizer: give the prompt as token ids")
         return list(self.tok(prompt)["input_ids"])
 
     def chat(self, messages: Messages) -> list[int]:
         """Ids of ``messages`` followed by the start of the assistant's answer."""
+        if self.tok is None:
+            raise ValueError("this model has no tokenizer: give the prompt as token ids")
         if not messages or messages[-1]["role"] == "assistant":
             raise ValueError("messages must end with a user (or system/tool) turn for the assistant to answer")
         if self.layout == "template":
@@ -69,6 +76,8 @@ def stop_token_ids(tokenizer, model=None) -> set[int]:
     for value in (getattr(tokenizer, "eos_token_id", None),
                   getattr(getattr(model, "generation_config", None), "eos_token_id", None)):
         out.update(value if isinstance(value, (list, tuple, set)) else [] if value is None else [value])
+    if tokenizer is None:
+        return {int(i) for i in out}
     if not out and getattr(tokenizer, "sep_token_id", None) is not None:
         out.add(tokenizer.sep_token_id)
     specials = set(getattr(tokenizer, "all_special_ids", []) or [])
