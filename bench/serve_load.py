@@ -114,6 +114,8 @@ def post(url: str, body: bytes, key: str | None) -> tuple[int, dict]:
             return r.status, json.loads(r.read())
     except urllib.error.HTTPError as e:
         return e.code, json.loads(e.read())
+    except urllib.error.URLError as e:   # the server closed the connection before reading the whole body
+        return -1, {"connection": str(e.reason)}
 
 
 def error_checks(url: str) -> list[dict]:

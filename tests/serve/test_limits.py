@@ -7,7 +7,9 @@ import time
 
 import pytest
 import torch
-from fastapi.testclient import TestClient
+
+pytest.importorskip("fastapi", reason="tunesmith serve needs the serve extra (FastAPI, uvicorn)")
+from fastapi.testclient import TestClient  # noqa: E402
 
 from helpers import tiny
 from tunesmith.infer.engine import Engine, Request, SamplingParams

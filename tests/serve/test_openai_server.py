@@ -16,8 +16,10 @@ import json
 import urllib.error
 import urllib.request
 
-import openai
 import pytest
+
+openai = pytest.importorskip("openai", reason="the official OpenAI client drives the server (dev extra)")
+pytest.importorskip("fastapi", reason="tunesmith serve needs the serve extra (FastAPI, uvicorn)")
 
 import tunesmith
 from additive_helpers import perturb

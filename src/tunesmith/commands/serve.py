@@ -53,9 +53,13 @@ def _run(args) -> None:
     import signal
     import socket
 
-    import uvicorn
-
-    from ..errors import ConfigError
+    from ..errors import ConfigError, TunesmithError
+    try:
+        import fastapi  # noqa: F401
+        import uvicorn
+    except ImportError as e:
+        raise TunesmithError(f"tunesmith serve needs FastAPI and uvicorn ({e.name} is missing): "
+                             "pip install 'tunesmith[serve]'") from None
     from ..serve.app import create_app
     from ..serve.settings import Settings
     from ..serve.build import build_engine, build_scorers

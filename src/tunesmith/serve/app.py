@@ -233,7 +233,7 @@ async def _stream(engine: Engine, body, run: _Run, jobs, prompt_tokens: int, rid
                 yield sse(error_body(500, f"generation failed: {out.error}", "generation_error"))
                 continue
             completion += out.completion_tokens if out.finished else 0
-            if out.text or out.token_ids or out.finished:
+            if out.text or out.logprobs or out.finished:
                 yield sse(P.envelope(chunk, rid, body.model, [_choice(tok, kind, index, out, delta=True)]))
         if body.include_usage():
             yield sse(P.envelope(chunk, rid, body.model, [], P.usage(prompt_tokens, completion)))

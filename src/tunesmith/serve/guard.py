@@ -20,6 +20,11 @@ TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "invali
          504: "timeout_error"}
 
 
+#: A body declared up to this many times the limit is read (and dropped) before the 413, so that a client
+#: still sending it gets the answer instead of a broken connection; larger ones are cut off at once.
+DRAIN_FACTOR = 16
+
+
 class ApiError(Exception):
     """Raised in a route: becomes an OpenAI-shaped error response."""
 
@@ -88,6 +93,8 @@ class Guard:
                 return await self._send(send, 401, "incorrect API key", "invalid_api_key")
         length = headers.get("content-length")
         if length is not None and length.isdigit() and int(length) > self.max_body:
+            if int(length) <= DRAIN_FACTOR * self.max_body:   # read it first: a client still sending sees the 413
+                await self._drain(receive)
             return await self._send(send, 413, f"request body of {length} bytes exceeds this server's limit of "
                                                f"{self.max_body} bytes", "request_too_large")
         body, more = [], True
@@ -113,6 +120,13 @@ class Guard:
                 return {"type": "http.request", "body": data, "more_body": False}
             return await receive()
         return await self.app(scope, replay, send)
+
+    @staticmethod
+    async def _drain(receive) -> None:
+        more = True
+        while more:
+            message = await receive()
+            more = message["type"] == "http.request" and message.get("more_body", False)
 
     @staticmethod
     async def _send(send, status: int, message: str, code: str) -> None:

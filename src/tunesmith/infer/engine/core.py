@@ -99,7 +99,8 @@ class Engine:
         self.routes: dict[str, Route] = {}
         self._base_lane = self._new_lane(name, self._runner(model, self.table))
         self._add_route(name, self._base_lane, -1, model, tokenizer, system_prompt, layout)
-        self._lock = threading.RLock()
+        self._lock = threading.RLock()          # held by a step and by adapter / model changes
+        self._inbox_lock = threading.Lock()     # held briefly by submit: it never waits for a step
         self._inbox: collections.deque[Sequence] = collections.deque()
         self._cancels: collections.deque[Sequence] = collections.deque()
         self._pending = 0
@@ -194,7 +195,8 @@ class Engine:
                 raise UnknownModel(f"engine: cannot remove {name!r}; removable: "
                                    f"{', '.join(n for n in self.routes if n != self.base_name) or 'none'}")
             lane = route.lane
-            queued = [s for s in self._inbox if s.lane is lane]
+            with self._inbox_lock:
+                queued = [s for s in self._inbox if s.lane is lane]
             doomed = [s for s in [*queued, *lane.waiting, *lane.running]
                       if s.slot == route.slot or lane is not self._base_lane]
             for s in doomed:
@@ -240,7 +242,7 @@ class Engine:
         seq = Sequence(ids, request.params, route.slot, route.stop_ids, route.tokenizer, sink, request.stream,
                        route.lane.runner.device)
         seq.lane = route.lane
-        with self._lock:
+        with self._inbox_lock:
             if not self._accepting:
                 raise EngineStopped("the engine is shutting down")
             if self._pending >= self.max_queue:
@@ -280,9 +282,10 @@ class Engine:
     def step(self) -> bool:
         """Admit, decode and retire once on every lane; False when there was nothing to do."""
         with self._lock:
-            while self._inbox:
-                seq = self._inbox.popleft()
-                seq.lane.waiting.append(seq)
+            with self._inbox_lock:
+                while self._inbox:
+                    seq = self._inbox.popleft()
+                    seq.lane.waiting.append(seq)
             while self._cancels:
                 self._drop_cancelled(self._cancels.popleft().lane)
             busy = False
@@ -291,12 +294,14 @@ class Engine:
             return busy
 
     def _step_lane(self, lane: Lane) -> bool:
+        new: list[Sequence] = []
         try:
             runner = lane.runner
             room = lane.max_batch - len(lane.running)
             if lane.waiting and room > 0 and (runner.can_merge or not lane.running):
                 new = [lane.waiting.popleft() for _ in range(min(room, len(lane.waiting)))]
-                self._pending -= len(new)
+                with self._inbox_lock:
+                    self._pending -= len(new)
                 logits = runner.prefill([s.prompt_ids for s in new], [s.slot for s in new])
                 lane.running += new
                 self._advance(lane, logits, start=len(lane.running) - len(new))
@@ -309,7 +314,7 @@ class Engine:
             return True
         except Exception as e:  # one failing batch fails its rows, never the engine
             log.exception("engine: a step failed")
-            for s in lane.running:
+            for s in {id(s): s for s in [*lane.running, *new]}.values():
                 s.finish("error", f"{type(e).__name__}: {e}")
             lane.running = []
             lane.runner.keep([])
@@ -337,7 +342,8 @@ class Engine:
     def _drop_cancelled(self, lane: Lane) -> None:
         for s in [s for s in lane.waiting if s.cancelled]:
             lane.waiting.remove(s)
-            self._pending -= 1
+            with self._inbox_lock:
+                self._pending -= 1
             s.finish("cancelled")
         keep = [i for i, s in enumerate(lane.running) if not s.cancelled]
         if len(keep) < len(lane.running):
@@ -346,10 +352,12 @@ class Engine:
                     s.finish("cancelled")
             lane.runner.keep(keep)
             lane.running = [lane.running[i] for i in keep]
-        # requests still in the inbox are dropped when they reach their lane
-        for s in [s for s in self._inbox if s.cancelled and s.lane is lane]:
-            self._inbox.remove(s)
-            self._pending -= 1
+        with self._inbox_lock:
+            gone = [s for s in self._inbox if s.cancelled and s.lane is lane]
+            for s in gone:
+                self._inbox.remove(s)
+                self._pending -= 1
+        for s in gone:
             s.finish("cancelled")
 
     # -- background thread ---------------------------------------------------------------
@@ -379,6 +387,9 @@ class Engine:
                 break
             time.sleep(0.02)
         with self._lock:
+            with self._inbox_lock:
+                for s in self._inbox:
+                    s.cancelled = True
             for lane in self.lanes.values():
                 for s in [*lane.waiting, *lane.running]:
                     s.cancelled = True
