@@ -330,7 +330,7 @@ class Engine:
                 continue
             delta = s.add(picked.ids[i], picked.logprobs[i], picked.top[i], self.max_len)
             if delta is not None:
-                s.sink(delta)
+                s.emit(delta)
         keep = [i for i, s in enumerate(lane.running) if s.finish_reason is None]
         if len(keep) < len(lane.running):
             for s in lane.running:

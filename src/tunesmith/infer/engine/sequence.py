@@ -1,6 +1,7 @@
 """Requests, their in-flight state and what comes back (deltas while streaming, a final result)."""
 from __future__ import annotations
 
+import logging
 import queue
 import threading
 from dataclasses import dataclass, field
@@ -10,6 +11,8 @@ import torch
 
 from .sampling import SamplingParams
 from .text import TextStream
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -137,7 +140,14 @@ class Sequence:
             out = Output(text, list(self.out_ids), lps, tops, True, self.finish_reason, len(self.prompt_ids),
                          len(self.out_ids), error)
         self.done.set()
-        self.sink(out)
+        self.emit(out)
+
+    def emit(self, out: Output) -> None:
+        """Hand ``out`` to the sink; a sink that fails (a closed event loop …) never stops the engine."""
+        try:
+            self.sink(out)
+        except Exception:
+            log.warning("engine: could not deliver an output (the caller went away?)", exc_info=True)
 
     def _sent_last(self) -> bool:
         """Whether the last token already went out in a delta (it did unless it ended the request)."""
