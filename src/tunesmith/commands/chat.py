@@ -21,6 +21,7 @@ def add(subparsers) -> None:
     p.add_argument("--seed", type=int, help="seed of the first answer (the next ones count up from it)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
+    p.add_argument("--threads", type=int, help="CPU threads for PyTorch (default: PyTorch's)")
     p.set_defaults(fn=_run)
 
 
@@ -33,6 +34,9 @@ def _params(args):
 
 def _run(args) -> None:
     from ..serve.build import build_engine
+    if args.threads:
+        import torch
+        torch.set_num_threads(args.threads)
     params = _params(args)
     engine = build_engine(args.model, device=args.device, dtype=args.dtype, system_prompt=args.system,
                           max_batch=1, fast=False)
