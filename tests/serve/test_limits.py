@@ -109,3 +109,29 @@ def test_scoring_endpoint(model, tokenizer):
         assert [m["id"] for m in c.get("/v1/models").json()["data"]] == ["base", "rm", "cls"]
     with pytest.raises(ValueError, match="sequence classifier"):
         Scorer(model, tokenizer)
+
+
+def test_adapters_load_and_unload_over_http(model, tokenizer, tmp_path):
+    import copy
+
+    import tunesmith
+    from additive_helpers import perturb
+    from tunesmith.methods import registry
+    lora = tunesmith.apply(copy.deepcopy(model), "lora", r=2)
+    perturb(lora, scale=0.5, seed=1)
+    path = registry.attached(lora).save(lora, tmp_path / "x", "random:llama")
+    engine = Engine(copy.deepcopy(model), tokenizer, fast=False)
+    body = {"lora_name": "x", "lora_path": str(path)}
+    with _client(engine) as c:
+        _error(c.post("/v1/load_lora_adapter", json=body), 404, "--allow-adapter-loading")
+    with _client(engine, allow_adapter_loading=True) as c:
+        _error(c.post("/v1/load_lora_adapter", json={**body, "lora_path": "/no/such"}), 400, "does not exist")
+        r = c.post("/v1/load_lora_adapter", json=body)
+        assert r.status_code == 200 and r.json()["shares_base"] is True
+        _error(c.post("/v1/load_lora_adapter", json=body), 400, "served already")
+        got = c.post("/v1/completions", json={"model": "x", "prompt": "Add 1 and 2.", "max_tokens": 5,
+                                              "temperature": 0}).json()["choices"][0]["text"]
+        assert got == tunesmith.generate(lora, "Add 1 and 2.", tokenizer=tokenizer, max_new_tokens=5, chat=False)
+        assert c.post("/v1/unload_lora_adapter", json={"lora_name": "x"}).json()["deleted"] is True
+        _error(c.post("/v1/completions", json={"model": "x", "prompt": "hi"}), 404, "'x' is not served")
+        _error(c.post("/v1/unload_lora_adapter", json={"lora_name": "x"}), 404, "cannot remove 'x'")

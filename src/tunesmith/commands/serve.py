@@ -44,6 +44,9 @@ def _limits(p) -> None:
                    help=f"seconds before a request is cancelled with 504 (default {d.request_timeout:g})")
     p.add_argument("--shutdown-timeout", type=float, default=d.shutdown_timeout,
                    help=f"on SIGTERM/Ctrl-C, seconds given to requests in flight (default {d.shutdown_timeout:g})")
+    p.add_argument("--allow-adapter-loading", action="store_true",
+                   help="answer POST /v1/load_lora_adapter and /v1/unload_lora_adapter (vLLM's routes): adapters "
+                        "named by a path on this machine are loaded and unloaded while the server runs")
     p.add_argument("--no-fast", action="store_true", help="decode on the plain path only (no static cache / compile)")
     p.add_argument("--threads", type=int, help="CPU threads for PyTorch (default: PyTorch's; 1 is fastest on a busy "
                                                "shared machine)")
@@ -75,7 +78,8 @@ def _run(args) -> None:
                           max_queue=args.max_queue, max_len=args.max_len, fast=False if args.no_fast else "auto")
     scorers = build_scorers(args.score, args.device, args.dtype)
     settings = Settings(api_key=args.api_key, max_body_bytes=args.max_body_bytes, max_tokens=args.max_tokens,
-                        max_n=args.max_n, request_timeout=args.request_timeout, shutdown_timeout=args.shutdown_timeout)
+                        max_n=args.max_n, request_timeout=args.request_timeout, shutdown_timeout=args.shutdown_timeout,
+                        allow_adapter_loading=args.allow_adapter_loading)
     app = create_app(engine, settings, scorers)
     sock = socket.socket(socket.AF_INET6 if ":" in args.host else socket.AF_INET)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)

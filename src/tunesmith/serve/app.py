@@ -1,8 +1,9 @@
 """The OpenAI-compatible HTTP server over one :class:`~tunesmith.infer.engine.Engine`.
 
 Routes: ``GET /health``, ``GET /v1/models``, ``POST /v1/chat/completions``, ``POST /v1/completions``
-(both streaming by server-sent events when ``stream`` is true) and ``POST /v1/score/evaluation``
-for reward / classification models (:mod:`.score`). Each choice of a request is one engine
+(both streaming by server-sent events when ``stream`` is true), ``POST /v1/score/evaluation``
+for reward / classification models (:mod:`.score`) and, when allowed, vLLM's
+``POST /v1/load_lora_adapter`` / ``/v1/unload_lora_adapter``. Each choice of a request is one engine
 sequence; the engine's thread batches them with every other request in flight, and their outputs
 come back to the event loop through ``call_soon_threadsafe``. A client that disconnects cancels
 its sequences.
@@ -17,6 +18,7 @@ from fastapi import FastAPI, Request as HttpRequest
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import ValidationError
 
+from ..errors import TunesmithError
 from ..infer.engine import Engine, EngineBusy, EngineStopped, Output, Request, RequestError, UnknownModel
 from . import protocol as P
 from .guard import ApiError, Guard, error_body, install_handlers
@@ -78,7 +80,39 @@ def create_app(engine: Engine, settings: Settings | None = None, scorers: dict |
         result = await asyncio.to_thread(scorer.score, body.messages, body.max_length)
         return {"id": P.new_id("scoreval"), "object": "score.evaluation", "model": body.model, **result}
 
+    @app.post("/v1/load_lora_adapter")
+    async def load_adapter(http: HttpRequest):
+        body = await _parse(http, P.LoadAdapter)
+        _adapter_loading(settings)
+        if body.lora_name in engine.routes:
+            raise ApiError(400, f"a model named {body.lora_name!r} is served already", "invalid_value", "lora_name")
+        from pathlib import Path
+        if not Path(body.lora_path).exists():
+            raise ApiError(400, f"lora_path {body.lora_path!r} does not exist on the server", "invalid_value",
+                           "lora_path")
+        try:
+            how = await asyncio.to_thread(engine.add_adapter, body.lora_name, body.lora_path)
+        except (TunesmithError, ValueError) as e:
+            raise ApiError(400, f"cannot load {body.lora_path}: {e}", "invalid_value", "lora_path") from None
+        return {"object": "adapter", "id": body.lora_name, "shares_base": how == "per-row"}
+
+    @app.post("/v1/unload_lora_adapter")
+    async def unload_adapter(http: HttpRequest):
+        body = await _parse(http, P.UnloadAdapter)
+        _adapter_loading(settings)
+        try:
+            await asyncio.to_thread(engine.remove, body.lora_name)
+        except UnknownModel as e:
+            raise ApiError(404, str(e), "model_not_found", "lora_name") from None
+        return {"object": "adapter", "id": body.lora_name, "deleted": True}
+
     return Guard(app, settings.api_key, settings.max_body_bytes)
+
+
+def _adapter_loading(settings: Settings) -> None:
+    if not settings.allow_adapter_loading:
+        raise ApiError(404, "loading adapters at run time is off; start the server with --allow-adapter-loading",
+                       "not_found")
 
 
 def _model_card(engine: Engine, name: str) -> dict:

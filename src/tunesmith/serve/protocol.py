@@ -126,6 +126,16 @@ class ScoreRequest(BaseModel):
     max_length: int | None = Field(None, ge=1)
 
 
+class LoadAdapter(BaseModel):
+    """vLLM's ``/v1/load_lora_adapter`` body: serve the run or adapter at ``lora_path`` as ``lora_name``."""
+    lora_name: str = Field(min_length=1)
+    lora_path: str = Field(min_length=1)
+
+
+class UnloadAdapter(BaseModel):
+    lora_name: str = Field(min_length=1)
+
+
 # -- responses ---------------------------------------------------------------------------------
 def new_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:24]}"

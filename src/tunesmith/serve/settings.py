@@ -12,3 +12,4 @@ class Settings:
     max_n: int = 8                      #: completions per prompt at most
     request_timeout: float = 600.0      #: seconds before a request is cancelled with a 504
     shutdown_timeout: float = 30.0      #: on shutdown, seconds given to requests in flight
+    allow_adapter_loading: bool = False  #: POST /v1/load_lora_adapter and /v1/unload_lora_adapter answer
