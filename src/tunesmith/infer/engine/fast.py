@@ -39,7 +39,7 @@ def decode_attention(module, query, key, value, attention_mask, scaling=None, dr
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
         return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
                                       **kwargs)
-    q = query.view(b, hkv, hq // hkv, d)                        # head h -> kv head h // G, as repeat_kv
+    q = query.reshape(b, hkv, hq // hkv, d)                     # head h -> kv head h // G, as repeat_kv
     out = F.scaled_dot_product_attention(q, key, value, attn_mask=attention_mask, scale=scaling)
     return out.reshape(b, hq, 1, d).transpose(1, 2), None      # (B, 1, Hq, D)
 
@@ -191,6 +191,8 @@ class StaticRunner(ModelRunner):
         for cfg in self.configs:
             cfg._attn_implementation, saved = ATTENTION, cfg._attn_implementation
         try:
+            if self.compiled and self.device.type == "cuda":
+                torch.compiler.cudagraph_mark_step_begin()   # the last step's outputs are consumed
             with self._bind(self.slotb[:n], self.slot_list):
                 logits = self.step_fn(self.ids[:n], self.posb[:n], self.valid[:n])
         finally:
