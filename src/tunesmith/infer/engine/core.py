@@ -33,6 +33,9 @@ from .text import Prompter, stop_token_ids
 log = logging.getLogger(__name__)
 
 
+DEFAULT_LEN = 4096   # max_len unless given (the model's context when shorter)
+
+
 class EngineBusy(TunesmithError):
     """The queue of waiting requests is full."""
 
@@ -91,7 +94,7 @@ class Engine:
             raise ConfigError(f"engine: max_batch must be >= 1, got {max_batch}")
         self.tokenizer, self.max_batch, self.max_queue, self.fast = tokenizer, max_batch, max_queue, fast
         cfg = getattr(model, "config", None)
-        self.max_len = int(max_len or min(getattr(cfg, "max_position_embeddings", None) or 4096, 1 << 16))
+        self.max_len = int(max_len or min(getattr(cfg, "max_position_embeddings", None) or DEFAULT_LEN, DEFAULT_LEN))
         self.pad_id = _pad_id(tokenizer)
         self.base_name = name
         self.table = AdapterTable(model) if getattr(model, "_tunesmith_method", None) is None else None

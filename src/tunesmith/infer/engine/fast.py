@@ -222,7 +222,24 @@ def make_runner(model: nn.Module, pad_id: int, table=None, *, fast: bool | str =
     usable = virtual_head(model) == 0 and getattr(model, "prompt_encoder", None) is None
     if fast is True and not usable:
         raise ValueError("the fast path does not take models with virtual tokens; use fast=False")
+    if fast == "auto" and cuda and usable and not _fits(model, max_batch, max_len):
+        usable = False
     if fast is True or (fast == "auto" and cuda and usable):
         return StaticRunner(model, pad_id, table, max_batch=max_batch, max_len=max_len,
                             compile_mode="reduce-overhead" if cuda else None)
     return ModelRunner(model, pad_id, table)
+
+
+def _fits(model: nn.Module, max_batch: int, max_len: int) -> bool:
+    """Whether the static buffers take at most half the free GPU memory (else: the plain path, said once)."""
+    import logging
+    layers, kv, hd = _kv_shape(model)
+    size = 2 * layers * max_batch * kv * max_len * hd * model.get_input_embeddings().weight.element_size()
+    free, _ = torch.cuda.mem_get_info(device_of(model))
+    if size <= free // 2:
+        return True
+    logging.getLogger(__name__).warning(
+        "the fast path's KV buffers (%d slots x %d tokens: %.1f GiB) exceed half the free GPU memory (%.1f GiB); "
+        "decoding on the plain path. Lower max_batch / max_len (--max-batch / --max-len) for the fast path.",
+        max_batch, max_len, size / 2**30, free / 2**30)
+    return False
