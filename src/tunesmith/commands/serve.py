@@ -57,6 +57,10 @@ def _run(args) -> None:
     import socket
 
     from ..errors import ConfigError, TunesmithError
+    for flag, value in (("--max-batch", args.max_batch), ("--max-tokens", args.max_tokens), ("--max-n", args.max_n),
+                        ("--max-body-bytes", args.max_body_bytes)):
+        if value < 1:
+            raise ConfigError(f"{flag} must be >= 1, got {value}")
     try:
         import fastapi  # noqa: F401
         import uvicorn
@@ -69,10 +73,6 @@ def _run(args) -> None:
     if args.threads:
         import torch
         torch.set_num_threads(args.threads)
-    for flag, value in (("--max-batch", args.max_batch), ("--max-tokens", args.max_tokens), ("--max-n", args.max_n),
-                        ("--max-body-bytes", args.max_body_bytes)):
-        if value < 1:
-            raise ConfigError(f"{flag} must be >= 1, got {value}")
     engine = build_engine(args.model, name=args.name, adapters=args.adapter, proxies=args.proxy, device=args.device,
                           dtype=args.dtype, system_prompt=args.system_prompt, max_batch=args.max_batch,
                           max_queue=args.max_queue, max_len=args.max_len, fast=False if args.no_fast else "auto")
