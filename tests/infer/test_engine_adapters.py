@@ -113,3 +113,43 @@ def test_factors_for_another_base_are_refused(tokenizer):
     with pytest.raises(ConfigError, match="not a linear layer"):
         engine.add_lora("y", {"model.nope": (torch.zeros(2, 64), torch.zeros(64, 2), 1.0)})
     assert engine.models() == ["base"]
+
+
+def test_mixed_batch_equals_peft_mixed_adapter_batch(tokenizer):
+    """peft's own mixed-adapter batch (``generate(adapter_names=...)``) as the independent oracle."""
+    peft = pytest.importorskip("peft")
+    base = small()
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    g = torch.Generator().manual_seed(0)
+    factors = []
+    for _ in range(3):
+        f = {}
+        for name, m in base.named_modules():
+            if name.rsplit(".", 1)[-1] in targets:
+                f[name] = (torch.randn(4, m.in_features, generator=g) * 0.3,
+                           torch.randn(m.out_features, 4, generator=g) * 0.3, 2.0)
+        factors.append(f)
+    cfg = peft.LoraConfig(r=4, lora_alpha=8, target_modules=targets, lora_dropout=0.0)
+    pm = peft.get_peft_model(copy.deepcopy(base), cfg, adapter_name="l0")
+    for i in (1, 2):
+        pm.add_adapter(f"l{i}", cfg)
+    with torch.no_grad():
+        for i, f in enumerate(factors):
+            for name, (a, b, _) in f.items():
+                mod = pm.base_model.model.get_submodule(name)
+                mod.lora_A[f"l{i}"].weight.copy_(a)
+                mod.lora_B[f"l{i}"].weight.copy_(b)
+    pm.eval()
+    engine = Engine(base, tokenizer, fast=False, max_batch=8)
+    for i, f in enumerate(factors):
+        engine.add_lora(f"l{i}", f)
+    x = ids(6, 7, vocab=VOCAB, seed=11)
+    names = ["l0", "l1", "l2", "__base__", "l1", "l0"]
+    got = [engine.submit(Request(prompt=row, model=None if n == "__base__" else n,   # peft's name for the base
+                                 params=SamplingParams(max_tokens=6, ignore_eos=True)))
+           for row, n in zip(x.tolist(), names)]
+    engine.run_until_done()
+    with torch.no_grad():
+        want = pm.generate(input_ids=x, attention_mask=torch.ones_like(x), max_new_tokens=6, do_sample=False,
+                           pad_token_id=0, eos_token_id=None, adapter_names=names)[:, 7:].tolist()
+    assert [h.result().token_ids for h in got] == want
