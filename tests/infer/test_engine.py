@@ -191,6 +191,12 @@ def test_request_errors(tokenizer):
     assert engine.load == {"running": 0, "waiting": 0}
 
 
+def test_models_it_cannot_decode_are_refused(tokenizer):
+    from helpers import tiny
+    with pytest.raises(TunesmithError, match="no language-model head"):
+        Engine(tiny("bert", task="classification"), tokenizer)
+
+
 def test_a_failing_step_fails_its_rows_only(tokenizer, monkeypatch):
     model = small()
     engine = Engine(model, tokenizer, fast=False)

@@ -115,6 +115,12 @@ class Engine:
     # -- models --------------------------------------------------------------------------
     def _runner(self, model: nn.Module, table=None):
         from .fast import make_runner
+        if getattr(getattr(model, "config", None), "is_encoder_decoder", False):
+            raise ConfigError(f"engine: {type(model).__name__} is an encoder-decoder; the engine decodes decoder-only "
+                              "models (generate from it with tunesmith.generate)")
+        if not hasattr(model, "get_output_embeddings") or model.get_output_embeddings() is None:
+            raise ConfigError(f"engine: {type(model).__name__} has no language-model head to generate with "
+                              "(a classifier? serve it with --score)")
         return make_runner(model, self.pad_id, table, fast=self.fast, max_batch=self.max_batch, max_len=self.max_len)
 
     def _new_lane(self, key: str, runner) -> Lane:

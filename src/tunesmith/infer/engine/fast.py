@@ -14,8 +14,9 @@ one-token step goes through :func:`decode_attention`, which attends grouped-quer
 shared key/value head without copying keys and values per query head (what transformers' SDPA
 path does whenever there is a mask).
 
-Models with virtual-token hooks (prompt, prefix, P-tuning) and proxy-tuning keep to the plain path
-(:mod:`.runner`), the reference this path is tested against.
+Models with virtual-token hooks (prompt, prefix, P-tuning), sliding-window attention or attention
+outside transformers' attention interface (BLOOM, Falcon), and proxy-tuning keep to the plain path
+(:mod:`.runner`), the reference this path is tested against (:func:`fast_path_refusal` says why).
 """
 from __future__ import annotations
 
@@ -219,15 +220,29 @@ def make_runner(model: nn.Module, pad_id: int, table=None, *, fast: bool | str =
     """The runner for ``model``: the fast path on CUDA for models without virtual tokens ("auto"),
     or as asked (True: the fast path, compiled only on CUDA; False: the plain path)."""
     cuda = device_of(model).type == "cuda"
-    usable = virtual_head(model) == 0 and getattr(model, "prompt_encoder", None) is None
+    why = fast_path_refusal(model)
+    usable = why is None
     if fast is True and not usable:
-        raise ValueError("the fast path does not take models with virtual tokens; use fast=False")
+        raise ValueError(f"the fast path does not take this model: {why}; use fast=False")
     if fast == "auto" and cuda and usable and not _fits(model, max_batch, max_len):
         usable = False
     if fast is True or (fast == "auto" and cuda and usable):
         return StaticRunner(model, pad_id, table, max_batch=max_batch, max_len=max_len,
                             compile_mode="reduce-overhead" if cuda else None)
     return ModelRunner(model, pad_id, table)
+
+
+def fast_path_refusal(model: nn.Module) -> str | None:
+    """Why ``model`` must decode on the plain path (None: the fast path takes it)."""
+    if virtual_head(model) or getattr(model, "prompt_encoder", None) is not None:
+        return "it adds virtual tokens through hooks"
+    if not getattr(type(model), "_supports_attention_backend", False):
+        return f"{type(model).__name__} does not route attention through transformers' attention interface"
+    cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    if "sliding_attention" in (getattr(cfg, "layer_types", None) or []) or (
+            getattr(cfg, "sliding_window", None) and getattr(cfg, "use_sliding_window", True) is not False):
+        return "it has sliding-window attention layers"
+    return None
 
 
 def _fits(model: nn.Module, max_batch: int, max_len: int) -> bool:

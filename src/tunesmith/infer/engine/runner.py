@@ -122,9 +122,12 @@ class ModelRunner:
             self.cache = self.mask = self.pos = self.slots = None
             return
         index = torch.tensor(idx, dtype=torch.long, device=self.device)
+        self.mask, self.pos, self.slots = self.mask[index], self.pos[index], self.slots[index]
+        if not self.can_merge:   # sliding-window layers and the like: transformers' own row selection, no cut
+            self.cache.batch_select_indices(index)
+            return
         for layer in self.cache.layers:
             layer.keys, layer.values = layer.keys[index], layer.values[index]
-        self.mask, self.pos, self.slots = self.mask[index], self.pos[index], self.slots[index]
         used = self.mask.any(0).nonzero()
         cut = int(used[0]) if len(used) else 0
         if cut:
