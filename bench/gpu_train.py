@@ -114,8 +114,9 @@ def run_one(key: str, impl: str, profile: bool, outdir: Path, limits: dict | Non
     import gpu_common as G
     (arch, method, batch, gc_on, data), _ = CONFIGS[key]
     G.free()
-    if "compile" in impl:
-        torch._dynamo.reset()  # each configuration compiles its own model from scratch
+    if "compile" in impl or "auto" in impl:
+        torch._dynamo.reset()  # each configuration compiles its own model from scratch (and a process that
+        # compiled several models' blocks would reach dynamo's recompile limit and run later ones eagerly)
     model = G.build_model(arch)
     vocab = model.config.vocab_size
     side, flags = impl.split("+")[0], set(impl.split("+")[1:])
