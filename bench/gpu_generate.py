@@ -68,7 +68,8 @@ def timed(fn, repeats: int) -> dict:
 
 def hf_side(model, prompts, new: int, static: bool):
     mask = torch.ones_like(prompts)
-    kw = {"cache_implementation": "static"} if static else {}
+    # the benchmark's models are built with use_cache=False (a training config): generation asks for the cache
+    kw = {"use_cache": True, **({"cache_implementation": "static"} if static else {})}
 
     def run():
         with torch.no_grad():
@@ -122,7 +123,7 @@ def peft_side(model, factors: list[dict], prompts, new: int):
 
     def run():
         with torch.no_grad():
-            out = pm.generate(input_ids=prompts, attention_mask=mask, max_new_tokens=new, min_new_tokens=new,
+            out = pm.generate(input_ids=prompts, attention_mask=mask, max_new_tokens=new, min_new_tokens=new, use_cache=True,
                               do_sample=False, pad_token_id=0, adapter_names=names)
         return out[:, prompts.shape[1]:].tolist()
     return run, pm
