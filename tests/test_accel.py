@@ -87,7 +87,7 @@ def test_compiled_layers_give_the_eager_losses(alpaca_file, tmp_path):
 
 
 @pytest.mark.parametrize("train, method, data, message", [
-    ({"padding_free": True}, {"name": "lora"}, "cls", "train.padding_free: works with the causal LM objectives"),
+    ({"padding_free": True}, {"name": "lora"}, "cls", "train.padding_free: works with the objectives that train on packed rows"),
     ({"padding_free": True}, {"name": "prompt"}, "alpaca", "adds virtual tokens"),
     ({"max_tokens_per_batch": 512}, {"name": "lora"}, "alpaca", "only used with train.padding_free"),
     ({"chunked_ce": True}, {"name": "lora"}, "cls", "train.chunked_ce"),

@@ -162,16 +162,17 @@ def _load_run(run_dir: Path, device: str, dtype: str):
     from .train import objectives
     cfg = config_mod.load(run_dir / "config.yaml")
     mcfg = cfg.model.model_copy(update={"device": device, "dtype": dtype})
-    objective = objectives.get(cfg.train.objective) if cfg.train.objective != "auto" else None
+    objective = objectives.config_class(cfg.objective.name) if cfg.objective is not None else None
     task = objective.task if objective else "causal_lm"
     summary = run_dir / "summary.json"
     labels = read_json(summary).get("label_names") if summary.is_file() else None
+    fixed = objective.num_labels if objective is not None else None
     cls = registry.get(cfg.method.name)
     if (run_dir / "model").is_dir():
         model = load_model(_base_config(str(run_dir / "model"), device, dtype), task=task,
-                           num_labels=len(labels) if labels else None)
+                           num_labels=fixed or (len(labels) if labels else None))
         return model.eval(), load_tokenizer(_base_config(str(run_dir / "model"), device, dtype))
-    model = load_model(mcfg, task=task, num_labels=len(labels) if labels else None, seed=cfg.train.seed)
+    model = load_model(mcfg, task=task, num_labels=fixed or (len(labels) if labels else None), seed=cfg.train.seed)
     tokenizer = load_tokenizer(mcfg)
     if task == "classification":
         from .data import pad_id_for

@@ -1,4 +1,4 @@
-"""The run config: pydantic models for the YAML sections model, method, data, train, output.
+"""The run config: pydantic models for the YAML sections model, method, objective, data, train, output.
 
 Every field is documented once, on the field; the config reference (docs/config.md, written by
 ``python -m tunesmith.docs``) and CLI help come from these descriptions. Unknown keys are errors. YAML is read with ``yaml.safe_load`` only.
@@ -17,8 +17,10 @@ from .errors import ConfigError, did_you_mean
 from .methods import registry
 from .methods.registry import MethodConfig
 from .models.config import ModelConfig
+from .train import objectives
+from .train.objectives import ObjectiveConfig
 
-SECTIONS = ("model", "method", "data", "train", "output")
+SECTIONS = ("model", "method", "objective", "data", "train", "output")
 _UNITS = {"b": 1, "kb": 1e3, "mb": 1e6, "gb": 1e9, "tb": 1e12, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
 
 
@@ -34,8 +36,9 @@ def parse_bytes(value: str | int | float | None, field_name: str = "train.memory
 
 class TrainConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", defer_build=True)
-    objective: str = Field("auto", description="Training objective: sft, pt, cls, seq2seq (auto: from data.format, "
-                                               "and seq2seq for encoder-decoder models).")
+    objective: str = Field("auto", description="Shorthand for `objective: {name: ...}` (the objective with its "
+                                               "default fields); auto: from data.format, and seq2seq for "
+                                               "encoder-decoder models. Always equals objective.name once resolved.")
     max_steps: int | None = Field(None, ge=1, description="Optimizer steps; overrides epochs when set.")
     epochs: float | None = Field(None, gt=0, description="Passes over the training data (default 1 when max_steps is unset).")
     lr: float = Field(2e-4, gt=0, description="Peak learning rate.")
@@ -127,6 +130,9 @@ class RunConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", protected_namespaces=(), defer_build=True)
     model: ModelConfig = Field(default_factory=ModelConfig)
     method: SerializeAsAny[MethodConfig] = Field(description="Method name plus its fields (see `tunesmith methods`).")
+    objective: SerializeAsAny[ObjectiveConfig] | None = Field(
+        None, description="Objective name plus its fields (the README's objectives table); null: train.objective, "
+                          "or picked from data.format.")
     data: DataConfig
     train: TrainConfig = Field(default_factory=TrainConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
@@ -139,6 +145,24 @@ class RunConfig(BaseModel):
         if isinstance(v, str):
             v = {"name": v}
         return registry.build_config(v)
+
+    @field_validator("objective", mode="before")
+    @classmethod
+    def _objective(cls, v: Any):
+        return v if v is None else objectives.build_config(v)
+
+    @model_validator(mode="after")
+    def _shorthand(self):
+        """``train.objective`` names the objective section's objective (or builds it, with defaults)."""
+        short = self.train.objective
+        if self.objective is None and short != "auto":
+            self.objective = objectives.build_config(short)
+        elif self.objective is not None and short not in ("auto", self.objective.name):
+            raise ValueError(f"train.objective {short!r} and objective.name {self.objective.name!r} differ; "
+                             "set one of them")
+        if self.objective is not None:
+            self.train.objective = self.objective.name
+        return self
 
 
 def _format_errors(err: ValidationError, prefix: str = "", root: Any = None) -> list[tuple[str, str]]:
@@ -162,7 +186,8 @@ def _key_hint(loc, root, prefix: str = "") -> str:
     fields = _fields_at(parent, root)
     if not fields:
         return ""
-    section = f"method {root.model_fields['name'].default}" if root is not RunConfig else (
+    kind = "objective" if isinstance(root, type) and issubclass(root, ObjectiveConfig) else "method"
+    section = f"{kind} {root.model_fields['name'].default}" if root is not RunConfig else (
         ".".join(parent) or "the config")
     return f" '{key}'{did_you_mean(key, fields)}; valid keys for {section}: {', '.join(fields)}"
 
@@ -220,6 +245,23 @@ def validate(data: dict, source: str = "config", overrides: dict[str, str] | Non
             raise ConfigError(_message([("method.name", str(e).split(": ", 1)[-1])], source, overrides)) from None
         except ValidationError as e:
             raise ConfigError(_message(_format_errors(e, "method.", cls), source, overrides)) from None
+    objective = data.get("objective")
+    if isinstance(objective, str):
+        objective = {"name": objective}
+        data = {**data, "objective": objective}
+    short = (data.get("train") or {}).get("objective") if isinstance(data.get("train"), dict) else None
+    if isinstance(short, str) and short != "auto" and objective is None:
+        objective, where = {"name": short}, "train.objective"
+    else:
+        where = "objective.name"
+    if isinstance(objective, dict):  # validated first so that its errors say objective.<field>
+        try:
+            ocls = objectives.config_class(objective.get("name"))
+            ocls.model_validate(objective)
+        except ConfigError as e:
+            raise ConfigError(_message([(where, str(e).split(": ", 1)[-1])], source, overrides)) from None
+        except ValidationError as e:
+            raise ConfigError(_message(_format_errors(e, "objective.", ocls), source, overrides)) from None
     try:
         return RunConfig.model_validate(data)
     except ValidationError as e:
@@ -247,8 +289,8 @@ def apply_overrides(data: dict, overrides: list[str] | dict[str, Any]) -> dict:
         if parts[0] not in SECTIONS:
             raise ConfigError(f"override {key!r}: unknown section '{parts[0]}'{did_you_mean(parts[0], SECTIONS)}; "
                               f"valid: {', '.join(SECTIONS)}")
-        if parts[0] == "method" and isinstance(out.get("method"), str) and len(parts) > 1:
-            out["method"] = {"name": out["method"]}  # `method: lora` given as a name
+        if parts[0] in ("method", "objective") and isinstance(out.get(parts[0]), str) and len(parts) > 1:
+            out[parts[0]] = {"name": out[parts[0]]}  # `method: lora` given as a name
         node = out
         for p in parts[:-1]:
             node = node.setdefault(p, {})

@@ -65,6 +65,13 @@ def reference() -> str:
         parts.append(f"#### `{name}` ({cls.family})\n\n{cls.summary}\n")
         if len(cls.Config.model_fields) > 1:
             parts.append(table(cls.Config, "method.", skip=("name",)))
+    from .train import objectives
+    parts.append("### objective\n\n`objective.name` picks one of the registered objectives (`train.objective: NAME` "
+                 "is short for `objective: {name: NAME}`); its fields follow.")
+    for name, cls in objectives.all_objectives().items():
+        parts.append(f"#### `{name}`\n\n{cls.summary}\n")
+        if len(cls.Config.model_fields) > 1:
+            parts.append(table(cls.Config, "objective.", skip=("name",)))
     return "\n\n".join(parts) + "\n"
 
 
@@ -87,11 +94,14 @@ def methods_table() -> str:
 def objectives_table() -> str:
     """One row per registered objective: name, the data formats it is the default for, what it trains."""
     from .train import objectives
-    rows = ["| `train.objective` | default for `data.format` | model head | what it trains |", "|---|---|---|---|"]
+    rows = ["| `objective.name` | reads `data.format` | default for | model head | what it trains |",
+            "|---|---|---|---|---|"]
     for name, cls in objectives.all_objectives().items():
-        formats = ", ".join(f"`{f}`" for f in cls.formats) or "–"
-        formats += " (encoder-decoders)" if getattr(cls, "encoder_decoder", False) else ""
-        rows.append(f"| `{name}` | {formats} | {cls.task} | {_cell(cls.summary)} |")
+        reads = ", ".join(f"`{f}`" for f in cls.formats) or "–"
+        default = ", ".join(f"`{f}`" for f in cls.default_for) or "–"
+        default += " (encoder-decoders)" if cls.encoder_decoder and cls.default_for else ""
+        head = f"{cls.task} ({cls.num_labels} output)" if cls.num_labels else cls.task
+        rows.append(f"| `{name}` | {reads} | {default} | {head} | {_cell(cls.summary)} |")
     return "\n".join(rows) + "\n"
 
 

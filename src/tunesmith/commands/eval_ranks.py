@@ -59,10 +59,10 @@ def eval_ranks(run_dir: Path, *, ranks: str | None = None, split: str = "validat
         what = f"method {cfg.method.name!r}" if cfg else "no config.yaml"
         raise ConfigError(f"eval-ranks: {run_dir} is not a dylora run ({what}); it needs a run directory "
                           "trained with method.name: dylora")
-    objective = objectives.get(cfg.train.objective)
+    objective = objectives.get(cfg.objective or cfg.train.objective)
     model, tokenizer = api.load(run_dir, device=cfg.model.device)
     train_ds, val_ds, _ = build_datasets(cfg.data, tokenizer, max_seq_len=cfg.train.max_seq_len,
-                                         objective=objective.data_objective, seed=cfg.train.seed)
+                                         objective=objective.cfg, seed=cfg.train.seed)
     used = "validation" if split == "validation" and val_ds else "train"
     ds = val_ds if used == "validation" else train_ds
     device = next(model.parameters()).device

@@ -13,11 +13,10 @@ from torch.utils.data import Dataset
 from .chat import ChatRenderer
 from .config import DataConfig
 from .errors import DataError
-from .formats import OBJECTIVE_FORMATS, apply_field_map, check_objective, detect_format, normalize
+from .formats import apply_field_map, check_objective, detect_format, normalize
 from .labels import check_labels, label_vocab
 from .readers import Row, first_readable, read_rows
-from .seq2seq import tokenize_seq2seq
-from .tokenize import NO_LABELS, Tokenized, tokenize_cls, tokenize_lm, tokenize_pref
+from .tokenize import NO_LABELS, SHAPES, Tokenized
 
 MAX_REASONS = 10
 CUTS = {"middle": "the prompt cut in the middle, the response kept",
@@ -138,14 +137,19 @@ def _split(rows: list, val_split: float, seed: int, path: str) -> tuple[list, li
             [r for i, r in enumerate(rows) if i in val_idx])
 
 
-def build_datasets(cfg: DataConfig, tokenizer, *, max_seq_len: int, objective: str, seed: int
+def build_datasets(cfg: DataConfig, tokenizer, *, max_seq_len: int, objective, seed: int
                    ) -> tuple[TokenizedDataset, TokenizedDataset | None, DataReport]:
     """Read, validate, split and tokenize the data of ``cfg`` for ``objective``.
 
-    ``objective`` is one of sft, pt, cls, seq2seq, rm, dpo. Returns ``(train, validation or None, report)``.
+    ``objective``: an objective's name or config (what it declares: the data ``formats`` it reads and
+    the ``tokenized`` shape it consumes). Returns ``(train, validation or None, report)``.
     """
-    if objective not in OBJECTIVE_FORMATS:
-        raise DataError(f"unknown objective {objective!r}; valid: {', '.join(OBJECTIVE_FORMATS)}")
+    if isinstance(objective, str):
+        from ..train.objectives import config_class   # torch-free
+        try:
+            objective = config_class(objective)()
+        except Exception as e:
+            raise DataError(str(e).split(": ", 1)[-1]) from None
     if max_seq_len < 1:
         raise DataError(f"max_seq_len must be >= 1, got {max_seq_len}")
     read = dict(on_error=cfg.on_error, txt_documents=cfg.txt_documents)
@@ -181,7 +185,8 @@ def build_datasets(cfg: DataConfig, tokenizer, *, max_seq_len: int, objective: s
 
     def tok(rows, path: str) -> TokenizedDataset:
         nonlocal truncated
-        out = _tokenize(rows, fmt, objective, tokenizer, cfg, mapping, max_seq_len, packing)
+        out = SHAPES[objective.tokenized](rows, fmt, tokenizer, cfg, mapping=mapping, max_seq_len=max_seq_len,
+                                          packing=packing)
         skips.add(out.dropped, NO_LABELS)
         truncated += out.truncated
         if not out.examples:
@@ -210,17 +215,3 @@ def _check_labels(rows, mapping, names, known, on_error: str, skips: _Skips, pat
         raise DataError(f"{path}: no row has a known label; first error: {bad[0]}")
     skips.add(bad, "unknown label")
     return good
-
-
-def _tokenize(rows, fmt, objective, tokenizer, cfg: DataConfig, mapping, max_seq_len, packing
-              ) -> Tokenized:
-    if objective in ("sft", "pt"):
-        renderer = ChatRenderer(tokenizer, cfg.system_prompt)
-        return tokenize_lm(rows, fmt, tokenizer, renderer, max_seq_len=max_seq_len, objective=objective,
-                           packing=packing, truncation=cfg.truncation, response_share=cfg.max_response_share)
-    if objective == "cls":
-        return tokenize_cls(rows, tokenizer, mapping, max_seq_len=max_seq_len)
-    if objective == "seq2seq":
-        return tokenize_seq2seq(rows, fmt, tokenizer, max_seq_len=max_seq_len, system_prompt=cfg.system_prompt)
-    return tokenize_pref(rows, tokenizer, ChatRenderer(tokenizer), max_seq_len=max_seq_len,
-                         truncation=cfg.truncation, response_share=cfg.max_response_share)

@@ -26,15 +26,6 @@ EXPECTS = {
     "preference": "prompt, chosen, rejected (chosen/rejected may be message lists)",
 }
 
-OBJECTIVE_FORMATS = {
-    "sft": ("alpaca", "messages", "sharegpt"),
-    "pt": ("text", "alpaca", "messages", "sharegpt"),
-    "cls": ("classification",),
-    "seq2seq": ("alpaca", "messages", "sharegpt"),
-    "rm": ("preference",),
-    "dpo": ("preference",),
-}
-
 ROLES = ("system", "user", "assistant")
 SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user",
                   "gpt": "assistant", "assistant": "assistant", "model": "assistant"}
@@ -62,17 +53,12 @@ def detect_format(row: Row) -> str:
     )
 
 
-def check_objective(fmt: str, objective: str) -> None:
-    """DataError unless ``fmt`` can feed ``objective``."""
-    if objective not in OBJECTIVE_FORMATS:
+def check_objective(fmt: str, objective) -> None:
+    """DataError unless ``fmt`` can feed ``objective`` (an objective config: its ``name`` and ``formats``)."""
+    if fmt not in objective.formats:
         raise DataError(
-            f"unknown objective {objective!r}; valid objectives: {', '.join(OBJECTIVE_FORMATS)}"
-        )
-    valid = OBJECTIVE_FORMATS[objective]
-    if fmt not in valid:
-        raise DataError(
-            f"format {fmt!r} cannot be used for objective {objective!r}; "
-            f"objective {objective!r} takes format {', '.join(valid)}"
+            f"format {fmt!r} cannot be used for objective {objective.name!r}; "
+            f"objective {objective.name!r} takes format {', '.join(objective.formats)}"
         )
 
 

@@ -143,3 +143,34 @@ def _pref_side(prompt, response, tokenizer, renderer: ChatRenderer) -> tuple[lis
         turns = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else list(prompt)
         msgs = turns + msgs
     return renderer.messages(msgs, last_only=True)
+
+
+# -- the tokenized shapes an objective can ask for (its config's ``tokenized``) ----------------------------
+
+def _lm_shape(objective: str):
+    def shape(rows, fmt, tokenizer, cfg, *, mapping, max_seq_len, packing) -> Tokenized:
+        renderer = ChatRenderer(tokenizer, cfg.system_prompt)
+        return tokenize_lm(rows, fmt, tokenizer, renderer, max_seq_len=max_seq_len, objective=objective,
+                           packing=packing, truncation=cfg.truncation, response_share=cfg.max_response_share)
+    return shape
+
+
+def _cls_shape(rows, fmt, tokenizer, cfg, *, mapping, max_seq_len, packing) -> Tokenized:
+    return tokenize_cls(rows, tokenizer, mapping, max_seq_len=max_seq_len)
+
+
+def _seq2seq_shape(rows, fmt, tokenizer, cfg, *, mapping, max_seq_len, packing) -> Tokenized:
+    from .seq2seq import tokenize_seq2seq
+    return tokenize_seq2seq(rows, fmt, tokenizer, max_seq_len=max_seq_len, system_prompt=cfg.system_prompt)
+
+
+def _pair_shape(rows, fmt, tokenizer, cfg, *, mapping, max_seq_len, packing) -> Tokenized:
+    return tokenize_pref(rows, tokenizer, ChatRenderer(tokenizer), max_seq_len=max_seq_len,
+                         truncation=cfg.truncation, response_share=cfg.max_response_share)
+
+
+#: tokenized shape -> tokenizer of ``(loc, canonical row)`` pairs. sft/pt: ``input_ids``, ``labels``;
+#: cls: ``input_ids``, ``label``; seq2seq: source ids and ``decoder_labels``; pair: ``chosen_*`` and
+#: ``rejected_*`` ids and labels (the prompt masked).
+SHAPES = {"sft": _lm_shape("sft"), "pt": _lm_shape("pt"), "cls": _cls_shape, "seq2seq": _seq2seq_shape,
+          "pair": _pair_shape}

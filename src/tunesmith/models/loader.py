@@ -195,6 +195,14 @@ def is_encoder_decoder(cfg: ModelConfig) -> bool:
     return bool(getattr(model_config(cfg, attn=False), "is_encoder_decoder", False))
 
 
+def model_kind(cfg: ModelConfig) -> str:
+    """decoder, encoder or encoder-decoder, from the model's config alone (no weights are read)."""
+    config = model_config(cfg, attn=False)
+    if getattr(config, "is_encoder_decoder", False):
+        return "encoder-decoder"
+    return "encoder" if config.model_type in ENCODER_TYPES else "decoder"
+
+
 def _check_task(cfg: ModelConfig, task: str, config) -> None:
     name, model_type = cfg.name_or_path, config.model_type
     if task not in TASKS:

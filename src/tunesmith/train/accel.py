@@ -20,12 +20,15 @@ from ..models import compat
 from ..models.targets import find_blocks
 from . import speed
 
-CAUSAL = ("sft", "pt")
+def _allowing(flag: str) -> str:
+    from .objectives import all_configs
+    return ", ".join(n for n, c in all_configs().items() if getattr(c, flag))
 
 
-def check(tc, objective: str, method_cls, device: torch.device) -> None:
+def check(tc, objective, method_cls, device: torch.device) -> None:
     """Refuse combinations that cannot work, naming the ``train.*`` field (fields left to train.speed
-    count as off, and what the set ones imply counts as set: speed.fixed_fields)."""
+    count as off, and what the set ones imply counts as set: speed.fixed_fields). ``objective``: the
+    objective's config, which declares whether packing and the chunked loss apply to it."""
     tc = tc.model_copy(update=speed.fixed_fields(tc))
     if tc.liger:
         if not liger.available():
@@ -35,9 +38,9 @@ def check(tc, objective: str, method_cls, device: torch.device) -> None:
             raise ConfigError(f"train.liger: Liger's Triton kernels need a CUDA device, the model is on {device}; "
                               "set train.liger: false")
     if tc.padding_free:
-        if objective not in CAUSAL:
-            raise ConfigError(f"train.padding_free: works with the causal LM objectives ({', '.join(CAUSAL)}), "
-                              f"not {objective!r}; set train.padding_free: false")
+        if not objective.packing:
+            raise ConfigError(f"train.padding_free: works with the objectives that train on packed rows "
+                              f"({_allowing('packing')}), not {objective.name!r}; set train.padding_free: false")
         if not method_cls.supports_packing:
             raise ConfigError(f"train.padding_free: method {method_cls.name!r} adds virtual tokens to every "
                               "sequence and cannot run on packed rows; set train.padding_free: false")
@@ -55,9 +58,9 @@ def check(tc, objective: str, method_cls, device: torch.device) -> None:
         if device.type != "cuda":
             raise ConfigError(f"train.offload_activations: moves saved activations from GPU to host memory, and the "
                               f"model is on {device}; set train.offload_activations: false")
-    if tc.chunked_ce is True and objective not in CAUSAL:
-        raise ConfigError(f"train.chunked_ce: applies to the causal LM objectives ({', '.join(CAUSAL)}), "
-                          f"not {objective!r}; leave it at auto")
+    if tc.chunked_ce is True and not objective.chunked_ce:
+        raise ConfigError(f"train.chunked_ce: applies to the objectives with a language-model head "
+                          f"({_allowing('chunked_ce')}), not {objective.name!r}; leave it at auto")
 
 
 def packed_tokens(tc) -> int | None:

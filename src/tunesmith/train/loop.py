@@ -104,24 +104,26 @@ def autocast(device: torch.device, precision: str):
 
 @torch.no_grad()
 def evaluate(model: nn.Module, objective, batches, precision: str, device: torch.device) -> dict:
-    """Mean loss (and accuracy when the objective counts correct items) over ``batches``."""
+    """Mean loss and the means of the objective's extra sums over ``batches`` (``correct`` as ``accuracy``)."""
     was_training = model.training
     model.eval()
-    total, count, correct, counted = 0.0, 0, 0, False
+    total, count, sums = 0.0, 0, {}
     for batch in batches:
         with autocast(device, precision):
             loss, n, extra = objective.loss(model, batch)
         total += float(loss)
         count += n
-        correct += extra.get("correct", 0)
-        counted = counted or "correct" in extra
+        for k, v in extra.items():
+            sums[k] = sums.get(k, 0.0) + float(v)
     model.train(was_training)
     if count == 0:
         return {}
-    out = {"loss": total / count}
-    if counted:
-        out["accuracy"] = correct / count
-    return out
+    return {"loss": total / count, **metric_means(sums, count)}
+
+
+def metric_means(sums: dict, count: int) -> dict:
+    """An objective's extra sums as means over its items (``correct`` becomes ``accuracy``)."""
+    return {("accuracy" if k == "correct" else k): float(v) / max(count, 1) for k, v in sums.items()}
 
 
 class Loop:
@@ -149,15 +151,17 @@ class Loop:
         micro_batches = [self.batches.get(state.micro + i) for i in range(cfg.grad_accum)]
         denom = max(1, sum(self.objective.count(b) for b in micro_batches))
         self.method.on_step_begin(model, state.step)
-        total = []  # loss sums as tensors: read once the optimizer step is queued (no wait before it)
+        total, sums = [], {}  # loss sums as tensors: read once the optimizer step is queued (no wait before it)
         for batch in micro_batches:
             with autocast(self.device, self.precision):
-                loss_sum, _, _ = self.objective.loss(model, batch)
+                loss_sum, _, extra = self.objective.loss(model, batch)
                 loss = loss_sum / denom
                 reg = self.method.regularization(model)
                 if reg is not None:
                     loss = loss + reg / len(micro_batches)
             loss.backward()
+            for k, v in extra.items():
+                sums[k] = sums[k] + v if k in sums else v
             total.append(loss_sum.detach())
             state.tokens += real_tokens(batch)
         grad_norm = None
@@ -171,7 +175,8 @@ class Loop:
         state.step += 1
         state.micro += cfg.grad_accum
         return {"step": state.step, "split": "train", "loss": sum(float(t) for t in total) / denom,
-                "lr": self.scheduler.get_last_lr()[0], "grad_norm": None if grad_norm is None else float(grad_norm)}
+                "lr": self.scheduler.get_last_lr()[0], "grad_norm": None if grad_norm is None else float(grad_norm),
+                **metric_means(sums, denom)}
 
     def run(self, state: LoopState) -> LoopState:
         cfg = self.cfg

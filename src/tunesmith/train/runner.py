@@ -26,7 +26,8 @@ from ..data.formats import apply_field_map, detect_format
 from ..data.readers import first_readable, read_rows
 from ..errors import TrainingDiverged
 from ..methods import registry
-from ..models.loader import base_reference, is_encoder_decoder, load_model, load_tokenizer, quiet_progress, resolve_device
+from ..models.loader import (base_reference, is_encoder_decoder, load_model, load_tokenizer, model_kind, quiet_progress,
+                             resolve_device)
 from . import accel, checkpoint, objectives, speed
 from .divergence import Divergence, nonfinite_weights
 from .loop import Batches, Loop, LoopState, evaluate
@@ -43,6 +44,17 @@ class RunResult:
         return iter((self.run_dir, self.metrics))
 
 
+@dataclass
+class RunContext:
+    """What an objective's ``prepare`` may read of the run."""
+    cfg: RunConfig
+    train: object          # the train section with the speed fields resolved
+    device: torch.device
+    precision: str
+    pad_id: int
+    run_dir: Path
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
@@ -50,9 +62,9 @@ def seed_everything(seed: int) -> None:
 
 
 def resolve_objective(cfg: RunConfig) -> str:
-    if cfg.train.objective != "auto":
-        objectives.get(cfg.train.objective)
-        return cfg.train.objective
+    """The objective's name: the objective section's (or train.objective's), else the data format's default."""
+    if cfg.objective is not None:
+        return cfg.objective.name
     fmt = cfg.data.format
     if fmt == "auto":
         rows = read_rows(cfg.data.train, max_rows=100 if cfg.data.on_error == "skip" else 1,
@@ -77,21 +89,30 @@ def precision_for(cfg: RunConfig, device: torch.device) -> str:
     return cfg.train.precision
 
 
-def build(cfg: RunConfig, objective_name: str):
-    """Tokenizer, datasets, model with the method applied: everything a run or an eval needs."""
+def objective_config(cfg: RunConfig, name: str) -> objectives.ObjectiveConfig:
+    """The run's objective section for objective ``name`` (its defaults when the config has none)."""
+    return cfg.objective if cfg.objective is not None and cfg.objective.name == name else objectives.build_config(name)
+
+
+def build(cfg: RunConfig, objective_spec):
+    """Tokenizer, datasets, model with the method applied: everything a run or an eval needs.
+    ``objective_spec``: the objective's name or config."""
     seed_everything(cfg.train.seed)
-    objective = objectives.get(objective_name)
+    if isinstance(objective_spec, str):
+        objective_spec = objective_config(cfg, objective_spec)
+    objective = objectives.get(objective_spec)
     objective.configure(cfg.train)
     method_cls = registry.get(cfg.method.name)
     device = resolve_device(cfg.model.device)
-    accel.check(cfg.train, objective_name, method_cls, device)
+    objective.cfg.check(cfg.train, method_cls, model_kind(cfg.model))   # before any weights load
+    accel.check(cfg.train, objective.cfg, method_cls, device)
     with quiet_progress(not cfg.train.progress):
         tokenizer = load_tokenizer(cfg.model)
     train_ds, val_ds, report = build_datasets(cfg.data, tokenizer, max_seq_len=cfg.train.max_seq_len,
-                                              objective=objective.data_objective, seed=cfg.train.seed)
+                                              objective=objective.cfg, seed=cfg.train.seed)
     print(report.line(), file=sys.stderr, flush=True)
     with quiet_progress(not cfg.train.progress):
-        model = load_model(cfg.model, task=objective.task, num_labels=report.num_labels,
+        model = load_model(cfg.model, task=objective.task, num_labels=objective.num_labels or report.num_labels,
                            vocab_size=len(tokenizer), seed=cfg.train.seed,
                            stage_on_cpu=method_cls.stages_on_cpu and device.type == "cuda")
     if objective.task == "classification":
@@ -134,8 +155,9 @@ def run(cfg: RunConfig, resume: Path | None = None) -> RunResult:
     """Train; a run that fails after its directory exists is marked ``status: failed`` there."""
     t_start = time.perf_counter()
     objective_name = resolve_objective(cfg)
-    cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"objective": objective_name})})
-    built = build(cfg, objective_name)
+    ocfg = objective_config(cfg, objective_name)
+    cfg = cfg.model_copy(update={"objective": ocfg, "train": cfg.train.model_copy(update={"objective": objective_name})})
+    built = build(cfg, ocfg)
     # run_dir: set once the run owns a directory (a new one, or a resumed one once training starts)
     progress = {"state": LoopState(), "wall": 0.0, "run_dir": None}
     try:
@@ -176,6 +198,8 @@ def _train(cfg: RunConfig, resume: Path | None, built, t_start: float, progress:
     progress["run_dir"] = None if resume else run_dir
     (run_dir / "config.yaml").write_text(config_mod.dump(cfg))
     state = LoopState()
+    context = RunContext(cfg=cfg, train=tc, device=device, precision=precision, pad_id=pad_id, run_dir=run_dir)
+    objective.prepare(model, method, [train_ds, val_ds], run=context)   # a reference policy, cached log-probs
     if not resume:
         method.prepare(model, (batches.get(i) for i in range(batches.per_epoch())), objective)
     optimizer = build_optimizer(method, model, tc, device)

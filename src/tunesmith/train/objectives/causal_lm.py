@@ -20,6 +20,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import Objective, register
+from .configs.pt import PretrainConfig
+from .configs.sft import SFTConfig
 from ...data.collate import HOST, on_host
 from ...kernels.cross_entropy import IGNORE, labelled_rows, linear_cross_entropy
 
@@ -87,9 +89,10 @@ def default_chunked() -> bool:
 
 
 class CausalLM(Objective):
-    task = "causal_lm"
+    Config = SFTConfig
 
-    def __init__(self, chunked: bool | None = None):
+    def __init__(self, cfg=None, chunked: bool | None = None):
+        super().__init__(cfg)
         self.lm_loss = ChunkedLoss() if (default_chunked() if chunked is None else chunked) else LogitsLoss()
 
     def configure(self, train_cfg) -> None:
@@ -111,15 +114,9 @@ class CausalLM(Objective):
 
 @register
 class SFT(CausalLM):
-    name = "sft"
-    summary = "Supervised fine-tuning: loss on response tokens only (prompts masked)."
-    data_objective = "sft"
-    formats = ("alpaca", "messages", "sharegpt")
+    Config = SFTConfig
 
 
 @register
 class Pretrain(CausalLM):
-    name = "pt"
-    summary = "Continued pre-training: loss on every token of raw text (packed)."
-    data_objective = "pt"
-    formats = ("text",)
+    Config = PretrainConfig

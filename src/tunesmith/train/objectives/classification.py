@@ -6,15 +6,12 @@ import math
 import torch.nn.functional as F
 
 from . import Objective, register
+from .configs.cls import ClassificationConfig
 
 
 @register
 class Classification(Objective):
-    name = "cls"
-    summary = "Sequence classification with a task head (encoders and decoders)."
-    task = "classification"
-    data_objective = "cls"
-    formats = ("classification",)
+    Config = ClassificationConfig
 
     def count(self, batch):
         return int(batch["label"].numel())

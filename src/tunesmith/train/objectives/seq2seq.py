@@ -14,19 +14,15 @@ from __future__ import annotations
 import torch.nn.functional as F
 
 from . import Objective, register
+from .configs.seq2seq import Seq2SeqConfig
 from ...data.collate import on_host
-from ...data.seq2seq import FORMATS, LABELS
+from ...data.seq2seq import LABELS
 from ...kernels.cross_entropy import IGNORE
 
 
 @register
 class Seq2Seq(Objective):
-    name = "seq2seq"
-    summary = "Sequence to sequence (encoder-decoders): the loss on the target tokens the decoder writes."
-    task = "seq2seq"
-    data_objective = "seq2seq"
-    formats = FORMATS
-    encoder_decoder = True
+    Config = Seq2SeqConfig
 
     def count(self, batch):
         return int((on_host(batch, LABELS) != IGNORE).sum())

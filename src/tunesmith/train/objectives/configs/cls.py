@@ -1,0 +1,16 @@
+"""Config of the ``cls`` objective (sequence classification)."""
+from __future__ import annotations
+
+from typing import ClassVar, Literal
+
+from .. import ObjectiveConfig, register_config
+
+
+@register_config
+class ClassificationConfig(ObjectiveConfig):
+    summary: ClassVar[str] = "Sequence classification with a task head (encoders and decoders)."
+    task: ClassVar[str] = "classification"
+    formats: ClassVar[tuple[str, ...]] = ("classification",)
+    default_for: ClassVar[tuple[str, ...]] = ("classification",)
+    tokenized: ClassVar[str] = "cls"
+    name: Literal["cls"] = "cls"
