@@ -35,6 +35,19 @@ def alpaca_rows(n: int = 48, seed: int = 0):
     return rows
 
 
+def preference_rows(n: int = 32, seed: int = 0):
+    """Preference pairs whose chosen response repeats the prompt's word and whose rejected one does not."""
+    import random
+    rng = random.Random(seed)
+    words = ["red", "green", "blue", "cat", "dog", "sun", "moon", "tree"]
+    rows = []
+    for i in range(n):
+        w, other = rng.sample(words, 2)
+        rows.append({"prompt": f"Say {w} twice.", "chosen": f"{w} {w}", "rejected": f"{other} {rng.choice(words)}",
+                     "margin": float(i % 3)})
+    return rows
+
+
 def cls_rows(n: int = 48, seed: int = 0):
     rng = random.Random(seed)
     pos, neg = ["great", "lovely", "superb", "fine"], ["awful", "bad", "dull", "poor"]

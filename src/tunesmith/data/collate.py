@@ -62,8 +62,8 @@ def collate(examples: list[dict[str, Any]], pad_id: int, *, pad_to_multiple_of: 
     batch: dict[str, torch.Tensor] = {}
     for key in keys:
         values = [ex[key] for ex in examples]
-        if not isinstance(values[0], list):
-            batch[key] = torch.as_tensor(values, dtype=torch.long)  # [B]
+        if not isinstance(values[0], list):   # [B]: labels as long, scores (margins, reference log-probs) as float
+            batch[key] = torch.as_tensor(values, dtype=torch.float32 if isinstance(values[0], float) else torch.long)
             continue
         prefix = _prefix(key)
         length = _round_up(groups[prefix], pad_to_multiple_of)

@@ -6,7 +6,7 @@ Canonical shapes after :func:`normalize`:
 - messages / sharegpt: ``{"messages": [{"role": str, "content": str}, ...]}``
 - text: ``{"text": str}``
 - classification: ``{"text": str, "text_pair": str | None, "label": int | str}``
-- preference: ``{"prompt": str | list | None, "chosen": str | list, "rejected": str | list}``
+- preference: ``{"prompt": str | list | None, "chosen": str | list, "rejected": str | list, "margin"?: float}``
 """
 
 from __future__ import annotations
@@ -177,6 +177,16 @@ def _preference(row: Row) -> dict[str, Any]:
                             "str; use str for all three or message lists")
         prompt = _prompt_turns(row, prompt)
     out["prompt"] = prompt
+    if out["chosen"] == out["rejected"]:
+        raise DataError(f"{row.loc}: fields 'chosen' and 'rejected' are identical ({short(out['chosen'])}); a "
+                        "preference pair needs two different responses (fix or remove the row, or set "
+                        "data.on_error: skip to drop such rows)")
+    margin = row.data.get("margin")
+    if margin is not None:
+        if isinstance(margin, bool) or not isinstance(margin, (int, float)):
+            raise DataError(f"{row.loc}: field 'margin' has type {type_name(margin)} (value {short(margin)}), "
+                            "expected a number")
+        out["margin"] = float(margin)
     return out
 
 

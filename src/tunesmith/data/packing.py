@@ -72,6 +72,7 @@ def collate_packed(examples: list[dict[str, Any]]) -> dict[str, torch.Tensor | i
 
 def real_tokens(batch: dict) -> int:
     """Non-pad tokens of a padded or packed batch (counted on the batch's CPU copy where it has one)."""
-    if "attention_mask" in batch:
-        return int(on_host(batch, "attention_mask").sum())
+    masks = [k for k in batch if k.endswith("attention_mask")]   # chosen_ and rejected_ ones of pair batches
+    if masks:
+        return sum(int(on_host(batch, k).sum()) for k in masks)
     return int(batch["input_ids"].numel()) if "input_ids" in batch else 0

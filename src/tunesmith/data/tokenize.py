@@ -129,6 +129,8 @@ def tokenize_pref(rows, tokenizer, renderer: ChatRenderer, *, max_seq_len: int, 
             out.dropped.append(_no_labels(loc, max_seq_len))
             continue
         out.truncated += cut
+        if "margin" in row:
+            ex["margin"] = row["margin"]
         out.examples.append(ex)
     return out
 
