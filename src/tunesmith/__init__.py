@@ -8,11 +8,14 @@ from .api import apply, load, merge, methods, train
 from .errors import ConfigError, ModelError, TunesmithError
 
 __version__ = "0.1.0"
-__all__ = ["train", "load", "apply", "merge", "methods", "generate", "ConfigError", "ModelError", "TunesmithError"]
+__all__ = ["train", "load", "apply", "merge", "methods", "generate", "score", "ConfigError", "ModelError", "TunesmithError"]
 
 
 def __getattr__(name: str):
     if name == "generate":  # imported on first use: it brings in torch
         from .infer import generate
         return generate
+    if name == "score":
+        from .infer.score import score
+        return score
     raise AttributeError(f"module 'tunesmith' has no attribute {name!r}")
