@@ -89,7 +89,9 @@ class TrainConfig(BaseModel):
                                                     "chunked loss's per-chunk softmax; the first steps include "
                                                     "compile time. Null: chosen by train.speed.")
     padding_free: bool = Field(False, description="Pack whole examples end to end into one row per micro-batch, "
-                                                  "with document-masked attention and no pad tokens (sft, pt).")
+                                                  "with document-masked attention and no pad tokens (the objectives that "
+                                                  "declare packing: sft, pt, and dpo, orpo, simpo, whose pairs "
+                                                  "become two documents each).")
     max_tokens_per_batch: int | None = Field(
         None, ge=8, description="Tokens per packed micro-batch with padding_free (default batch_size × max_seq_len).")
     eval_every: int | None = Field(None, ge=1, description="Evaluate every N steps (always at start and end).")

@@ -117,3 +117,24 @@ def test_every_method_takes_a_preference_step_and_round_trips(method, objective,
     model, tok = tunesmith.load(run_dir)
     ids = tok("Say red twice. red red", return_tensors="pt")
     assert torch.isfinite(model(**ids).logits).all()
+
+
+def _train_records(run_dir):
+    return [r for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines()) if r["split"] == "train"]
+
+
+@pytest.mark.slow
+def test_padding_free_pairs_equal_the_padded_step(pref_file, tmp_path):
+    """One DPO step over all pairs: packed into one row (chosen and rejected as documents, document-masked
+    attention) or padded into one batch: the same loss, metrics and update."""
+    common = dict(max_steps=1, lr=1e-2, scheduler="constant")
+    objective = {"name": "dpo", "rpo_alpha": 0.5}
+    padded, mp = tunesmith.train(_cfg(pref_file, tmp_path / "a", {"name": "lora", "r": 2}, objective,
+                                      batch_size=64, **common))
+    packed, mk = tunesmith.train(_cfg(pref_file, tmp_path / "b", {"name": "lora", "r": 2}, objective, batch_size=1,
+                                      padding_free=True, max_tokens_per_batch=100_000, **common))
+    (lp,), (lk,) = _train_records(padded), _train_records(packed)
+    for key in ("loss", "logps/chosen", "logps/rejected", "accuracy"):
+        assert abs(lk[key] - lp[key]) <= 1e-5 * max(1.0, abs(lp[key])), key
+    assert abs(mk["eval_loss_after"] - mp["eval_loss_after"]) <= 1e-4
+    assert mk["train_tokens"] == mp["train_tokens"]

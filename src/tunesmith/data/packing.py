@@ -43,10 +43,36 @@ def pack_groups(lengths: list[int], max_tokens: int, *, seed: int, epoch: int, s
     return groups
 
 
+def example_tokens(example: dict[str, Any]) -> int:
+    """Tokens an example takes in a packed row (a preference pair: chosen + rejected)."""
+    return sum(len(v) for k, v in example.items() if k.endswith("input_ids"))
+
+
+def collate_packed_pairs(examples: list[dict[str, Any]]) -> dict[str, torch.Tensor | int]:
+    """Preference pairs -> one packed row: chosen_0, rejected_0, chosen_1, … as documents, with ``sequence``
+    (1, N): each position's sequence, chosen i as i and rejected i as B + i (the order of a padded pair
+    batch), ``pairs`` = B, and the pairs' scalar fields (reference log-probs, margins) as (B,) tensors."""
+    b = len(examples)
+    docs = [{"input_ids": ex[f"{side}_input_ids"], "labels": ex[f"{side}_labels"]}
+            for ex in examples for side in ("chosen", "rejected")]
+    out = collate_packed(docs)
+    seq = [i + b * s for i in range(b) for s in (0, 1)]             # document order -> sequence index
+    lens = [len(d["input_ids"]) for d in docs]
+    out["sequence"] = torch.repeat_interleave(torch.tensor(seq), torch.tensor(lens))[None]   # (1, N)
+    out["pairs"] = b
+    for key, value in examples[0].items():
+        if isinstance(value, float):
+            out[key] = torch.tensor([ex[key] for ex in examples], dtype=torch.float32)      # (B,)
+    return out
+
+
 def collate_packed(examples: list[dict[str, Any]]) -> dict[str, torch.Tensor | int]:
-    """Examples with ``input_ids`` and ``labels`` -> one packed row (see module docstring)."""
+    """Examples with ``input_ids`` and ``labels`` -> one packed row (see module docstring); preference
+    pairs go through :func:`collate_packed_pairs`."""
     if not examples:
         raise ValueError("collate_packed got an empty list of examples")
+    if "chosen_input_ids" in examples[0]:
+        return collate_packed_pairs(examples)
     ids, labels, pos, lens = [], [], [], []
     for ex in examples:
         n = len(ex["input_ids"])

@@ -13,7 +13,7 @@ from tqdm.auto import tqdm
 
 from ..data import batch_indices, collate
 from ..data.collate import to_device
-from ..data.packing import collate_packed, pack_groups, real_tokens
+from ..data.packing import collate_packed, example_tokens, pack_groups, real_tokens
 from ..errors import TrainingDiverged
 from .divergence import Divergence
 
@@ -50,7 +50,7 @@ class Batches:
     def _groups(self, epoch: int, shuffle: bool) -> list[list[int]]:
         if self.packed_tokens:
             if self._lengths is None:
-                self._lengths = [len(self.dataset[i]["input_ids"]) for i in range(len(self.dataset))]
+                self._lengths = [example_tokens(self.dataset[i]) for i in range(len(self.dataset))]
             return pack_groups(self._lengths, self.packed_tokens, seed=self.seed, epoch=epoch, shuffle=shuffle)
         return batch_indices(len(self.dataset), self.batch_size, seed=self.seed, epoch=epoch, shuffle=shuffle)
 
