@@ -94,3 +94,15 @@ def peft_oracle(what: str):
         import transformers
         pytest.skip(f"peft {peft.__version__} cannot run {what} on transformers {transformers.__version__} "
                     f"({e}); tunesmith's own reference tests for it still run")
+
+
+def kto_rows(n: int = 24, seed: int = 0):
+    """Unpaired rows: a completion that repeats the prompt's word is desirable."""
+    rng = random.Random(seed)
+    words = ["red", "green", "blue", "cat", "dog", "sun", "moon", "tree"]
+    rows = []
+    for i in range(n):
+        w, other = rng.sample(words, 2)
+        good = i % 2 == 0
+        rows.append({"prompt": f"Say {w} twice.", "completion": f"{w} {w}" if good else f"{other} {w}", "label": good})
+    return rows

@@ -122,3 +122,23 @@ def test_reward_loss_equals_trl(margin, center):
     want = trl.RewardTrainer.compute_loss(fake, lambda **_: SimpleNamespace(logits=scores), inputs)
     got = reward_loss(scores[:B, 0], scores[B:, 0], m if margin else None, center).mean()
     torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize("beta, wd, wu", [(0.1, 1.0, 1.0), (0.5, 1.3, 0.7)])
+def test_kto_equals_trl(beta, wd, wu):
+    from tunesmith.train.objectives.kto import kto_loss
+    token, mask, ref = _sequences(4)
+    n = 2 * B
+    g = torch.Generator().manual_seed(5)
+    kl, ref_kl = -torch.rand(n, generator=g) * 5, -torch.rand(n, generator=g) * 5
+    label = torch.tensor([True, False, True, True, False, False, True, False])
+    out = SimpleNamespace(log_probs=token, entropy=torch.zeros_like(token), mean_logits=torch.zeros_like(token),
+                          is_top1=torch.zeros_like(token, dtype=torch.bool))
+    inputs = {"input_ids": torch.zeros(n, T, dtype=torch.long), "attention_mask": torch.ones(n, T),
+              "completion_mask": mask, "label": label, "ref_logps": ref, "ref_KL_logps": ref_kl}
+    fake = _trainer(calculate_KL=True, loss_type="kto", beta=beta, desirable_weight=wd, undesirable_weight=wu,
+                    _compute_kl_logps=lambda model, batch: kl)
+    want = trl.KTOTrainer._compute_loss(fake, lambda **_: out, inputs, False)
+    losses, _, _ = kto_loss(token.sum(1), ref, kl, ref_kl, label, beta=beta, desirable_weight=wd,
+                            undesirable_weight=wu)
+    torch.testing.assert_close(losses.mean(), want)

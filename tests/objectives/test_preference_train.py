@@ -138,3 +138,32 @@ def test_padding_free_pairs_equal_the_padded_step(pref_file, tmp_path):
         assert abs(lk[key] - lp[key]) <= 1e-5 * max(1.0, abs(lp[key])), key
     assert abs(mk["eval_loss_after"] - mp["eval_loss_after"]) <= 1e-4
     assert mk["train_tokens"] == mp["train_tokens"]
+
+
+def test_kto_trains_on_unpaired_rows(tmp_path):
+    from helpers import kto_rows
+    f = write_jsonl(tmp_path / "kto.jsonl", kto_rows())
+    run_dir, m = tunesmith.train(run_config(f, tmp_path, {"name": "lora", "r": 2}, max_steps=2))   # format kto -> kto
+    first = _train_records(run_dir)[0]
+    assert m["status"] == "completed" and abs(first["loss"] - 0.5) < 1e-6 and first["kl"] == 0.0  # policy = ref
+
+
+@pytest.mark.parametrize("row, message", [
+    ({"prompt": "p", "chosen": "same", "rejected": "same"}, "x.jsonl:2: fields 'chosen' and 'rejected' are identical"),
+    ({"prompt": "p", "chosen": "", "rejected": "b"}, "x.jsonl:2: field 'chosen' is empty"),
+    ({"chosen": "a", "rejected": "b"}, "x.jsonl:2: missing field 'prompt'"),
+    ({"prompt": "p", "completion": "", "label": True}, "x.jsonl:2: field 'completion' is empty"),
+    ({"completion": "c", "label": True, "prompt": None}, "x.jsonl:2: missing field 'prompt'"),
+    ({"prompt": "p", "completion": "c", "label": "yes"}, "x.jsonl:2: field 'label' has type str (value 'yes'), "
+                                                         "expected a boolean"),
+])
+def test_bad_preference_rows_name_file_and_line(row, message, tmp_path):
+    from tunesmith.data import DataConfig, DataError, build_datasets
+    from tunesmith.models.loader import ModelConfig, load_tokenizer
+    good = {"prompt": "p", "chosen": "a", "rejected": "b"} if "chosen" in row else {"prompt": "p", "completion": "c",
+                                                                                     "label": False}
+    f = write_jsonl(tmp_path / "x.jsonl", [good, row])
+    fmt = "preference" if "chosen" in row else "kto"
+    with pytest.raises(DataError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        build_datasets(DataConfig(train=str(f), format=fmt), load_tokenizer(ModelConfig(name_or_path="random:llama")),
+                       max_seq_len=32, objective="dpo" if fmt == "preference" else "kto", seed=0)

@@ -79,7 +79,7 @@ def collate(examples: list[dict[str, Any]], pad_id: int, *, pad_to_multiple_of: 
 
 
 def _prefix(key: str) -> str:
-    for prefix in ("chosen_", "rejected_", "decoder_"):
+    for prefix in ("chosen_", "rejected_", "decoder_", "kl_"):
         if key.startswith(prefix):
             return prefix
     return ""

@@ -6,12 +6,12 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-FORMATS = ("alpaca", "messages", "sharegpt", "text", "classification", "preference")
+FORMATS = ("alpaca", "messages", "sharegpt", "text", "classification", "preference", "kto")
 
 # Canonical field names that `field_map` may rename source keys to.
 CANONICAL_FIELDS = (
     "instruction", "input", "output", "messages", "conversations", "text", "sentence",
-    "text_pair", "label", "prompt", "chosen", "rejected",
+    "text_pair", "label", "prompt", "chosen", "rejected", "completion", "margin",
 )
 
 
@@ -36,10 +36,11 @@ class DataConfig(BaseModel):
         "(0 disables; at least 1 row when > 0). The split is deterministic for a seed.",
     )
     format: Literal["auto", "alpaca", "messages", "sharegpt", "text", "classification",
-                    "preference"] = Field(
+                    "preference", "kto"] = Field(
         default="auto",
         description="Row format. auto detects it from the first row's keys: messages -> "
         "messages, conversations -> sharegpt, chosen+rejected -> preference, "
+        "prompt+completion+label -> kto (unpaired preferences: label true for a desirable completion), "
         "instruction+output -> alpaca, label+text/sentence -> classification, text -> text.",
     )
     field_map: dict[str, str] = Field(

@@ -6,6 +6,7 @@ Canonical shapes after :func:`normalize`:
 - messages / sharegpt: ``{"messages": [{"role": str, "content": str}, ...]}``
 - text: ``{"text": str}``
 - classification: ``{"text": str, "text_pair": str | None, "label": int | str}``
+- kto: ``{"prompt": str | list, "completion": str | list, "label": bool}``
 - preference: ``{"prompt": str | list | None, "chosen": str | list, "rejected": str | list, "margin"?: float}``
 """
 
@@ -24,6 +25,7 @@ EXPECTS = {
     "text": "text",
     "classification": "text (or sentence), text_pair (optional), label",
     "preference": "prompt, chosen, rejected (chosen/rejected may be message lists)",
+    "kto": "prompt, completion (a str or message list), label (true: desirable, false: undesirable)",
 }
 
 ROLES = ("system", "user", "assistant")
@@ -40,6 +42,8 @@ def detect_format(row: Row) -> str:
         return "sharegpt"
     if {"chosen", "rejected"} <= keys:
         return "preference"
+    if {"prompt", "completion", "label"} <= keys:
+        return "kto"
     if {"instruction", "output"} <= keys:
         return "alpaca"
     if "label" in keys and keys & {"text", "sentence"}:
@@ -190,6 +194,26 @@ def _preference(row: Row) -> dict[str, Any]:
     return out
 
 
+def _kto(row: Row) -> dict[str, Any]:
+    completion = _get(row, "kto", "completion", (str, list))
+    if isinstance(completion, list):
+        completion = _turns(row, "completion", completion, "role", "content", {r: r for r in ROLES})
+        if completion[-1]["role"] != "assistant":
+            raise DataError(f"{row.loc}: field 'completion' must end with an assistant turn, "
+                            f"found role {completion[-1]['role']!r}")
+    prompt = _get(row, "kto", "prompt", (str, list))
+    if isinstance(prompt, list):
+        if isinstance(completion, str):
+            raise DataError(f"{row.loc}: field 'prompt' is a message list but 'completion' is a str; use str "
+                            "for both or message lists")
+        prompt = _prompt_turns(row, prompt)
+    label = row.data.get("label")
+    if not isinstance(label, bool):
+        raise DataError(f"{row.loc}: field 'label' has type {type_name(label)} (value {short(label)}), expected "
+                        "a boolean: true for a desirable completion, false for an undesirable one")
+    return {"prompt": prompt, "completion": completion, "label": label}
+
+
 def _prompt_turns(row: Row, items: list) -> list[dict[str, str]]:
     turns = []
     for i, t in enumerate(items):
@@ -202,5 +226,5 @@ def _prompt_turns(row: Row, items: list) -> list[dict[str, str]]:
 
 _NORMALIZERS = {
     "alpaca": _alpaca, "messages": _messages, "sharegpt": _sharegpt, "text": _text,
-    "classification": _classification, "preference": _preference,
+    "classification": _classification, "preference": _preference, "kto": _kto,
 }

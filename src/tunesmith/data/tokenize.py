@@ -171,8 +171,36 @@ def _pair_shape(rows, fmt, tokenizer, cfg, *, mapping, max_seq_len, packing) -> 
                          truncation=cfg.truncation, response_share=cfg.max_response_share)
 
 
+def tokenize_unpaired(rows, tokenizer, renderer: ChatRenderer, *, max_seq_len: int, truncation: str = "middle",
+                      response_share: float = 0.75) -> Tokenized:
+    """kto examples: ``input_ids``/``labels`` of prompt + completion, ``label`` (1 desirable, 0 not), and
+    ``kl_input_ids``/``kl_labels``: the prompt with the previous row's completion, the mismatched pair whose
+    log-ratio estimates the KL term (TRL's rotation by one, over the file's order)."""
+    out = Tokenized()
+    for i, (loc, row) in enumerate(rows):
+        other = rows[i - 1][1]["completion"]
+        ex: dict[str, Any] = {}
+        cut = False
+        for key, completion in (("", row["completion"]), ("kl_", other)):
+            ids, labels = _pref_side(row["prompt"], completion, tokenizer, renderer)
+            ids, labels, c = fit(ids, labels, max_seq_len, truncation, response_share)
+            ex[f"{key}input_ids"], ex[f"{key}labels"], cut = ids, labels, cut or c
+        if all(x == IGNORE for x in ex["labels"]) or all(x == IGNORE for x in ex["kl_labels"]):
+            out.dropped.append(_no_labels(loc, max_seq_len))
+            continue
+        ex["label"] = int(row["label"])
+        out.truncated += cut
+        out.examples.append(ex)
+    return out
+
+
+def _unpaired_shape(rows, fmt, tokenizer, cfg, *, mapping, max_seq_len, packing) -> Tokenized:
+    return tokenize_unpaired(rows, tokenizer, ChatRenderer(tokenizer), max_seq_len=max_seq_len,
+                             truncation=cfg.truncation, response_share=cfg.max_response_share)
+
+
 #: tokenized shape -> tokenizer of ``(loc, canonical row)`` pairs. sft/pt: ``input_ids``, ``labels``;
 #: cls: ``input_ids``, ``label``; seq2seq: source ids and ``decoder_labels``; pair: ``chosen_*`` and
 #: ``rejected_*`` ids and labels (the prompt masked).
 SHAPES = {"sft": _lm_shape("sft"), "pt": _lm_shape("pt"), "cls": _cls_shape, "seq2seq": _seq2seq_shape,
-          "pair": _pair_shape}
+          "pair": _pair_shape, "unpaired": _unpaired_shape}

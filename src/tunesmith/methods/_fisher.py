@@ -23,8 +23,8 @@ from ..data.collate import HOST
 def split_examples(batch: dict) -> Iterator[dict]:
     """One batch per example, with padding columns removed (and without the batch's CPU copy, which
     holds every example)."""
-    n = batch["input_ids"].shape[0]
-    length = batch["input_ids"].shape[1]
+    key = "input_ids" if "input_ids" in batch else next(k for k in batch if k.endswith("input_ids"))  # pairs
+    n, length = batch[key].shape[:2]
     for i in range(n):
         ex = {k: v[i:i + 1] if torch.is_tensor(v) and v.ndim >= 1 and v.shape[0] == n else v
               for k, v in batch.items() if k != HOST}
