@@ -120,3 +120,43 @@ def test_bad_input_is_one_clear_error_and_nothing_is_written(tmp_path, capsys, m
     assert code == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def pref_rows(n=4):
+    return [{"prompt": f"Question {i}: say something.", "chosen": f"A kind answer {i}.", "rejected": "No."}
+            for i in range(n)]
+
+
+def test_preference_rewards_of_a_reward_model_and_the_implicit_reward(tmp_path):
+    import torch
+    import tunesmith
+    from tunesmith.eval.scoring import predict_preference
+    from tunesmith.eval.tasks import Inputs
+    from tunesmith.models.loader import ModelConfig, load_tokenizer
+    tok = load_tokenizer(ModelConfig(name_or_path="random:llama"))
+    rm_dir = tmp_path / "rm"
+    rm = tiny("llama", task="classification", num_labels=1)
+    rm.config.pad_token_id = tok.pad_token_id or 0
+    rm.save_pretrained(rm_dir)
+    tok.save_pretrained(rm_dir)
+    data = write_jsonl(tmp_path / "pref.jsonl", pref_rows())
+    out = tmp_path / "pref"
+    assert cli.main(["eval", str(rm_dir), "--data", str(data), "--out", str(out), "--no-progress"]) == 0
+    preds, res = read(out)
+    assert res["task"] == "preference" and len(preds) == 4
+    hits = sum(p["chosen_reward"] > p["rejected_reward"] for p in preds)
+    assert res["metrics"]["reward_accuracy"] == pytest.approx(hits / 4)
+    ids = tok(pref_rows()[0]["prompt"] + pref_rows()[0]["chosen"], add_special_tokens=False)["input_ids"]
+    assert isinstance(preds[0]["chosen_reward"], float) and len(ids) > 0
+    # a LoRA adapter at its zero init: the tuned model is its base, so the implicit reward is 0
+    lm = tunesmith.apply(tiny("llama"), "lora", r=2)
+    rows = [(f"r:{i}", {"prompt": r["prompt"], "chosen": r["chosen"], "rejected": r["rejected"]})
+            for i, r in enumerate(pref_rows(2))]
+    recs = predict_preference(Inputs(model=lm, tokenizer=tok, rows=rows, fmt="preference", progress=False))
+    assert [r["chosen_reward"] for r in recs] == pytest.approx([0.0, 0.0], abs=1e-5)
+    with torch.no_grad():
+        for p in lm.parameters():
+            if p.requires_grad:
+                p.add_(0.05)
+    recs = predict_preference(Inputs(model=lm, tokenizer=tok, rows=rows, fmt="preference", progress=False))
+    assert all(abs(r["chosen_reward"]) > 1e-4 for r in recs)
