@@ -128,7 +128,9 @@ def evaluate(opts: EvalOptions) -> dict:
     _check_model(opts.model)
     from ..api import load
     from ..infer.engine.text import run_defaults
-    model, tokenizer = load(opts.model, device=opts.device, dtype=opts.dtype)
+    from ..models.loader import quiet_progress
+    with quiet_progress(not opts.progress):
+        model, tokenizer = load(opts.model, device=opts.device, dtype=opts.dtype)
     defaults = run_defaults(opts.model)
     labels = opts.label_names or _run_label_names(opts.model)
     inputs = tasks_mod.Inputs(
