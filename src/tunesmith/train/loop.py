@@ -103,8 +103,10 @@ def autocast(device: torch.device, precision: str):
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, objective, batches, precision: str, device: torch.device) -> dict:
-    """Mean loss and the means of the objective's extra sums over ``batches`` (``correct`` as ``accuracy``)."""
+def evaluate(model: nn.Module, objective, batches, precision: str, device: torch.device,
+             records: list | None = None) -> dict:
+    """Mean loss and the means of the objective's extra sums over ``batches`` (``correct`` as ``accuracy``);
+    the objective's per-item ``"records"`` extras are appended to ``records`` when it is given."""
     was_training = model.training
     model.eval()
     total, count, sums = 0.0, 0, {}
@@ -113,8 +115,11 @@ def evaluate(model: nn.Module, objective, batches, precision: str, device: torch
             loss, n, extra = objective.loss(model, batch)
         total += float(loss)
         count += n
+        if records is not None:
+            records.extend(extra.get("records", ()))
         for k, v in extra.items():
-            sums[k] = sums.get(k, 0.0) + float(v)
+            if k != "records":
+                sums[k] = sums.get(k, 0.0) + float(v)
     model.train(was_training)
     if count == 0:
         return {}
@@ -161,7 +166,8 @@ class Loop:
                     loss = loss + reg / len(micro_batches)
             loss.backward()
             for k, v in extra.items():
-                sums[k] = sums[k] + v if k in sums else v
+                if k != "records":
+                    sums[k] = sums[k] + v if k in sums else v
             total.append(loss_sum.detach())
             state.tokens += real_tokens(batch)
         grad_norm = None

@@ -27,7 +27,8 @@ if TYPE_CHECKING:
 _OBJECTIVES: dict[str, type["Objective"]] = {}
 _CONFIGS: dict[str, type["ObjectiveConfig"]] = {}
 TASKS = ("causal_lm", "classification", "seq2seq")
-DECLARED = ("task", "num_labels", "formats", "default_for", "encoder_decoder", "tokenized", "packing", "chunked_ce")
+DECLARED = ("task", "num_labels", "formats", "default_for", "encoder_decoder", "tokenized", "packing", "chunked_ce",
+            "eval_tasks")
 
 
 class ObjectiveConfig(BaseModel):
@@ -50,6 +51,8 @@ class ObjectiveConfig(BaseModel):
     #: Whether ``train.padding_free`` and ``train.chunked_ce`` apply to it.
     packing: ClassVar[bool] = False
     chunked_ce: ClassVar[bool] = False
+    #: Whose metrics train.eval_metrics may name (tunesmith.eval).
+    eval_tasks: ClassVar[tuple[str, ...]] = ("lm",)
     name: str = Field(description="Registered objective name (see the objectives table in the README).")
 
     def check(self, train_cfg, method_cls, model_kind: str) -> None:
@@ -74,6 +77,8 @@ class Objective:
         self.cfg = cfg if cfg is not None else self.Config()
 
     def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int, dict]:
+        """Extras may hold ``"records"``: one dict per item with the keys of ``tunesmith.eval.metrics``
+        (for the metrics of ``train.eval_metrics``)."""
         raise NotImplementedError
 
     def configure(self, train_cfg) -> None:

@@ -13,4 +13,5 @@ class ClassificationConfig(ObjectiveConfig):
     formats: ClassVar[tuple[str, ...]] = ("classification",)
     default_for: ClassVar[tuple[str, ...]] = ("classification",)
     tokenized: ClassVar[str] = "cls"
+    eval_tasks: ClassVar[tuple[str, ...]] = ("classification",)
     name: Literal["cls"] = "cls"

@@ -14,4 +14,5 @@ class SFTConfig(ObjectiveConfig):
     tokenized: ClassVar[str] = "sft"
     packing: ClassVar[bool] = True
     chunked_ce: ClassVar[bool] = True
+    eval_tasks: ClassVar[tuple[str, ...]] = ("lm", "generation")
     name: Literal["sft"] = "sft"
