@@ -37,63 +37,38 @@ def peak_memory_gib(device: torch.device) -> float:
     return kb / (2**30 if sys.platform == "darwin" else 2**20)
 
 
+PLOTTED = ("accuracy", "rewards/margin", "margin", "rewards/chosen", "rewards/rejected")
+
+
 def plot_losses(records: list[dict], path: Path) -> None:
+    """Train and eval loss; beside it, when the objective logs them, accuracy, margin and rewards."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    train = [(r["step"], r["loss"]) for r in records if r.get("split") == "train"]
-    evals = [(r["step"], r["loss"]) for r in records if r.get("split") == "eval"]
-    series = eval_series(records)   # train.eval_metrics: a second panel beside the loss
-    fig, axes = plt.subplots(1, 2 if series else 1, figsize=(12 if series else 7, 4), squeeze=False)
+    extra = [k for k in PLOTTED if any(k in r for r in records if r.get("split") in ("train", "eval"))]
+    fig, axes = plt.subplots(1, 2 if extra else 1, figsize=(12 if extra else 7, 4), squeeze=False)
     ax = axes[0][0]
-    if train:
-        ax.plot(*zip(*train), label="train", lw=1)
-    if evals:
-        ax.plot(*zip(*evals), "o-", label="eval", lw=1.5)
+    for split, style in (("train", "-"), ("eval", "o-")):
+        points = [(r["step"], r["loss"]) for r in records if r.get("split") == split and "loss" in r]
+        if points:
+            ax.plot(*zip(*points), style, label=split, lw=1 if split == "train" else 1.5)
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
     ax.grid(alpha=0.3)
     ax.legend()
-    if series:
-        _plot_metrics(axes[0][1], series)
+    if extra:
+        ax = axes[0][1]
+        for key in extra:
+            for split, style in (("train", ":"), ("eval", "o-")):
+                points = [(r["step"], r[key]) for r in records if r.get("split") == split and key in r]
+                if points:
+                    ax.plot(*zip(*points), style, label=f"{split} {key}", lw=1)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
-
-
-def _plot_metrics(ax, series: dict) -> None:
-    """Metrics within [0, 1] on the left axis, the others (BLEU, perplexity) on a second one."""
-    unit = {k: v for k, v in series.items() if all(0 <= y <= 1 for _, y in v)}
-    other = {k: v for k, v in series.items() if k not in unit}
-    for k, v in unit.items():
-        ax.plot(*zip(*v), "o-", label=k, lw=1.2, ms=3)
-    ax.set_ylabel("eval metric")
-    if other:
-        ax2 = ax.twinx()
-        for k, v in other.items():
-            ax2.plot(*zip(*v), "s--", label=k, lw=1.2, ms=3, color=f"C{len(unit) + list(other).index(k)}")
-        ax2.set_ylabel(", ".join(other))
-        ax2.legend(loc="lower right", fontsize=8)
-    ax.set_xlabel("step")
-    ax.grid(alpha=0.3)
-    if unit:
-        ax.legend(loc="lower left", fontsize=8)
-
-
-def _scalar(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
-
-
-def eval_series(records: list[dict]) -> dict[str, list[tuple[int, float]]]:
-    """Each evaluation metric other than the loss (scalar values only): [(step, value), ...]."""
-    out: dict[str, list[tuple[int, float]]] = {}
-    for r in records:
-        if r.get("split") != "eval":
-            continue
-        for k, v in r.items():
-            if k not in ("step", "split", "loss", "no_label") and _scalar(v):
-                out.setdefault(k, []).append((r["step"], v))
-    return out
 
 
 def format_summary(s: dict) -> str:
