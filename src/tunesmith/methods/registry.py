@@ -38,6 +38,13 @@ class MethodConfig(BaseModel):
     family: ClassVar[str]
     summary: ClassVar[str]
     name: str = Field(description="Registered method name (see `tunesmith methods`).")
+    #: The peak learning rate a run uses when ``train.lr`` is unset (docs/defaults.md has the runs
+    #: behind each value); ``learning_rate()`` may make it depend on the method's options.
+    default_lr: ClassVar[float] = 2e-4
+
+    def learning_rate(self) -> float:
+        """The default peak learning rate for this configuration of the method."""
+        return self.default_lr
 
 
 class Method:
