@@ -43,8 +43,9 @@ def train(config_or_path, *, resume: str | Path | None = None, **overrides):
 
 
 def methods() -> list[dict[str, str]]:
-    """Registered methods: name, family, summary."""
-    return [{"name": n, "family": c.family, "summary": c.summary} for n, c in registry.all_configs().items()]
+    """Registered methods: name, family, summary, default learning rate."""
+    return [{"name": n, "family": c.family, "summary": c.summary,
+             "default_lr": c.model_validate({"name": n}).learning_rate()} for n, c in registry.all_configs().items()]
 
 
 def apply(model: nn.Module, name: str, **options) -> nn.Module:

@@ -41,7 +41,8 @@ class TrainConfig(BaseModel):
                                                "encoder-decoder models. Always equals objective.name once resolved.")
     max_steps: int | None = Field(None, ge=1, description="Optimizer steps; overrides epochs when set.")
     epochs: float | None = Field(None, gt=0, description="Passes over the training data (default 1 when max_steps is unset).")
-    lr: float = Field(2e-4, gt=0, description="Peak learning rate.")
+    lr: float | None = Field(None, gt=0, description="Peak learning rate (null: the method's own default, listed by "
+                                                    "`tunesmith methods` and said in the summary).")
     batch_size: int = Field(4, ge=1, description="Examples per micro-batch.")
     grad_accum: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
     max_seq_len: int = Field(512, ge=8, description="Tokens per example after truncation (block size when packing).")
@@ -182,6 +183,14 @@ class RunConfig(BaseModel):
         if self.objective is not None:
             self.train.objective = self.objective.name
         return self
+
+
+def with_method_lr(cfg: RunConfig) -> tuple[RunConfig, str]:
+    """(a copy of ``cfg`` with ``train.lr`` filled, where it came from: ``train.lr`` or ``method default``)."""
+    if cfg.train.lr is not None:
+        return cfg, "train.lr"
+    lr = cfg.method.learning_rate()
+    return cfg.model_copy(update={"train": cfg.train.model_copy(update={"lr": lr})}), "method default"
 
 
 def _format_errors(err: ValidationError, prefix: str = "", root: Any = None) -> list[tuple[str, str]]:

@@ -62,7 +62,9 @@ def reference() -> str:
              "### train", table(TrainConfig, "train."), "### output", table(OutputConfig, "output."),
              "### method", "`method.name` picks one of the registered methods; its fields follow."]
     for name, cls in registry.all_methods().items():
-        parts.append(f"#### `{name}` ({cls.family})\n\n{cls.summary}\n")
+        lr = cls.Config.model_validate({"name": name}).learning_rate()
+        parts.append(f"#### `{name}` ({cls.family})\n\n{cls.summary} Default `train.lr`: {lr:g} "
+                     "([defaults.md](defaults.md)).\n")
         if len(cls.Config.model_fields) > 1:
             parts.append(table(cls.Config, "method.", skip=("name",)))
     from .train import objectives

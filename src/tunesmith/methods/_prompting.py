@@ -20,7 +20,7 @@ from ..models.targets import task_heads
 from . import peft_format
 from ._virtual import ATTR, PrefixTable, PromptTable, VirtualTokens, carrier, dims, kv_backbone, kv_shape, seq2seq
 from .inject import freeze_all, unfreeze_modules
-from .registry import Method, MethodConfig, attach
+from .registry import Method, MethodConfig, attach, module_params
 
 TABLE_KEY = "prompt_embeddings"
 
@@ -56,6 +56,14 @@ class VirtualMethod(Method):
     @classmethod
     def config_from_peft(cls, peft_cfg: dict) -> MethodConfig:
         return cls.Config(name=cls.name, num_virtual_tokens=peft_cfg["num_virtual_tokens"])
+
+    def encoder_params(self, model: nn.Module) -> int | None:
+        """Closed form of the prompt encoder's parameters (None: counted on the model)."""
+        return None
+
+    def trainable_count(self, model: nn.Module) -> int:
+        n = self.encoder_params(model)
+        return super().trainable_count(model) if n is None else n + module_params(model, task_heads(model))
 
     # -- building -------------------------------------------------------------------------
     def apply(self, model: nn.Module) -> nn.Module:
@@ -128,6 +136,10 @@ class InputPromptMethod(VirtualMethod):
     def folded(cls, model, num_virtual_tokens, table):
         return PromptTable(num_virtual_tokens, table.shape[1], init=table)
 
+    def memory_extras(self, model: nn.Module, act) -> dict[str, float]:
+        """The n virtual tokens of every sequence pass every block like real ones."""
+        return {"virtual tokens' activations": act.keep(act.batch * self.cfg.num_virtual_tokens)}
+
 
 class KVPrefixMethod(VirtualMethod):
     """Virtual keys/values in every layer: the saved table is ``(n, layers·2·kv_heads·head_dim)``.
@@ -144,6 +156,11 @@ class KVPrefixMethod(VirtualMethod):
     @classmethod
     def folded(cls, model, num_virtual_tokens, table):
         return PrefixTable(num_virtual_tokens, kv_shape(model), init=table)
+
+    def memory_extras(self, model: nn.Module, act) -> dict[str, float]:
+        """Each sequence's copy of the prefix keys and values in every layer, and their gradient."""
+        n = act.batch * self.cfg.num_virtual_tokens * self.table_width(model) * act.act_bytes
+        return {"prefix keys/values": 2.0 * n}
 
     def peft_config(self, model: nn.Module, base_name: str) -> dict:
         d = kv_shape(model)

@@ -94,6 +94,14 @@ def head_prefixes(model: nn.Module) -> tuple[str, ...]:
     return tuple(f"{h}." for h in task_heads(model))
 
 
+def fisher_bytes(model: nn.Module, act) -> float:
+    """What estimating the diagonal Fisher holds beside the weights (``_fisher.empirical_fisher``): an
+    fp32 accumulator and a dense gradient of every candidate tensor, and one example's activations."""
+    heads = head_prefixes(model)
+    cand = [p for n, p in model.named_parameters() if not n.startswith(heads) and p.is_floating_point()]
+    return sum(p.numel() * (4 + p.element_size()) for p in cand) + act.keep(act.seq)
+
+
 class SparseMaskMethod(Method):
     """Base of methods that train a fixed set of k entries chosen by a score (Fisher, random).
 
@@ -129,6 +137,18 @@ class SparseMaskMethod(Method):
             self.slots[n] = (mv, holders[id(p)])
         self.set_masks(top_k(random_scores(self.base_tensors()), self.budget_of(self.candidate_count())))
         return model
+
+    def trainable_count(self, model: nn.Module) -> int:
+        """Closed form: the budget over the candidate entries (every floating-point weight outside the
+        task head), plus the head, which trains in full."""
+        heads = head_prefixes(model)
+        cand = sum(p.numel() for n, p in model.named_parameters() if not n.startswith(heads) and p.is_floating_point())
+        return self.budget_of(cand) + sum(p.numel() for n, p in model.named_parameters() if n.startswith(heads))
+
+    def memory_extras(self, model: nn.Module, act) -> dict[str, float]:
+        heads = head_prefixes(model)
+        cand = sum(p.numel() for n, p in model.named_parameters() if not n.startswith(heads) and p.is_floating_point())
+        return {"mask indices": 4.0 * self.budget_of(cand)}
 
     def base_tensors(self) -> dict[str, torch.Tensor]:
         """The frozen base tensor behind each parametrized parameter, by its original name."""

@@ -96,6 +96,9 @@ def kv_dims(model: nn.Module) -> dict[str, int]:
         return known
     backbone, cache = kv_backbone(model), new_cache(model)
     device = model.get_input_embeddings().weight.device
+    if device.type == "meta":  # a weightless model (tunesmith estimate) runs no forward: its config says
+        d = dims(model)
+        return {"layers": d["layers"], "kv_heads": d["kv_heads"], "head_dim": d["head_dim"]}
     was_training = model.training
     model.eval()
     try:

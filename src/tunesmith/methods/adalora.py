@@ -170,6 +170,9 @@ class AdaLora(LowRankMethod):
         layer.reset()
         return layer
 
+    def rank_params(self, base: nn.Module) -> int:
+        return self.cfg.init_r * (base.in_features + base.out_features + 1)  # P, Q and the singular values
+
     def apply(self, model: nn.Module) -> nn.Module:
         super().apply(model)
         self.allocator = RankAllocator(self.cfg, list(tuned_layers(model)))

@@ -26,7 +26,7 @@ from torch import nn
 
 from . import delta
 from ._fisher import budget, empirical_fisher
-from ._sparse import SparseMaskMethod, head_prefixes, load_delta_method
+from ._sparse import SparseMaskMethod, fisher_bytes, head_prefixes, load_delta_method
 from .registry import Method, register
 from .configs.child_tuning import ChildTuningConfig
 
@@ -61,6 +61,9 @@ class ChildTuningD(ChildTuning, SparseMaskMethod):
 
     def budget_of(self, total: int) -> int:
         return budget(total, self.cfg.p, None)
+
+    def prepare_bytes(self, model: nn.Module, act) -> float:
+        return fisher_bytes(model, act)
 
     def scores(self, model: nn.Module, batches, objective, tensors):
         fisher, self.fisher_examples = empirical_fisher(model, batches, objective, tensors, self.cfg.fisher_samples)

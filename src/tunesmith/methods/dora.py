@@ -113,6 +113,15 @@ class Dora(LowRankMethod):
         layer.reset(self.cfg.init)
         return layer
 
+    def rank_params(self, base: nn.Module) -> int:
+        return self.cfg.r * (base.in_features + base.out_features) + base.out_features  # A, B and the magnitude
+
+    def memory_extras(self, model: nn.Module, act) -> dict[str, float]:
+        """The column norms of W + s·BA: one layer's dense fp32 update and its gradient at a time."""
+        from .inject import as_linear, resolve_targets
+        sizes = [as_linear(model.get_submodule(n)).weight.numel() for n in resolve_targets(model, self.cfg.target_modules)]
+        return {"weight-norm temporaries": 2.0 * 4 * max(sizes, default=0)}
+
     def peft_config(self, model: nn.Module, base_name: str) -> dict:
         return {**super().peft_config(model, base_name), "use_dora": True}
 

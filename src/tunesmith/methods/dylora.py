@@ -74,6 +74,9 @@ class DyLora(LowRankMethod):
         {"arch": "bert", "task": "classification", "options": {"r_max": 3}},
     ]
 
+    def rank_params(self, base: nn.Module) -> int:
+        return self.cfg.r_max * (base.in_features + base.out_features)
+
     def make_layer(self, name: str, base: nn.Module) -> DyLoraLinear:
         layer = DyLoraLinear(base, self.cfg.r_max, self.cfg.alpha, self.cfg.dropout)
         layer.reset("kaiming")

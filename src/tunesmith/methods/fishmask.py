@@ -16,7 +16,7 @@ from __future__ import annotations
 from torch import nn
 
 from ._fisher import budget, empirical_fisher, random_scores
-from ._sparse import SparseMaskMethod
+from ._sparse import SparseMaskMethod, fisher_bytes
 from .registry import register
 from .configs.fishmask import FishMaskConfig, DEFAULT_FRACTION
 
@@ -33,6 +33,10 @@ class FishMask(SparseMaskMethod):
 
     def budget_of(self, total: int) -> int:
         return budget(total, self.cfg.fraction or DEFAULT_FRACTION, self.cfg.count)
+
+    def prepare_bytes(self, model: nn.Module, act) -> float:
+        """The Fisher: an fp32 accumulator and a dense gradient of every candidate, one example's activations."""
+        return 0.0 if self.cfg.selection == "random" else fisher_bytes(model, act)
 
     def scores(self, model: nn.Module, batches, objective, tensors):
         if self.cfg.selection == "random":

@@ -24,6 +24,9 @@ class Full(Method):
             p.requires_grad_(True)
         return model
 
+    def trainable_count(self, model: nn.Module) -> int:
+        return self.param_counts(model)[1]  # every weight, tied ones once
+
     def save(self, model: nn.Module, out_dir: Path, base_name: str) -> Path:
         path = out_dir / "model"
         model.save_pretrained(path)

@@ -17,9 +17,9 @@ import torch
 from torch import nn
 
 from . import peft_format
-from .inject import (TunedLayer, fan_in_fan_out, freeze_all, inject, inject_params, resolve_targets, tuned_layers,
+from .inject import (TunedLayer, as_linear, fan_in_fan_out, freeze_all, inject, inject_params, resolve_targets, tuned_layers,
                      unfreeze_modules, unwrap)
-from .registry import Method, MethodConfig, attach, register
+from .registry import Method, MethodConfig, attach, module_params, register
 from ..errors import ConfigError
 from ..kernels.lora import frozen_weight, lora_linear
 from ..models.targets import task_heads
@@ -151,6 +151,19 @@ class LowRankMethod(Method):
         self._apply_bias(model)
         self.saved_modules = unfreeze_modules(model, self.modules_to_save(model))
         return model
+
+    def rank_params(self, base: nn.Module) -> int:
+        """Trainable parameters of one wrapped linear layer ``base``: r·(d_in + d_out) (LoRA's A and B)."""
+        return self.cfg.r * (base.in_features + base.out_features)
+
+    def trainable_count(self, model: nn.Module) -> int:
+        """Closed form: ``rank_params`` summed over the target layers, plus the saved modules (heads)."""
+        cfg = self.cfg
+        if getattr(cfg, "target_parameters", None) or getattr(cfg, "bias", "none") != "none":
+            return super().trainable_count(model)  # parameter targets and trained biases: counted on the model
+        targets = resolve_targets(model, cfg.target_modules) if cfg.target_modules != [] else []
+        return (sum(self.rank_params(as_linear(model.get_submodule(n))) for n in targets)
+                + module_params(model, self.modules_to_save(model)))
 
     def inject_parameters(self, model: nn.Module) -> list[str]:
         """Wrap the parameters the method targets directly (none here; Lora's target_parameters)."""

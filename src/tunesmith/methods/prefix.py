@@ -45,6 +45,9 @@ class Prefix(KVPrefixMethod):
     def make(self, model: nn.Module) -> PrefixMlp:
         return PrefixMlp(self.cfg.num_virtual_tokens, kv_shape(model), self.cfg.reparam_hidden)
 
+    def encoder_params(self, model: nn.Module) -> int:
+        return prefix_trainable_count(model, self.cfg.num_virtual_tokens, self.cfg.reparam_hidden)
+
     def peft_fields(self, model: nn.Module) -> dict:
         return {"prefix_projection": True, "encoder_hidden_size": self.cfg.reparam_hidden}
 

@@ -53,6 +53,9 @@ class Prompt(InputPromptMethod):
             init = emb.weight[ids.to(emb.weight.device)].float().clone()
         return PromptTable(n, dims(model)["hidden"], init=init)
 
+    def encoder_params(self, model: nn.Module) -> int:
+        return prompt_trainable_count(model, self.cfg.num_virtual_tokens)
+
     def peft_fields(self, model: nn.Module) -> dict:
         # the saved prompts are trained; how they were initialised is in tunesmith.json
         return {"prompt_tuning_init": "RANDOM"}

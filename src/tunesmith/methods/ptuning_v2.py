@@ -26,6 +26,9 @@ class PtuningV2(KVPrefixMethod):
     def make(self, model: nn.Module) -> PrefixTable:
         return PrefixTable(self.cfg.num_virtual_tokens, kv_shape(model))
 
+    def encoder_params(self, model: nn.Module) -> int:
+        return ptuning_v2_trainable_count(model, self.cfg.num_virtual_tokens)
+
     def peft_fields(self, model: nn.Module) -> dict:
         return {"prefix_projection": False}
 

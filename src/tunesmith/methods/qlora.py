@@ -22,7 +22,7 @@ from torch import nn
 
 from .inject import Conv1DAsLinear, TunedLayer, as_linear, conv1d_from, replace_module, resolve_targets, tuned_layers, unwrap
 from .lora import Lora, LoraConfig, LoraLinear
-from .registry import register
+from .registry import Method, register
 from ..errors import ConfigError
 from .configs.qlora import QloraConfig
 
@@ -119,6 +119,20 @@ class Qlora(Lora):
         if torch.cuda.is_available():
             torch.cuda.empty_cache()  # the full-precision weights just freed
         return super().apply(model)
+
+    def quantized_weight_bytes(self, model: nn.Module, weight_bytes: int) -> float:
+        """Every linear layer of the blocks in NF4 (4 bits and the double-quantized block scales), the rest
+        (embeddings, norms, the output head) at the compute dtype."""
+        from ..planning.estimate import NF4_BYTES
+        quantized = sum(as_linear(model.get_submodule(n)).weight.numel()
+                        for n in resolve_targets(model, "all-linear", field="method (qlora base quantization)"))
+        return quantized * NF4_BYTES + (Method.param_counts(self, model)[1] - quantized) * 2
+
+    def memory_extras(self, model: nn.Module, act) -> dict[str, float]:
+        """Backward dequantizes one 4-bit weight at a time to bf16 (and its input gradient's product)."""
+        sizes = [as_linear(model.get_submodule(n)).weight.numel()
+                 for n in resolve_targets(model, "all-linear", field="method (qlora base quantization)")]
+        return {"dequantized weight": 2.0 * 2 * max(sizes, default=0)}
 
     def make_layer(self, name: str, base: nn.Module) -> QloraLinear:
         layer = QloraLinear(base, self.cfg.r, self.cfg.alpha, self.cfg.dropout, self.cfg.use_rslora)

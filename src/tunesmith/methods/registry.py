@@ -38,6 +38,13 @@ class MethodConfig(BaseModel):
     family: ClassVar[str]
     summary: ClassVar[str]
     name: str = Field(description="Registered method name (see `tunesmith methods`).")
+    #: The peak learning rate a run uses when ``train.lr`` is unset (docs/defaults.md has the runs
+    #: behind each value); ``learning_rate()`` may make it depend on the method's options.
+    default_lr: ClassVar[float] = 2e-4
+
+    def learning_rate(self) -> float:
+        """The default peak learning rate for this configuration of the method."""
+        return self.default_lr
 
 
 class Method:
@@ -151,6 +158,22 @@ class Method:
                 trainable += p.numel() if p.requires_grad else 0
         return trainable, total
 
+    # -- planning (`tunesmith estimate`) ---------------------------------------------------
+    def trainable_count(self, model: nn.Module) -> int:
+        """The parameters ``apply`` will train on ``model``, asked before it is applied, of a model that
+        may hold no weights (the meta device). Methods give their closed form; this default applies the
+        method to ``model`` (which needs no weights when a method only wraps or marks) and counts."""
+        return self.param_counts(self.apply(model))[0]
+
+    def memory_extras(self, model: nn.Module, act) -> dict[str, float]:
+        """Bytes the method adds to a training step beyond weights, gradients, optimizer states and the
+        blocks' activations, by what they are (``act``: planning.estimate.Activations, the step's shape)."""
+        return {}
+
+    def prepare_bytes(self, model: nn.Module, act) -> float:
+        """Bytes ``prepare`` holds beside the weights before training (Fisher estimation), or 0."""
+        return 0.0
+
     # -- state ----------------------------------------------------------------------------
     def trainable_state(self, model: nn.Module) -> dict[str, torch.Tensor]:
         """What a checkpoint must hold to restore the method's weights: trainable params + state."""
@@ -183,6 +206,12 @@ class Method:
                               f"({self.unmergeable_reason}); use its adapter instead: tunesmith.load, "
                               "tunesmith.generate, or peft's PeftModel.from_pretrained")
         return model
+
+
+def module_params(model: nn.Module, names: list[str]) -> int:
+    """Parameters (each counted once) of the modules ``names`` of ``model``."""
+    seen = {id(p): p.numel() for n in names for p in model.get_submodule(n).parameters()}
+    return sum(seen.values())
 
 
 def _config_name(cls: type[MethodConfig]) -> str:

@@ -79,7 +79,8 @@ def format_summary(s: dict) -> str:
         f"method             {s['method']}",
         f"parameters         {s['trainable_params']:,} trainable / {s['total_params']:,} total "
         f"({s['trainable_pct']:.4f}%)",
-        f"steps              {s['steps']}  ({s['train_tokens']:,} tokens)",
+        f"steps              {s['steps']}  ({s['train_tokens']:,} tokens)"
+        + (f", lr {s['lr']:g} ({s.get('lr_source', 'train.lr')})" if s.get("lr") is not None else ""),
         f"train loss         {f(s.get('train_loss_before'))} -> {f(s.get('train_loss_after'))}  "
         f"(the same {s.get('train_probe_batches', 4)} training batches, before and after training)",
         f"last step loss     {f(s.get('last_step_loss'))}  (mean of the last {s.get('last_steps_n', 0)} steps: "

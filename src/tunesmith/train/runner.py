@@ -158,10 +158,11 @@ def run(cfg: RunConfig, resume: Path | None = None) -> RunResult:
     objective_name = resolve_objective(cfg)
     ocfg = objective_config(cfg, objective_name)
     cfg = cfg.model_copy(update={"objective": ocfg, "train": cfg.train.model_copy(update={"objective": objective_name})})
+    cfg, lr_source = config_mod.with_method_lr(cfg)
     eval_training.resolve(cfg.train.eval_metrics, objectives.get(ocfg))  # before anything is loaded
     built = build(cfg, ocfg)
     # run_dir: set once the run owns a directory (a new one, or a resumed one once training starts)
-    progress = {"state": LoopState(), "wall": 0.0, "run_dir": None}
+    progress = {"state": LoopState(), "wall": 0.0, "run_dir": None, "lr_source": lr_source}
     try:
         return _train(cfg, resume, built, t_start, progress)
     except TrainingDiverged as e:
@@ -248,7 +249,8 @@ def _train(cfg: RunConfig, resume: Path | None, built, t_start: float, progress:
     artifact = _save_artifact(method, model, tokenizer, run_dir, base_reference(cfg.model))
     summary = _finish(cfg, run_dir, model, method, state, log.read(), report, artifact, device, t_start)
     summary.update(time_s=progress["wall"] + summary["session_time_s"], train_probe_batches=probe_n,
-                   optimizer_state_bytes=optimizer_state_bytes(optimizer), artifact_bytes=path_bytes(artifact))
+                   optimizer_state_bytes=optimizer_state_bytes(optimizer), artifact_bytes=path_bytes(artifact),
+                   lr=tc.lr, lr_source=progress["lr_source"])
     speed_report.measured_peak_gib = loop.first_step_peak_gib
     summary["speed"] = speed_report.as_dict()
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))

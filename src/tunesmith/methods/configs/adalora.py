@@ -12,6 +12,7 @@ from .lora import TargetedConfig
 @register_config
 class AdaLoraConfig(TargetedConfig):
     family: ClassVar[str] = "low-rank"
+    default_lr: ClassVar[float] = 1e-3
     summary: ClassVar[str] = ("SVD-form LoRA whose per-layer ranks are pruned to a budget by importance (Zhang et "
                               "al. 2023).")
     name: Literal["adalora"] = "adalora"

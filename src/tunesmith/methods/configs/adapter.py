@@ -11,6 +11,7 @@ from ..registry import MethodConfig, register_config
 @register_config
 class AdapterConfig(MethodConfig):
     family: ClassVar[str] = "additive"
+    default_lr: ClassVar[float] = 1e-3
     summary: ClassVar[str] = ("Bottleneck adapters after attention/FFN (Houlsby 2019), FFN only (Pfeiffer) or "
                               "parallel (He 2022).")
     name: Literal["adapter"] = "adapter"

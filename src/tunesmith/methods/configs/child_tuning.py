@@ -11,6 +11,7 @@ from ..registry import MethodConfig, register_config
 @register_config
 class ChildTuningConfig(MethodConfig):
     family: ClassVar[str] = "selective"
+    default_lr: ClassVar[float] = 1e-4   # mode D; mode F: 3e-4 (learning_rate)
     summary: ClassVar[str] = ("Update a child network: Bernoulli gradient masks (F) or a top-Fisher subset (D) "
                               "(Xu et al. 2021).")
     name: Literal["child_tuning"] = "child_tuning"
@@ -23,3 +24,7 @@ class ChildTuningConfig(MethodConfig):
     fisher_samples: int | None = Field(
         None, ge=1, description="D: training examples over which the Fisher is estimated (null: the whole "
                                 "training set, as in the paper).")
+
+    def learning_rate(self) -> float:
+        """D trains a fixed subset at the fine-tuning rate; F's random masks and 1/p_F scaling want 3x more."""
+        return 3e-4 if self.mode == "F" else self.default_lr

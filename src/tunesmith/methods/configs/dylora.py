@@ -12,6 +12,7 @@ from .lora import TargetedConfig
 @register_config
 class DyLoraConfig(TargetedConfig):
     family: ClassVar[str] = "low-rank"
+    default_lr: ClassVar[float] = 1e-3
     summary: ClassVar[str] = ("LoRA trained over all ranks r_min..r_max at once; pick the rank after training "
                               "(Valipour et al. 2023).")
     name: Literal["dylora"] = "dylora"

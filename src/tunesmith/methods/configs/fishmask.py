@@ -14,6 +14,7 @@ DEFAULT_FRACTION = 0.005
 @register_config
 class FishMaskConfig(MethodConfig):
     family: ClassVar[str] = "selective"
+    default_lr: ClassVar[float] = 2e-3
     summary: ClassVar[str] = ("Train the top-k Fisher-information entries, a fixed sparse mask (Sung et al. "
                               "2021); sparse delta.")
     name: Literal["fishmask"] = "fishmask"

@@ -15,6 +15,7 @@ ParamType = Literal["norms", "biases", "attention", "mlp"]
 @register_config
 class FreezeConfig(MethodConfig):
     family: ClassVar[str] = "selective"
+    default_lr: ClassVar[float] = 1e-4
     summary: ClassVar[str] = ("Train chosen layers (index, range, first/last k), parameter types (norms, biases, "
                               "attention, mlp), embeddings or regexes; freeze the rest; saves a delta.")
     name: Literal["freeze"] = "freeze"

@@ -14,6 +14,7 @@ Targets = str | list[str] | None
 @register_config
 class Ia3Config(MethodConfig):
     family: ClassVar[str] = "additive"
+    default_lr: ClassVar[float] = 3e-2
     summary: ClassVar[str] = ("(IA)³: learned rescaling of keys, values and feed-forward activations; merges (Liu "
                               "et al. 2022).")
     name: Literal["ia3"] = "ia3"

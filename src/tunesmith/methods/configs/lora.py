@@ -30,6 +30,7 @@ class TargetedConfig(MethodConfig):
 @register_config
 class LoraConfig(TargetedConfig):
     family: ClassVar[str] = "low-rank"
+    default_lr: ClassVar[float] = 1e-3
     summary: ClassVar[str] = ("Low-rank update B·A beside frozen linear layers (Hu et al. 2021); rsLoRA, PiSSA "
                               "init, LoRA+.")
     name: Literal["lora"] = "lora"

@@ -11,6 +11,7 @@ from ..registry import MethodConfig, register_config
 @register_config
 class PromptConfig(MethodConfig):
     family: ClassVar[str] = "additive"
+    default_lr: ClassVar[float] = 3e-2
     summary: ClassVar[str] = "Prompt tuning: n trained embeddings prepended to the input (Lester et al. 2021)."
     name: Literal["prompt"] = "prompt"
     num_virtual_tokens: int = Field(20, ge=1, le=512, description="Number of trained prompt tokens prepended "

@@ -11,6 +11,7 @@ from ..registry import MethodConfig, register_config
 @register_config
 class PtuningConfig(MethodConfig):
     family: ClassVar[str] = "additive"
+    default_lr: ClassVar[float] = 3e-2
     summary: ClassVar[str] = ("P-tuning v1: input virtual tokens from an LSTM/MLP prompt encoder, folded (Liu et "
                               "al. 2021).")
     name: Literal["ptuning"] = "ptuning"

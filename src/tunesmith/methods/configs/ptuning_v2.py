@@ -11,6 +11,7 @@ from ..registry import MethodConfig, register_config
 @register_config
 class PtuningV2Config(MethodConfig):
     family: ClassVar[str] = "additive"
+    default_lr: ClassVar[float] = 3e-2
     summary: ClassVar[str] = ("P-tuning v2: deep prompts (keys/values) at every layer, no reparameterisation (Liu "
                               "et al. 2022).")
     name: Literal["ptuning_v2"] = "ptuning_v2"

@@ -12,6 +12,7 @@ from .lora import LoraConfig
 @register_config
 class QloraConfig(LoraConfig):
     family: ClassVar[str] = "low-rank"
+    default_lr: ClassVar[float] = 2e-4
     summary: ClassVar[str] = ("LoRA on a frozen 4-bit NF4 base with double quantization (Dettmers et al. 2023); "
                               "needs CUDA.")
     name: Literal["qlora"] = "qlora"

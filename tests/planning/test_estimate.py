@@ -1,0 +1,76 @@
+"""tunesmith estimate: trainable counts equal the real ones for every method; peaks within 15% of measured RSS."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import transformers as tf
+
+from tunesmith import cli, config as config_mod
+from tunesmith.methods import registry
+from tunesmith.models.config import ModelConfig
+from tunesmith.models.loader import AUTO_CLASSES, model_config
+from tunesmith.planning.estimate import estimate
+
+HERE = Path(__file__).parent
+CASES = [("llama", "causal_lm"), ("bert", "classification"), ("t5", "seq2seq")]
+
+
+def _models(arch: str, task: str):
+    config = model_config(ModelConfig(name_or_path=f"random:{arch}"), vocab_size=512,
+                          num_labels=2 if task == "classification" else None)
+    auto = getattr(tf, AUTO_CLASSES[task])
+    with torch.device("meta"):
+        meta = auto.from_config(config)
+    torch.manual_seed(0)
+    return meta, auto.from_config(config)
+
+
+@pytest.mark.parametrize("arch,task", CASES)
+def test_trainable_count_equals_the_real_count_for_every_method(arch, task):
+    for name, cls in registry.all_methods().items():
+        meta, real = _models(arch, task)
+        declared = cls(cls.Config.model_validate({"name": name})).trainable_count(meta)
+        # QLoRA quantizes on CUDA only; what it trains is LoRA's A and B on the same targets
+        real_cls = registry.get("lora") if name == "qlora" else cls
+        method = real_cls(real_cls.Config.model_validate({"name": real_cls.name}))
+        method.device = torch.device("cpu")
+        assert declared == method.param_counts(method.apply(real))[0], (arch, name)
+
+
+def test_estimate_cli_reads_no_weights_and_table_4_1_configs(capsys):
+    """T0_3B from its published sizes (examples/estimate/t0_3b): full fine-tuning at fp32 is weights,
+    gradients and two Adam moments, 16 bytes a parameter."""
+    root = HERE.parents[1]
+    cfg = config_mod.load(root / "examples" / "estimate_t0_3b.yaml", ["method=full"])
+    est = estimate(cfg, device="cuda", target_len=8)
+    assert 2.7e9 < est.total_params < 3.0e9 and est.trainable_params == est.total_params
+    p = est.parts
+    assert p["weights"] == p["gradients"] == p["optimizer"] / 2 == 4 * est.total_params
+    lora = estimate(config_mod.load(root / "examples" / "estimate_t0_3b.yaml"), device="cuda", target_len=8)
+    assert lora.trainable_params == 8 * (1024 + 4096) * (24 * 2 + 24 * 4)  # r 8 on q, v: encoder self, decoder self + cross
+    assert cli.main(["estimate", str(root / "examples" / "estimate_t0_3b.yaml"), "--device", "cuda",
+                     "--budget", "80GB"]) == 0
+    assert "fits" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["full", "lora", "prefix", "fishmask"])
+def test_estimate_within_15_percent_of_measured_cpu_peak(method, tmp_path):
+    words = " ".join(f"word{i % 97} and more text" for i in range(400))
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps({"text": words}) + "\n" for _ in range(32)))
+    opts = {"name": method, **({"fisher_samples": 8} if method == "fishmask" else {})}
+    cfg = {"model": {"name_or_path": "random:llama", "device": "cpu",
+                     "random_overrides": {"hidden_size": 256, "intermediate_size": 1024, "num_hidden_layers": 4,
+                                          "num_attention_heads": 4, "num_key_value_heads": 2}},
+           "method": opts, "data": {"train": str(tmp_path / "train.jsonl"), "format": "text"},
+           "train": {"max_steps": 2, "batch_size": 8, "max_seq_len": 128, "progress": False, "objective": "pt",
+                     "lr": 1e-4},
+           "output": {"dir": str(tmp_path / "run"), "plot": False}}
+    (tmp_path / "cfg.json").write_text(json.dumps(cfg))
+    out = subprocess.run([sys.executable, str(HERE / "rss_child.py"), str(tmp_path / "cfg.json")],
+                         capture_output=True, text=True, check=True)
+    r = json.loads(out.stdout.strip().splitlines()[-1])
+    assert abs(r["estimated"] - r["measured"]) <= 0.15 * r["measured"], r
