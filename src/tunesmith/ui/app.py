@@ -116,9 +116,11 @@ def create_app(runs_dir: str | Path = "runs", api_key: str | None = None, device
         return {"stopping": jobs.stop(name)}
 
     @app.post("/api/runs/{name:path}/resume")
-    async def resume(name: str):
+    async def resume(name: str, request: Request):
         _known(jobs, name)
-        job = jobs.resume(name, runs_dir / name)
+        raw = await request.body()
+        overrides = (json.loads(raw) if raw else {}).get("overrides") or []
+        job = jobs.resume(name, runs_dir / name, [str(o) for o in overrides])
         return {"name": name, "command": " ".join(job.cmd)}
 
     @app.post("/api/compare")

@@ -124,7 +124,8 @@ class Jobs:
             self.jobs[name] = job
             return job
 
-    def resume(self, name: str, run_dir: Path) -> Job:
+    def resume(self, name: str, run_dir: Path, overrides: list[str] = ()) -> Job:
+        """``tunesmith train --resume RUN [key=value ...]``: continue from the newest checkpoint."""
         with self.lock:
             old = self.jobs.get(name)
             if old is not None and old.alive:
@@ -132,8 +133,11 @@ class Jobs:
             if not (run_dir / "checkpoints").is_dir() or not any((run_dir / "checkpoints").iterdir()):
                 raise ConfigError(f"--resume {run_dir}: the run has no checkpoint to resume from (set "
                                   "train.save_every or train.eval_every to save them during a run)")
+            for o in overrides:
+                if "=" not in o:
+                    raise ConfigError(f"override {o!r}: expected key.sub=value, e.g. train.max_steps=100")
             self.state_dir.mkdir(parents=True, exist_ok=True)
-            job = Job(name, run_dir, [sys.executable, "-m", "tunesmith.cli", "train", "--resume", str(run_dir)],
+            job = Job(name, run_dir, [sys.executable, "-m", "tunesmith.cli", "train", "--resume", str(run_dir), *overrides],
                       self.state_dir, "resume")
             self.jobs[name] = job
             return job

@@ -70,9 +70,9 @@ function fieldRow(key, prop, required) {
   let initial = input.value;
   if (key === "output.dir") { input.value = S.schema.output_dir; }
   S.fields[key] = { input, initial, choice: !!opts, required };
-  input.addEventListener("change", onFormChange);
-  if (!opts) input.addEventListener("input", debounce(onFormChange, 400));
-  const label = el("label", { for: id, text: key.split(".").slice(1).join(".") + (required ? " *" : "") });
+  input.addEventListener("change", touched);
+  if (!opts) input.addEventListener("input", debounce(touched, 400));
+  const label = el("label", { for: id, text: key + (required ? " *" : "") });
   const help = el("div", { class: "help", text: (prop.description || "") +
     (prop.default !== undefined ? "  (default: " + (textOf(prop.default) || "null") + ")" : "") });
   const row = el("div", { class: "field", id: "row-" + key }, label, input, help);
@@ -130,6 +130,7 @@ function formBody() {
   }
   return { fields, typed };
 }
+function touched() { S.touched = true; onFormChange(); }
 async function onFormChange() {
   const r = await api("/api/validate", formBody());
   showCheck(r);
@@ -138,6 +139,7 @@ function showCheck(r) {
   $("yaml").textContent = r.yaml || "";
   document.querySelectorAll(".field.bad").forEach((e) => e.classList.remove("bad"));
   const box = $("form-error");
+  if (!S.touched && r._status === 200) r = Object.assign({}, r, { error: null, field: null });  // not before the first edit
   box.hidden = !r.error;
   box.textContent = r.error ? "error: " + r.error : "";
   if (r.field && $("row-" + r.field)) $("row-" + r.field).classList.add("bad");
@@ -166,6 +168,7 @@ async function preview() {
 
 // ---- start, progress, stop, resume -------------------------------------------------------------
 $("start-btn").addEventListener("click", async () => {
+  S.touched = true;
   const r = await api("/api/runs", formBody());
   if (r._status !== 200) { showCheck(r.yaml !== undefined ? r : { yaml: $("yaml").textContent, error: r.error }); return; }
   $("yaml").textContent = r.yaml;
@@ -261,7 +264,9 @@ const cell = (r, k) => ["status", "method", "model"].includes(k) ? r[k] : (k ===
 async function refreshRuns() {
   const runs = await api("/api/runs");
   if (!Array.isArray(runs)) return;
-  S.runs = runs;
+  const sig = JSON.stringify(runs);
+  if (sig === S.runsSig) return;            // unchanged: keep the rows (and what is selected)
+  S.runsSig = sig; S.runs = runs;
   const t = $("runs-table");
   const checked = new Set([...t.querySelectorAll("input:checked")].map((c) => c.value));
   t.tHead.innerHTML = ""; t.tBodies[0].innerHTML = "";
@@ -351,7 +356,7 @@ async function ask(side, text) {
   const r = await fetch(st.open.url, { method: "POST", headers: headers(), body: JSON.stringify(body) });
   if (!r.ok) { const e = await r.json(); out.classList.add("error"); out.textContent = (e.error && e.error.message) || e.error; return; }
   const reader = r.body.getReader(), dec = new TextDecoder();
-  let buf = "", text = "";
+  let buf = "", reply = "";
   for (;;) {
     const { value, done } = await reader.read();
     if (done) break;
@@ -361,13 +366,13 @@ async function ask(side, text) {
       const line = buf.slice(0, i).trim(); buf = buf.slice(i + 2);
       if (!line.startsWith("data: ") || line === "data: [DONE]") continue;
       const ev = JSON.parse(line.slice(6));
-      if (ev.error) { out.classList.add("error"); text += " [" + ev.error.message + "]"; }
-      for (const c of ev.choices || []) if (c.delta && c.delta.content) text += c.delta.content;
-      out.textContent = text;
+      if (ev.error) { out.classList.add("error"); reply += " [" + ev.error.message + "]"; }
+      for (const c of ev.choices || []) if (c.delta && c.delta.content) reply += c.delta.content;
+      out.textContent = reply;
     }
   }
   out.classList.remove("streaming"); out.classList.add("done");
-  st.history.push({ role: "assistant", content: text });
+  st.history.push({ role: "assistant", content: reply });
 }
 $("chat-send").addEventListener("click", () => {
   const text = $("chat-input").value.trim();
