@@ -47,9 +47,11 @@ def create_app(runs_dir: str | Path = "runs", api_key: str | None = None, device
     async def _user_error(request, exc):
         return JSONResponse({"error": str(exc)}, status_code=400)
 
-    @app.exception_handler(ValueError)      # DataError (a ValueError) and pydantic's, from user input
+    @app.exception_handler(ValueError)      # DataError is a ValueError: user input, as cli.main treats it
     async def _value_error(request, exc):
-        return JSONResponse({"error": str(exc)}, status_code=400)
+        user = type(exc).__module__.startswith("tunesmith")
+        return JSONResponse({"error": str(exc) if user else f"internal error: {type(exc).__name__}: {exc}"},
+                            status_code=400 if user else 500)
 
     @app.get("/")
     async def index():
