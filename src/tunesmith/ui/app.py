@@ -139,8 +139,8 @@ def create_app(runs_dir: str | Path = "runs", api_key: str | None = None, device
         target = _target(jobs, body)
         if not tools.command_available("eval"):
             return JSONResponse(tools.unavailable("eval"), status_code=501)
-        args = [str(target), "--data", body.get("data", "")] + [str(a) for a in body.get("args", [])]
-        return await asyncio.to_thread(tools.run_command, "eval", args)
+        return await asyncio.to_thread(tools.evaluate, target, body.get("data", ""), body.get("max_samples"),
+                                       [str(a) for a in body.get("args", [])])
 
     @app.post("/api/export")
     async def export(request: Request):

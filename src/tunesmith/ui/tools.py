@@ -73,6 +73,27 @@ def run_command(name: str, args: list[str], timeout: float = 3600.0) -> dict:
             "message": p.stdout if p.returncode == 0 else (p.stderr.strip().splitlines() or ["failed"])[-1]}
 
 
+def evaluate(run_dir: Path, data: str, max_samples=None, args: list[str] = (), page: int = 20) -> dict:
+    """``tunesmith eval RUN --data FILE --out RUN/eval/<file>-<n>``; with its results.json and the first
+    ``page`` lines of its predictions.jsonl when it wrote them."""
+    import json
+    if not data:
+        raise ConfigError("eval: give a test file")
+    base = run_dir / "eval" / Path(data).stem
+    out, n = base, 2
+    while out.exists():
+        out, n = Path(f"{base}-{n}"), n + 1
+    extra = ["--max-samples", str(int(max_samples))] if max_samples not in (None, "") else []
+    res = run_command("eval", [str(run_dir), "--data", data, "--out", str(out), "--no-progress", *extra, *args])
+    if (out / "results.json").is_file():
+        res["results"] = json.loads((out / "results.json").read_text())
+        res["out_dir"] = str(out)
+    if (out / "predictions.jsonl").is_file():
+        with (out / "predictions.jsonl").open() as f:
+            res["predictions"] = [json.loads(line) for _, line in zip(range(page), f) if line.strip()]
+    return res
+
+
 def compare_runs(run_dirs: list[Path]) -> dict:
     """The compare table and plots of finished runs: the hook for `tunesmith compare`'s table (the
     Runs tab shows the runs' summaries and overlaid curves itself either way)."""

@@ -322,9 +322,16 @@ setInterval(() => { if (!$("runs").hidden) refreshRuns(); }, 3000);
 $("eval-btn").addEventListener("click", async () => {
   const out = $("eval-out");
   out.hidden = false; out.className = "out"; out.textContent = "evaluating…";
-  const r = await api("/api/eval", { run: $("eval-run").value, data: $("eval-data").value });
+  const r = await api("/api/eval", { run: $("eval-run").value, data: $("eval-data").value, max_samples: $("eval-max").value });
   out.className = "out" + (r.ok ? "" : " error");
   out.textContent = r.ok ? r.stdout : (r.message || r.error) + (r.stderr ? "\n\n" + r.stderr : "");
+  const preds = $("eval-preds");
+  preds.innerHTML = "";
+  if (r.predictions && r.predictions.length) {
+    const keys = [...new Set(r.predictions.flatMap((x) => Object.keys(x)))];
+    preds.append(el("tr", {}, ...keys.map((k) => el("th", { text: k }))));
+    r.predictions.forEach((p) => preds.append(el("tr", {}, ...keys.map((k) => el("td", { text: textOf(p[k]) })))));
+  }
 });
 
 // ---- chat ---------------------------------------------------------------------------------------
