@@ -137,7 +137,18 @@ def load(path: str | Path, *, base: str | None = None, device: str = "auto", dty
         raise ModelError(f"{path}: not a run directory, adapter, delta or model directory "
                          "(expected config.yaml, adapter_config.json, delta_config.json or config.json)")
     mcfg = _base_config(str(path), device, dtype)
-    return load_model(mcfg, task=_task_of_model_dir(p)).eval(), load_tokenizer(mcfg)
+    task = _task_of_model_dir(p)
+    return load_model(mcfg, task=task, num_labels=_labels_of_model_dir(p) if task == "classification" else None
+                      ).eval(), load_tokenizer(mcfg)
+
+
+def _labels_of_model_dir(p: Path) -> int | None:
+    """A classifier directory's number of labels (its config.json's id2label), None when it says none."""
+    from .files import read_json
+    if not (p / "config.json").is_file():
+        return None
+    config = read_json(p / "config.json")
+    return len(config["id2label"]) if isinstance(config.get("id2label"), dict) else config.get("num_labels")
 
 
 def _task_of_model_dir(p: Path) -> str:

@@ -91,6 +91,12 @@ class TrainConfig(BaseModel):
         None, ge=8, description="Tokens per packed micro-batch with padding_free (default batch_size × max_seq_len).")
     eval_every: int | None = Field(None, ge=1, description="Evaluate every N steps (always at start and end).")
     eval_batches: int | None = Field(None, ge=1, description="Cap on evaluation batches (null = the whole set).")
+    eval_metrics: list[str] | None = Field(
+        None, description="Metrics computed at each evaluation besides the loss, written to metrics.jsonl and "
+                          "drawn in loss.png: names from `tunesmith eval`'s registry (docs/eval.md), e.g. "
+                          "[accuracy, f1, confusion_matrix] for cls, [perplexity, rouge, bleu, exact_match] for sft "
+                          "(generation metrics decode the evaluated validation prompts greedily). Null: accuracy "
+                          "and f1 (macro, micro, per class) for cls, none otherwise.")
     save_every: int | None = Field(None, ge=1, description="Checkpoint every N steps (default: at each eval and at the end).")
     keep_checkpoints: int = Field(2, ge=1, description="Checkpoints kept in checkpoints/ (oldest removed first).")
     log_every: int = Field(1, ge=1, description="Write a train-loss line to metrics.jsonl every N steps.")
@@ -108,6 +114,17 @@ class TrainConfig(BaseModel):
             parse_bytes(v)
         except ConfigError as e:
             raise ValueError(str(e).split(": ", 1)[1]) from None
+        return v
+
+    @field_validator("eval_metrics")
+    @classmethod
+    def _metrics(cls, v):
+        if v is not None:
+            from .eval import metrics
+            try:
+                metrics.check(v, where="eval_metrics")
+            except ConfigError as e:
+                raise ValueError(str(e).split(": ", 1)[1]) from None
         return v
 
     @model_validator(mode="after")

@@ -21,7 +21,7 @@ from typing import Callable
 from pydantic import BaseModel
 
 #: The files that hold generated blocks, relative to the repository root.
-FILES = ("README.md", "docs/config.md", "docs/models.md")
+FILES = ("README.md", "docs/config.md", "docs/models.md", "docs/eval.md")
 
 
 def _type(info) -> str:
@@ -171,7 +171,19 @@ BLOCKS: dict[str, Callable[[], str]] = {
     "methods": methods_table,
     "objectives": objectives_table,
     "support-table": support_table,
+    "eval-metrics": lambda: metrics_table(),
 }
+
+
+def metrics_table() -> str:
+    """The evaluation tasks and their metrics, from tunesmith.eval's registries."""
+    from .eval import metrics, tasks
+    rows = ["| task | reads | metric | values | default | what it is |", "|---|---|---|---|---|---|"]
+    for t in tasks.all_tasks().values():
+        for m in metrics.for_task(t.name):
+            rows.append(f"| `{t.name}` | {', '.join(t.formats)} | `{m.name}` | {', '.join(f'`{k}`' for k in m.keys)} "
+                        f"| {'yes' if m.default else 'no'} | {_cell(m.summary)} |")
+    return "\n".join(rows) + "\n"
 
 
 def markers(name: str) -> tuple[str, str]:

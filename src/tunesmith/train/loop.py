@@ -103,8 +103,10 @@ def autocast(device: torch.device, precision: str):
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, objective, batches, precision: str, device: torch.device) -> dict:
-    """Mean loss (and accuracy when the objective counts correct items) over ``batches``."""
+def evaluate(model: nn.Module, objective, batches, precision: str, device: torch.device,
+             records: list | None = None) -> dict:
+    """Mean loss (and accuracy when the objective counts correct items) over ``batches``; the
+    objective's per-item ``"records"`` extras are appended to ``records`` when it is given."""
     was_training = model.training
     model.eval()
     total, count, correct, counted = 0.0, 0, 0, False
@@ -114,6 +116,8 @@ def evaluate(model: nn.Module, objective, batches, precision: str, device: torch
         total += float(loss)
         count += n
         correct += extra.get("correct", 0)
+        if records is not None:
+            records.extend(extra.get("records", ()))
         counted = counted or "correct" in extra
     model.train(was_training)
     if count == 0:

@@ -43,7 +43,9 @@ def plot_losses(records: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
     train = [(r["step"], r["loss"]) for r in records if r.get("split") == "train"]
     evals = [(r["step"], r["loss"]) for r in records if r.get("split") == "eval"]
-    fig, ax = plt.subplots(figsize=(7, 4))
+    series = eval_series(records)   # train.eval_metrics: a second panel beside the loss
+    fig, axes = plt.subplots(1, 2 if series else 1, figsize=(12 if series else 7, 4), squeeze=False)
+    ax = axes[0][0]
     if train:
         ax.plot(*zip(*train), label="train", lw=1)
     if evals:
@@ -52,9 +54,46 @@ def plot_losses(records: list[dict], path: Path) -> None:
     ax.set_ylabel("loss")
     ax.grid(alpha=0.3)
     ax.legend()
+    if series:
+        _plot_metrics(axes[0][1], series)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def _plot_metrics(ax, series: dict) -> None:
+    """Metrics within [0, 1] on the left axis, the others (BLEU, perplexity) on a second one."""
+    unit = {k: v for k, v in series.items() if all(0 <= y <= 1 for _, y in v)}
+    other = {k: v for k, v in series.items() if k not in unit}
+    for k, v in unit.items():
+        ax.plot(*zip(*v), "o-", label=k, lw=1.2, ms=3)
+    ax.set_ylabel("eval metric")
+    if other:
+        ax2 = ax.twinx()
+        for k, v in other.items():
+            ax2.plot(*zip(*v), "s--", label=k, lw=1.2, ms=3, color=f"C{len(unit) + list(other).index(k)}")
+        ax2.set_ylabel(", ".join(other))
+        ax2.legend(loc="lower right", fontsize=8)
+    ax.set_xlabel("step")
+    ax.grid(alpha=0.3)
+    if unit:
+        ax.legend(loc="lower left", fontsize=8)
+
+
+def _scalar(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def eval_series(records: list[dict]) -> dict[str, list[tuple[int, float]]]:
+    """Each evaluation metric other than the loss (scalar values only): [(step, value), ...]."""
+    out: dict[str, list[tuple[int, float]]] = {}
+    for r in records:
+        if r.get("split") != "eval":
+            continue
+        for k, v in r.items():
+            if k not in ("step", "split", "loss", "no_label") and _scalar(v):
+                out.setdefault(k, []).append((r["step"], v))
+    return out
 
 
 def format_summary(s: dict) -> str:
@@ -74,6 +113,13 @@ def format_summary(s: dict) -> str:
     ]
     if s.get("eval_accuracy_after") is not None:
         lines.append(f"eval accuracy      {f(s.get('eval_accuracy_before'))} -> {f(s.get('eval_accuracy_after'))}")
+    if s.get("eval_f1_macro_after") is not None:
+        lines.append(f"eval macro-F1      {f(s.get('eval_f1_macro_before'))} -> {f(s.get('eval_f1_macro_after'))}")
+    shown = {"loss", "accuracy", "f1_macro"}
+    more = {k: v for k, v in (s.get("eval_metrics_after") or {}).items() if k not in shown and _scalar(v)}
+    if more:
+        lines.append("eval metrics       " + ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}"
+                                                      for k, v in more.items()))
     if s.get("data_skipped"):
         lines.append(f"rows skipped       {s['data_skipped']}")
     lines += [

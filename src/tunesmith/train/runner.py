@@ -21,6 +21,7 @@ import torch
 
 from .. import config as config_mod
 from ..config import RunConfig
+from ..eval import training as eval_training
 from ..data import build_datasets, pad_id_for
 from ..data.formats import apply_field_map, detect_format
 from ..data.readers import first_readable, read_rows
@@ -135,6 +136,7 @@ def run(cfg: RunConfig, resume: Path | None = None) -> RunResult:
     t_start = time.perf_counter()
     objective_name = resolve_objective(cfg)
     cfg = cfg.model_copy(update={"train": cfg.train.model_copy(update={"objective": objective_name})})
+    eval_training.resolve(cfg.train.eval_metrics, objectives.get(objective_name))  # before anything is loaded
     built = build(cfg, objective_name)
     # run_dir: set once the run owns a directory (a new one, or a resumed one once training starts)
     progress = {"state": LoopState(), "wall": 0.0, "run_dir": None}
@@ -185,10 +187,17 @@ def _train(cfg: RunConfig, resume: Path | None, built, t_start: float, progress:
     progress["state"], progress["run_dir"] = state, run_dir
     log = MetricsLog(run_dir / "metrics.jsonl", resume_step=state.step if resume else None)
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    extra_metrics = eval_training.TrainingMetrics(
+        eval_training.resolve(tc.eval_metrics, objective), tokenizer=tokenizer, val_ds=val_ds,
+        label_names=report.label_names, limit=eval_limit and eval_limit * tc.batch_size, batch_size=tc.batch_size,
+        precision=precision, device=device)
 
     def on_eval(s: LoopState) -> None:
         if val_batches:
-            res = evaluate(model, objective, val_batches(), precision, device)
+            records: list = []
+            res = evaluate(model, objective, val_batches(), precision, device, records=records)
+            if extra_metrics:
+                res.update(extra_metrics.compute(model, res, records))
             log.write({"step": s.step, "split": "eval", **res})
 
     def on_checkpoint(s: LoopState) -> None:
@@ -315,6 +324,9 @@ def _summary(cfg, run_dir, model, method, state, records, report, artifact, devi
         "eval_loss_before": first_eval.get("loss"), "eval_loss_after": evals[-1]["loss"] if evals else None,
         "eval_accuracy_before": first_eval.get("accuracy"),
         "eval_accuracy_after": evals[-1].get("accuracy") if evals else None,
+        "eval_f1_macro_before": first_eval.get("f1_macro"),
+        "eval_f1_macro_after": evals[-1].get("f1_macro") if evals else None,
+        "eval_metrics_after": {k: v for k, v in evals[-1].items() if k not in ("step", "split")} if evals else {},
         "data_skipped": report.skipped, "data_skipped_reasons": report.skipped_reasons,
         "data_truncated": report.truncated, "data_report": report.line(),
         "label_names": report.label_names, "train_rows": report.train_rows, "validation_rows": report.validation_rows,

@@ -26,8 +26,11 @@ class Objective:
     data_objective: ClassVar[str] = "sft"   # what build_datasets produces
     formats: ClassVar[tuple[str, ...]] = ()  # data formats this objective is chosen for by default
     encoder_decoder: ClassVar[bool] = False  # chosen by default for encoder-decoder models (else decoders)
+    eval_tasks: ClassVar[tuple[str, ...]] = ("lm",)  # whose metrics train.eval_metrics may name (tunesmith.eval)
 
     def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int, dict]:
+        """Extras may hold ``"records"``: one dict per item with the keys of ``tunesmith.eval.metrics``
+        (for the metrics of ``train.eval_metrics``)."""
         raise NotImplementedError
 
     def configure(self, train_cfg) -> None:

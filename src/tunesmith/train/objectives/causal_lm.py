@@ -115,6 +115,7 @@ class SFT(CausalLM):
     summary = "Supervised fine-tuning: loss on response tokens only (prompts masked)."
     data_objective = "sft"
     formats = ("alpaca", "messages", "sharegpt")
+    eval_tasks = ("lm", "generation")
 
 
 @register

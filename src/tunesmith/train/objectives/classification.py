@@ -15,6 +15,7 @@ class Classification(Objective):
     task = "classification"
     data_objective = "cls"
     formats = ("classification",)
+    eval_tasks = ("classification",)
 
     def count(self, batch):
         return int(batch["label"].numel())
@@ -22,8 +23,10 @@ class Classification(Objective):
     def loss(self, model, batch):
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.float()
         loss = F.cross_entropy(logits, batch["label"], reduction="sum")
-        correct = (logits.argmax(-1) == batch["label"]).sum().item()
-        return loss, self.count(batch), {"correct": correct}
+        predicted = logits.argmax(-1)
+        correct = (predicted == batch["label"]).sum().item()
+        records = [{"label": y, "prediction": p} for y, p in zip(batch["label"].tolist(), predicted.tolist())]
+        return loss, self.count(batch), {"correct": correct, "records": records}
 
     def uniform_loss(self, model):
         labels = getattr(getattr(model, "config", None), "num_labels", None)
