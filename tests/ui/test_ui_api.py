@@ -160,4 +160,4 @@ def test_two_runs_at_once_both_finish_one_stopped_and_resumed(client, tmp_path):
     refused = client.post("/api/export", json={"run": "b", "target": "vllm"}).json()
     assert not refused["ok"] and refused["refused"] and "loads only LoRA adapters" in refused["message"]
     merged = client.post("/api/merge", json={"run": "b"}).json()
-    assert merged["ok"] and Path(merged["out_dir"], "config.json").is_file()
+    assert merged["ok"] and Path(merged["out_dir"], "config.json").is_file(), merged

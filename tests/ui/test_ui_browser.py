@@ -151,6 +151,7 @@ def test_train_watch_runs_chat_export(ui, browser):
     d.find_element(By.ID, "tab-eval").click()
     wait(d, lambda: Select(d.find_element(By.ID, "eval-run")).options, what="runs to evaluate")
     d.find_element(By.ID, "eval-data").send_keys(str(data))
+    d.find_element(By.ID, "eval-max").send_keys("4")
     d.find_element(By.ID, "eval-btn").click()
     wait(d, lambda: text(d, "eval-out") not in ("", "evaluating…"), 300, "the evaluation answers")
     assert "tunesmith eval" in text(d, "eval-out") or "error" not in d.find_element(By.ID, "eval-out").get_attribute("class")
