@@ -81,12 +81,7 @@ def _run(args) -> None:
                         max_n=args.max_n, request_timeout=args.request_timeout, shutdown_timeout=args.shutdown_timeout,
                         allow_adapter_loading=args.allow_adapter_loading)
     app = create_app(engine, settings, scorers)
-    sock = socket.socket(socket.AF_INET6 if ":" in args.host else socket.AF_INET)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    try:
-        sock.bind((args.host, args.port))
-    except OSError as e:
-        raise ConfigError(f"--host {args.host} --port {args.port}: cannot listen there ({e})") from None
+    sock = listen_socket(args.host, args.port)
     host, port = sock.getsockname()[:2]
     print(f"tunesmith serve: http://{host}:{port}/v1  models: {', '.join(engine.models() + list(scorers))}", flush=True)
     config = uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=int(args.shutdown_timeout) + 1)
@@ -96,3 +91,17 @@ def _run(args) -> None:
         signal.signal(sig, lambda *_: None)
     uvicorn.Server(config).run(sockets=[sock])
     print("tunesmith serve: stopped", flush=True)
+
+
+def listen_socket(host: str, port: int):
+    """A socket bound to host:port (IPv6 when the host has a colon), or one ConfigError naming the flags."""
+    import socket
+
+    from ..errors import ConfigError
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        raise ConfigError(f"--host {host} --port {port}: cannot listen there ({e})") from None
+    return sock

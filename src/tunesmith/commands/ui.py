@@ -39,7 +39,6 @@ def check_host(host: str, api_key: str | None) -> None:
 
 def _run(args) -> None:
     import signal
-    import socket
 
     from ..errors import ConfigError, TunesmithError
     check_host(args.host, args.api_key)
@@ -51,12 +50,8 @@ def _run(args) -> None:
                              "pip install 'tunesmith[serve]'") from None
     from ..ui.app import create_app
     app = create_app(args.runs_dir, api_key=args.api_key, device=args.device, dtype=args.dtype)
-    sock = socket.socket(socket.AF_INET6 if ":" in args.host else socket.AF_INET)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    try:
-        sock.bind((args.host, args.port))
-    except OSError as e:
-        raise ConfigError(f"--host {args.host} --port {args.port}: cannot listen there ({e})") from None
+    from .serve import listen_socket
+    sock = listen_socket(args.host, args.port)
     host, port = sock.getsockname()[:2]
     print(f"tunesmith ui: http://{host}:{port}/  runs: {args.runs_dir}", flush=True)
     for sig in (signal.SIGTERM, signal.SIGINT):
