@@ -112,6 +112,13 @@ class TrainConfig(BaseModel):
                              "below it, or rises above twice its start plus 1, or the gradient norm is exactly 0 "
                              "(needs max_grad_norm); a NaN/inf loss stops at once. null: only NaN/inf stops.")
     progress: bool = Field(True, description="Show a progress bar.")
+    parallel: Literal["auto", "fsdp", "ddp"] = Field(
+        "auto", description="With more than one process (`torchrun --nproc_per_node N -m tunesmith train`, or "
+                            "`tunesmith train CONFIG --nproc N`): fsdp shards weights, gradients and optimizer states "
+                            "over the processes (FSDP2); ddp keeps the whole model on each and sums the gradients once "
+                            "a step; auto: ddp where weights, gradients and AdamW states take at most half a GPU's "
+                            "memory (always on the CPU) or the method's hooks need whole tensors, else fsdp "
+                            "(docs/distributed.md). Ignored with one process.")
 
     @field_validator("memory_limit")
     @classmethod
