@@ -1,5 +1,7 @@
-"""Runs under torchrun (tests/test_distributed.py): the multi-process runs of the distributed tests,
-all in one pair of processes. argv: a JSON file of {name: {"config": dict, "kill_at": step?}}."""
+"""The multi-process runs of tests/test_distributed.py, all in one pair of processes: forked from the test
+(``spawn``), or under torchrun (``python -m torch.distributed.run --nproc_per_node 2 tests/dist_worker.py
+SPEC``). SPEC: a JSON file of {name: {"config": dict, "kill_at": step, "copy_to": dir}}; a run with
+``kill_at`` raises before that step, and is resumed from its last checkpoint by the same processes."""
 import json
 import shutil
 import sys
@@ -35,6 +37,25 @@ def main(spec_path: str) -> None:
             runner.Loop.step = real_step
             tunesmith.train(None, resume=run_dir)
         runner.Loop.step = real_step
+
+
+def _child(rank: int, world: int, port: int, spec_path: str) -> None:
+    import os
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    main(spec_path)
+    import torch.distributed as dist
+    dist.destroy_process_group()
+
+
+def spawn(spec_path: str, world: int = 2) -> None:
+    """Run SPEC in ``world`` processes forked from this one (no second import of torch and transformers)."""
+    import socket
+    import torch.multiprocessing as mp
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.start_processes(_child, args=(world, port, spec_path), nprocs=world, start_method="fork")
 
 
 if __name__ == "__main__":

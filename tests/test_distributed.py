@@ -2,13 +2,13 @@
 batch (full and LoRA under FSDP2, prompt tuning under ddp), a killed 2-process run resumes to the
 uninterrupted one (on 2 processes, and on 1), and the saved adapter or model equals the one-process run's.
 
-All the 2-process runs share one torchrun launch (tests/dist_worker.py); the 1-process runs are in this process.
+All the 2-process runs share one pair of processes forked from this one (tests/dist_worker.py, which also
+runs under torchrun); the 1-process runs are in this process.
 """
 from __future__ import annotations
 
 import json
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -17,6 +17,7 @@ import torch
 from safetensors.torch import load_file
 
 import tunesmith
+import dist_worker
 from helpers import alpaca_rows, run_config, write_jsonl
 from tunesmith import cli
 from tunesmith.errors import ConfigError
@@ -42,14 +43,9 @@ def runs(tmp_path_factory):
     spec["killed"] = {"config": _config(data, d / "two-killed", CASES["lora"][0], "fsdp", 2), "kill_at": 3,
                       "copy_to": str(d / "killed-copy")}
     (d / "spec.json").write_text(json.dumps(spec))
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT / "tests")]),
-           "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                           str(ROOT / "tests" / "dist_worker.py"), str(d / "spec.json")],
-                          env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     one = {name: tunesmith.train(_config(data, d / f"one-{name}", m, "auto", 4)).run_dir
            for name, (m, _) in CASES.items()}
+    dist_worker.spawn(str(d / "spec.json"))
     two = {name: Path(c["config"]["output"]["dir"]) for name, c in spec.items()}
     return d, one, two
 
@@ -89,7 +85,9 @@ def test_two_processes_take_the_one_process_steps(runs, name):
     _assert_same_weights(two[name], one[name])
     summary = json.loads((two[name] / "summary.json").read_text())
     assert summary["status"] == "completed"
-    assert summary["parallel"] == {"mode": CASES[name][1], "processes": 2}
+    par = summary["parallel"]
+    assert (par["mode"], par["processes"], len(par["peak_memory_gib"])) == (CASES[name][1], 2, 2)
+    assert par["train_tokens"] == json.loads((one[name] / "summary.json").read_text())["train_tokens"]
     assert sorted(p.name for p in (two[name] / "checkpoints").iterdir()) == ["step-2", "step-4"]
     assert (two[name] / "checkpoints" / "step-4" / "dcp" / ".metadata").is_file()
 

@@ -312,6 +312,15 @@ def broadcast(obj):
     return box[0]
 
 
+def gather(obj) -> list:
+    """Every rank's ``obj``, in rank order, on every process."""
+    if context().world == 1:
+        return [obj]
+    out = [None] * context().world
+    dist.all_gather_object(out, obj)
+    return out
+
+
 def barrier() -> None:
     if context().world > 1:
         dist.barrier()

@@ -260,6 +260,7 @@ def _train(cfg: RunConfig, resume: Path | None, built, t_start: float, progress:
     after_train = evaluate(model, objective, train_probe(), precision, device)
     log.write({"step": state.step, "split": "train_probe", **after_train})
     _check_weights(named, state.step)
+    per_rank = distributed.gather({"tokens": state.tokens, "peak_memory_gib": peak_memory_gib(device)})
     with distributed.gathered(model):   # fsdp: whole weights, so rank 0 saves what one process saves
         artifact = _save_artifact(method, model, tokenizer, run_dir, base_reference(cfg.model)) if ctx.main else None
     if not ctx.main:
@@ -270,7 +271,9 @@ def _train(cfg: RunConfig, resume: Path | None, built, t_start: float, progress:
                    lr=tc.lr, lr_source=progress["lr_source"])
     speed_report.measured_peak_gib = loop.first_step_peak_gib
     summary["speed"] = speed_report.as_dict()
-    summary["parallel"] = {"mode": run_mode, "processes": ctx.world}
+    summary["parallel"] = {"mode": run_mode, "processes": ctx.world, "train_tokens": sum(r["tokens"] for r in per_rank),
+                           "tokens_per_s": sum(r["tokens"] for r in per_rank) / max(state.train_time, 1e-9),
+                           "peak_memory_gib": [r["peak_memory_gib"] for r in per_rank]}
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     if tc.progress:
         print(format_summary(summary), flush=True)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import warnings
 from pathlib import Path
 
 import torch
@@ -85,7 +86,9 @@ def load(path: Path, *, method, model, optimizer, scheduler, run_mode: str, glob
     else:
         weights = {k: v.detach().clone() for k, v in method.trainable_state(model).items()}
     state = {"weights": weights, "optimizer": get_optimizer_state_dict(model, optimizer, options=_OPTIONS)}
-    dcp.load(state, checkpoint_id=str(path / "dcp"))
+    with warnings.catch_warnings():   # one process reading a sharded checkpoint is what is meant
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.load(state, checkpoint_id=str(path / "dcp"), no_dist=distributed.context().world == 1)
     if saved_fsdp:
         set_model_state_dict(model, state["weights"], options=_LOAD)
     else:
