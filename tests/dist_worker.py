@@ -15,10 +15,47 @@ class Killed(Exception):
     pass
 
 
+def fused_base_node(method: str) -> dict:
+    """W0's storage in the fused LoRA base nodes (kernels/lora.py: ``_FrozenLinear`` keeps W0 on ctx, saving
+    no tensor) after the forward of a model under fsdp, and when each node's backward reads it."""
+    import torch
+    from tunesmith.kernels import lora as kernel
+    from tunesmith.models.loader import ModelConfig, load_model
+    model = load_model(ModelConfig(name_or_path="random:llama", device="cpu", dtype="float32"), task="causal_lm",
+                       seed=0)
+    model = tunesmith.apply(model, method, r=4)
+    distributed.parallelize(model, "fsdp", "fp32", torch.device("cpu"))
+    seen, read = [], []
+    forward, backward = kernel._FrozenLinear.forward, kernel._FrozenLinear.backward
+
+    def fwd(ctx, x2, weight, z, link):
+        seen.append(weight)
+        return forward(ctx, x2, weight, z, link)
+
+    def bwd(ctx, g):
+        read.append(ctx.weight.untyped_storage().size())
+        return backward(ctx, g)
+
+    kernel._FrozenLinear.forward, kernel._FrozenLinear.backward = staticmethod(fwd), staticmethod(bwd)
+    try:
+        ids = torch.arange(16).reshape(2, 8)
+        loss = model(input_ids=ids, labels=ids).loss
+        after_forward = [w.untyped_storage().size() for w in seen]
+        loss.backward()
+    finally:
+        kernel._FrozenLinear.forward, kernel._FrozenLinear.backward = forward, backward
+    return {"after_forward": after_forward, "in_backward": read}
+
+
 def main(spec_path: str) -> None:
     spec = json.loads(Path(spec_path).read_text())
     real_step = runner.Loop.step
     for name, case in spec.items():
+        if "fused" in case:
+            found = {m: fused_base_node(m) for m in case["fused"]}
+            if distributed.context().main:
+                Path(case["out"]).write_text(json.dumps(found))
+            continue
         kill_at = case.get("kill_at")
 
         def step(self, state, _kill=kill_at):

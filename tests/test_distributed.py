@@ -25,7 +25,7 @@ from tunesmith.train import distributed, launch
 
 ROOT = Path(__file__).resolve().parents[1]
 CASES = {"full": ({"name": "full"}, "fsdp"), "lora": ({"name": "lora", "r": 4}, "fsdp"),
-         "prompt": ({"name": "prompt", "num_virtual_tokens": 4}, "ddp")}
+         "dora": ({"name": "dora", "r": 4}, "fsdp"), "prompt": ({"name": "prompt", "num_virtual_tokens": 4}, "ddp")}
 
 
 def _config(data, out: Path, method: dict, parallel: str, batch_size: int) -> dict:
@@ -42,11 +42,12 @@ def runs(tmp_path_factory):
     spec = {name: {"config": _config(data, d / f"two-{name}", m, par, 2)} for name, (m, par) in CASES.items()}
     spec["killed"] = {"config": _config(data, d / "two-killed", CASES["lora"][0], "fsdp", 2), "kill_at": 3,
                       "copy_to": str(d / "killed-copy")}
+    spec["fused"] = {"fused": ["lora", "dora"], "out": str(d / "fused.json")}
     (d / "spec.json").write_text(json.dumps(spec))
     one = {name: tunesmith.train(_config(data, d / f"one-{name}", m, "auto", 4)).run_dir
            for name, (m, _) in CASES.items()}
     dist_worker.spawn(str(d / "spec.json"))
-    two = {name: Path(c["config"]["output"]["dir"]) for name, c in spec.items()}
+    two = {name: Path(c["config"]["output"]["dir"]) for name, c in spec.items() if "config" in c}
     return d, one, two
 
 
@@ -90,6 +91,16 @@ def test_two_processes_take_the_one_process_steps(runs, name):
     assert par["train_tokens"] == json.loads((one[name] / "summary.json").read_text())["train_tokens"]
     assert sorted(p.name for p in (two[name] / "checkpoints").iterdir()) == ["step-2", "step-4"]
     assert (two[name] / "checkpoints" / "step-4" / "dcp" / ".metadata").is_file()
+
+
+def test_fused_lora_base_node_survives_reshard(runs):
+    """The fused LoRA and DoRA ops keep W0 on ctx (no saved tensor): FSDP2 frees its storage after the
+    block's forward and gathers it again before the block's backward, when the node reads it."""
+    d, _, _ = runs
+    for method, found in json.loads((d / "fused.json").read_text()).items():
+        assert len(found["after_forward"]) == len(found["in_backward"]) == 14, method   # 7 projections × 2 blocks
+        assert set(found["after_forward"]) == {0}, method
+        assert min(found["in_backward"]) > 0, method
 
 
 def test_artifact_is_the_single_process_format(runs):
