@@ -121,8 +121,9 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         data = write_data(work / "text.jsonl", rows=rows_needed, words=args.seq + 8)
-        plan = ([("full", args.nproc)] if "full" in args.parts else []) + \
-               ([("lora-1", 1), (f"lora-{args.nproc}", args.nproc)] if "lora" in args.parts else [])
+        plan = ([("full", args.nproc)] if "full" in args.parts and args.nproc > 1 else []) + \
+               ([("lora-1", 1)] if "lora" in args.parts else []) + \
+               ([(f"lora-{args.nproc}", args.nproc)] if "lora" in args.parts and args.nproc > 1 else [])
         for name, nproc in plan:
             row = run(name, nproc, args, data, work)
             meta["results"].append(row)
@@ -132,7 +133,7 @@ def main(argv=None) -> int:
                 print(f"{name} on {nproc} ({row['mode']}): {row['tokens_per_s']:,.0f} tokens/s, peak per GPU "
                       f"{', '.join(f'{g:.1f}' for g in row['peak_gib_per_gpu'])} GiB, wall {row['wall_s']:.0f}s", flush=True)
             by = {r["run"]: r for r in meta["results"] if "error" not in r}
-            if "lora-1" in by and f"lora-{args.nproc}" in by:
+            if "lora-1" in by and f"lora-{args.nproc}" in by and args.nproc > 1:
                 meta["lora_scaling_efficiency"] = by[f"lora-{args.nproc}"]["tokens_per_s"] / (
                     args.nproc * by["lora-1"]["tokens_per_s"])
             Path(args.out).parent.mkdir(parents=True, exist_ok=True)
