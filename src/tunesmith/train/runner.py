@@ -305,6 +305,7 @@ def _finish(cfg, run_dir, model, method, state, records, report, artifact, devic
 
 def _check_weights(named, step: int) -> None:
     bad = nonfinite_weights((n, distributed.local(p)) for n, p in named)   # fsdp: this process's shards
+    bad = [n for found in distributed.gather(bad) for n in found]           # every process stops, or none
     if bad:
         raise TrainingDiverged(f"the trainable weights hold NaN or infinity at step {step} "
                                f"({len(bad)} tensors, e.g. {bad[0]})", step)
