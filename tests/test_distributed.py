@@ -177,3 +177,25 @@ def test_nproc_launches_torchrun(tmp_path, monkeypatch):
     assert cli.main(["train", str(cfg), "train.nope=1", "--nproc", "2"]) == 2    # refused before launching
     assert len(calls) == 1
     assert (ROOT / "src" / "tunesmith" / "__main__.py").is_file()
+
+
+def test_auto_picks_ddp_where_the_model_fits(monkeypatch):
+    """auto: ddp on the CPU and for methods with whole-tensor hooks; on a GPU, fsdp once the unsharded
+    weights, gradients and AdamW states pass half the memory."""
+    from helpers import tiny
+    from tunesmith.config import TrainConfig
+    from tunesmith.methods import registry
+    monkeypatch.setattr(distributed, "_CONTEXT", distributed.Context(rank=0, world=2))
+    model = tiny()
+    full = registry.get("full")(registry.build_config({"name": "full"}))
+    full.apply(model)
+    state = sum(p.numel() * (2 * p.element_size() + 8) for p in model.parameters())
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert distributed.mode(TrainConfig(), full, model, cpu) == "ddp"
+    assert distributed.mode(TrainConfig(memory_limit=str(2 * state)), full, model, cuda) == "ddp"
+    assert distributed.mode(TrainConfig(memory_limit=str(2 * state - 1)), full, model, cuda) == "fsdp"
+    adalora = registry.get("adalora")(registry.build_config({"name": "adalora"}))
+    assert distributed.mode(TrainConfig(memory_limit="1KiB"), adalora, model, cuda) == "ddp"
+    assert distributed.mode(TrainConfig(parallel="fsdp"), full, model, cpu) == "fsdp"
+    monkeypatch.setattr(distributed, "_CONTEXT", distributed.Context())
+    assert distributed.mode(TrainConfig(parallel="fsdp"), full, model, cpu) == "none"
