@@ -185,7 +185,7 @@ def test_auto_picks_ddp_where_the_model_fits(monkeypatch):
     from helpers import tiny
     from tunesmith.config import TrainConfig
     from tunesmith.methods import registry
-    monkeypatch.setattr(distributed, "_CONTEXT", distributed.Context(rank=0, world=2))
+    monkeypatch.setattr(distributed, "_CONTEXT", distributed.Context(rank=0, world=2, joined=True))
     model = tiny()
     full = registry.get("full")(registry.build_config({"name": "full"}))
     full.apply(model)

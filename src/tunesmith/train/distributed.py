@@ -41,10 +41,13 @@ _WHOLE_TENSOR_HOOKS = ("prepare", "on_step_begin", "regularization", "before_opt
 
 @dataclass(frozen=True)
 class Context:
-    """This process's place in the run: rank 0 of world 1 without torchrun."""
+    """This process's place in the run: rank 0 of world 1 without torchrun. ``joined``: in a process
+    group, so the run takes the distributed path (sharded batches, train.parallel, DCP checkpoints),
+    also with one process when ``TUNESMITH_DISTRIBUTED=1`` (a check of that path on one GPU)."""
     rank: int = 0
     world: int = 1
     local_rank: int = 0
+    joined: bool = False
 
     @property
     def main(self) -> bool:
@@ -62,10 +65,15 @@ def env_world() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
+def env_distributed() -> bool:
+    """Whether this process is to join a process group: torchrun started several, or one is asked to."""
+    return env_world() > 1 or (os.environ.get("TUNESMITH_DISTRIBUTED") == "1" and "RANK" in os.environ)
+
+
 def init(device: torch.device) -> torch.device:
     """Join torchrun's process group (once) and return this process's device (``cuda:LOCAL_RANK``)."""
     global _CONTEXT
-    if env_world() == 1:
+    if not env_distributed():
         return device
     rank, world, local = int(os.environ["RANK"]), env_world(), int(os.environ.get("LOCAL_RANK", "0"))
     if device.type == "cuda":
@@ -73,13 +81,13 @@ def init(device: torch.device) -> torch.device:
         torch.cuda.set_device(device)
     if not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    _CONTEXT = Context(rank=rank, world=world, local_rank=local)
+    _CONTEXT = Context(rank=rank, world=world, local_rank=local, joined=True)
     return device
 
 
 def check(tc, method_cls, objective) -> None:
     """Refuse, before any weights load, what ``train.parallel`` cannot run (one process: nothing)."""
-    if env_world() == 1 or tc.parallel != "fsdp":
+    if not env_distributed() or tc.parallel != "fsdp":
         return
     from ..methods.registry import Method
     hooks = [h for h in _WHOLE_TENSOR_HOOKS if getattr(method_cls, h) is not getattr(Method, h)]
@@ -102,7 +110,7 @@ def mode(tc, method, model: nn.Module, device: torch.device) -> str:
     """``none`` (one process), ``fsdp`` or ``ddp``. auto: ddp for methods whose hooks need whole tensors
     and wherever the unsharded weights, gradients and AdamW states take at most half the device's memory
     (the host's on the CPU: always), else fsdp."""
-    if context().world == 1:
+    if not context().joined:
         return "none"
     if tc.parallel != "auto":
         return tc.parallel
@@ -329,7 +337,7 @@ def barrier() -> None:
 def train_batches(dataset, batch_size: int, seed: int, pad_id: int, device, packed_tokens) -> Batches:
     """This process's training batches: sharded by rank with more than one process."""
     ctx = context()
-    if ctx.world == 1:
+    if not ctx.joined:
         return Batches(dataset, batch_size, seed, pad_id, device, packed_tokens=packed_tokens)
     return ShardedBatches(dataset, batch_size, seed, pad_id, device, packed_tokens=packed_tokens,
                           rank=ctx.rank, world=ctx.world)

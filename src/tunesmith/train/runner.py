@@ -238,7 +238,7 @@ def _train(cfg: RunConfig, resume: Path | None, built, t_start: float, progress:
         _check_weights(named, s.step)
         position = {"micro": s.micro, "tokens": s.tokens, "train_time": s.train_time,
                     "wall_time": progress["wall"] + time.perf_counter() - t_start}
-        if ctx.world > 1:
+        if ctx.joined:
             sharded_checkpoint.save(run_dir / "checkpoints", s.step, method=method, model=model, optimizer=optimizer,
                                     scheduler=scheduler, position=position, keep=tc.keep_checkpoints,
                                     run_mode=run_mode, global_batch=tc.batch_size * ctx.world)

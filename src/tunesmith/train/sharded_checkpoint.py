@@ -88,7 +88,7 @@ def load(path: Path, *, method, model, optimizer, scheduler, run_mode: str, glob
     state = {"weights": weights, "optimizer": get_optimizer_state_dict(model, optimizer, options=_OPTIONS)}
     with warnings.catch_warnings():   # one process reading a sharded checkpoint is what is meant
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        dcp.load(state, checkpoint_id=str(path / "dcp"), no_dist=distributed.context().world == 1)
+        dcp.load(state, checkpoint_id=str(path / "dcp"), no_dist=not distributed.context().joined)
     if saved_fsdp:
         set_model_state_dict(model, state["weights"], options=_LOAD)
     else:
@@ -104,7 +104,7 @@ def restore(run_dir: Path, *, method, model, optimizer, scheduler, run_mode: str
     several processes; None for a one-process run resuming a one-process checkpoint (``checkpoint.load``)."""
     ckpts = checkpoint.list_checkpoints(Path(run_dir) / "checkpoints")
     sharded = bool(ckpts) and is_sharded(ckpts[-1])
-    if not sharded and distributed.context().world == 1:
+    if not sharded and not distributed.context().joined:
         return None
     if not sharded:
         where = ckpts[-1] if ckpts else Path(run_dir) / "checkpoints"
