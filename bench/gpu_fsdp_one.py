@@ -91,9 +91,9 @@ def main(argv=None) -> int:
             "torch": torch.__version__, "args": vars(args), "results": []}
     plan = [("lora-single", "lora", [], False), ("lora-fsdp", "lora", ["train.parallel=fsdp"], True),
             ("lora-ddp", "lora", ["train.parallel=ddp"], True), ("full-single", "full", [], False),
-            ("full-fsdp", "full", ["train.parallel=fsdp"], True),
-            ("lora-fsdp-compile-ckpt", "lora", ["train.parallel=fsdp", "train.compile=true",
-                                                "train.gradient_checkpointing=true"], True)]
+            ("full-fsdp", "full", ["train.parallel=fsdp"], True)]
+    last = ("lora-fsdp-compile-ckpt", "lora", ["train.parallel=fsdp", "train.compile=true",
+                                                "train.gradient_checkpointing=true"], True)
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         data = write_data(work / "text.jsonl", rows=args.steps * args.batch_size * 2 + 8, words=args.seq + 8)
@@ -117,6 +117,10 @@ def main(argv=None) -> int:
             meta["resumed_max_rel_diff"] = {   # steps after the checkpoint, against the uninterrupted run
                 r["run"]: max((abs(a - b) / abs(b) for a, b in zip(r.get("losses", [])[half:], ref)), default=None)
                 for r in meta["results"] if r["run"].startswith("lora-fsdp-resumed")}
+        name, method, overrides, dist = last
+        cfg = work / f"{name}.yaml"
+        cfg.write_text(yaml.safe_dump(config(method, data, work / name, args)))
+        meta["results"].append(record(name, work / name, train(cfg, overrides, dist)))
         Path(args.out).write_text(json.dumps(meta, indent=2))
     print(json.dumps(meta.get("resumed_max_rel_diff")))
     return 0
