@@ -152,6 +152,9 @@ def build_datasets(cfg: DataConfig, tokenizer, *, max_seq_len: int, objective, s
             raise DataError(str(e).split(": ", 1)[-1]) from None
     if max_seq_len < 1:
         raise DataError(f"max_seq_len must be >= 1, got {max_seq_len}")
+    if cfg.cache:   # prepared by `tunesmith prepare` (data/cache.py)
+        from .cache import load_cached
+        return load_cached(cfg, tokenizer, max_seq_len=max_seq_len, objective=objective, seed=seed)
     read = dict(on_error=cfg.on_error, txt_documents=cfg.txt_documents)
     raw = [apply_field_map(r, cfg.field_map) for r in read_rows(cfg.train, cfg.max_rows, "train file", **read)]
     fmt = detect_format(first_readable(raw)) if cfg.format == "auto" else cfg.format

@@ -95,6 +95,12 @@ class DataConfig(BaseModel):
         "that have none (merged into the first user turn if the chat template has no "
         "system role).",
     )
+    cache: str | None = Field(
+        default=None,
+        description="Directory of prepared data (`tunesmith prepare CONFIG` writes it: tokenized once, "
+        "streaming, resumable). When set, training reads the tokenized examples from there and stops with an "
+        "error when they are missing or were prepared with another tokenizer or data settings. sft and pt only.",
+    )
     label_names: list[str] | None = Field(
         default=None,
         description="Classification label order (label i = label_names[i]). Unset: integer "

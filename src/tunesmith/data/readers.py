@@ -49,6 +49,15 @@ def read_rows(path: str, max_rows: int | None = None, what: str = "data file", *
               txt_documents: str = "file") -> list[Row]:
     """All rows of ``path`` (at most ``max_rows``); DataError on an unknown suffix or an empty file, and
     on the first unreadable row when ``on_error`` is raise."""
+    out = list(iter_rows(path, max_rows, what, on_error=on_error, txt_documents=txt_documents))
+    if not out:
+        raise DataError(f"{path}: file has no rows")
+    return out
+
+
+def iter_rows(path: str, max_rows: int | None = None, what: str = "data file", *, on_error: str = "raise",
+              txt_documents: str = "file") -> Iterator[Row]:
+    """The rows of ``path`` one at a time (read_rows without holding them; an empty file yields none)."""
     full = resolve_path(path, what, dirs=True)
     if os.path.isdir(full):
         rows = itertools.chain.from_iterable(_txt(f, os.path.join(path, os.path.relpath(f, full)), txt_documents)
@@ -62,14 +71,10 @@ def read_rows(path: str, max_rows: int | None = None, what: str = "data file", *
             rows = readers[suffix](full, path)
         else:
             raise DataError(f"{path}: unknown file type {suffix!r}; expected one of {', '.join(SUFFIXES)}")
-    out = []
     for row in itertools.islice(rows, max_rows):
         if row.error and on_error == "raise":
             raise DataError(row.error)
-        out.append(row)
-    if not out:
-        raise DataError(f"{path}: file has no rows")
-    return out
+        yield row
 
 
 def first_readable(rows: list[Row]) -> Row:
