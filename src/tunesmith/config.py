@@ -127,6 +127,10 @@ class TrainConfig(BaseModel):
                              "below it, or rises above twice its start plus 1, or the gradient norm is exactly 0 "
                              "(needs max_grad_norm); a NaN/inf loss stops at once. null: only NaN/inf stops.")
     progress: bool = Field(True, description="Show a progress bar.")
+    report_to: list[str] = Field(
+        default_factory=list, description="Experiment trackers that receive every metrics.jsonl record as well: "
+                                          "tensorboard (event files in RUN_DIR/tensorboard; `pip install "
+                                          "tensorboard`), wandb (`pip install wandb`; project $WANDB_PROJECT).")
 
     @field_validator("regularize", mode="before")
     @classmethod
@@ -142,6 +146,15 @@ class TrainConfig(BaseModel):
                 where = ".".join(str(x) for x in first["loc"])
                 raise ValueError(f"{name}.{where}: {first['msg']} (got {first.get('input')!r})") from None
         return out
+
+    @field_validator("report_to")
+    @classmethod
+    def _trackers(cls, v):
+        from .train.tracking import TRACKERS
+        bad = [n for n in v if n not in TRACKERS]
+        if bad:
+            raise ValueError(f"unknown tracker {bad[0]!r}{did_you_mean(bad[0], TRACKERS)}; valid: {', '.join(TRACKERS)}")
+        return v
 
     @field_validator("memory_limit")
     @classmethod

@@ -29,7 +29,7 @@ from ..errors import TrainingDiverged
 from ..methods import registry
 from ..models.loader import (base_reference, is_encoder_decoder, load_model, load_tokenizer, model_kind, quiet_progress,
                              resolve_device)
-from . import accel, checkpoint, objectives, regularizers, speed
+from . import accel, checkpoint, objectives, regularizers, speed, tracking
 from .divergence import Divergence, nonfinite_weights
 from .loop import Batches, Loop, LoopState, evaluate
 from .optim import build_optimizer, build_scheduler, check_scheduler
@@ -161,6 +161,7 @@ def run(cfg: RunConfig, resume: Path | None = None) -> RunResult:
     cfg, lr_source = config_mod.with_method_lr(cfg)
     eval_training.resolve(cfg.train.eval_metrics, objectives.get(ocfg))  # before anything is loaded
     regularizers.check(cfg.train, ocfg)
+    tracking.check(cfg.train.report_to)
     check_scheduler(cfg.train)
     built = build(cfg, ocfg)
     # run_dir: set once the run owns a directory (a new one, or a resumed one once training starts)
@@ -213,7 +214,8 @@ def _train(cfg: RunConfig, resume: Path | None, built, t_start: float, progress:
     if resume:
         state, progress["wall"] = _restore(run_dir, method, model, optimizer, scheduler, total_steps)
     progress["state"], progress["run_dir"] = state, run_dir
-    log = MetricsLog(run_dir / "metrics.jsonl", resume_step=state.step if resume else None)
+    log = tracking.Tracked(MetricsLog(run_dir / "metrics.jsonl", resume_step=state.step if resume else None),
+                           tc.report_to, run_dir, cfg.model_dump(mode="json"))
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     extra_metrics = eval_training.TrainingMetrics(
         eval_training.resolve(tc.eval_metrics, objective), tokenizer=tokenizer, val_ds=val_ds,
@@ -248,6 +250,7 @@ def _train(cfg: RunConfig, resume: Path | None, built, t_start: float, progress:
     state = loop.run(state)
     after_train = evaluate(model, objective, train_probe(), precision, device)
     log.write({"step": state.step, "split": "train_probe", **after_train})
+    log.close()
     _check_weights(named, state.step)
     artifact = _save_artifact(method, model, tokenizer, run_dir, base_reference(cfg.model))
     summary = _finish(cfg, run_dir, model, method, state, log.read(), report, artifact, device, t_start)
