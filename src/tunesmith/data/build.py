@@ -184,6 +184,11 @@ def build_datasets(cfg: DataConfig, tokenizer, *, max_seq_len: int, objective, s
     else:
         val = None
 
+    if cfg.augment is not None:
+        if fmt != "classification":
+            raise DataError(f"data.augment (EDA) augments classification rows; the format is {fmt!r}")
+        from .augment import augment_rows
+        train = augment_rows(train, cfg.augment, seed)
     truncated = 0
 
     def tok(rows, path: str) -> TokenizedDataset:

@@ -15,6 +15,17 @@ CANONICAL_FIELDS = (
 )
 
 
+class EDAConfig(BaseModel):
+    """EDA augmentation of classification rows (data/augment.py)."""
+
+    model_config = ConfigDict(extra="forbid", defer_build=True)
+    num_aug: int = Field(4, ge=1, le=32, description="Augmented copies of each training row.")
+    alpha_sr: float = Field(0.1, ge=0, le=1, description="Synonym replacement: share of the words replaced.")
+    alpha_ri: float = Field(0.1, ge=0, le=1, description="Random insertion: synonyms inserted, as a share of the words.")
+    alpha_rs: float = Field(0.1, ge=0, le=1, description="Random swap: word pairs swapped, as a share of the words.")
+    p_rd: float = Field(0.1, ge=0, lt=1, description="Random deletion: probability of dropping each word.")
+
+
 class DataConfig(BaseModel):
     """Training data: files, format, validation split and error policy."""
 
@@ -100,6 +111,12 @@ class DataConfig(BaseModel):
         description="Directory of prepared data (`tunesmith prepare CONFIG` writes it: tokenized once, "
         "streaming, resumable). When set, training reads the tokenized examples from there and stops with an "
         "error when they are missing or were prepared with another tokenizer or data settings. sft and pt only.",
+    )
+    augment: EDAConfig | None = Field(
+        default=None,
+        description="EDA text augmentation of the training rows for classification (Wei & Zou 2019: synonym "
+        "replacement, random insertion, swap and deletion; docs/regularization.md), e.g. {num_aug: 4}. "
+        "Validation rows are never augmented.",
     )
     label_names: list[str] | None = Field(
         default=None,
