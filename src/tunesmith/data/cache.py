@@ -146,8 +146,9 @@ def load_cached(cfg, tokenizer, *, max_seq_len: int, objective, seed: int):
     info = json.loads(manifest.read_text())
     fmt, packing = info["format"], info["packing"]
     train, t_tot = read_split(root, "train")
-    val, v_tot = read_split(root, "validation") if cfg.validation else ([], None)
-    if not cfg.validation and cfg.val_split > 0:
+    val_path, _ = cfg.validation_source()
+    val, v_tot = read_split(root, "validation") if val_path else ([], None)
+    if not val_path and cfg.val_split > 0:
         kept_rows = set(_split(list(range(t_tot["good"])), cfg.val_split, seed, cfg.train)[1])
         val = [e for e in train if e[2] in kept_rows]
         train = [e for e in train if e[2] not in kept_rows]
@@ -166,7 +167,7 @@ def load_cached(cfg, tokenizer, *, max_seq_len: int, objective, seed: int):
         return CachedDataset(items)
 
     train_ds = dataset(train, cfg.train)
-    val_ds = dataset(val, cfg.validation or f"{cfg.train} (validation split)") if val else None
+    val_ds = dataset(val, val_path or f"{cfg.train} (validation split)") if val else None
     tots = [t for t in (t_tot, v_tot) if t]
     counts = {kind: sum(t[f"{kind}_n"] for t in tots) for kind in KINDS}
     kinds = {(NO_LABELS if k == "dropped" else k): n for k, n in counts.items() if n}

@@ -112,6 +112,22 @@ class DataConfig(BaseModel):
         "streaming, resumable). When set, training reads the tokenized examples from there and stops with an "
         "error when they are missing or were prepared with another tokenizer or data settings. sft and pt only.",
     )
+    hf_split: str = Field(
+        default="train",
+        description="When data.train is a Hugging Face datasets name or a folder of data files (not a file, and "
+        "not a folder of .txt files): the split to train on.",
+    )
+    hf_validation_split: str | None = Field(
+        default=None,
+        description="With a datasets source and no data.validation: the split of the same source to "
+        "validate on (e.g. validation or test); unset: val_split of the training split is held out.",
+    )
+    hf_subset: str | None = Field(default=None, description="The datasets configuration (subset) name, if any.")
+    hf_streaming: bool = Field(
+        default=False,
+        description="Read a datasets source row by row (datasets' streaming mode) instead of loading it whole "
+        "first; with `tunesmith prepare` a corpus larger than memory is tokenized as it streams.",
+    )
     augment: EDAConfig | None = Field(
         default=None,
         description="EDA text augmentation of the training rows for classification (Wei & Zou 2019: synonym "
@@ -123,6 +139,16 @@ class DataConfig(BaseModel):
         description="Classification label order (label i = label_names[i]). Unset: integer "
         "labels are used as-is (must cover 0..K-1), string labels are sorted.",
     )
+
+    def source(self, split: str | None = None) -> dict:
+        """What data/hub.py needs to read a datasets source (``split``: instead of hf_split)."""
+        return {"split": split or self.hf_split, "subset": self.hf_subset, "streaming": self.hf_streaming}
+
+    def validation_source(self) -> tuple[str | None, dict]:
+        """(the validation path, its source options): data.validation, or hf_validation_split of data.train."""
+        if self.validation is None and self.hf_validation_split:
+            return self.train, self.source(self.hf_validation_split)
+        return self.validation, self.source()
 
     @field_validator("field_map")
     @classmethod

@@ -131,7 +131,8 @@ def _count_lines(path: str, limit: int | None) -> int | None:
 def _format(cfg) -> str:
     if cfg.format != "auto":
         return cfg.format
-    for row in iter_rows(cfg.train, cfg.max_rows, "train file", on_error=cfg.on_error, txt_documents=cfg.txt_documents):
+    for row in iter_rows(cfg.train, cfg.max_rows, "train file", on_error=cfg.on_error, txt_documents=cfg.txt_documents,
+                         source=cfg.source()):
         if row.error is None:
             return detect_format(apply_field_map(row, cfg.field_map))
     raise DataError(f"{cfg.train}: no row could be read")
@@ -161,8 +162,10 @@ def prepare(cfg, tokenizer, *, objective, max_seq_len: int, workers: int = 1, sh
     else:
         state_path.write_text(json.dumps({"shard_rows": shard_rows, "fingerprint": fp}, sort_keys=True, indent=1))
     state = {"tokenizer": tokenizer, "cfg": cfg, "format": fmt, "shape": shape, "max_seq_len": max_seq_len}
-    splits = [("train", cfg.train, cfg.max_rows)] + ([("validation", cfg.validation, None)] if cfg.validation else [])
-    total = [_count_lines(p, n) for _, p, n in splits]
+    val_path, val_source = cfg.validation_source()
+    splits = [("train", cfg.train, cfg.max_rows, cfg.source())] + (
+        [("validation", val_path, None, val_source)] if val_path else [])
+    total = [_count_lines(p, n) for _, p, n, _ in splits]
     bar = tqdm(total=None if None in total else sum(total), unit="row", desc="prepare", disable=not progress,
                dynamic_ncols=True)
     t0 = time.perf_counter()
@@ -185,8 +188,9 @@ def prepare(cfg, tokenizer, *, objective, max_seq_len: int, workers: int = 1, sh
             raise KeyboardInterrupt(f"prepare stopped after {stop_after} shards")
 
     try:
-        for split, path, limit in splits:
-            rows = iter_rows(path, limit, f"{split} file", on_error=cfg.on_error, txt_documents=cfg.txt_documents)
+        for split, path, limit, source in splits:
+            rows = iter_rows(path, limit, f"{split} file", on_error=cfg.on_error, txt_documents=cfg.txt_documents,
+                             source=source)
             index, chunk = 0, []
             for row in _chunks(rows, shard_rows):
                 if _done(root, split, index):

@@ -69,7 +69,7 @@ def resolve_objective(cfg: RunConfig) -> str:
     fmt = cfg.data.format
     if fmt == "auto":
         rows = read_rows(cfg.data.train, max_rows=100 if cfg.data.on_error == "skip" else 1,
-                         on_error=cfg.data.on_error, txt_documents=cfg.data.txt_documents)
+                         on_error=cfg.data.on_error, txt_documents=cfg.data.txt_documents, source=cfg.data.source())
         fmt = detect_format(apply_field_map(first_readable(rows), cfg.data.field_map))
     return objectives.for_format(fmt, encoder_decoder=is_encoder_decoder(cfg.model))
 
