@@ -127,3 +127,15 @@ def test_prepare_command_then_train_from_the_cache(tmp_path, capsys):
     _, summary = tunesmith.train(str(path))
     assert summary["status"] == "completed" and summary["train_rows"] + summary["validation_rows"] == 24
     assert cli.main(["prepare", str(path), "data.cache=null"]) == 2
+
+
+def test_a_bad_row_stops_prepare_naming_it_and_leaves_no_manifest(tmp_path, tok):
+    rows = alpaca_rows(9) + [{"instruction": "", "output": "x"}]
+    cfg = data_cfg(tmp_path, train=str(write_jsonl(tmp_path / "bad.jsonl", rows)))
+    with pytest.raises(DataError, match=r"bad.jsonl:10"):
+        prepare(cfg, tok, objective=SFT, max_seq_len=64, shard_rows=4, workers=2, progress=False)
+    assert not list(Path(cfg.cache).glob("*/manifest.json"))
+    skipped = cfg.model_copy(update={"on_error": "skip"})
+    done = prepare(skipped, tok, objective=SFT, max_seq_len=64, shard_rows=4, progress=False)
+    train, _, report = build_datasets(skipped, tok, max_seq_len=64, objective=SFT, seed=0)
+    assert done.examples == 9 and report.skipped == 1 and "bad.jsonl:10" in report.skipped_reasons[0]
