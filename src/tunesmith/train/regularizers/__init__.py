@@ -161,6 +161,14 @@ def needs_logits(who: str, train_cfg, objective_cfg) -> None:
     if objective_cfg.tokenized not in ("sft", "pt", "cls"):
         raise ConfigError(f"train.regularize.{who} works with the cls, sft and pt objectives, not "
                           f"{objective_cfg.name!r}")
-    if train_cfg.chunked_ce is True and objective_cfg.tokenized != "cls":
-        raise ConfigError(f"train.regularize.{who} needs the full logits; train.chunked_ce: true never makes "
-                          "them (set it to false)")
+    if objective_cfg.tokenized != "cls" and _chunked(train_cfg.chunked_ce):
+        raise ConfigError(f"train.regularize.{who} needs the full logits, which the chunked loss never makes "
+                          f"(train.chunked_ce: {train_cfg.chunked_ce}, on this machine the chunked loss); set "
+                          "train.chunked_ce: false")
+
+
+def _chunked(flag) -> bool:
+    if flag != "auto":
+        return bool(flag)
+    from ..objectives.causal_lm import default_chunked
+    return default_chunked()
