@@ -131,6 +131,10 @@ def test_dropout_override_sets_every_rate_and_the_config():
     rates = {n: m.p for n, m in model.named_modules() if isinstance(m, torch.nn.Dropout)}
     assert rates and all(p == (0.05 if "attention.self" in n else 0.25) for n, p in rates.items())
     assert model.config.hidden_dropout_prob == 0.25 and model.config.attention_probs_dropout_prob == 0.05
+    llama = tiny("llama")                   # decoder attention passes a float rate to its kernel
+    train_cfg(dropout={"p": 0.2, "attention": 0.1}).regularize["dropout"].apply(llama)
+    rates = [m.attention_dropout for m in llama.modules() if isinstance(getattr(m, "attention_dropout", None), float)]
+    assert rates and set(rates) == {0.1} and llama.config.attention_dropout == 0.1
 
 
 def groups_of(model, tc):
