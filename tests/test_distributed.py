@@ -146,6 +146,18 @@ def test_sharded_batches_split_the_one_process_batches(tmp_path):
         assert min(len(p) for p in parts) >= 1
 
 
+def test_packed_rows_go_round_robin():
+    """padding_free: rank r takes packed rows r, r + 2, ... of the one-process order; every rank as many."""
+    ds = [{"input_ids": [1] * n} for n in (5, 3, 7, 2, 6, 4, 8, 1, 3)]
+    whole = distributed.Batches(ds, 1, 0, 0, torch.device("cpu"), packed_tokens=8)
+    shards = [distributed.ShardedBatches(ds, 1, 0, 0, torch.device("cpu"), packed_tokens=8, rank=r, world=2)
+              for r in range(2)]
+    rows = whole.order(0)
+    n = len(rows) // 2
+    assert [s.order(0) for s in shards] == [rows[0:2 * n:2], rows[1:2 * n:2]]
+    assert shards[0].per_epoch() == shards[1].per_epoch() == n
+
+
 def test_refusals_before_the_model_loads(monkeypatch):
     from tunesmith.config import TrainConfig
     from tunesmith.methods import registry
