@@ -26,7 +26,8 @@ from tunesmith.train import distributed, launch
 ROOT = Path(__file__).resolve().parents[1]
 # name: (method, train.parallel, per-process batch and accumulation of the 2-process run); one process: batch 4
 CASES = {"full": ({"name": "full"}, "fsdp", 1, 2), "lora": ({"name": "lora", "r": 4}, "fsdp", 2, 1),
-         "prompt": ({"name": "prompt", "num_virtual_tokens": 4}, "ddp", 1, 2)}
+         "prompt": ({"name": "prompt", "num_virtual_tokens": 4}, "ddp", 1, 2),
+         "adalora": ({"name": "adalora", "init_r": 4, "target_r": 2}, "ddp", 2, 1)}   # a regularization term and rank hooks
 
 
 def _config(data, out: Path, method: dict, parallel: str, batch_size: int, grad_accum: int = 1) -> dict:
@@ -110,7 +111,7 @@ def test_fused_lora_base_node_survives_reshard(runs):
 def test_artifact_is_the_single_process_format(runs):
     """The peft adapter and the transformers directory that one process writes, file for file."""
     _, one, two = runs
-    for name, sub in (("lora", "adapter"), ("full", "model"), ("prompt", "adapter")):
+    for name, sub in (("lora", "adapter"), ("full", "model"), ("prompt", "adapter"), ("adalora", "adapter")):
         assert sorted(p.name for p in (two[name] / sub).iterdir()) == sorted(p.name for p in (one[name] / sub).iterdir())
     assert json.loads((two["lora"] / "adapter" / "adapter_config.json").read_text()) == \
         json.loads((one["lora"] / "adapter" / "adapter_config.json").read_text())

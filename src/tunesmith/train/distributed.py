@@ -10,13 +10,13 @@ builds the same model from the same seed, then ``parallelize`` applies ``train.p
   (bf16 parameters in compute with ``train.precision: bf16``, gradients reduced in fp32). Parameters,
   gradients and optimizer states are split across processes.
 * ``ddp``: every process keeps the whole model; after the last micro-batch of a step the gradients are
-  summed across processes in one bucketed all-reduce (so the objectives may call any submodule,
+  averaged across processes in one bucketed all-reduce (so the objectives may call any submodule,
   e.g. the decoder and the head apart for the chunked loss).
 
 Each process divides its loss by the item count of the whole global step (all processes, all
-micro-batches) and the gradients are summed over the processes (under fsdp, averaged by FSDP2 over a
-loss multiplied by the world size), so N processes of batch ``b`` take the step one process of batch
-``N·b`` takes. Only the last micro-batch of a step
+micro-batches) and multiplies it by the world size, and the gradients are averaged over the processes,
+so N processes of batch ``b`` take the step one process of batch ``N·b`` takes (a method's
+regularization term, the same on every process, keeps its weight). Only the last micro-batch of a step
 synchronises. The step's loss and extra sums are summed across processes before they are logged.
 """
 from __future__ import annotations
@@ -77,6 +77,9 @@ def init(device: torch.device) -> torch.device:
         return device
     rank, world, local = int(os.environ["RANK"]), env_world(), int(os.environ.get("LOCAL_RANK", "0"))
     if device.type == "cuda":
+        if local >= torch.cuda.device_count():
+            raise ConfigError(f"--nproc / --nproc_per_node: process {local} of this machine has no GPU of its own "
+                              f"({torch.cuda.device_count()} visible); start at most that many processes a machine")
         device = torch.device("cuda", local)
         torch.cuda.set_device(device)
     if not dist.is_initialized():
@@ -199,54 +202,59 @@ class Single:
 
 
 class _Collectives(Single):
+    """Gradients are averaged over the processes (as FSDP2 does; gloo has no pre-multiplied sum to make
+    it add), so the step's item count comes back divided by the world size, which multiplies each
+    process's loss by it, and a method's regularization term, the same on every process, keeps its
+    weight. The logged sums are divided to match."""
+
     def __init__(self, device: torch.device):
         self.world = context().world
         self.device = device if device.type == "cuda" else torch.device("cpu")
 
-    def total(self, n: int) -> int:
+    def total(self, n: int) -> float:
         t = torch.tensor([n], dtype=torch.int64, device=self.device)
         dist.all_reduce(t)
-        return int(t.item())
+        return int(t.item()) / self.world
 
     def reduce(self, totals: list, sums: dict) -> tuple[list, dict]:
-        """The step's loss sum and extra sums, summed over processes (one all-reduce)."""
+        """The step's loss sum and extra sums over all processes, divided by the world size (one all-reduce)."""
         keys = sorted(sums)
-        flat = torch.stack([sum(totals).float().reshape(())] +
-                           [torch.as_tensor(sums[k], dtype=torch.float32, device=self.device).reshape(()).to(self.device)
-                            for k in keys]).to(self.device)
+        flat = torch.stack([sum(t.double() for t in totals).to(self.device).reshape(())] +
+                           [torch.as_tensor(sums[k], dtype=torch.float64, device=self.device).reshape(()) for k in keys])
         dist.all_reduce(flat)
+        flat /= self.world
         return [flat[0]], {k: flat[i + 1] for i, k in enumerate(keys)}
 
 
 class Replicated(_Collectives):
-    """ddp: whole model on every process; gradients summed in one bucketed all-reduce per step."""
+    """ddp: whole model on every process; gradients averaged in one bucketed all-reduce per step."""
 
     def sync_grads(self, params) -> None:
-        grads = [p.grad for p in params if p.grad is not None]
+        # a parameter may get a gradient on some processes only (an expert no token of this shard reached):
+        # it gets zeros where it has none, so that every process reduces the same tensors
+        params = list(params)
+        has = torch.tensor([p.grad is not None for p in params], dtype=torch.int32, device=self.device)
+        dist.all_reduce(has)
+        for p, n in zip(params, has.tolist()):
+            if n and p.grad is None:
+                p.grad = torch.zeros_like(p)
+        grads = [p.grad for p, n in zip(params, has.tolist()) if n]
         by_dtype: dict = {}
         for g in grads:
             by_dtype.setdefault(g.dtype, []).append(g)
         for group in by_dtype.values():
             flat = torch._utils._flatten_dense_tensors(group)
             dist.all_reduce(flat)
+            flat /= self.world
             for g, synced in zip(group, torch._utils._unflatten_dense_tensors(flat, group)):
                 g.copy_(synced)
 
 
 class Sharded(_Collectives):
-    """fsdp: FSDP2 reduce-scatters in the last micro-batch's backward only. FSDP2 averages over the
-    processes (gloo has no pre-multiplied sum to make it add), so the step's count comes back divided
-    by the world size (the loss is multiplied by it) and the logged sums are divided to match."""
-
-    def total(self, n: int) -> float:
-        return super().total(n) / self.world
+    """fsdp: FSDP2 reduce-scatters (and averages) in the last micro-batch's backward only."""
 
     def before_backward(self, model: nn.Module, last: bool) -> None:
         model.set_requires_gradient_sync(last)
-
-    def reduce(self, totals: list, sums: dict) -> tuple[list, dict]:
-        totals, sums = super().reduce(totals, sums)
-        return [t / self.world for t in totals], {k: v / self.world for k, v in sums.items()}
 
 
 def parallelize(model: nn.Module, run_mode: str, precision: str, device: torch.device) -> Single:
