@@ -13,7 +13,7 @@ from tqdm.auto import tqdm
 
 from ..data import batch_indices, collate
 from ..data.collate import to_device
-from ..data.packing import collate_packed, example_tokens, pack_groups, real_tokens
+from ..data.packing import collate_packed, example_tokens, pack_groups
 from ..errors import TrainingDiverged
 from .divergence import Divergence
 
@@ -132,7 +132,9 @@ def metric_means(sums: dict, count: int) -> dict:
 
 
 class Loop:
-    """Runs optimizer steps with gradient accumulation, clipping, hooks, eval and checkpoints.
+    """The driver: runs ``train_step`` (train/step.py: the offline step over static micro-batches, or an
+    objective's online step) until ``total_steps``, with the progress bar, logging, eval and checkpoint
+    cadence, time and token accounting.
 
     Each step's loss and gradient norm go through ``divergence`` (train/divergence.py): when it says the
     run went bad the loop raises TrainingDiverged; while it is suspicious no checkpoint is saved.
@@ -140,7 +142,8 @@ class Loop:
     """
 
     def __init__(self, *, model, method, objective, optimizer, scheduler, batches: Batches, cfg, device,
-                 precision: str, total_steps: int, on_eval, on_checkpoint, log, divergence: Divergence | None = None):
+                 precision: str, total_steps: int, on_eval, on_checkpoint, log, divergence: Divergence | None = None,
+                 train_step=None):
         self.model, self.method, self.objective = model, method, objective
         self.optimizer, self.scheduler, self.batches = optimizer, scheduler, batches
         self.cfg, self.device, self.precision = cfg, device, precision
@@ -149,40 +152,14 @@ class Loop:
         self.divergence = divergence or Divergence(uniform=None, patience=cfg.divergence_steps or 1 << 30)
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.first_step_peak_gib: float | None = None  # CUDA: the peak of this process's first step
+        if train_step is None:
+            from .step import OfflineStep
+            train_step = OfflineStep()
+        self.train_step = train_step   # (loop, state) -> the step's log record (train/step.py)
 
     def step(self, state: LoopState) -> dict:
-        """One optimizer step over ``grad_accum`` micro-batches; returns its log record."""
-        cfg, model = self.cfg, self.model
-        micro_batches = [self.batches.get(state.micro + i) for i in range(cfg.grad_accum)]
-        denom = max(1, sum(self.objective.count(b) for b in micro_batches))
-        self.method.on_step_begin(model, state.step)
-        total, sums = [], {}  # loss sums as tensors: read once the optimizer step is queued (no wait before it)
-        for batch in micro_batches:
-            with autocast(self.device, self.precision):
-                loss_sum, _, extra = self.objective.loss(model, batch)
-                loss = loss_sum / denom
-                reg = self.method.regularization(model)
-                if reg is not None:
-                    loss = loss + reg / len(micro_batches)
-            loss.backward()
-            for k, v in extra.items():
-                if k != "records":
-                    sums[k] = sums[k] + v if k in sums else v
-            total.append(loss_sum.detach())
-            state.tokens += real_tokens(batch)
-        grad_norm = None
-        if cfg.max_grad_norm is not None:
-            grad_norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm)
-        self.method.before_optimizer_step(model, state.step)
-        self.optimizer.step()
-        self.method.after_optimizer_step(model, state.step)
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        state.step += 1
-        state.micro += cfg.grad_accum
-        return {"step": state.step, "split": "train", "loss": sum(float(t) for t in total) / denom,
-                "lr": self.scheduler.get_last_lr()[0], "grad_norm": None if grad_norm is None else float(grad_norm),
-                **metric_means(sums, denom)}
+        """One optimizer step (the pluggable ``train_step``: train/step.py); returns its log record."""
+        return self.train_step(self, state)
 
     def run(self, state: LoopState) -> LoopState:
         cfg = self.cfg

@@ -32,6 +32,7 @@ from ..models.loader import (base_reference, is_encoder_decoder, load_model, loa
 from . import accel, checkpoint, objectives, speed
 from .divergence import Divergence, nonfinite_weights
 from .loop import Batches, Loop, LoopState, evaluate
+from .step import OfflineStep
 from .optim import build_optimizer, build_scheduler
 from .report import MetricsLog, format_summary, peak_memory_gib, plot_losses
 
@@ -207,8 +208,9 @@ def _train(cfg: RunConfig, resume: Path | None, built, t_start: float, progress:
         method.prepare(model, (batches.get(i) for i in range(batches.per_epoch())), objective)
     optimizer = build_optimizer(method, model, tc, device)
     scheduler = build_scheduler(optimizer, tc, total_steps)
+    train_step = objective.train_step(batches=batches, tokenizer=tokenizer, run=context) or OfflineStep()
     if resume:
-        state, progress["wall"] = _restore(run_dir, method, model, optimizer, scheduler, total_steps)
+        state, progress["wall"] = _restore(run_dir, method, model, optimizer, scheduler, total_steps, train_step)
     progress["state"], progress["run_dir"] = state, run_dir
     log = MetricsLog(run_dir / "metrics.jsonl", resume_step=state.step if resume else None)
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
@@ -230,7 +232,8 @@ def _train(cfg: RunConfig, resume: Path | None, built, t_start: float, progress:
         checkpoint.save(run_dir / "checkpoints", s.step, trainable=method.trainable_state(model),
                         optimizer=optimizer, scheduler=scheduler, keep=tc.keep_checkpoints,
                         position={"micro": s.micro, "tokens": s.tokens, "train_time": s.train_time,
-                                  "wall_time": progress["wall"] + time.perf_counter() - t_start})
+                                  "wall_time": progress["wall"] + time.perf_counter() - t_start,
+                                  "step_state": train_step.state_dict()})
 
     before = {}
     if not resume:
@@ -241,7 +244,7 @@ def _train(cfg: RunConfig, resume: Path | None, built, t_start: float, progress:
     guard = Divergence(uniform=objective.uniform_loss(model), patience=tc.divergence_steps or 1 << 30, start=first)
     loop = Loop(model=model, method=method, objective=objective, optimizer=optimizer, scheduler=scheduler,
                 batches=batches, cfg=tc, device=device, precision=precision, total_steps=total_steps,
-                on_eval=on_eval, on_checkpoint=on_checkpoint, log=log.write, divergence=guard)
+                on_eval=on_eval, on_checkpoint=on_checkpoint, log=log.write, divergence=guard, train_step=train_step)
     state = loop.run(state)
     after_train = evaluate(model, objective, train_probe(), precision, device)
     log.write({"step": state.step, "split": "train_probe", **after_train})
@@ -259,10 +262,12 @@ def _train(cfg: RunConfig, resume: Path | None, built, t_start: float, progress:
     return RunResult(run_dir, summary)
 
 
-def _restore(run_dir: Path, method, model, optimizer, scheduler, total_steps: int) -> tuple[LoopState, float]:
+def _restore(run_dir: Path, method, model, optimizer, scheduler, total_steps: int,
+             train_step) -> tuple[LoopState, float]:
     """The loop state and wall-clock seconds so far, from the newest readable checkpoint of ``run_dir``."""
     ckpt, data = checkpoint.read_latest(run_dir, say=lambda m: print(m, file=sys.stderr, flush=True))
     pos = checkpoint.load(ckpt, method=method, model=model, optimizer=optimizer, scheduler=scheduler, data=data)
+    train_step.load_state_dict(pos.get("step_state") or {})
     state = LoopState(step=pos["step"], micro=pos["micro"], tokens=pos["tokens"], train_time=pos["train_time"])
     if state.step >= total_steps:
         print(f"{run_dir}: already trained to step {state.step} of {total_steps}; writing its outputs again",

@@ -89,6 +89,11 @@ class Objective:
         tuned model and the method (a reference policy, cached reference log-probs). ``datasets``: the
         tokenized train and validation datasets; ``run``: the RunContext (config, device, precision, pad id)."""
 
+    def train_step(self, *, batches, tokenizer, run):
+        """The step the loop runs for this objective (train/step.py: a callable ``(loop, state) -> record``);
+        None (the default): the offline step over ``batches``. Online RL objectives return their rollout step."""
+        return None
+
     def count(self, batch: dict[str, torch.Tensor]) -> int:
         """Items the loss is averaged over (known before the forward pass)."""
         raise NotImplementedError
