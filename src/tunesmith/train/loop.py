@@ -43,6 +43,7 @@ class Batches:
     device: torch.device
     shuffle: bool = True
     packed_tokens: int | None = None
+    raw: bool = False   # the examples as they are ({"examples": [...]}), for online objectives' prompts
     _cache: dict = field(default_factory=dict)   # the two most recent epochs' orders
     _counts: list = field(default_factory=list)  # packed: rows in epochs 0, 1, ...
     _lengths: list | None = None
@@ -56,6 +57,8 @@ class Batches:
 
     def _collate(self, idx: list[int]) -> dict[str, torch.Tensor]:
         examples = [self.dataset[i] for i in idx]
+        if self.raw:
+            return {"examples": examples}
         batch = collate_packed(examples) if self.packed_tokens else collate(examples, self.pad_id)
         return to_device(batch, self.device)
 

@@ -189,12 +189,14 @@ def _train(cfg: RunConfig, resume: Path | None, built, t_start: float, progress:
     objective.configure(tc)  # again, with the speed fields resolved (the compiled loss chunk follows train.compile)
     accel.after_method(model, tc)
     pad_id = pad_id_for(tokenizer)
-    batches = Batches(train_ds, tc.batch_size, tc.seed, pad_id, device, packed_tokens=accel.packed_tokens(tc))
+    batches = Batches(train_ds, tc.batch_size, tc.seed, pad_id, device, packed_tokens=accel.packed_tokens(tc),
+                      raw=objective.online)
     steps_per_epoch = max(1, batches.per_epoch() // tc.grad_accum)
     total_steps = tc.max_steps or max(1, math.ceil((tc.epochs or 1.0) * steps_per_epoch))
     method.on_train_begin(model, total_steps)  # before anything is written: it may refuse the config
     eval_limit = tc.eval_batches
-    val_batches = (lambda: Batches(val_ds, tc.batch_size, tc.seed, pad_id, device).iterate(eval_limit)) if val_ds else None
+    val_batches = (lambda: Batches(val_ds, tc.batch_size, tc.seed, pad_id, device,
+                                         raw=objective.online).iterate(eval_limit)) if val_ds else None
     probe_n = min(eval_limit or 4, 4)
     train_probe = lambda: batches.iterate(probe_n)  # noqa: E731  fixed slice of train, before/after
 
@@ -241,7 +243,8 @@ def _train(cfg: RunConfig, resume: Path | None, built, t_start: float, progress:
         log.write({"step": 0, "split": "train_probe", **before["train"]})
         on_eval(state)
     first = next((r["loss"] for r in log.read() if r["split"] == "train"), None)
-    guard = Divergence(uniform=objective.uniform_loss(model), patience=tc.divergence_steps or 1 << 30, start=first)
+    guard = Divergence(uniform=objective.uniform_loss(model), patience=tc.divergence_steps or 1 << 30, start=first,
+                       finite_only=objective.online)
     loop = Loop(model=model, method=method, objective=objective, optimizer=optimizer, scheduler=scheduler,
                 batches=batches, cfg=tc, device=device, precision=precision, total_steps=total_steps,
                 on_eval=on_eval, on_checkpoint=on_checkpoint, log=log.write, divergence=guard, train_step=train_step)
