@@ -21,9 +21,10 @@ def prompts(tmp_path):
                                               for a in range(24)])
 
 
-def _cfg(path, tmp_path, objective=None, method=None, **train):
+def _cfg(path, tmp_path, objective=None, method=None, val_split=0.05, **train):
     t = {"max_steps": 2, "batch_size": 2, "scheduler": "constant", "eval_batches": 1, **train}
     cfg = run_config(path, tmp_path, method or {"name": "lora", "r": 2}, **t)
+    cfg["data"]["val_split"] = val_split
     cfg["objective"] = {"name": "grpo", "num_generations": 4, "max_tokens": 6, "rewards": REWARDS,
                         "samples": 2, **(objective or {})}
     return cfg
@@ -50,8 +51,8 @@ def test_grpo_logs_every_diagnostic_and_writes_samples(prompts, tmp_path):
 
 def test_an_online_run_resumes_exactly(prompts, tmp_path):
     obj = {"updates": 2, "beta": 0.05}
-    full, _ = tunesmith.train(_cfg(prompts, tmp_path / "a", obj, max_steps=4))
-    part, _ = tunesmith.train(_cfg(prompts, tmp_path / "b", obj, max_steps=2, save_every=2))
+    full, _ = tunesmith.train(_cfg(prompts, tmp_path / "a", obj, val_split=0, max_steps=4))
+    part, _ = tunesmith.train(_cfg(prompts, tmp_path / "b", obj, val_split=0, max_steps=2, save_every=2))
     resumed, _ = tunesmith.train(None, resume=part, **{"train.max_steps": 4})
     a = load_file(str(full / "adapter" / "adapter_model.safetensors"))
     b = load_file(str(resumed / "adapter" / "adapter_model.safetensors"))
@@ -143,3 +144,28 @@ def test_a_run_without_rewards_is_refused_naming_the_field(prompts, tmp_path):
     cfg["objective"]["rewards"] = []
     with pytest.raises(ConfigError, match="rewards"):
         tunesmith.train(cfg)
+
+
+def test_ppo_with_an_rm_runs_reward_resumes_exactly_with_its_kl_controller_and_value_head(prompts, tmp_path):
+    from helpers import preference_rows
+    pref = write_jsonl(tmp_path / "pref.jsonl", preference_rows(8))
+    rm_cfg = run_config(pref, tmp_path / "rm", {"name": "lora", "r": 2}, max_steps=1)
+    rm_cfg["objective"] = {"name": "rm"}
+    rm_run, _ = tunesmith.train(rm_cfg)
+    obj = {"name": "ppo", "num_generations": 2, "kl_target": 0.5, "kl_horizon": 10, "updates": 2,
+           "rewards": [{"function": "reward_model", "options": {"run": str(rm_run)}}]}
+    full, _ = tunesmith.train(_cfg(prompts, tmp_path / "a", obj, val_split=0, max_steps=3))
+    part, _ = tunesmith.train(_cfg(prompts, tmp_path / "b", obj, val_split=0, max_steps=2, save_every=2))
+    resumed, _ = tunesmith.train(None, resume=part, **{"train.max_steps": 3})
+    a = load_file(str(full / "adapter" / "adapter_model.safetensors"))
+    b = load_file(str(resumed / "adapter" / "adapter_model.safetensors"))
+    assert not any("v_head" in k for k in a)                      # the value head is not part of the adapter
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    rows = [[json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()] for run in (full, resumed)]
+    train = [[r for r in rs if r["split"] == "train"] for rs in rows]
+    coefs = [r["kl_coef"] for r in train[0]]
+    assert coefs[0] == 0.05 and coefs[1] != coefs[0]              # adapted towards kl_target
+    for x, y in zip(*train):
+        assert x["kl_coef"] == y["kl_coef"] and x["reward"] == y["reward"] and x["value_loss"] == y["value_loss"]
+    assert "reward/reward_model" in train[0][0]

@@ -211,6 +211,7 @@ def _train(cfg: RunConfig, resume: Path | None, built, t_start: float, progress:
     optimizer = build_optimizer(method, model, tc, device)
     scheduler = build_scheduler(optimizer, tc, total_steps)
     train_step = objective.train_step(batches=batches, tokenizer=tokenizer, run=context) or OfflineStep()
+    train_step.bind(model, optimizer, scheduler)
     if resume:
         state, progress["wall"] = _restore(run_dir, method, model, optimizer, scheduler, total_steps, train_step)
     progress["state"], progress["run_dir"] = state, run_dir

@@ -39,6 +39,9 @@ class OfflineStep:
         optimizer_step
     """
 
+    def bind(self, model, optimizer, scheduler) -> None:
+        """Once the optimizer exists (before a resume restores it): a step may add parameters of its own."""
+
     def state_dict(self) -> dict:
         return {}
 

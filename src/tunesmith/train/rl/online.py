@@ -137,6 +137,12 @@ class OnlineStep:
 
     def __init__(self, objective: OnlineObjective):
         self.objective = objective
+        self.on_optimizer = None   # (model, optimizer, scheduler) -> None, once before any step (ppo's value head)
+
+    def bind(self, model, optimizer, scheduler) -> None:
+        """Called by the runner once the optimizer exists, before a resume restores it."""
+        if self.on_optimizer is not None:
+            self.on_optimizer(model, optimizer, scheduler)
 
     def state_dict(self) -> dict:
         return self.objective.step_state()
@@ -235,6 +241,8 @@ def _stats(roll, chunks, sums: dict, updates: int) -> dict:
                 "advantage_std": float(adv.float().std()) if adv.numel() > 1 else 0.0})
     if "kl" in sums:
         out["kl"] = sums["kl"] / tokens
+    for k in sums.keys() - {"tokens", "entropy", "clipped", "kl"}:   # the objective's own (ppo: value_loss)
+        out[k] = sums[k] / tokens
     return out
 
 

@@ -30,7 +30,7 @@ class OnlineConfig(ObjectiveConfig):
     eval_tasks: ClassVar[tuple[str, ...]] = ()
     rewards: list[RewardSpec] = Field(
         default_factory=list, description="The reward functions, summed with their weights (at least one; a "
-                                          "reward model's score for ppo when `reward_model` is set).")
+                                          "reward model: {function: reward_model, options: {run: RUN_DIR}}).")
     num_generations: int = Field(8, ge=1, description="G: completions sampled per prompt.")
     max_tokens: int = Field(256, ge=1, description="Most new tokens of a completion (those cut there are counted "
                                                    "as `truncated`).")
@@ -57,7 +57,7 @@ class OnlineConfig(ObjectiveConfig):
 
     @model_validator(mode="after")
     def _rewards(self):
-        if not self.rewards and not getattr(self, "reward_model", None):
+        if not self.rewards:
             raise ValueError("needs at least one entry in `rewards` (e.g. {function: answer}), see docs/rl.md")
         return self
 
