@@ -41,10 +41,10 @@ class Rollout:
 class Sampler:
     """The engine over the training model (made once) and the sampling parameters of an objective config."""
 
-    def __init__(self, model, tokenizer, cfg, max_prompt: int, seed: int):
+    def __init__(self, model, tokenizer, cfg, max_prompt: int, seed: int, max_batch: int = 64):
         from ...infer.engine import Engine
         cap = getattr(model.config, "max_position_embeddings", None) or (max_prompt + cfg.max_tokens)
-        self.engine = Engine(model, tokenizer, max_batch=256, max_queue=1 << 16,
+        self.engine = Engine(model, tokenizer, max_batch=max_batch, max_queue=1 << 16,
                              max_len=min(cap, max_prompt + cfg.max_tokens))
         self.model, self.cfg, self.seed = model, cfg, seed
 
