@@ -169,3 +169,55 @@ def test_ppo_with_an_rm_runs_reward_resumes_exactly_with_its_kl_controller_and_v
     for x, y in zip(*train):
         assert x["kl_coef"] == y["kl_coef"] and x["reward"] == y["reward"] and x["value_loss"] == y["value_loss"]
     assert "reward/reward_model" in train[0][0]
+
+
+def _methods():
+    from tunesmith.methods import registry
+    from tunesmith.methods.registry import Method
+    return [n for n, c in registry.all_methods().items()
+            if c.prepare is Method.prepare and not c.requires]   # the Fisher methods are refused; qlora needs CUDA
+
+
+@pytest.mark.parametrize("method", _methods())
+def test_one_grpo_step_with_every_method_trains_only_its_parameters(prompts, tmp_path, method):
+    from tunesmith import config as config_mod
+    from tunesmith.train import runner
+    from tunesmith.train.loop import Batches, Loop, LoopState
+    from tunesmith.train.optim import build_optimizer, build_scheduler
+    cfg = config_mod.load(_cfg(prompts, tmp_path, {"num_generations": 2, "max_tokens": 3, "beta": 0.1},
+                               method={"name": method}, val_split=0, batch_size=1))
+    tok, train_ds, _, _, model, meth, obj = runner.build(cfg, cfg.objective)
+    ctx = runner.RunContext(cfg=cfg, train=cfg.train, device=torch.device("cpu"), precision="fp32",
+                            pad_id=tok.pad_token_id, run_dir=tmp_path)
+    obj.prepare(model, meth, [train_ds, None], run=ctx)
+    meth.on_train_begin(model, 1)
+    batches = Batches(train_ds, 1, 0, tok.pad_token_id, torch.device("cpu"), raw=True)
+    opt = build_optimizer(meth, model, cfg.train, torch.device("cpu"))
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    loop = Loop(model=model, method=meth, objective=obj, optimizer=opt, scheduler=build_scheduler(opt, cfg.train, 1),
+                batches=batches, cfg=cfg.train, device=torch.device("cpu"), precision="fp32", total_steps=1,
+                on_eval=lambda s: None, on_checkpoint=lambda s: None, log=lambda r: None,
+                train_step=obj.train_step(batches=batches, tokenizer=tok, run=ctx))
+    record = loop.step(LoopState())
+    assert record["step"] == 1 and "reward" in record
+    for n, p in model.named_parameters():
+        if not p.requires_grad:
+            assert torch.equal(p, before[n]), f"{n} is frozen and changed"
+
+
+def test_prompt_rows_keep_their_fields_and_bad_ones_name_file_and_line(tmp_path, tokenizer):
+    from tunesmith.data import build_datasets
+    from tunesmith.data.config import DataConfig
+    from tunesmith.data.errors import DataError
+    from tunesmith.train.objectives import build_config
+    grpo = build_config({"name": "grpo", "rewards": REWARDS})
+    good = write_jsonl(tmp_path / "g.jsonl", [{"question": "2+2?", "final_answer": "4"},
+                                              {"question": [{"role": "user", "content": "3+3?"}], "final_answer": "6"}])
+    ds, _, report = build_datasets(DataConfig(train=str(good), val_split=0, field_map={"question": "prompt"}),
+                                   tokenizer, max_seq_len=64, objective=grpo, seed=0)
+    assert report.format == "prompt" and [ex["fields"] for ex in ds.examples] == [{"final_answer": "4"},
+                                                                                 {"final_answer": "6"}]
+    assert ds.examples[1]["prompt"] == "3+3?" and ds.examples[0]["loc"].endswith("g.jsonl:1")
+    bad = write_jsonl(tmp_path / "b.jsonl", [{"prompt": "ok"}, {"prompt": [{"role": "assistant", "content": "x"}]}])
+    with pytest.raises(DataError, match=r"b\.jsonl:2: field 'prompt' must end with a user turn"):
+        build_datasets(DataConfig(train=str(bad), val_split=0), tokenizer, max_seq_len=64, objective=grpo, seed=0)
