@@ -59,7 +59,8 @@ def reference() -> str:
     from .methods import registry
     from .models.loader import ModelConfig
     parts = ["### model", table(ModelConfig, "model."), "### data", table(DataConfig, "data."),
-             "### train", table(TrainConfig, "train."), "### output", table(OutputConfig, "output."),
+             "### train", table(TrainConfig, "train."), *regularizer_tables(),
+             "### output", table(OutputConfig, "output."),
              "### method", "`method.name` picks one of the registered methods; its fields follow."]
     for name, cls in registry.all_methods().items():
         lr = cls.Config.model_validate({"name": name}).learning_rate()
@@ -75,6 +76,18 @@ def reference() -> str:
         if len(cls.Config.model_fields) > 1:
             parts.append(table(cls.Config, "objective.", skip=("name",)))
     return "\n\n".join(parts) + "\n"
+
+
+def regularizer_tables() -> list[str]:
+    """``train.regularize``: each registered regulariser and its fields."""
+    from .train import regularizers
+    parts = ["#### train.regularize\n\nEach key names a regulariser ([regularization.md](regularization.md)); "
+             "its fields follow."]
+    for name, cls in regularizers.all_regularizers().items():
+        parts.append(f"##### `{name}`\n\n{cls.summary}\n")
+        if len(cls.model_fields) > 1:
+            parts.append(table(cls, f"train.regularize.{name}.", skip=("name",)))
+    return parts
 
 
 def _result(cls) -> str:
