@@ -51,9 +51,9 @@ def test_grpo_logs_every_diagnostic_and_writes_samples(prompts, tmp_path):
 
 def test_an_online_run_resumes_exactly(prompts, tmp_path):
     obj = {"updates": 2, "beta": 0.05}
-    full, _ = tunesmith.train(_cfg(prompts, tmp_path / "a", obj, val_split=0, max_steps=4))
+    full, _ = tunesmith.train(_cfg(prompts, tmp_path / "a", obj, val_split=0, max_steps=3))
     part, _ = tunesmith.train(_cfg(prompts, tmp_path / "b", obj, val_split=0, max_steps=2, save_every=2))
-    resumed, _ = tunesmith.train(None, resume=part, **{"train.max_steps": 4})
+    resumed, _ = tunesmith.train(None, resume=part, **{"train.max_steps": 3})
     a = load_file(str(full / "adapter" / "adapter_model.safetensors"))
     b = load_file(str(resumed / "adapter" / "adapter_model.safetensors"))
     for k in a:

@@ -7,6 +7,8 @@ from pathlib import Path
 def reward_keys(records: list[dict]) -> list[str]:
     keys = {k for r in records if r.get("split") in ("train", "eval") for k in r
             if k == "reward" or (k.startswith("reward/") and not k.endswith("_std"))}
+    if len(keys) == 2:   # one reward function: its curve is the total's
+        keys.discard("reward")
     return sorted(keys, key=lambda k: (k != "reward", k))
 
 
