@@ -114,8 +114,8 @@ def test_incompatible_objective_and_format(write, bert_tok, fmt, objective):
 
 
 def test_unknown_objective(write, bert_tok):
-    with pytest.raises(DataError, match="unknown objective 'ppo'.*sft"):
-        _build(write("d.jsonl", [ROWS["alpaca"]]), bert_tok, "ppo")
+    with pytest.raises(DataError, match="unknown objective 'nosuch'.*sft"):
+        _build(write("d.jsonl", [ROWS["alpaca"]]), bert_tok, "nosuch")
 
 
 def test_packing_needs_text(write, bert_tok):

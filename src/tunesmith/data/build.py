@@ -148,7 +148,7 @@ def build_datasets(cfg: DataConfig, tokenizer, *, max_seq_len: int, objective, s
     if isinstance(objective, str):
         from ..train.objectives import config_class   # torch-free
         try:
-            objective = config_class(objective)()
+            objective = config_class(objective).model_construct()   # its declarations; fields unvalidated
         except Exception as e:
             raise DataError(str(e).split(": ", 1)[-1]) from None
     if max_seq_len < 1:

@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-FORMATS = ("alpaca", "messages", "sharegpt", "text", "classification", "preference", "kto")
+FORMATS = ("alpaca", "messages", "sharegpt", "text", "classification", "preference", "kto", "prompt")
 
 # Canonical field names that `field_map` may rename source keys to.
 CANONICAL_FIELDS = (
@@ -47,12 +47,13 @@ class DataConfig(BaseModel):
         "(0 disables; at least 1 row when > 0). The split is deterministic for a seed.",
     )
     format: Literal["auto", "alpaca", "messages", "sharegpt", "text", "classification",
-                    "preference", "kto"] = Field(
+                    "preference", "kto", "prompt"] = Field(
         default="auto",
         description="Row format. auto detects it from the first row's keys: messages -> "
         "messages, conversations -> sharegpt, chosen+rejected -> preference, "
         "prompt+completion+label -> kto (unpaired preferences: label true for a desirable completion), "
-        "instruction+output -> alpaca, label+text/sentence -> classification, text -> text.",
+        "instruction+output -> alpaca, label+text/sentence -> classification, text -> text, prompt -> prompt "
+        "(the prompts of online RL; the row's other fields go to the reward functions).",
     )
     field_map: dict[str, str] = Field(
         default_factory=dict,

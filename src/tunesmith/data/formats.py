@@ -8,6 +8,7 @@ Canonical shapes after :func:`normalize`:
 - classification: ``{"text": str, "text_pair": str | None, "label": int | str}``
 - kto: ``{"prompt": str | list, "completion": str | list, "label": bool}``
 - preference: ``{"prompt": str | list | None, "chosen": str | list, "rejected": str | list, "margin"?: float}``
+- prompt: ``{"prompt": str | list, "fields": {every other key of the row}}`` (online RL: the prompts to sample from)
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ EXPECTS = {
     "classification": "text (or sentence), text_pair (optional), label",
     "preference": "prompt, chosen, rejected (chosen/rejected may be message lists)",
     "kto": "prompt, completion (a str or message list), label (true: desirable, false: undesirable)",
+    "prompt": "prompt (a str or message list), any other fields (passed to the reward functions)",
 }
 
 ROLES = ("system", "user", "assistant")
@@ -50,6 +52,8 @@ def detect_format(row: Row) -> str:
         return "classification"
     if "text" in keys:
         return "text"
+    if "prompt" in keys:
+        return "prompt"
     expected = "; ".join(f"{f}: {e}" for f, e in EXPECTS.items())
     raise DataError(
         f"{row.loc}: cannot detect the data format from keys {sorted(keys)}. Expected keys "
@@ -224,7 +228,16 @@ def _prompt_turns(row: Row, items: list) -> list[dict[str, str]]:
     return turns
 
 
+def _prompt(row: Row) -> dict[str, Any]:
+    prompt = _get(row, "prompt", "prompt", (str, list))
+    if isinstance(prompt, list):
+        prompt = _prompt_turns(row, prompt)
+        if not prompt or prompt[-1]["role"] == "assistant":
+            raise DataError(f"{row.loc}: field 'prompt' must end with a user turn for the model to answer")
+    return {"prompt": prompt, "fields": {k: v for k, v in row.data.items() if k != "prompt"}}
+
+
 _NORMALIZERS = {
     "alpaca": _alpaca, "messages": _messages, "sharegpt": _sharegpt, "text": _text,
-    "classification": _classification, "preference": _preference, "kto": _kto,
+    "classification": _classification, "preference": _preference, "kto": _kto, "prompt": _prompt,
 }

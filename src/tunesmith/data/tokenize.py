@@ -210,6 +210,11 @@ def _unpaired_shape(rows, fmt, tokenizer, cfg, *, mapping, max_seq_len, packing)
 
 #: tokenized shape -> tokenizer of ``(loc, canonical row)`` pairs. sft/pt: ``input_ids``, ``labels``;
 #: cls: ``input_ids``, ``label``; seq2seq: source ids and ``decoder_labels``; pair: ``chosen_*`` and
-#: ``rejected_*`` ids and labels (the prompt masked).
+#: ``rejected_*`` ids and labels (the prompt masked); rollout: ``prompt_ids`` and the row (data/prompts.py).
+def _rollout_shape(rows, fmt, tokenizer, cfg, *, mapping, max_seq_len, packing) -> Tokenized:
+    from .prompts import tokenize_prompts
+    return tokenize_prompts(rows, tokenizer, cfg, max_seq_len=max_seq_len)
+
+
 SHAPES = {"sft": _lm_shape("sft"), "pt": _lm_shape("pt"), "cls": _cls_shape, "seq2seq": _seq2seq_shape,
-          "pair": _pair_shape, "unpaired": _unpaired_shape}
+          "pair": _pair_shape, "unpaired": _unpaired_shape, "rollout": _rollout_shape}

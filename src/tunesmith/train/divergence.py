@@ -33,6 +33,8 @@ class Divergence:
     streak: int = 0
     first_bad: int | None = None  # the first step of the current streak
     symptom: str | None = None    # what is wrong in the current streak
+    finite_only: bool = False     # only a NaN or infinity is bad (online RL: its loss is near 0 by design and
+                                  # its gradients are 0 whenever every group's rewards tie)
 
     @property
     def suspect(self) -> bool:
@@ -61,6 +63,8 @@ class Divergence:
         return None
 
     def _symptom(self, loss: float, grad_norm: float | None) -> str | None:
+        if self.finite_only:
+            return None
         u, s = self.uniform, self.start
         if u is not None and s < u - UNIFORM_GAP and loss >= UNIFORM_MARGIN * u:
             return (f"the loss sat at {loss:.4f}, the level of a uniform guess (ln {math.exp(u):,.0f} = {u:.4f}), "

@@ -13,7 +13,7 @@ from tqdm.auto import tqdm
 
 from ..data import batch_indices, collate
 from ..data.collate import to_device
-from ..data.packing import collate_packed, example_tokens, pack_groups, real_tokens
+from ..data.packing import collate_packed, example_tokens, pack_groups
 from ..errors import TrainingDiverged
 from .divergence import Divergence
 
@@ -43,6 +43,7 @@ class Batches:
     device: torch.device
     shuffle: bool = True
     packed_tokens: int | None = None
+    raw: bool = False   # the examples as they are ({"examples": [...]}), for online objectives' prompts
     _cache: dict = field(default_factory=dict)   # the two most recent epochs' orders
     _counts: list = field(default_factory=list)  # packed: rows in epochs 0, 1, ...
     _lengths: list | None = None
@@ -56,6 +57,8 @@ class Batches:
 
     def _collate(self, idx: list[int]) -> dict[str, torch.Tensor]:
         examples = [self.dataset[i] for i in idx]
+        if self.raw:
+            return {"examples": examples}
         batch = collate_packed(examples) if self.packed_tokens else collate(examples, self.pad_id)
         return to_device(batch, self.device)
 
@@ -132,7 +135,9 @@ def metric_means(sums: dict, count: int) -> dict:
 
 
 class Loop:
-    """Runs optimizer steps with gradient accumulation, clipping, hooks, eval and checkpoints.
+    """The driver: runs ``train_step`` (train/step.py: the offline step over static micro-batches, or an
+    objective's online step) until ``total_steps``, with the progress bar, logging, eval and checkpoint
+    cadence, time and token accounting.
 
     Each step's loss and gradient norm go through ``divergence`` (train/divergence.py): when it says the
     run went bad the loop raises TrainingDiverged; while it is suspicious no checkpoint is saved.
@@ -141,7 +146,7 @@ class Loop:
 
     def __init__(self, *, model, method, objective, optimizer, scheduler, batches: Batches, cfg, device,
                  precision: str, total_steps: int, on_eval, on_checkpoint, log, divergence: Divergence | None = None,
-                 parallel=None):
+                 train_step=None, parallel=None):
         self.model, self.method, self.objective = model, method, objective
         self.optimizer, self.scheduler, self.batches = optimizer, scheduler, batches
         self.cfg, self.device, self.precision = cfg, device, precision
@@ -154,43 +159,14 @@ class Loop:
             from .distributed import Single
             parallel = Single()
         self.parallel = parallel  # train/distributed.py: the collectives of a run of several processes
+        if train_step is None:
+            from .step import OfflineStep
+            train_step = OfflineStep()
+        self.train_step = train_step   # (loop, state) -> the step's log record (train/step.py)
 
     def step(self, state: LoopState) -> dict:
-        """One optimizer step over ``grad_accum`` micro-batches; returns its log record."""
-        cfg, model = self.cfg, self.model
-        micro_batches = [self.batches.get(state.micro + i) for i in range(cfg.grad_accum)]
-        denom = max(1, self.parallel.total(sum(self.objective.count(b) for b in micro_batches)))  # all processes
-        self.method.on_step_begin(model, state.step)
-        total, sums = [], {}  # loss sums as tensors: read once the optimizer step is queued (no wait before it)
-        for i, batch in enumerate(micro_batches):
-            with autocast(self.device, self.precision):
-                loss_sum, _, extra = self.objective.loss(model, batch)
-                loss = loss_sum / denom
-                reg = self.method.regularization(model)
-                if reg is not None:
-                    loss = loss + reg / len(micro_batches)
-            self.parallel.before_backward(model, last=i == len(micro_batches) - 1)  # sync on the last only
-            loss.backward()
-            for k, v in extra.items():
-                if k != "records":
-                    sums[k] = sums[k] + v if k in sums else v
-            total.append(loss_sum.detach())
-            state.tokens += real_tokens(batch)
-        self.parallel.sync_grads(self.params)
-        grad_norm = None
-        if cfg.max_grad_norm is not None:
-            grad_norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm)
-        self.method.before_optimizer_step(model, state.step)
-        self.optimizer.step()
-        self.method.after_optimizer_step(model, state.step)
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        state.step += 1
-        state.micro += cfg.grad_accum
-        total, sums = self.parallel.reduce(total, sums)
-        return {"step": state.step, "split": "train", "loss": sum(float(t) for t in total) / denom,
-                "lr": self.scheduler.get_last_lr()[0], "grad_norm": None if grad_norm is None else float(grad_norm),
-                **metric_means(sums, denom)}
+        """One optimizer step (the pluggable ``train_step``: train/step.py); returns its log record."""
+        return self.train_step(self, state)
 
     def run(self, state: LoopState) -> LoopState:
         cfg = self.cfg

@@ -69,6 +69,9 @@ def plot_losses(records: list[dict], path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+    if any("reward" in r for r in records if r.get("split") == "train"):   # online RL: rl.png beside it
+        from .rl.plot import plot_rl
+        plot_rl(records, Path(path).with_name("rl.png"))
 
 
 def format_summary(s: dict) -> str:

@@ -32,6 +32,7 @@ from ..models.loader import (base_reference, is_encoder_decoder, load_model, loa
 from . import accel, checkpoint, distributed, objectives, regularizers, sharded_checkpoint, speed, tracking
 from .divergence import Divergence, nonfinite_weights
 from .loop import Batches, Loop, LoopState, evaluate
+from .step import OfflineStep
 from .optim import build_optimizer, build_scheduler, check_scheduler
 from .report import MetricsLog, format_summary, peak_memory_gib, plot_losses
 
@@ -196,12 +197,18 @@ def _train(cfg: RunConfig, resume: Path | None, built, t_start: float, progress:
     regularizers.apply(tc, model)   # before compile: embedding noise, dropout rates
     accel.after_method(model, tc)
     pad_id = pad_id_for(tokenizer)
-    batches = distributed.train_batches(train_ds, tc.batch_size, tc.seed, pad_id, device, accel.packed_tokens(tc))
+    if objective.online:   # rollouts read the rows as they are; one process (refused earlier otherwise)
+        batches = Batches(train_ds, tc.batch_size, tc.seed, pad_id, device, packed_tokens=accel.packed_tokens(tc),
+                          raw=True)
+    else:
+        batches = distributed.train_batches(train_ds, tc.batch_size, tc.seed, pad_id, device,
+                                            accel.packed_tokens(tc))
     steps_per_epoch = max(1, batches.per_epoch() // tc.grad_accum)
     total_steps = tc.max_steps or max(1, math.ceil((tc.epochs or 1.0) * steps_per_epoch))
     method.on_train_begin(model, total_steps)  # before anything is written: it may refuse the config
     eval_limit = tc.eval_batches
-    val_batches = (lambda: Batches(val_ds, tc.batch_size, tc.seed, pad_id, device).iterate(eval_limit)) if val_ds else None
+    val_batches = (lambda: Batches(val_ds, tc.batch_size, tc.seed, pad_id, device,
+                                         raw=objective.online).iterate(eval_limit)) if val_ds else None
     probe_n = min(eval_limit or 4, 4)
     train_probe = lambda: batches.iterate(probe_n)  # noqa: E731  fixed slice of train, before/after
 
@@ -218,8 +225,10 @@ def _train(cfg: RunConfig, resume: Path | None, built, t_start: float, progress:
     parallel = distributed.parallelize(model, run_mode, precision, device)
     optimizer = build_optimizer(method, model, tc, device)
     scheduler = build_scheduler(optimizer, tc, total_steps)
+    train_step = objective.train_step(batches=batches, tokenizer=tokenizer, run=context) or OfflineStep()
+    train_step.bind(model, optimizer, scheduler)
     if resume:
-        state, progress["wall"] = _restore(run_dir, method, model, optimizer, scheduler, total_steps,
+        state, progress["wall"] = _restore(run_dir, method, model, optimizer, scheduler, total_steps, train_step,
                                            run_mode, tc.batch_size * ctx.world)
     progress["state"], progress["run_dir"] = state, run_dir
     metrics = (MetricsLog if ctx.main else distributed.ReadOnlyLog)(run_dir / "metrics.jsonl",
@@ -249,7 +258,8 @@ def _train(cfg: RunConfig, resume: Path | None, built, t_start: float, progress:
                                     run_mode=run_mode, global_batch=tc.batch_size * ctx.world)
             return
         checkpoint.save(run_dir / "checkpoints", s.step, trainable=method.trainable_state(model),
-                        optimizer=optimizer, scheduler=scheduler, keep=tc.keep_checkpoints, position=position)
+                        optimizer=optimizer, scheduler=scheduler, keep=tc.keep_checkpoints,
+                        position={**position, "step_state": train_step.state_dict()})
 
     before = {}
     if not resume:
@@ -257,10 +267,12 @@ def _train(cfg: RunConfig, resume: Path | None, built, t_start: float, progress:
         log.write({"step": 0, "split": "train_probe", **before["train"]})
         on_eval(state)
     first = next((r["loss"] for r in log.read() if r["split"] == "train"), None)
-    guard = Divergence(uniform=objective.uniform_loss(model), patience=tc.divergence_steps or 1 << 30, start=first)
+    guard = Divergence(uniform=objective.uniform_loss(model), patience=tc.divergence_steps or 1 << 30, start=first,
+                       finite_only=objective.online)
     loop = Loop(model=model, method=method, objective=regularizers.training_objective(tc, objective), optimizer=optimizer, scheduler=scheduler,
                 batches=batches, cfg=tc, device=device, precision=precision, total_steps=total_steps,
-                on_eval=on_eval, on_checkpoint=on_checkpoint, log=log.write, divergence=guard, parallel=parallel)
+                on_eval=on_eval, on_checkpoint=on_checkpoint, log=log.write, divergence=guard, parallel=parallel,
+                train_step=train_step)
     state = loop.run(state)
     after_train = evaluate(model, objective, train_probe(), precision, device)
     log.write({"step": state.step, "split": "train_probe", **after_train})
@@ -286,8 +298,8 @@ def _train(cfg: RunConfig, resume: Path | None, built, t_start: float, progress:
     return RunResult(run_dir, distributed.broadcast(summary))
 
 
-def _restore(run_dir: Path, method, model, optimizer, scheduler, total_steps: int, run_mode: str = "none",
-             global_batch: int = 0) -> tuple[LoopState, float]:
+def _restore(run_dir: Path, method, model, optimizer, scheduler, total_steps: int, train_step,
+             run_mode: str = "none", global_batch: int = 0) -> tuple[LoopState, float]:
     """The loop state and wall-clock seconds so far, from the newest readable checkpoint of ``run_dir``
     (a sharded one, of a run of several processes, through train/sharded_checkpoint.py)."""
     pos = sharded_checkpoint.restore(run_dir, method=method, model=model, optimizer=optimizer, scheduler=scheduler,
@@ -295,6 +307,7 @@ def _restore(run_dir: Path, method, model, optimizer, scheduler, total_steps: in
     if pos is None:
         ckpt, data = checkpoint.read_latest(run_dir, say=lambda m: print(m, file=sys.stderr, flush=True))
         pos = checkpoint.load(ckpt, method=method, model=model, optimizer=optimizer, scheduler=scheduler, data=data)
+    train_step.load_state_dict(pos.get("step_state") or {})
     state = LoopState(step=pos["step"], micro=pos["micro"], tokens=pos["tokens"], train_time=pos["train_time"])
     if state.step >= total_steps:
         print(f"{run_dir}: already trained to step {state.step} of {total_steps}; writing its outputs again",

@@ -28,7 +28,7 @@ _OBJECTIVES: dict[str, type["Objective"]] = {}
 _CONFIGS: dict[str, type["ObjectiveConfig"]] = {}
 TASKS = ("causal_lm", "classification", "seq2seq")
 DECLARED = ("task", "num_labels", "formats", "default_for", "encoder_decoder", "tokenized", "packing", "chunked_ce",
-            "eval_tasks")
+            "eval_tasks", "online")
 
 
 class ObjectiveConfig(BaseModel):
@@ -53,6 +53,8 @@ class ObjectiveConfig(BaseModel):
     chunked_ce: ClassVar[bool] = False
     #: Whose metrics train.eval_metrics may name (tunesmith.eval).
     eval_tasks: ClassVar[tuple[str, ...]] = ("lm",)
+    #: Whether it learns from its own samples (online RL: prompts as data, its own step; train/rl/).
+    online: ClassVar[bool] = False
     name: str = Field(description="Registered objective name (see the objectives table in the README).")
 
     def check(self, train_cfg, method_cls, model_kind: str) -> None:
@@ -88,6 +90,11 @@ class Objective:
         """Once before training (and before the method's own ``prepare``): what the objective needs from the
         tuned model and the method (a reference policy, cached reference log-probs). ``datasets``: the
         tokenized train and validation datasets; ``run``: the RunContext (config, device, precision, pad id)."""
+
+    def train_step(self, *, batches, tokenizer, run):
+        """The step the loop runs for this objective (train/step.py: a callable ``(loop, state) -> record``);
+        None (the default): the offline step over ``batches``. Online RL objectives return their rollout step."""
+        return None
 
     def count(self, batch: dict[str, torch.Tensor]) -> int:
         """Items the loss is averaged over (known before the forward pass)."""
