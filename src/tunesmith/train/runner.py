@@ -24,12 +24,13 @@ from ..config import RunConfig
 from ..eval import training as eval_training
 from ..data import build_datasets, pad_id_for
 from ..data.formats import apply_field_map, detect_format
+from ..data.mixture_config import first_source
 from ..data.readers import first_readable, read_rows
 from ..errors import TrainingDiverged
 from ..methods import registry
 from ..models.loader import (base_reference, is_encoder_decoder, load_model, load_tokenizer, model_kind, quiet_progress,
                              resolve_device)
-from . import accel, checkpoint, objectives, speed
+from . import accel, checkpoint, objectives, per_task, speed
 from .divergence import Divergence, nonfinite_weights
 from .loop import Batches, Loop, LoopState, evaluate
 from .optim import build_optimizer, build_scheduler
@@ -66,11 +67,11 @@ def resolve_objective(cfg: RunConfig) -> str:
     """The objective's name: the objective section's (or train.objective's), else the data format's default."""
     if cfg.objective is not None:
         return cfg.objective.name
-    fmt = cfg.data.format
+    train_file, fmt, field_map = first_source(cfg.data)
     if fmt == "auto":
-        rows = read_rows(cfg.data.train, max_rows=100 if cfg.data.on_error == "skip" else 1,
+        rows = read_rows(train_file, max_rows=100 if cfg.data.on_error == "skip" else 1,
                          on_error=cfg.data.on_error, txt_documents=cfg.data.txt_documents)
-        fmt = detect_format(apply_field_map(first_readable(rows), cfg.data.field_map))
+        fmt = detect_format(apply_field_map(first_readable(rows), field_map))
     return objectives.for_format(fmt, encoder_decoder=is_encoder_decoder(cfg.model))
 
 
@@ -212,13 +213,19 @@ def _train(cfg: RunConfig, resume: Path | None, built, t_start: float, progress:
     progress["state"], progress["run_dir"] = state, run_dir
     log = MetricsLog(run_dir / "metrics.jsonl", resume_step=state.step if resume else None)
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    extra_metrics = eval_training.TrainingMetrics(
-        eval_training.resolve(tc.eval_metrics, objective), tokenizer=tokenizer, val_ds=val_ds,
-        label_names=report.label_names, limit=eval_limit and eval_limit * tc.batch_size, batch_size=tc.batch_size,
-        precision=precision, device=device)
+    metric_names = eval_training.resolve(tc.eval_metrics, objective)
+    metric_kwargs = dict(tokenizer=tokenizer, label_names=report.label_names, limit=eval_limit and eval_limit *
+                         tc.batch_size, batch_size=tc.batch_size, precision=precision, device=device)
+    extra_metrics = eval_training.TrainingMetrics(metric_names, val_ds=val_ds, **metric_kwargs)
+    task_eval = per_task.TaskEval(   # a mixture's validation: every task on its own, and the whole
+        val_ds, objective, lambda ds: Batches(ds, tc.batch_size, tc.seed, pad_id, device).iterate(eval_limit),
+        metric_names=metric_names, metric_kwargs=metric_kwargs, precision=precision, device=device,
+    ) if getattr(val_ds, "tasks", None) else None
 
     def on_eval(s: LoopState) -> None:
-        if val_batches:
+        if task_eval:
+            log.write({"step": s.step, "split": "eval", **task_eval(model)})
+        elif val_batches:
             records: list = []
             res = evaluate(model, objective, val_batches(), precision, device, records=records)
             if extra_metrics:
