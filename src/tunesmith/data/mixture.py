@@ -23,8 +23,9 @@ import math
 from .build import DataReport, TokenizedDataset, build_datasets
 from .config import DataConfig
 from .errors import DataError
+from .mixture_config import ENTRY_FIELDS
 
-ENTRY_FIELDS = ("train", "validation", "format", "field_map", "max_rows", "val_split", "label_names", "system_prompt")
+
 
 
 class MixedDataset(TokenizedDataset):

@@ -9,6 +9,9 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from .config import CANONICAL_FIELDS  # defined before config.py imports this module
 
+#: The fields an entry sets for itself (the other data fields come from the data section).
+ENTRY_FIELDS = ("train", "validation", "format", "field_map", "max_rows", "val_split", "label_names", "system_prompt")
+
 
 class MixtureEntry(BaseModel):
     """A dataset of a mixture. Fields left unset take the value of the data section."""

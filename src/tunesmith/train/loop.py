@@ -140,14 +140,17 @@ class Loop:
     """
 
     def __init__(self, *, model, method, objective, optimizer, scheduler, batches: Batches, cfg, device,
-                 precision: str, total_steps: int, on_eval, on_checkpoint, log, divergence: Divergence | None = None):
+                 precision: str, total_steps: int, on_eval, on_checkpoint, log, divergence: Divergence | None = None,
+                 strategies=()):
         self.model, self.method, self.objective = model, method, objective
         self.optimizer, self.scheduler, self.batches = optimizer, scheduler, batches
         self.cfg, self.device, self.precision = cfg, device, precision
         self.total_steps = total_steps
         self.on_eval, self.on_checkpoint, self.log = on_eval, on_checkpoint, log
         self.divergence = divergence or Divergence(uniform=None, patience=cfg.divergence_steps or 1 << 30)
-        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.strategies = list(strategies)  # train/strategies: extra loss terms (EWC, L2, DANN)
+        self.params = [p for p in model.parameters() if p.requires_grad] + [p for s in self.strategies
+                                                                             for p in s.parameters()]
         self.first_step_peak_gib: float | None = None  # CUDA: the peak of this process's first step
 
     def step(self, state: LoopState) -> dict:
@@ -164,6 +167,8 @@ class Loop:
                 reg = self.method.regularization(model)
                 if reg is not None:
                     loss = loss + reg / len(micro_batches)
+                for strategy in self.strategies:
+                    loss = loss + strategy.loss(model) / len(micro_batches)
             loss.backward()
             for k, v in extra.items():
                 if k != "records":
@@ -182,7 +187,7 @@ class Loop:
         state.micro += cfg.grad_accum
         return {"step": state.step, "split": "train", "loss": sum(float(t) for t in total) / denom,
                 "lr": self.scheduler.get_last_lr()[0], "grad_norm": None if grad_norm is None else float(grad_norm),
-                **metric_means(sums, denom)}
+                **metric_means(sums, denom), **{k: v for s in self.strategies for k, v in s.metrics().items()}}
 
     def run(self, state: LoopState) -> LoopState:
         cfg = self.cfg

@@ -30,7 +30,7 @@ from ..errors import TrainingDiverged
 from ..methods import registry
 from ..models.loader import (base_reference, is_encoder_decoder, load_model, load_tokenizer, model_kind, quiet_progress,
                              resolve_device)
-from . import accel, checkpoint, objectives, per_task, speed
+from . import accel, checkpoint, continual, objectives, per_task, speed
 from .divergence import Divergence, nonfinite_weights
 from .loop import Batches, Loop, LoopState, evaluate
 from .optim import build_optimizer, build_scheduler
@@ -107,6 +107,7 @@ def build(cfg: RunConfig, objective_spec):
     method_cls = registry.get(cfg.method.name)
     device = resolve_device(cfg.model.device)
     objective.cfg.check(cfg.train, method_cls, model_kind(cfg.model))   # before any weights load
+    continual.check_init(cfg)
     accel.check(cfg.train, objective.cfg, method_cls, device)
     with quiet_progress(not cfg.train.progress):
         tokenizer = load_tokenizer(cfg.model)
@@ -124,6 +125,8 @@ def build(cfg: RunConfig, objective_spec):
     method.device = device
     model = method.apply(model)
     registry.attach(model, method)
+    if cfg.init_from:
+        continual.load_init(cfg, method, model)   # the earlier run's trained weights, trained on from here
     if method.upcast_trainable:
         for p in model.parameters():
             if p.requires_grad and p.dtype in (torch.bfloat16, torch.float16):
@@ -206,7 +209,9 @@ def _train(cfg: RunConfig, resume: Path | None, built, t_start: float, progress:
     objective.prepare(model, method, [train_ds, val_ds], run=context)   # a reference policy, cached log-probs
     if not resume:
         method.prepare(model, (batches.get(i) for i in range(batches.per_epoch())), objective)
+    terms = continual.build_strategies(cfg, model, method, objective, tokenizer, context, total_steps)
     optimizer = build_optimizer(method, model, tc, device)
+    continual.add_strategy_params(optimizer, terms, tc.lr)
     scheduler = build_scheduler(optimizer, tc, total_steps)
     if resume:
         state, progress["wall"] = _restore(run_dir, method, model, optimizer, scheduler, total_steps)
@@ -248,7 +253,7 @@ def _train(cfg: RunConfig, resume: Path | None, built, t_start: float, progress:
     guard = Divergence(uniform=objective.uniform_loss(model), patience=tc.divergence_steps or 1 << 30, start=first)
     loop = Loop(model=model, method=method, objective=objective, optimizer=optimizer, scheduler=scheduler,
                 batches=batches, cfg=tc, device=device, precision=precision, total_steps=total_steps,
-                on_eval=on_eval, on_checkpoint=on_checkpoint, log=log.write, divergence=guard)
+                on_eval=on_eval, on_checkpoint=on_checkpoint, log=log.write, divergence=guard, strategies=terms)
     state = loop.run(state)
     after_train = evaluate(model, objective, train_probe(), precision, device)
     log.write({"step": state.step, "split": "train_probe", **after_train})
