@@ -154,6 +154,9 @@ def test_two_runs_at_once_both_finish_one_stopped_and_resumed(client, tmp_path):
     assert listed["a"]["method"] == "lora" and listed["b"]["method"] == "ia3"
     cmp = client.post("/api/compare", json={"runs": ["a", "b"]}).json()
     assert [r["name"] for r in cmp["runs"]] == ["a", "b"] and all(r["metrics"] for r in cmp["runs"])
+    table = cmp["table"]["stdout"].splitlines()   # `tunesmith compare`'s table of the two runs
+    assert cmp["table"]["ok"] and table[0].startswith("| method | lr | trainable % |")
+    assert table[2].startswith("| `a (lora)` |") and table[3].startswith("| `b (ia3)` |") and "ok" in table[2]
     # export: LoRA goes to vLLM; (IA)³ is refused with the reason, as `tunesmith export` says it
     ok = client.post("/api/export", json={"run": "a", "target": "vllm"}).json()
     assert ok["ok"] and Path(ok["out_dir"], "adapter_config.json").is_file() and "vllm serve" in ok["message"]

@@ -95,6 +95,21 @@ def evaluate(run_dir: Path, data: str, max_samples=None, args: list[str] = (), p
 
 
 def compare_runs(run_dirs: list[Path]) -> dict:
-    """The compare table and plots of finished runs: the hook for `tunesmith compare`'s table (the
-    Runs tab shows the runs' summaries and overlaid curves itself either way)."""
-    return unavailable("compare")
+    """The table `tunesmith compare` writes (planning/compare.py), for finished runs picked in the Runs tab."""
+    import json
+
+    import yaml
+
+    from ..planning import compare
+    rows = []
+    for d in run_dirs:
+        try:
+            summary = json.loads((d / "summary.json").read_text())
+        except (OSError, ValueError):
+            summary = {"status": "running", "reason": "no summary.json yet"}
+        try:
+            method = yaml.safe_load((d / "config.yaml").read_text())["method"]["name"]
+        except (OSError, yaml.YAMLError, KeyError, TypeError):
+            method = d.name
+        rows.append(compare.row_of(d.name if d.name == method else f"{d.name} ({method})", summary, d, reused=False))
+    return {"ok": True, "stdout": compare.markdown(rows)}
