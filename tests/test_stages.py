@@ -64,6 +64,10 @@ def test_stages_chain_with_replay_and_ewc_and_write_the_matrix(tmp_path):
     m = out["matrix"]
     assert out["average_forgetting"] == pytest.approx(m[0][0] - m[1][0])
     assert (tmp_path / "seq" / "forgetting.png").is_file() and "| A |" in (tmp_path / "seq" / "forgetting.md").read_text()
+    # the same command again: both stages are found completed, nothing is trained or written anew
+    again = tunesmith.train(base)
+    assert [r.run_dir for r in again] == [r.run_dir for r in results]
+    assert sorted(p.name for p in (tmp_path / "seq").iterdir() if p.is_dir()) == ["A", "B"]
 
 
 def test_bad_stage_fails_before_any_training(tmp_path):

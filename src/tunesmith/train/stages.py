@@ -12,14 +12,19 @@ run directory ``OUTPUT/NAME``, and from the second stage on ``init_from`` the st
   final metric (accuracy, else loss) as ``forgetting.md``, ``forgetting.json`` and ``forgetting.png``,
   with the average forgetting of :func:`average_forgetting`.
 
-Every stage's config is validated before the first one trains.
+Every stage's config is validated before the first one trains. A stage whose run directory already
+holds a completed run of the same config (wherever its stage before lived) is not trained again, so a
+staged run stopped half-way is run again with the same command.
 """
 from __future__ import annotations
 
 import copy
 import json
+import sys
 from pathlib import Path
 from typing import Any
+
+import yaml
 
 from .. import config as config_mod
 from ..data.mixture_config import ENTRY_FIELDS
@@ -118,6 +123,30 @@ def configs(data: dict, source: str = "config", overrides=None) -> tuple[list, P
     return out, root, cross
 
 
+def _comparable(d: dict) -> dict:
+    return {**d, "output": {**(d.get("output") or {}), "dir": None}, "init_from": None}
+
+
+def completed(cfg):
+    """The RunResult of stage ``cfg`` when its run directory already holds it, completed with the same
+    config (apart from where it and the stage before live); None otherwise."""
+    from .runner import RunResult
+    run_dir = Path(cfg.output.dir)
+    try:
+        summary = json.loads((run_dir / "summary.json").read_text())
+        saved = config_mod.validate(yaml.safe_load((run_dir / "config.yaml").read_text()))
+    except (OSError, ValueError, ConfigError):
+        return None
+    if summary.get("status") != "completed":
+        return None
+    mine = config_mod.with_method_lr(cfg)[0].model_dump(mode="json")
+    theirs = saved.model_dump(mode="json")
+    for d in (mine, theirs):   # the objective section is filled in by the run
+        d.pop("objective", None)
+        d["train"].pop("objective", None)
+    return RunResult(run_dir, summary) if _comparable(mine) == _comparable(theirs) else None
+
+
 def run(data_or_path, overrides=None) -> list:
     """Train every stage in order; returns their RunResults (and writes the forgetting matrix)."""
     from . import runner
@@ -129,7 +158,11 @@ def run(data_or_path, overrides=None) -> list:
     for name, cfg in zip(names, cfgs):
         if prev is not None:
             cfg = cfg.model_copy(update={"init_from": str(prev)})
-        result = runner.run(cfg)
+        done = completed(cfg)
+        if done is not None:
+            print(f"stage {name}: {done.run_dir} already holds this stage, completed; not trained again",
+                  file=sys.stderr, flush=True)
+        result = done or runner.run(cfg)
         results.append(result)
         prev = result.run_dir
     record = {"stages": [{"name": n, "run_dir": str(r.run_dir)} for n, r in zip(names, results)]}
