@@ -80,3 +80,19 @@ def test_bad_stage_fails_before_any_training(tmp_path):
     base["stages"] = [{"name": "A", "replay": {"fraction": 0.1, "count": 3}}]
     with pytest.raises(ConfigError, match=r"stages\[0\] \(A\): replay"):
         tunesmith.train(base)
+
+
+@pytest.mark.parametrize("name", ["continual_sst2_dolly", "continual_sst2_dolly_replay", "continual_sst2_dolly_ewc",
+                                  "domain_pt_sft", "dann_sst2_length", "mixture_sst2_dolly", "mixture_dolly_alpaca"])
+def test_example_configs_validate(name):
+    from pathlib import Path
+
+    from tunesmith import config as config_mod
+    from tunesmith.train import stages
+    path = Path(__file__).resolve().parents[1] / "examples" / f"{name}.yaml"
+    data = config_mod.load_yaml(path)
+    if stages.is_staged(data):
+        for i, (stage, merged, _) in enumerate(stages._stage_dicts(data, str(path))):
+            config_mod.validate(merged, f"{path} stages[{i}] ({stage})")
+    else:
+        config_mod.validate(data, str(path))
