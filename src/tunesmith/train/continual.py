@@ -73,6 +73,7 @@ def build_strategies(cfg, model, method, objective, tokenizer, run, total_steps:
 
 
 def add_strategy_params(optimizer, terms: list, lr: float) -> None:
-    params = [p for s in terms for p in s.parameters()]
-    if params:
-        optimizer.add_param_group({"params": params, "lr": lr, "weight_decay": 0.0})
+    for s in terms:
+        group = s.param_group(lr)
+        if group is not None:
+            optimizer.add_param_group(group)

@@ -68,6 +68,11 @@ class Strategy:
         """The strategy's own trainable parameters, optimised with the model's."""
         return []
 
+    def param_group(self, lr: float) -> dict | None:
+        """The optimizer group of ``parameters()`` (``lr``: the run's), or None when there are none."""
+        params = self.parameters()
+        return {"params": params, "lr": lr, "weight_decay": 0.0} if params else None
+
     def loss(self, model: nn.Module) -> torch.Tensor | float:
         """The term added to each micro-batch's loss, called right after the objective's forward pass."""
         return 0.0

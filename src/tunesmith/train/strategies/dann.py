@@ -69,11 +69,9 @@ class Dann(Strategy):
         self.order = torch.randperm(len(self.target), generator=torch.Generator().manual_seed(ctx.seed)).tolist()
         self.calls, self.total = 0, max(1, ctx.total_steps * ctx.grad_accum)
         width = self._width(model)
-        g = torch.Generator().manual_seed(ctx.seed)
-        self.disc = nn.Sequential(nn.Linear(width, self.cfg.hidden), nn.ReLU(), nn.Linear(self.cfg.hidden, 2))
-        with torch.no_grad():
-            for p in self.disc.parameters():
-                p.copy_(torch.randn(p.shape, generator=g) * (0.02 if p.dim() > 1 else 0.0))
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(ctx.seed)   # PyTorch's own Linear init, the same for a seed
+            self.disc = nn.Sequential(nn.Linear(width, self.cfg.hidden), nn.ReLU(), nn.Linear(self.cfg.hidden, 2))
         self.disc.to(ctx.device)
         self.last: dict = {}
 
@@ -98,6 +96,9 @@ class Dann(Strategy):
     def parameters(self) -> list:
         return list(self.disc.parameters())
 
+    def param_group(self, lr: float) -> dict:
+        return {"params": self.parameters(), "lr": self.cfg.lr or 10 * lr, "weight_decay": 0.0}
+
     def loss(self, model):
         source = self.captured   # the objective's forward on the source batch has just run
         batch = self._target_batch(self.calls)
@@ -106,7 +107,7 @@ class Dann(Strategy):
         lam = reversal_coefficient(self.cfg.lam, self.calls / self.total, self.cfg.schedule, self.cfg.gamma)
         self.calls += 1
         loss, acc = domain_loss(self.disc, source, target, lam)
-        self.last = {"dann/domain_loss": float(loss), "dann/domain_accuracy": acc, "dann/lambda": lam}
+        self.last = {"dann/domain_loss": float(loss.detach()), "dann/domain_accuracy": acc, "dann/lambda": lam}
         return self.cfg.weight * loss
 
     def metrics(self) -> dict:

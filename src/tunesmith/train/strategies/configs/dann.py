@@ -23,4 +23,6 @@ class DannConfig(StrategyConfig):
                              "constant: λ throughout.")
     gamma: float = Field(10.0, gt=0.0, description="γ of the ganin schedule.")
     hidden: int = Field(256, ge=1, description="Hidden width of the discriminator (Linear → ReLU → Linear → 2).")
+    lr: float | None = Field(None, gt=0.0, description="Learning rate of the discriminator (null: 10 × train.lr, "
+                                                       "as Ganin et al. train it faster than the encoder).")
     model_config = {**StrategyConfig.model_config, "populate_by_name": True, "serialize_by_alias": True}
