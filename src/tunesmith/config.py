@@ -17,10 +17,11 @@ from .errors import ConfigError, did_you_mean
 from .methods import registry
 from .methods.registry import MethodConfig
 from .models.config import ModelConfig
-from .train import objectives
+from .train import objectives, regularizers
 from .train.objectives import ObjectiveConfig
 from .train import strategies
 from .train.strategies import StrategyConfig
+from .train.regularizers import Regularizer
 
 SECTIONS = ("model", "method", "objective", "data", "train", "output", "init_from", "strategies")
 _UNITS = {"b": 1, "kb": 1e3, "mb": 1e6, "gb": 1e9, "tb": 1e12, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
@@ -49,8 +50,22 @@ class TrainConfig(BaseModel):
     grad_accum: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
     max_seq_len: int = Field(512, ge=8, description="Tokens per example after truncation (block size when packing).")
     seed: int = Field(42, description="Seed for initialisation, data order, splits and dropout.")
-    scheduler: Literal["constant", "linear", "cosine"] = Field("cosine", description="Learning-rate schedule after warmup.")
+    scheduler: Literal["constant", "linear", "cosine", "cosine_with_restarts", "polynomial", "warmup_stable_decay"] = Field(
+        "cosine", description="Learning-rate schedule after warmup (transformers' get_scheduler): constant, linear "
+                              "or cosine decay to 0, cosine_with_restarts (num_cycles hard restarts), polynomial "
+                              "(to lr_end with power), warmup_stable_decay (constant, then decay over "
+                              "num_decay_steps; default the last 10%). Options in scheduler_options.")
+    scheduler_options: dict[str, float | int | str] = Field(
+        default_factory=dict, description="Keyword arguments of the schedule's transformers function, e.g. "
+                                          "{num_cycles: 2} for cosine_with_restarts, {power: 2, lr_end: 1e-6} for "
+                                          "polynomial, {num_decay_steps: 100, min_lr_ratio: 0.1} for "
+                                          "warmup_stable_decay.")
     warmup_steps: int = Field(0, ge=0, description="Linear warmup steps from 0 to lr.")
+    warmup_ratio: float = Field(0.0, ge=0, lt=1, description="Warmup as a fraction of the run's steps (rounded up); "
+                                                            "set this or warmup_steps, not both.")
+    regularize: dict[str, SerializeAsAny[Regularizer]] = Field(
+        default_factory=dict, description="Regularisers by name with their fields, e.g. {neftune: {alpha: 5}, "
+                                          "label_smoothing: {epsilon: 0.1}} (docs/regularization.md lists them).")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay (matrices only).")
     optimizer: Literal["adamw", "paged_adamw_8bit"] = Field(
         "adamw", description="Optimizer: adamw (fused on CUDA) or paged_adamw_8bit (bitsandbytes, CUDA; "
@@ -114,6 +129,34 @@ class TrainConfig(BaseModel):
                              "below it, or rises above twice its start plus 1, or the gradient norm is exactly 0 "
                              "(needs max_grad_norm); a NaN/inf loss stops at once. null: only NaN/inf stops.")
     progress: bool = Field(True, description="Show a progress bar.")
+    report_to: list[str] = Field(
+        default_factory=list, description="Experiment trackers that receive every metrics.jsonl record as well: "
+                                          "tensorboard (event files in RUN_DIR/tensorboard; `pip install "
+                                          "tensorboard`), wandb (`pip install wandb`; project $WANDB_PROJECT).")
+
+    @field_validator("regularize", mode="before")
+    @classmethod
+    def _regularize(cls, v):
+        if not isinstance(v, dict):
+            raise ValueError(f"expected a mapping of regulariser names to their fields, got {v!r}")
+        out = {}
+        for name, fields in v.items():
+            try:
+                out[name] = regularizers.build(name, fields)
+            except ValidationError as e:
+                first = e.errors()[0]
+                where = ".".join(str(x) for x in first["loc"])
+                raise ValueError(f"{name}.{where}: {first['msg']} (got {first.get('input')!r})") from None
+        return out
+
+    @field_validator("report_to")
+    @classmethod
+    def _trackers(cls, v):
+        from .train.tracking import TRACKERS
+        bad = [n for n in v if n not in TRACKERS]
+        if bad:
+            raise ValueError(f"unknown tracker {bad[0]!r}{did_you_mean(bad[0], TRACKERS)}; valid: {', '.join(TRACKERS)}")
+        return v
 
     @field_validator("memory_limit")
     @classmethod
@@ -139,6 +182,8 @@ class TrainConfig(BaseModel):
     def _check(self):
         if self.max_steps is not None and self.epochs is not None:
             raise ValueError("set either max_steps or epochs, not both")
+        if self.warmup_steps and self.warmup_ratio:
+            raise ValueError("set either warmup_steps or warmup_ratio, not both")
         return self
 
 

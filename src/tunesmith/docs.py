@@ -59,7 +59,8 @@ def reference() -> str:
     from .methods import registry
     from .models.loader import ModelConfig
     parts = ["### model", table(ModelConfig, "model."), "### data", table(DataConfig, "data."),
-             "### train", table(TrainConfig, "train."), "### output", table(OutputConfig, "output."),
+             "### train", table(TrainConfig, "train."), *regularizer_tables(),
+             "### output", table(OutputConfig, "output."),
              "### method", "`method.name` picks one of the registered methods; its fields follow."]
     for name, cls in registry.all_methods().items():
         lr = cls.Config.model_validate({"name": name}).learning_rate()
@@ -87,6 +88,18 @@ def _strategies_reference() -> list[str]:
                                                                            if k not in ("init_from", "strategies")))]
     for name, cls in strategies.all_configs().items():
         parts += [f"#### strategy `{name}`\n\n{cls.summary}\n", table(cls, "strategies[].", skip=("name",))]
+    return parts
+
+
+def regularizer_tables() -> list[str]:
+    """``train.regularize``: each registered regulariser and its fields."""
+    from .train import regularizers
+    parts = ["#### train.regularize\n\nEach key names a regulariser ([regularization.md](regularization.md)); "
+             "its fields follow."]
+    for name, cls in regularizers.all_regularizers().items():
+        parts.append(f"##### `{name}`\n\n{cls.summary}\n")
+        if len(cls.model_fields) > 1:
+            parts.append(table(cls, f"train.regularize.{name}.", skip=("name",)))
     return parts
 
 

@@ -105,7 +105,8 @@ def _validate(raw: list[Row], fmt: str, on_error: str, skips: _Skips, path: str)
 
 
 def _check_txt(path: str, fmt: str) -> None:
-    if (os.path.isdir(path) or path.lower().endswith(".txt")) and fmt != "text":
+    from .hub import is_datasets_source
+    if (os.path.isdir(path) or path.lower().endswith(".txt")) and fmt != "text" and not is_datasets_source(path):
         raise DataError(f"{path}: plain text (.txt) is read as format text (one document per file or per "
                         f"blank-line block, see data.txt_documents), not {fmt}; set data.format to text or auto")
 
@@ -157,8 +158,13 @@ def build_datasets(cfg: DataConfig, tokenizer, *, max_seq_len: int, objective, s
             raise DataError(str(e).split(": ", 1)[-1]) from None
     if max_seq_len < 1:
         raise DataError(f"max_seq_len must be >= 1, got {max_seq_len}")
+    if cfg.cache:   # prepared by `tunesmith prepare` (data/cache.py)
+        from .cache import load_cached
+        return load_cached(cfg, tokenizer, max_seq_len=max_seq_len, objective=objective, seed=seed)
     read = dict(on_error=cfg.on_error, txt_documents=cfg.txt_documents)
-    raw = [apply_field_map(r, cfg.field_map) for r in read_rows(cfg.train, cfg.max_rows, "train file", **read)]
+    raw = [apply_field_map(r, cfg.field_map) for r in read_rows(cfg.train, cfg.max_rows, "train file", **read,
+                                                                source=cfg.source())]
+    val_path, val_source = cfg.validation_source()
     fmt = detect_format(first_readable(raw)) if cfg.format == "auto" else cfg.format
     _check_txt(cfg.train, fmt)
     check_objective(fmt, objective)
@@ -176,20 +182,26 @@ def build_datasets(cfg: DataConfig, tokenizer, *, max_seq_len: int, objective, s
         names, mapping = label_vocab(train, cfg.label_names, cfg.train)
         known = "in data.label_names" if cfg.label_names else "among the train labels"
         train = _check_labels(train, mapping, names, known, cfg.on_error, skips, cfg.train)
-    val_name = cfg.validation or f"{cfg.train} (validation split)"
-    if cfg.validation:
-        _check_txt(cfg.validation, fmt)
-        vraw = [apply_field_map(r, cfg.field_map) for r in read_rows(cfg.validation, None, "validation file", **read)]
-        val = _validate(vraw, fmt, cfg.on_error, skips, cfg.validation)
+    val_name = val_path or f"{cfg.train} (validation split)"
+    if val_path:
+        _check_txt(val_path, fmt)
+        vraw = [apply_field_map(r, cfg.field_map)
+                for r in read_rows(val_path, None, "validation file", **read, source=val_source)]
+        val = _validate(vraw, fmt, cfg.on_error, skips, val_name)
         if transform is not None:
             val = [(loc, transform(r, fmt)) for loc, r in val]
         if mapping is not None:
-            val = _check_labels(val, mapping, names, known, cfg.on_error, skips, cfg.validation)
+            val = _check_labels(val, mapping, names, known, cfg.on_error, skips, val_name)
     elif cfg.val_split > 0:
         train, val = _split(train, cfg.val_split, seed, cfg.train)
     else:
         val = None
 
+    if cfg.augment is not None:
+        if fmt != "classification":
+            raise DataError(f"data.augment (EDA) augments classification rows; the format is {fmt!r}")
+        from .augment import augment_rows
+        train = augment_rows(train, cfg.augment, seed)
     truncated = 0
 
     def tok(rows, path: str) -> TokenizedDataset:
@@ -210,7 +222,7 @@ def build_datasets(cfg: DataConfig, tokenizer, *, max_seq_len: int, objective, s
         train_rows=len(train_ds), validation_rows=len(val_ds) if val_ds is not None else 0,
         skipped=skips.count, skipped_reasons=skips.reasons, train_tokens=train_ds.num_tokens(),
         label_names=names, num_labels=len(names) if names is not None else None, format=fmt,
-        rows_read=len(raw) + (len(vraw) if cfg.validation else 0), truncated=truncated,
+        rows_read=len(raw) + (len(vraw) if val_path else 0), truncated=truncated,
         skipped_kinds=dict(skips.kinds), max_seq_len=max_seq_len, truncation=cfg.truncation, packed=packing,
     )
     return train_ds, val_ds, report

@@ -18,6 +18,17 @@ CANONICAL_FIELDS = (
 from .mixture_config import MixtureEntry, check_mixture  # noqa: E402
 
 
+class EDAConfig(BaseModel):
+    """EDA augmentation of classification rows (data/augment.py)."""
+
+    model_config = ConfigDict(extra="forbid", defer_build=True)
+    num_aug: int = Field(4, ge=1, le=32, description="Augmented copies of each training row.")
+    alpha_sr: float = Field(0.1, ge=0, le=1, description="Synonym replacement: share of the words replaced.")
+    alpha_ri: float = Field(0.1, ge=0, le=1, description="Random insertion: synonyms inserted, as a share of the words.")
+    alpha_rs: float = Field(0.1, ge=0, le=1, description="Random swap: word pairs swapped, as a share of the words.")
+    p_rd: float = Field(0.1, ge=0, lt=1, description="Random deletion: probability of dropping each word.")
+
+
 class DataConfig(BaseModel):
     """Training data: files, format, validation split and error policy."""
 
@@ -119,11 +130,49 @@ class DataConfig(BaseModel):
         "that have none (merged into the first user turn if the chat template has no "
         "system role).",
     )
+    cache: str | None = Field(
+        default=None,
+        description="Directory of prepared data (`tunesmith prepare CONFIG` writes it: tokenized once, "
+        "streaming, resumable). When set, training reads the tokenized examples from there and stops with an "
+        "error when they are missing or were prepared with another tokenizer or data settings. sft and pt only.",
+    )
+    hf_split: str = Field(
+        default="train",
+        description="When data.train is a Hugging Face datasets name or a folder of data files (not a file, and "
+        "not a folder of .txt files): the split to train on.",
+    )
+    hf_validation_split: str | None = Field(
+        default=None,
+        description="With a datasets source and no data.validation: the split of the same source to "
+        "validate on (e.g. validation or test); unset: val_split of the training split is held out.",
+    )
+    hf_subset: str | None = Field(default=None, description="The datasets configuration (subset) name, if any.")
+    hf_streaming: bool = Field(
+        default=False,
+        description="Read a datasets source row by row (datasets' streaming mode) instead of loading it whole "
+        "first; with `tunesmith prepare` a corpus larger than memory is tokenized as it streams.",
+    )
+    augment: EDAConfig | None = Field(
+        default=None,
+        description="EDA text augmentation of the training rows for classification (Wei & Zou 2019: synonym "
+        "replacement, random insertion, swap and deletion; docs/regularization.md), e.g. {num_aug: 4}. "
+        "Validation rows are never augmented.",
+    )
     label_names: list[str] | None = Field(
         default=None,
         description="Classification label order (label i = label_names[i]). Unset: integer "
         "labels are used as-is (must cover 0..K-1), string labels are sorted.",
     )
+
+    def source(self, split: str | None = None) -> dict:
+        """What data/hub.py needs to read a datasets source (``split``: instead of hf_split)."""
+        return {"split": split or self.hf_split, "subset": self.hf_subset, "streaming": self.hf_streaming}
+
+    def validation_source(self) -> tuple[str | None, dict]:
+        """(the validation path, its source options): data.validation, or hf_validation_split of data.train."""
+        if self.validation is None and self.hf_validation_split:
+            return self.train, self.source(self.hf_validation_split)
+        return self.validation, self.source()
 
     @field_validator("field_map")
     @classmethod

@@ -46,11 +46,24 @@ def resolve_path(path: str, what: str = "data file", dirs: bool = False) -> str:
 
 
 def read_rows(path: str, max_rows: int | None = None, what: str = "data file", *, on_error: str = "raise",
-              txt_documents: str = "file") -> list[Row]:
+              txt_documents: str = "file", source: dict | None = None) -> list[Row]:
     """All rows of ``path`` (at most ``max_rows``); DataError on an unknown suffix or an empty file, and
     on the first unreadable row when ``on_error`` is raise."""
-    full = resolve_path(path, what, dirs=True)
-    if os.path.isdir(full):
+    out = list(iter_rows(path, max_rows, what, on_error=on_error, txt_documents=txt_documents, source=source))
+    if not out:
+        raise DataError(f"{path}: file has no rows")
+    return out
+
+
+def iter_rows(path: str, max_rows: int | None = None, what: str = "data file", *, on_error: str = "raise",
+              txt_documents: str = "file", source: dict | None = None) -> Iterator[Row]:
+    """The rows of ``path`` one at a time (read_rows without holding them; an empty file yields none).
+    A datasets name or folder (data/hub.py) is read through the datasets library with ``source``'s split,
+    subset and streaming."""
+    from .hub import datasets_rows, is_datasets_source
+    if is_datasets_source(path):
+        rows = datasets_rows(path, **(source or {}))
+    elif os.path.isdir(full := resolve_path(path, what, dirs=True)):
         rows = itertools.chain.from_iterable(_txt(f, os.path.join(path, os.path.relpath(f, full)), txt_documents)
                                              for f in _txt_files(full, path))
     else:
@@ -62,14 +75,10 @@ def read_rows(path: str, max_rows: int | None = None, what: str = "data file", *
             rows = readers[suffix](full, path)
         else:
             raise DataError(f"{path}: unknown file type {suffix!r}; expected one of {', '.join(SUFFIXES)}")
-    out = []
     for row in itertools.islice(rows, max_rows):
         if row.error and on_error == "raise":
             raise DataError(row.error)
-        out.append(row)
-    if not out:
-        raise DataError(f"{path}: file has no rows")
-    return out
+        yield row
 
 
 def first_readable(rows: list[Row]) -> Row:

@@ -69,8 +69,17 @@ def tokenize_lm(rows, fmt: str, tokenizer, renderer: ChatRenderer, *, max_seq_le
 
 def _text(rows, tokenizer, *, max_seq_len: int, packing: bool) -> Tokenized:
     """One document per row: ``bos? + text + eos``; packed into max_seq_len blocks if asked."""
+    return text_blocks(text_docs(rows, tokenizer), max_seq_len=max_seq_len, packing=packing)
+
+
+def text_docs(rows, tokenizer) -> list[list[int]]:
+    """``bos? + text + eos`` token ids of each ``(loc, {"text"})`` row."""
     bos, eos = bos_ids(tokenizer), eos_id(tokenizer)
-    docs = [bos + ids + [eos] for ids in _encode_many(tokenizer, [r["text"] for _, r in rows])]
+    return [bos + ids + [eos] for ids in _encode_many(tokenizer, [r["text"] for _, r in rows])]
+
+
+def text_blocks(docs, *, max_seq_len: int, packing: bool) -> Tokenized:
+    """Documents laid end to end and cut into max_seq_len blocks (packing), or each cut to max_seq_len."""
     out = Tokenized()
     if packing:
         stream = [t for doc in docs for t in doc]

@@ -30,10 +30,10 @@ from ..errors import TrainingDiverged
 from ..methods import registry
 from ..models.loader import (base_reference, is_encoder_decoder, load_model, load_tokenizer, model_kind, quiet_progress,
                              resolve_device)
-from . import accel, checkpoint, continual, objectives, per_task, speed
+from . import accel, checkpoint, continual, objectives, per_task, regularizers, speed, tracking
 from .divergence import Divergence, nonfinite_weights
 from .loop import Batches, Loop, LoopState, evaluate
-from .optim import build_optimizer, build_scheduler
+from .optim import build_optimizer, build_scheduler, check_scheduler
 from .report import MetricsLog, format_summary, peak_memory_gib, plot_losses
 
 
@@ -70,7 +70,7 @@ def resolve_objective(cfg: RunConfig) -> str:
     train_file, fmt, field_map = first_source(cfg.data)
     if fmt == "auto":
         rows = read_rows(train_file, max_rows=100 if cfg.data.on_error == "skip" else 1,
-                         on_error=cfg.data.on_error, txt_documents=cfg.data.txt_documents)
+                         on_error=cfg.data.on_error, txt_documents=cfg.data.txt_documents, source=cfg.data.source())
         fmt = detect_format(apply_field_map(first_readable(rows), field_map))
     return objectives.for_format(fmt, encoder_decoder=is_encoder_decoder(cfg.model))
 
@@ -164,6 +164,9 @@ def run(cfg: RunConfig, resume: Path | None = None) -> RunResult:
     cfg = cfg.model_copy(update={"objective": ocfg, "train": cfg.train.model_copy(update={"objective": objective_name})})
     cfg, lr_source = config_mod.with_method_lr(cfg)
     eval_training.resolve(cfg.train.eval_metrics, objectives.get(ocfg))  # before anything is loaded
+    regularizers.check(cfg.train, ocfg)
+    tracking.check(cfg.train.report_to)
+    check_scheduler(cfg.train)
     built = build(cfg, ocfg)
     # run_dir: set once the run owns a directory (a new one, or a resumed one once training starts)
     progress = {"state": LoopState(), "wall": 0.0, "run_dir": None, "lr_source": lr_source}
@@ -190,6 +193,7 @@ def _train(cfg: RunConfig, resume: Path | None, built, t_start: float, progress:
     tokens = accel.packed_tokens(cfg.train) or cfg.train.batch_size * cfg.train.max_seq_len
     tc, speed_report = speed.resolve(cfg.train, model, type(method), device, tokens)
     objective.configure(tc)  # again, with the speed fields resolved (the compiled loss chunk follows train.compile)
+    regularizers.apply(tc, model)   # before compile: embedding noise, dropout rates
     accel.after_method(model, tc)
     pad_id = pad_id_for(tokenizer)
     batches = Batches(train_ds, tc.batch_size, tc.seed, pad_id, device, packed_tokens=accel.packed_tokens(tc))
@@ -216,7 +220,8 @@ def _train(cfg: RunConfig, resume: Path | None, built, t_start: float, progress:
     if resume:
         state, progress["wall"] = _restore(run_dir, method, model, optimizer, scheduler, total_steps)
     progress["state"], progress["run_dir"] = state, run_dir
-    log = MetricsLog(run_dir / "metrics.jsonl", resume_step=state.step if resume else None)
+    log = tracking.Tracked(MetricsLog(run_dir / "metrics.jsonl", resume_step=state.step if resume else None),
+                           tc.report_to, run_dir, cfg.model_dump(mode="json"))
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     metric_names = eval_training.resolve(tc.eval_metrics, objective)
     metric_kwargs = dict(tokenizer=tokenizer, label_names=report.label_names, limit=eval_limit and eval_limit *
@@ -251,12 +256,13 @@ def _train(cfg: RunConfig, resume: Path | None, built, t_start: float, progress:
         on_eval(state)
     first = next((r["loss"] for r in log.read() if r["split"] == "train"), None)
     guard = Divergence(uniform=objective.uniform_loss(model), patience=tc.divergence_steps or 1 << 30, start=first)
-    loop = Loop(model=model, method=method, objective=objective, optimizer=optimizer, scheduler=scheduler,
+    loop = Loop(model=model, method=method, objective=regularizers.training_objective(tc, objective), optimizer=optimizer, scheduler=scheduler,
                 batches=batches, cfg=tc, device=device, precision=precision, total_steps=total_steps,
                 on_eval=on_eval, on_checkpoint=on_checkpoint, log=log.write, divergence=guard, strategies=terms)
     state = loop.run(state)
     after_train = evaluate(model, objective, train_probe(), precision, device)
     log.write({"step": state.step, "split": "train_probe", **after_train})
+    log.close()
     _check_weights(named, state.step)
     artifact = _save_artifact(method, model, tokenizer, run_dir, base_reference(cfg.model))
     summary = _finish(cfg, run_dir, model, method, state, log.read(), report, artifact, device, t_start)

@@ -1,4 +1,4 @@
-"""Child process of test_estimate: the resident-memory peak a short training run adds, beside the estimate.
+"""Child process of bench/cpu_estimate_peaks.py: the resident-memory peak a short training run adds, beside the estimate.
 
     python rss_child.py CONFIG.json  →  prints one JSON line {"measured": bytes, "estimated": bytes, ...}
 
