@@ -96,3 +96,18 @@ def test_example_configs_validate(name):
             config_mod.validate(merged, f"{path} stages[{i}] ({stage})")
     else:
         config_mod.validate(data, str(path))
+
+
+def test_pretraining_then_sft_chain_carries_the_adapter(tmp_path):
+    from helpers import alpaca_rows
+    text = write_jsonl(tmp_path / "domain.jsonl", [{"text": f"{r['instruction']} {r['output']}"} for r in alpaca_rows(16)])
+    sft = write_jsonl(tmp_path / "sft.jsonl", alpaca_rows(16, seed=3))
+    base = run_config(text, tmp_path, {"name": "lora", "r": 2}, max_steps=1)
+    base.pop("data")
+    base["output"]["dir"] = str(tmp_path / "da")
+    base["stages"] = [{"name": "pt", "data": {"train": str(text), "format": "text"}, "train": {"objective": "pt"}},
+                      {"name": "sft", "data": {"train": str(sft)}, "train": {"objective": "sft"}}]
+    pt, ft = tunesmith.train(base)
+    assert (ft.run_dir / "adapter").is_dir() and f"init_from: {pt.run_dir}" in (ft.run_dir / "config.yaml").read_text()
+    assert not (tmp_path / "da" / "forgetting.json").exists()     # different objectives: no matrix
+    assert json.loads((tmp_path / "da" / "stages.json").read_text())["stages"][1]["name"] == "sft"
