@@ -204,6 +204,9 @@ class DataConfig(BaseModel):
             raise ValueError("set data.train or data.mixture, not both")
         if self.mixture is not None:
             check_mixture(self.mixture)
+            if self.cache:
+                raise ValueError("data.cache holds one prepared dataset; a data.mixture is tokenized per entry "
+                                 "at the start of the run: unset data.cache")
         return self
 
     @model_validator(mode="after")
