@@ -141,7 +141,7 @@ class Loop:
 
     def __init__(self, *, model, method, objective, optimizer, scheduler, batches: Batches, cfg, device,
                  precision: str, total_steps: int, on_eval, on_checkpoint, log, divergence: Divergence | None = None,
-                 strategies=()):
+                 strategies=(), parallel=None):
         self.model, self.method, self.objective = model, method, objective
         self.optimizer, self.scheduler, self.batches = optimizer, scheduler, batches
         self.cfg, self.device, self.precision = cfg, device, precision
@@ -152,15 +152,19 @@ class Loop:
         self.params = [p for p in model.parameters() if p.requires_grad] + [p for s in self.strategies
                                                                              for p in s.parameters()]
         self.first_step_peak_gib: float | None = None  # CUDA: the peak of this process's first step
+        if parallel is None:
+            from .distributed import Single
+            parallel = Single()
+        self.parallel = parallel  # train/distributed.py: the collectives of a run of several processes
 
     def step(self, state: LoopState) -> dict:
         """One optimizer step over ``grad_accum`` micro-batches; returns its log record."""
         cfg, model = self.cfg, self.model
         micro_batches = [self.batches.get(state.micro + i) for i in range(cfg.grad_accum)]
-        denom = max(1, sum(self.objective.count(b) for b in micro_batches))
+        denom = max(1, self.parallel.total(sum(self.objective.count(b) for b in micro_batches)))  # all processes
         self.method.on_step_begin(model, state.step)
         total, sums = [], {}  # loss sums as tensors: read once the optimizer step is queued (no wait before it)
-        for batch in micro_batches:
+        for i, batch in enumerate(micro_batches):
             with autocast(self.device, self.precision):
                 loss_sum, _, extra = self.objective.loss(model, batch)
                 loss = loss_sum / denom
@@ -169,12 +173,14 @@ class Loop:
                     loss = loss + reg / len(micro_batches)
                 for strategy in self.strategies:
                     loss = loss + strategy.loss(model) / len(micro_batches)
+            self.parallel.before_backward(model, last=i == len(micro_batches) - 1)  # sync on the last only
             loss.backward()
             for k, v in extra.items():
                 if k != "records":
                     sums[k] = sums[k] + v if k in sums else v
             total.append(loss_sum.detach())
             state.tokens += real_tokens(batch)
+        self.parallel.sync_grads(self.params)
         grad_norm = None
         if cfg.max_grad_norm is not None:
             grad_norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.max_grad_norm)
@@ -185,6 +191,7 @@ class Loop:
         self.optimizer.zero_grad(set_to_none=True)
         state.step += 1
         state.micro += cfg.grad_accum
+        total, sums = self.parallel.reduce(total, sums)
         return {"step": state.step, "split": "train", "loss": sum(float(t) for t in total) / denom,
                 "lr": self.scheduler.get_last_lr()[0], "grad_norm": None if grad_norm is None else float(grad_norm),
                 **metric_means(sums, denom), **{k: v for s in self.strategies for k, v in s.metrics().items()}}
