@@ -68,6 +68,12 @@ def test_stages_chain_with_replay_and_ewc_and_write_the_matrix(tmp_path):
     again = tunesmith.train(base)
     assert [r.run_dir for r in again] == [r.run_dir for r in results]
     assert sorted(p.name for p in (tmp_path / "seq").iterdir() if p.is_dir()) == ["A", "B"]
+    # a stage stopped after its last checkpoint is resumed from it, in its own directory
+    summary = results[1].run_dir / "summary.json"
+    summary.write_text(summary.read_text().replace('"status": "completed"', '"status": "failed"'))
+    resumed = tunesmith.train(base)
+    assert [r.run_dir for r in resumed] == [r.run_dir for r in results]
+    assert json.loads(summary.read_text())["status"] == "completed"
 
 
 def test_bad_stage_fails_before_any_training(tmp_path):

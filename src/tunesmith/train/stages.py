@@ -13,8 +13,9 @@ run directory ``OUTPUT/NAME``, and from the second stage on ``init_from`` the st
   with the average forgetting of :func:`average_forgetting`.
 
 Every stage's config is validated before the first one trains. A stage whose run directory already
-holds a completed run of the same config (wherever its stage before lived) is not trained again, so a
-staged run stopped half-way is run again with the same command.
+holds a completed run of the same config (wherever its stage before lived) is not trained again, and one
+stopped with a checkpoint is resumed from it, so a staged run stopped half-way is finished by the same
+command.
 """
 from __future__ import annotations
 
@@ -127,29 +128,44 @@ def _comparable(d: dict) -> dict:
     return {**d, "output": {**(d.get("output") or {}), "dir": None}, "init_from": None}
 
 
-def completed(cfg):
-    """The RunResult of stage ``cfg`` when its run directory already holds it, completed with the same
-    config (apart from where it and the stage before live); None otherwise."""
-    from .runner import RunResult
+def matching(cfg) -> dict | None:
+    """The summary of the run in stage ``cfg``'s directory when it was started with the same config (apart
+    from where it and the stage before live; ``{}`` when it has no summary yet); None otherwise."""
     run_dir = Path(cfg.output.dir)
     try:
-        summary = json.loads((run_dir / "summary.json").read_text())
         saved = config_mod.validate(yaml.safe_load((run_dir / "config.yaml").read_text()))
     except (OSError, ValueError, ConfigError):
-        return None
-    if summary.get("status") != "completed":
         return None
     mine = config_mod.with_method_lr(cfg)[0].model_dump(mode="json")
     theirs = saved.model_dump(mode="json")
     for d in (mine, theirs):   # the objective section is filled in by the run
         d.pop("objective", None)
         d["train"].pop("objective", None)
-    return RunResult(run_dir, summary) if _comparable(mine) == _comparable(theirs) else None
+    if _comparable(mine) != _comparable(theirs):
+        return None
+    try:
+        return json.loads((run_dir / "summary.json").read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _run_stage(name: str, cfg):
+    """A completed stage is taken as it is, a stopped one resumed from its last checkpoint, else trained."""
+    from . import checkpoint, runner
+    run_dir = Path(cfg.output.dir)
+    summary = matching(cfg)
+    if summary is not None and summary.get("status") == "completed":
+        print(f"stage {name}: {run_dir} already holds this stage, completed; not trained again",
+              file=sys.stderr, flush=True)
+        return runner.RunResult(run_dir, summary)
+    if summary is not None and checkpoint.list_checkpoints(run_dir / "checkpoints"):
+        print(f"stage {name}: resuming {run_dir} from its last checkpoint", file=sys.stderr, flush=True)
+        return runner.run(cfg, resume=run_dir)
+    return runner.run(cfg)
 
 
 def run(data_or_path, overrides=None) -> list:
     """Train every stage in order; returns their RunResults (and writes the forgetting matrix)."""
-    from . import runner
     source = str(data_or_path) if isinstance(data_or_path, (str, Path)) else "config"
     data = config_mod.load_yaml(data_or_path) if isinstance(data_or_path, (str, Path)) else data_or_path
     cfgs, root, cross = configs(data, source, overrides)
@@ -158,11 +174,7 @@ def run(data_or_path, overrides=None) -> list:
     for name, cfg in zip(names, cfgs):
         if prev is not None:
             cfg = cfg.model_copy(update={"init_from": str(prev)})
-        done = completed(cfg)
-        if done is not None:
-            print(f"stage {name}: {done.run_dir} already holds this stage, completed; not trained again",
-                  file=sys.stderr, flush=True)
-        result = done or runner.run(cfg)
+        result = _run_stage(name, cfg)
         results.append(result)
         prev = result.run_dir
     record = {"stages": [{"name": n, "run_dir": str(r.run_dir)} for n, r in zip(names, results)]}
