@@ -34,6 +34,9 @@ def _overrides(kw: dict[str, Any]) -> dict[str, Any]:
 def train(config_or_path, *, resume: str | Path | None = None, **overrides):
     """Run a fine-tune. Returns ``RunResult(run_dir, metrics)`` (unpackable as a pair). The config is
     validated before torch is imported."""
+    from .train import stages
+    if resume is None and not isinstance(config_or_path, config_mod.RunConfig) and stages.is_staged(config_or_path):
+        return stages.run(config_or_path, _overrides(overrides))   # one RunResult per stage
     if resume is not None:
         cfg = config_mod.load_run(Path(resume), _overrides(overrides))
     else:

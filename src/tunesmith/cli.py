@@ -28,6 +28,10 @@ def _cmd_train(args) -> None:
     if not args.config:
         raise TunesmithError("train: give a config file (e.g. examples/quickstart.yaml) or --resume RUN_DIR")
     from . import config as config_mod
+    from .train import stages
+    if stages.is_staged(args.config):   # stages: several runs chained (docs/strategies.md)
+        stages.run(args.config, _check(args.overrides))
+        return
     cfg = config_mod.load(args.config, _check(args.overrides))  # before torch is imported: errors come at once
     from .train import runner
     runner.run(cfg)

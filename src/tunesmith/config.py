@@ -19,9 +19,11 @@ from .methods.registry import MethodConfig
 from .models.config import ModelConfig
 from .train import objectives, regularizers
 from .train.objectives import ObjectiveConfig
+from .train import strategies
+from .train.strategies import StrategyConfig
 from .train.regularizers import Regularizer
 
-SECTIONS = ("model", "method", "objective", "data", "train", "output")
+SECTIONS = ("model", "method", "objective", "data", "train", "output", "init_from", "strategies")
 _UNITS = {"b": 1, "kb": 1e3, "mb": 1e6, "gb": 1e9, "tb": 1e12, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
 
 
@@ -208,6 +210,18 @@ class RunConfig(BaseModel):
     data: DataConfig
     train: TrainConfig = Field(default_factory=TrainConfig)
     output: OutputConfig = Field(default_factory=OutputConfig)
+    init_from: str | None = Field(
+        None, description="A completed run directory to start from (same method): its final trainable weights (the "
+                          "adapter, the delta or the model's weights) are loaded after the method is applied, and "
+                          "training continues from them (docs/strategies.md).")
+    strategies: list[SerializeAsAny[StrategyConfig]] = Field(
+        default_factory=list, description="Extra loss terms plugged into the loop, each name plus its fields: ewc, "
+                                          "l2 (towards the init_from weights), dann (docs/strategies.md).")
+
+    @field_validator("strategies", mode="before")
+    @classmethod
+    def _strategies(cls, v: Any):
+        return [strategies.build_config(x) for x in (v or [])]
 
     @field_validator("method", mode="before")
     @classmethod

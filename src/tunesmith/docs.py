@@ -48,7 +48,7 @@ def table(model: type[BaseModel], prefix: str, skip: tuple[str, ...] = ()) -> st
     for name, info in model.model_fields.items():
         if name in skip:
             continue
-        rows.append(f"| `{prefix}{name}` | {_type(info)} | {_default(info)} | {_cell(info.description)} |")
+        rows.append(f"| `{prefix}{info.alias or name}` | {_type(info)} | {_default(info)} | {_cell(info.description)} |")
     return "\n".join(rows)
 
 
@@ -68,6 +68,9 @@ def reference() -> str:
                      "([defaults.md](defaults.md)).\n")
         if len(cls.Config.model_fields) > 1:
             parts.append(table(cls.Config, "method.", skip=("name",)))
+    from .data.mixture_config import MixtureEntry
+    parts.insert(4, "#### `data.mixture` entries\n\n" + table(MixtureEntry, "data.mixture[]."))
+    parts += _strategies_reference()
     from .train import objectives
     parts.append("### objective\n\n`objective.name` picks one of the registered objectives (`train.objective: NAME` "
                  "is short for `objective: {name: NAME}`); its fields follow.")
@@ -76,6 +79,16 @@ def reference() -> str:
         if len(cls.Config.model_fields) > 1:
             parts.append(table(cls.Config, "objective.", skip=("name",)))
     return "\n\n".join(parts) + "\n"
+
+
+def _strategies_reference() -> list[str]:
+    from .config import RunConfig
+    from .train import strategies
+    parts = ["### init_from, strategies", table(RunConfig, "", skip=tuple(k for k in RunConfig.model_fields
+                                                                           if k not in ("init_from", "strategies")))]
+    for name, cls in strategies.all_configs().items():
+        parts += [f"#### strategy `{name}`\n\n{cls.summary}\n", table(cls, "strategies[].", skip=("name",))]
+    return parts
 
 
 def regularizer_tables() -> list[str]:

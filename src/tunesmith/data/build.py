@@ -138,13 +138,18 @@ def _split(rows: list, val_split: float, seed: int, path: str) -> tuple[list, li
             [r for i, r in enumerate(rows) if i in val_idx])
 
 
-def build_datasets(cfg: DataConfig, tokenizer, *, max_seq_len: int, objective, seed: int
+def build_datasets(cfg: DataConfig, tokenizer, *, max_seq_len: int, objective, seed: int, transform=None
                    ) -> tuple[TokenizedDataset, TokenizedDataset | None, DataReport]:
     """Read, validate, split and tokenize the data of ``cfg`` for ``objective``.
 
     ``objective``: an objective's name or config (what it declares: the data ``formats`` it reads and
-    the ``tokenized`` shape it consumes). Returns ``(train, validation or None, report)``.
+    the ``tokenized`` shape it consumes); ``transform(row, fmt)``: applied to every canonical row
+    (``data.mixture``'s task tags). Returns ``(train, validation or None, report)``; with ``cfg.mixture``
+    the mixed set of :mod:`tunesmith.data.mixture`.
     """
+    if cfg.mixture:
+        from .mixture import build_mixture
+        return build_mixture(cfg, tokenizer, max_seq_len=max_seq_len, objective=objective, seed=seed)
     if isinstance(objective, str):
         from ..train.objectives import config_class   # torch-free
         try:
@@ -170,6 +175,8 @@ def build_datasets(cfg: DataConfig, tokenizer, *, max_seq_len: int, objective, s
 
     skips = _Skips()
     train = _validate(raw, fmt, cfg.on_error, skips, cfg.train)
+    if transform is not None:
+        train = [(loc, transform(r, fmt)) for loc, r in train]
     names = mapping = None
     if fmt == "classification":  # vocabulary from the whole train file, before any split
         names, mapping = label_vocab(train, cfg.label_names, cfg.train)
@@ -181,6 +188,8 @@ def build_datasets(cfg: DataConfig, tokenizer, *, max_seq_len: int, objective, s
         vraw = [apply_field_map(r, cfg.field_map)
                 for r in read_rows(val_path, None, "validation file", **read, source=val_source)]
         val = _validate(vraw, fmt, cfg.on_error, skips, val_name)
+        if transform is not None:
+            val = [(loc, transform(r, fmt)) for loc, r in val]
         if mapping is not None:
             val = _check_labels(val, mapping, names, known, cfg.on_error, skips, val_name)
     elif cfg.val_split > 0:

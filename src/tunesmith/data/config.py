@@ -15,6 +15,9 @@ CANONICAL_FIELDS = (
 )
 
 
+from .mixture_config import MixtureEntry, check_mixture  # noqa: E402
+
+
 class EDAConfig(BaseModel):
     """EDA augmentation of classification rows (data/augment.py)."""
 
@@ -31,10 +34,31 @@ class DataConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", defer_build=True)
 
-    train: str = Field(
+    train: str | None = Field(
+        default=None,
         description="Training data file (.jsonl, .json, .csv, .parquet or .txt), or a directory of "
         ".txt files (a plain-text corpus for format text). Relative paths are resolved against "
-        "the current directory."
+        "the current directory. Required unless `mixture` is set.",
+    )
+    mixture: list[MixtureEntry] | None = Field(
+        default=None,
+        description="Several datasets trained together instead of `train` (docs/strategies.md): each "
+        "entry has its own train (and validation) file, format, field_map and task name, and optional "
+        "tag, weight, count or fraction; the other data fields apply to every entry unless the entry "
+        "sets them. Evaluation reports every task and the whole.",
+    )
+    mixing: Literal["weights", "temperature", "concat"] = Field(
+        default="weights",
+        description="How mixture entries are mixed (entries with count or fraction take exactly that "
+        "many): weights: p_i = weight_i / sum of weights; temperature: p_i proportional to "
+        "n_i^(1/temperature) (n_i: the entry's examples); concat: every example of every entry once. "
+        "With weights and temperature the run draws sum(n_i) examples, task i getting p_i of them "
+        "(sampled without replacement up to n_i, then again), once per run and the same for a seed.",
+    )
+    temperature: float = Field(
+        default=1.0, gt=0.0,
+        description="With mixing temperature: T in p_i ~ n_i^(1/T); 1 is proportional to size, larger "
+        "T moves towards uniform.",
     )
     validation: str | None = Field(
         default=None,
@@ -172,6 +196,19 @@ class DataConfig(BaseModel):
             if dupes:
                 raise ValueError(f"label_names has duplicates: {dupes!r}")
         return value
+
+    @model_validator(mode="after")
+    def _check_sources(self) -> "DataConfig":
+        if self.mixture is None and self.train is None:
+            raise ValueError("set data.train (a file) or data.mixture (a list of datasets)")
+        if self.mixture is not None and self.train is not None:
+            raise ValueError("set data.train or data.mixture, not both")
+        if self.mixture is not None:
+            check_mixture(self.mixture)
+            if self.cache:
+                raise ValueError("data.cache holds one prepared dataset; a data.mixture is tokenized per entry "
+                                 "at the start of the run: unset data.cache")
+        return self
 
     @model_validator(mode="after")
     def _check_packing(self) -> "DataConfig":

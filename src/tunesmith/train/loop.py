@@ -146,14 +146,16 @@ class Loop:
 
     def __init__(self, *, model, method, objective, optimizer, scheduler, batches: Batches, cfg, device,
                  precision: str, total_steps: int, on_eval, on_checkpoint, log, divergence: Divergence | None = None,
-                 train_step=None, parallel=None):
+                 train_step=None, strategies=(), parallel=None):
         self.model, self.method, self.objective = model, method, objective
         self.optimizer, self.scheduler, self.batches = optimizer, scheduler, batches
         self.cfg, self.device, self.precision = cfg, device, precision
         self.total_steps = total_steps
         self.on_eval, self.on_checkpoint, self.log = on_eval, on_checkpoint, log
         self.divergence = divergence or Divergence(uniform=None, patience=cfg.divergence_steps or 1 << 30)
-        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.strategies = list(strategies)  # train/strategies: extra loss terms (EWC, L2, DANN)
+        self.params = [p for p in model.parameters() if p.requires_grad] + [p for s in self.strategies
+                                                                             for p in s.parameters()]
         self.first_step_peak_gib: float | None = None  # CUDA: the peak of this process's first step
         if parallel is None:
             from .distributed import Single

@@ -45,13 +45,20 @@ def plot_losses(records: list[dict], path: Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    evals = [r for r in records if r.get("split") == "eval"]
+    tasks = sorted({k.split("/")[1] for r in evals for k in r if k.startswith("tasks/")})  # data.mixture runs
     extra = [k for k in PLOTTED if any(k in r for r in records if r.get("split") in ("train", "eval"))]
+    extra += [f"tasks/{t}/accuracy" for t in tasks if any(f"tasks/{t}/accuracy" in r for r in evals)]
     fig, axes = plt.subplots(1, 2 if extra else 1, figsize=(12 if extra else 7, 4), squeeze=False)
     ax = axes[0][0]
     for split, style in (("train", "-"), ("eval", "o-")):
         points = [(r["step"], r["loss"]) for r in records if r.get("split") == split and "loss" in r]
         if points:
             ax.plot(*zip(*points), style, label=split, lw=1 if split == "train" else 1.5)
+    for t in tasks:
+        points = [(r["step"], r[f"tasks/{t}/loss"]) for r in evals if f"tasks/{t}/loss" in r]
+        if points:
+            ax.plot(*zip(*points), "s--", label=f"eval {t}", lw=1, ms=3)
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
     ax.grid(alpha=0.3)

@@ -24,12 +24,14 @@ from ..config import RunConfig
 from ..eval import training as eval_training
 from ..data import build_datasets, pad_id_for
 from ..data.formats import apply_field_map, detect_format
+from ..data.mixture_config import first_source
 from ..data.readers import first_readable, read_rows
-from ..errors import TrainingDiverged
+from ..errors import ConfigError, TrainingDiverged
 from ..methods import registry
 from ..models.loader import (base_reference, is_encoder_decoder, load_model, load_tokenizer, model_kind, quiet_progress,
                              resolve_device)
-from . import accel, checkpoint, distributed, objectives, regularizers, sharded_checkpoint, speed, tracking
+from . import (accel, checkpoint, continual, distributed, objectives, per_task, regularizers, sharded_checkpoint, speed,
+               tracking)
 from .divergence import Divergence, nonfinite_weights
 from .loop import Batches, Loop, LoopState, evaluate
 from .step import OfflineStep
@@ -67,11 +69,11 @@ def resolve_objective(cfg: RunConfig) -> str:
     """The objective's name: the objective section's (or train.objective's), else the data format's default."""
     if cfg.objective is not None:
         return cfg.objective.name
-    fmt = cfg.data.format
+    train_file, fmt, field_map = first_source(cfg.data)
     if fmt == "auto":
-        rows = read_rows(cfg.data.train, max_rows=100 if cfg.data.on_error == "skip" else 1,
+        rows = read_rows(train_file, max_rows=100 if cfg.data.on_error == "skip" else 1,
                          on_error=cfg.data.on_error, txt_documents=cfg.data.txt_documents, source=cfg.data.source())
-        fmt = detect_format(apply_field_map(first_readable(rows), cfg.data.field_map))
+        fmt = detect_format(apply_field_map(first_readable(rows), field_map))
     return objectives.for_format(fmt, encoder_decoder=is_encoder_decoder(cfg.model))
 
 
@@ -107,6 +109,7 @@ def build(cfg: RunConfig, objective_spec):
     method_cls = registry.get(cfg.method.name)
     device = distributed.init(resolve_device(cfg.model.device))   # torchrun: this process's device
     objective.cfg.check(cfg.train, method_cls, model_kind(cfg.model))   # before any weights load
+    continual.check_init(cfg)
     accel.check(cfg.train, objective.cfg, method_cls, device)
     distributed.check(cfg.train, method_cls, objective.cfg)
     with quiet_progress(not cfg.train.progress):
@@ -126,6 +129,8 @@ def build(cfg: RunConfig, objective_spec):
     method.device = device
     model = method.apply(model)
     registry.attach(model, method)
+    if cfg.init_from:
+        continual.load_init(cfg, method, model)   # the earlier run's trained weights, trained on from here
     if method.upcast_trainable:
         for p in model.parameters():
             if p.requires_grad and p.dtype in (torch.bfloat16, torch.float16):
@@ -223,7 +228,12 @@ def _train(cfg: RunConfig, resume: Path | None, built, t_start: float, progress:
         whole = distributed.whole(batches)   # the same batches on every process
         method.prepare(model, (whole.get(i) for i in range(whole.per_epoch())), objective)
     parallel = distributed.parallelize(model, run_mode, precision, device)
+    terms = continual.build_strategies(cfg, model, method, objective, tokenizer, context, total_steps)
+    if terms and objective.online:
+        raise ConfigError(f"strategies: {', '.join(type(t).__name__ for t in terms)} add loss terms to the offline "
+                          f"step, and objective.name: {objective.cfg.name} trains online; remove them")
     optimizer = build_optimizer(method, model, tc, device)
+    continual.add_strategy_params(optimizer, terms, tc.lr)
     scheduler = build_scheduler(optimizer, tc, total_steps)
     train_step = objective.train_step(batches=batches, tokenizer=tokenizer, run=context) or OfflineStep()
     train_step.bind(model, optimizer, scheduler)
@@ -235,13 +245,19 @@ def _train(cfg: RunConfig, resume: Path | None, built, t_start: float, progress:
                                                                     resume_step=state.step if resume else None)
     log = tracking.Tracked(metrics, tc.report_to if ctx.main else [], run_dir, cfg.model_dump(mode="json"))
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    extra_metrics = eval_training.TrainingMetrics(
-        eval_training.resolve(tc.eval_metrics, objective), tokenizer=tokenizer, val_ds=val_ds,
-        label_names=report.label_names, limit=eval_limit and eval_limit * tc.batch_size, batch_size=tc.batch_size,
-        precision=precision, device=device)
+    metric_names = eval_training.resolve(tc.eval_metrics, objective)
+    metric_kwargs = dict(tokenizer=tokenizer, label_names=report.label_names, limit=eval_limit and eval_limit *
+                         tc.batch_size, batch_size=tc.batch_size, precision=precision, device=device)
+    extra_metrics = eval_training.TrainingMetrics(metric_names, val_ds=val_ds, **metric_kwargs)
+    task_eval = per_task.TaskEval(   # a mixture's validation: every task on its own, and the whole
+        val_ds, objective, lambda ds: Batches(ds, tc.batch_size, tc.seed, pad_id, device).iterate(eval_limit),
+        metric_names=metric_names, metric_kwargs=metric_kwargs, precision=precision, device=device,
+    ) if getattr(val_ds, "tasks", None) else None
 
     def on_eval(s: LoopState) -> None:
-        if val_batches:
+        if task_eval:
+            log.write({"step": s.step, "split": "eval", **task_eval(model)})
+        elif val_batches:
             records: list = []
             res = evaluate(model, objective, val_batches(), precision, device, records=records)
             if extra_metrics:
@@ -272,7 +288,7 @@ def _train(cfg: RunConfig, resume: Path | None, built, t_start: float, progress:
     loop = Loop(model=model, method=method, objective=regularizers.training_objective(tc, objective), optimizer=optimizer, scheduler=scheduler,
                 batches=batches, cfg=tc, device=device, precision=precision, total_steps=total_steps,
                 on_eval=on_eval, on_checkpoint=on_checkpoint, log=log.write, divergence=guard, parallel=parallel,
-                train_step=train_step)
+                train_step=train_step, strategies=terms)
     state = loop.run(state)
     after_train = evaluate(model, objective, train_probe(), precision, device)
     log.write({"step": state.step, "split": "train_probe", **after_train})

@@ -62,6 +62,8 @@ class OfflineStep:
                 reg = loop.method.regularization(model)
                 if reg is not None:
                     loss = loss + reg / len(micro_batches)
+                for strategy in loop.strategies:   # train/strategies: EWC, L2, DANN
+                    loss = loss + strategy.loss(model) / len(micro_batches)
             loop.parallel.before_backward(model, last=i == len(micro_batches) - 1)  # sync on the last only
             loss.backward()
             for k, v in extra.items():
@@ -74,4 +76,5 @@ class OfflineStep:
         state.micro += cfg.grad_accum
         total, sums = loop.parallel.reduce(total, sums)
         return {"step": state.step, "split": "train", "loss": sum(float(t) for t in total) / denom,
-                "lr": loop.scheduler.get_last_lr()[0], "grad_norm": grad_norm, **metric_means(sums, denom)}
+                "lr": loop.scheduler.get_last_lr()[0], "grad_norm": grad_norm, **metric_means(sums, denom),
+                **{k: v for s in loop.strategies for k, v in s.metrics().items()}}

@@ -100,7 +100,8 @@ def create_app(runs_dir: str | Path = "runs", api_key: str | None = None, device
         if cfg is None:
             return JSONResponse(answer, status_code=400)
         from ..data.readers import resolve_path
-        resolve_path(cfg.data.train, dirs=True)       # the runner's DataError, before any directory is made
+        for train in [cfg.data.train] if cfg.data.train else [e.train for e in cfg.data.mixture]:
+            resolve_path(train, dirs=True)       # the runner's DataError, before any directory is made
         run_dir = jobs.reserve(cfg.output.dir)
         data = schema_mod.to_config(*_form(body))
         data.setdefault("output", {})["dir"] = str(run_dir)

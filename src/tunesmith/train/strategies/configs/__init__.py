@@ -1,0 +1,1 @@
+"""Strategy configs, one file each (pydantic only)."""
