@@ -11,6 +11,16 @@ from .errors import TunesmithError
 
 def _cmd_train(args) -> None:
     from . import api
+    from .train import launch
+    if args.nproc is not None and args.nproc > 1 and not launch.inside_torchrun():
+        if args.config and not args.resume:
+            from . import config as config_mod
+            config_mod.load(args.config, _check(args.overrides))  # errors now, not in N processes
+        rest = ([args.config] if args.config else []) + args.overrides + (["--resume", args.resume] if args.resume else [])
+        code = launch.launch(args.nproc, rest)
+        if code:
+            sys.exit(code)
+        return
     if args.resume:
         overrides = ([args.config] if args.config and "=" in args.config else []) + args.overrides
         api.train(None, resume=args.resume, **dict(o.split("=", 1) for o in _check(overrides)))
@@ -51,6 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("config", nargs="?", help="YAML config file")
     t.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. train.lr=1e-4")
     t.add_argument("--resume", metavar="RUN_DIR", help="continue a stopped run from its last checkpoint")
+    t.add_argument("--nproc", type=int, metavar="N", help="train on N processes (GPUs) through torchrun "
+                                                         "(train.parallel; docs/distributed.md)")
     t.set_defaults(fn=_cmd_train)
     m = sub.add_parser("methods", help="list the registered fine-tuning methods")
     m.set_defaults(fn=_cmd_methods)

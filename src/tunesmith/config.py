@@ -131,6 +131,13 @@ class TrainConfig(BaseModel):
         default_factory=list, description="Experiment trackers that receive every metrics.jsonl record as well: "
                                           "tensorboard (event files in RUN_DIR/tensorboard; `pip install "
                                           "tensorboard`), wandb (`pip install wandb`; project $WANDB_PROJECT).")
+    parallel: Literal["auto", "fsdp", "ddp"] = Field(
+        "auto", description="With more than one process (`torchrun --nproc_per_node N -m tunesmith train`, or "
+                            "`tunesmith train CONFIG --nproc N`): fsdp shards weights, gradients and optimizer states "
+                            "over the processes (FSDP2); ddp keeps the whole model on each and averages the gradients once "
+                            "a step; auto: ddp where weights, gradients and AdamW states take at most half a GPU's "
+                            "memory (always on the CPU) or the method's hooks need whole tensors, else fsdp "
+                            "(docs/distributed.md). Ignored with one process.")
 
     @field_validator("regularize", mode="before")
     @classmethod

@@ -146,7 +146,7 @@ class Loop:
 
     def __init__(self, *, model, method, objective, optimizer, scheduler, batches: Batches, cfg, device,
                  precision: str, total_steps: int, on_eval, on_checkpoint, log, divergence: Divergence | None = None,
-                 train_step=None):
+                 parallel=None, train_step=None):
         self.model, self.method, self.objective = model, method, objective
         self.optimizer, self.scheduler, self.batches = optimizer, scheduler, batches
         self.cfg, self.device, self.precision = cfg, device, precision
@@ -155,6 +155,10 @@ class Loop:
         self.divergence = divergence or Divergence(uniform=None, patience=cfg.divergence_steps or 1 << 30)
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.first_step_peak_gib: float | None = None  # CUDA: the peak of this process's first step
+        if parallel is None:
+            from .distributed import Single
+            parallel = Single()
+        self.parallel = parallel  # train/distributed.py: the collectives of a run of several processes
         if train_step is None:
             from .step import OfflineStep
             train_step = OfflineStep()

@@ -29,7 +29,7 @@ from ..errors import TrainingDiverged
 from ..methods import registry
 from ..models.loader import (base_reference, is_encoder_decoder, load_model, load_tokenizer, model_kind, quiet_progress,
                              resolve_device)
-from . import accel, checkpoint, objectives, regularizers, speed, tracking
+from . import accel, checkpoint, distributed, objectives, regularizers, sharded_checkpoint, speed, tracking
 from .divergence import Divergence, nonfinite_weights
 from .loop import Batches, Loop, LoopState, evaluate
 from .step import OfflineStep
@@ -105,14 +105,16 @@ def build(cfg: RunConfig, objective_spec):
     objective = objectives.get(objective_spec)
     objective.configure(cfg.train)
     method_cls = registry.get(cfg.method.name)
-    device = resolve_device(cfg.model.device)
+    device = distributed.init(resolve_device(cfg.model.device))   # torchrun: this process's device
     objective.cfg.check(cfg.train, method_cls, model_kind(cfg.model))   # before any weights load
     accel.check(cfg.train, objective.cfg, method_cls, device)
+    distributed.check(cfg.train, method_cls, objective.cfg)
     with quiet_progress(not cfg.train.progress):
         tokenizer = load_tokenizer(cfg.model)
     train_ds, val_ds, report = build_datasets(cfg.data, tokenizer, max_seq_len=cfg.train.max_seq_len,
                                               objective=objective.cfg, seed=cfg.train.seed)
-    print(report.line(), file=sys.stderr, flush=True)
+    if distributed.context().main:
+        print(report.line(), file=sys.stderr, flush=True)
     with quiet_progress(not cfg.train.progress):
         model = load_model(cfg.model, task=objective.task, num_labels=objective.num_labels or report.num_labels,
                            vocab_size=len(tokenizer), seed=cfg.train.seed,
@@ -189,12 +191,14 @@ def _train(cfg: RunConfig, resume: Path | None, built, t_start: float, progress:
     precision = precision_for(cfg, device)
     tokens = accel.packed_tokens(cfg.train) or cfg.train.batch_size * cfg.train.max_seq_len
     tc, speed_report = speed.resolve(cfg.train, model, type(method), device, tokens)
+    run_mode = distributed.mode(tc, method, model, device)
+    tc, ctx = distributed.resolved_train(tc, run_mode), distributed.context()
     objective.configure(tc)  # again, with the speed fields resolved (the compiled loss chunk follows train.compile)
     regularizers.apply(tc, model)   # before compile: embedding noise, dropout rates
     accel.after_method(model, tc)
     pad_id = pad_id_for(tokenizer)
-    batches = Batches(train_ds, tc.batch_size, tc.seed, pad_id, device, packed_tokens=accel.packed_tokens(tc),
-                      raw=objective.online)
+    batches = distributed.train_batches(train_ds, tc.batch_size, tc.seed, pad_id, device, accel.packed_tokens(tc))
+    batches.raw = objective.online   # online objectives take their prompts' examples as they are
     steps_per_epoch = max(1, batches.per_epoch() // tc.grad_accum)
     total_steps = tc.max_steps or max(1, math.ceil((tc.epochs or 1.0) * steps_per_epoch))
     method.on_train_begin(model, total_steps)  # before anything is written: it may refuse the config
@@ -204,23 +208,28 @@ def _train(cfg: RunConfig, resume: Path | None, built, t_start: float, progress:
     probe_n = min(eval_limit or 4, 4)
     train_probe = lambda: batches.iterate(probe_n)  # noqa: E731  fixed slice of train, before/after
 
-    run_dir = Path(resume) if resume else new_run_dir(cfg.output.dir)
+    run_dir = Path(resume) if resume else distributed.broadcast(new_run_dir(cfg.output.dir) if ctx.main else None)
     progress["run_dir"] = None if resume else run_dir
-    (run_dir / "config.yaml").write_text(config_mod.dump(cfg))
+    if ctx.main:
+        (run_dir / "config.yaml").write_text(config_mod.dump(cfg))
     state = LoopState()
     context = RunContext(cfg=cfg, train=tc, device=device, precision=precision, pad_id=pad_id, run_dir=run_dir)
     objective.prepare(model, method, [train_ds, val_ds], run=context)   # a reference policy, cached log-probs
     if not resume:
-        method.prepare(model, (batches.get(i) for i in range(batches.per_epoch())), objective)
+        whole = distributed.whole(batches)   # the same batches on every process
+        method.prepare(model, (whole.get(i) for i in range(whole.per_epoch())), objective)
+    parallel = distributed.parallelize(model, run_mode, precision, device)
     optimizer = build_optimizer(method, model, tc, device)
     scheduler = build_scheduler(optimizer, tc, total_steps)
     train_step = objective.train_step(batches=batches, tokenizer=tokenizer, run=context) or OfflineStep()
     train_step.bind(model, optimizer, scheduler)
     if resume:
-        state, progress["wall"] = _restore(run_dir, method, model, optimizer, scheduler, total_steps, train_step)
+        state, progress["wall"] = _restore(run_dir, method, model, optimizer, scheduler, total_steps,
+                                           run_mode, tc.batch_size * ctx.world, train_step)
     progress["state"], progress["run_dir"] = state, run_dir
-    log = tracking.Tracked(MetricsLog(run_dir / "metrics.jsonl", resume_step=state.step if resume else None),
-                           tc.report_to, run_dir, cfg.model_dump(mode="json"))
+    metrics = (MetricsLog if ctx.main else distributed.ReadOnlyLog)(run_dir / "metrics.jsonl",
+                                                                    resume_step=state.step if resume else None)
+    log = tracking.Tracked(metrics, tc.report_to if ctx.main else [], run_dir, cfg.model_dump(mode="json"))
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     extra_metrics = eval_training.TrainingMetrics(
         eval_training.resolve(tc.eval_metrics, objective), tokenizer=tokenizer, val_ds=val_ds,
@@ -237,11 +246,15 @@ def _train(cfg: RunConfig, resume: Path | None, built, t_start: float, progress:
 
     def on_checkpoint(s: LoopState) -> None:
         _check_weights(named, s.step)
+        position = {"micro": s.micro, "tokens": s.tokens, "train_time": s.train_time,
+                    "wall_time": progress["wall"] + time.perf_counter() - t_start, "step_state": train_step.state_dict()}
+        if ctx.joined:
+            sharded_checkpoint.save(run_dir / "checkpoints", s.step, method=method, model=model, optimizer=optimizer,
+                                    scheduler=scheduler, position=position, keep=tc.keep_checkpoints,
+                                    run_mode=run_mode, global_batch=tc.batch_size * ctx.world)
+            return
         checkpoint.save(run_dir / "checkpoints", s.step, trainable=method.trainable_state(model),
-                        optimizer=optimizer, scheduler=scheduler, keep=tc.keep_checkpoints,
-                        position={"micro": s.micro, "tokens": s.tokens, "train_time": s.train_time,
-                                  "wall_time": progress["wall"] + time.perf_counter() - t_start,
-                                  "step_state": train_step.state_dict()})
+                        optimizer=optimizer, scheduler=scheduler, keep=tc.keep_checkpoints, position=position)
 
     before = {}
     if not resume:
@@ -253,31 +266,44 @@ def _train(cfg: RunConfig, resume: Path | None, built, t_start: float, progress:
                        finite_only=objective.online)
     loop = Loop(model=model, method=method, objective=regularizers.training_objective(tc, objective), optimizer=optimizer, scheduler=scheduler,
                 batches=batches, cfg=tc, device=device, precision=precision, total_steps=total_steps,
-                on_eval=on_eval, on_checkpoint=on_checkpoint, log=log.write, divergence=guard, train_step=train_step)
+                on_eval=on_eval, on_checkpoint=on_checkpoint, log=log.write, divergence=guard, parallel=parallel,
+                train_step=train_step)
     state = loop.run(state)
     after_train = evaluate(model, objective, train_probe(), precision, device)
     log.write({"step": state.step, "split": "train_probe", **after_train})
     log.close()
     _check_weights(named, state.step)
-    artifact = _save_artifact(method, model, tokenizer, run_dir, base_reference(cfg.model))
+    per_rank = distributed.gather({"tokens": state.tokens, "peak_memory_gib": peak_memory_gib(device)})
+    with distributed.gathered(model):   # fsdp: whole weights, so rank 0 saves what one process saves
+        artifact = _save_artifact(method, model, tokenizer, run_dir, base_reference(cfg.model)) if ctx.main else None
+    if not ctx.main:
+        return RunResult(run_dir, distributed.broadcast(None))
     summary = _finish(cfg, run_dir, model, method, state, log.read(), report, artifact, device, t_start)
     summary.update(time_s=progress["wall"] + summary["session_time_s"], train_probe_batches=probe_n,
                    optimizer_state_bytes=optimizer_state_bytes(optimizer), artifact_bytes=path_bytes(artifact),
                    lr=tc.lr, lr_source=progress["lr_source"])
     speed_report.measured_peak_gib = loop.first_step_peak_gib
     summary["speed"] = speed_report.as_dict()
+    summary["parallel"] = {"mode": run_mode, "processes": ctx.world, "train_tokens": sum(r["tokens"] for r in per_rank),
+                           "tokens_per_s": sum(r["tokens"] for r in per_rank) / max(state.train_time, 1e-9),
+                           "peak_memory_gib": [r["peak_memory_gib"] for r in per_rank]}
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     if tc.progress:
         print(format_summary(summary), flush=True)
-    return RunResult(run_dir, summary)
+    return RunResult(run_dir, distributed.broadcast(summary))
 
 
-def _restore(run_dir: Path, method, model, optimizer, scheduler, total_steps: int,
-             train_step) -> tuple[LoopState, float]:
-    """The loop state and wall-clock seconds so far, from the newest readable checkpoint of ``run_dir``."""
-    ckpt, data = checkpoint.read_latest(run_dir, say=lambda m: print(m, file=sys.stderr, flush=True))
-    pos = checkpoint.load(ckpt, method=method, model=model, optimizer=optimizer, scheduler=scheduler, data=data)
-    train_step.load_state_dict(pos.get("step_state") or {})
+def _restore(run_dir: Path, method, model, optimizer, scheduler, total_steps: int, run_mode: str = "none",
+             global_batch: int = 0, train_step=None) -> tuple[LoopState, float]:
+    """The loop state and wall-clock seconds so far, from the newest readable checkpoint of ``run_dir``
+    (a sharded one, of a run of several processes, through train/sharded_checkpoint.py)."""
+    pos = sharded_checkpoint.restore(run_dir, method=method, model=model, optimizer=optimizer, scheduler=scheduler,
+                                     run_mode=run_mode, global_batch=global_batch)
+    if pos is None:
+        ckpt, data = checkpoint.read_latest(run_dir, say=lambda m: print(m, file=sys.stderr, flush=True))
+        pos = checkpoint.load(ckpt, method=method, model=model, optimizer=optimizer, scheduler=scheduler, data=data)
+    if train_step is not None:
+        train_step.load_state_dict(pos.get("step_state") or {})
     state = LoopState(step=pos["step"], micro=pos["micro"], tokens=pos["tokens"], train_time=pos["train_time"])
     if state.step >= total_steps:
         print(f"{run_dir}: already trained to step {state.step} of {total_steps}; writing its outputs again",
@@ -293,7 +319,8 @@ def _finish(cfg, run_dir, model, method, state, records, report, artifact, devic
 
 
 def _check_weights(named, step: int) -> None:
-    bad = nonfinite_weights(named)
+    bad = nonfinite_weights((n, distributed.local(p)) for n, p in named)   # fsdp: this process's shards
+    bad = [n for found in distributed.gather(bad) for n in found]           # every process stops, or none
     if bad:
         raise TrainingDiverged(f"the trainable weights hold NaN or infinity at step {step} "
                                f"({len(bad)} tensors, e.g. {bad[0]})", step)
@@ -301,6 +328,8 @@ def _check_weights(named, step: int) -> None:
 
 def _drop_checkpoints_from(run_dir: Path, step: int) -> None:
     """Remove the checkpoints of steps >= ``step``: their weights led to the bad steps."""
+    if not distributed.context().main:
+        return
     for ckpt in checkpoint.list_checkpoints(run_dir / "checkpoints"):
         if int(ckpt.name.split("-")[1]) >= step:
             shutil.rmtree(ckpt, ignore_errors=True)
@@ -331,6 +360,8 @@ def _diverged_message(reason: str, cfg: RunConfig, run_dir: Path) -> str:
 def _mark_failed(cfg: RunConfig, reason: str, progress: dict, t_start: float) -> None:
     """summary.json with status failed and the reason; no half-written staging or checkpoint left."""
     run_dir = progress["run_dir"]
+    if not distributed.context().main:
+        return
     shutil.rmtree(run_dir / ".saving", ignore_errors=True)
     for tmp in (run_dir / "checkpoints").glob("*.tmp"):
         shutil.rmtree(tmp, ignore_errors=True)

@@ -20,6 +20,7 @@ def optimizer_step(loop, state: LoopState) -> float | None:
     """Clip, the method's hooks around ``optimizer.step``, the scheduler, zero the gradients; the gradient
     norm before clipping (None without ``train.max_grad_norm``)."""
     cfg, model = loop.cfg, loop.model
+    loop.parallel.sync_grads(loop.params)
     grad_norm = None
     if cfg.max_grad_norm is not None:
         grad_norm = torch.nn.utils.clip_grad_norm_(loop.params, cfg.max_grad_norm)
@@ -36,7 +37,7 @@ class OfflineStep:
 
         denom = Σ objective.count(micro-batch)     # tokens or examples of the whole step, known up front
         for each micro-batch: (objective.loss / denom + method.regularization / micro-batches).backward()
-        optimizer_step
+        optimizer_step   (loop.parallel: the collectives of a run of several processes, train/distributed.py)
     """
 
     def bind(self, model, optimizer, scheduler) -> None:
@@ -51,16 +52,17 @@ class OfflineStep:
     def __call__(self, loop, state: LoopState) -> dict:
         cfg, model = loop.cfg, loop.model
         micro_batches = [loop.batches.get(state.micro + i) for i in range(cfg.grad_accum)]
-        denom = max(1, sum(loop.objective.count(b) for b in micro_batches))
+        denom = max(1, loop.parallel.total(sum(loop.objective.count(b) for b in micro_batches)))  # all processes
         loop.method.on_step_begin(model, state.step)
         total, sums = [], {}  # loss sums as tensors: read once the optimizer step is queued (no wait before it)
-        for batch in micro_batches:
+        for i, batch in enumerate(micro_batches):
             with autocast(loop.device, loop.precision):
                 loss_sum, _, extra = loop.objective.loss(model, batch)
                 loss = loss_sum / denom
                 reg = loop.method.regularization(model)
                 if reg is not None:
                     loss = loss + reg / len(micro_batches)
+            loop.parallel.before_backward(model, last=i == len(micro_batches) - 1)  # sync on the last only
             loss.backward()
             for k, v in extra.items():
                 if k != "records":
@@ -70,5 +72,6 @@ class OfflineStep:
         grad_norm = optimizer_step(loop, state)
         state.step += 1
         state.micro += cfg.grad_accum
+        total, sums = loop.parallel.reduce(total, sums)
         return {"step": state.step, "split": "train", "loss": sum(float(t) for t in total) / denom,
                 "lr": loop.scheduler.get_last_lr()[0], "grad_norm": grad_norm, **metric_means(sums, denom)}
