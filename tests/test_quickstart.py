@@ -1,4 +1,5 @@
-"""Integration: the README's quickstart on the embedded SmolLM2-135M-Instruct, as a user runs it."""
+"""Integration: the README's quickstart on the embedded SmolLM2-135M-Instruct, as a user runs it (6 of its 16
+steps, to keep the suite short: the eval loss already falls from 2.06 to about 0.70)."""
 from __future__ import annotations
 
 import json
@@ -21,7 +22,7 @@ def quickstart_run(tmp_path_factory):
     env = dict(os.environ, HF_HUB_OFFLINE="1")
     t0 = time.perf_counter()
     proc = subprocess.run([sys.executable, "-m", "tunesmith.cli", "train", "examples/quickstart.yaml",
-                           f"output.dir={out}"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=1800)
+                           f"output.dir={out}", "train.max_steps=6", "train.eval_every=3"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=1800)
     elapsed = time.perf_counter() - t0
     assert proc.returncode == 0, proc.stderr[-3000:]
     print(f"\nquickstart wall time: {elapsed:.0f} s")

@@ -90,9 +90,6 @@ def init(device: torch.device) -> torch.device:
 
 def check(tc, method_cls, objective) -> None:
     """Refuse, before any weights load, what ``train.parallel`` cannot run (one process: nothing)."""
-    if env_distributed() and getattr(objective, "online", False):
-        raise ConfigError(f"objective.name: {objective.name} generates its rollouts in one process; run it without "
-                          "torchrun / --nproc")
     if not env_distributed() or tc.parallel != "fsdp":
         return
     from ..methods.registry import Method

@@ -267,7 +267,7 @@ def _train(cfg: RunConfig, resume: Path | None, built, t_start: float, progress:
     def on_checkpoint(s: LoopState) -> None:
         _check_weights(named, s.step)
         position = {"micro": s.micro, "tokens": s.tokens, "train_time": s.train_time,
-                    "wall_time": progress["wall"] + time.perf_counter() - t_start}
+                    "wall_time": progress["wall"] + time.perf_counter() - t_start, "step_state": train_step.state_dict()}
         if ctx.joined:
             sharded_checkpoint.save(run_dir / "checkpoints", s.step, method=method, model=model, optimizer=optimizer,
                                     scheduler=scheduler, position=position, keep=tc.keep_checkpoints,
@@ -275,7 +275,7 @@ def _train(cfg: RunConfig, resume: Path | None, built, t_start: float, progress:
             return
         checkpoint.save(run_dir / "checkpoints", s.step, trainable=method.trainable_state(model),
                         optimizer=optimizer, scheduler=scheduler, keep=tc.keep_checkpoints,
-                        position={**position, "step_state": train_step.state_dict()})
+                        position=position)
 
     before = {}
     if not resume:

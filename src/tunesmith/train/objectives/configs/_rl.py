@@ -67,6 +67,10 @@ class OnlineConfig(ObjectiveConfig):
                               f"model is an {model_kind}")
         if getattr(train_cfg, "padding_free", False):
             raise ConfigError(f"train.padding_free: {self.name} pads its rollouts (set train.padding_free: false)")
+        import os
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            raise ConfigError(f"objective.name: {self.name} runs in one process (its rollouts are not sharded over "
+                              "processes); run it without torchrun or --nproc")
         from ....methods.registry import Method
         if method_cls.prepare is not Method.prepare:
             raise ConfigError(f"method.name: {method_cls.name} prepares its masks from static training batches, "
