@@ -87,12 +87,14 @@ def tunesmith_side(arch: str, prompts: list[list[int]], new: int, steps: int, wa
                             max_grad_norm=1.0)
     obj.run = SimpleNamespace(train=train, run_dir=Path(tempfile.mkdtemp()))
     examples = [{"prompt_ids": p, "prompt": "", "fields": {}, "loc": f"prompt:{i}"} for i, p in enumerate(prompts)]
+    from tunesmith.train.distributed import Single
     noop = lambda *a, **k: None  # noqa: E731
     loop = SimpleNamespace(cfg=train, model=model, params=params, optimizer=opt, scheduler=sched,
                            method=SimpleNamespace(on_step_begin=noop, before_optimizer_step=noop,
                                                   after_optimizer_step=noop),
                            batches=SimpleNamespace(get=lambda micro: {"examples": examples}, pad_id=1),
-                           device=torch.device(gc_.DEV), precision="bf16" if gc_.DEV == "cuda" else "fp32")
+                           device=torch.device(gc_.DEV), precision="bf16" if gc_.DEV == "cuda" else "fp32",
+                           parallel=Single(), strategies=[])
     step = obj.train_step(batches=loop.batches, tokenizer=None, run=obj.run)
     state = SimpleNamespace(step=0, micro=0, tokens=0)
     records = []
