@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 from pydantic import BaseModel, ConfigDict, Field
 
 from ..errors import ConfigError, did_you_mean
+from ..registering import add_config, config_name, registered_name
 
 if TYPE_CHECKING:
     import torch
@@ -214,31 +215,17 @@ def module_params(model: nn.Module, names: list[str]) -> int:
     return sum(seen.values())
 
 
-def _config_name(cls: type[MethodConfig]) -> str:
-    return cls.model_fields["name"].default
-
-
 def register_config(cls: type[MethodConfig]) -> type[MethodConfig]:
     """Class decorator: add a method's config under its ``name`` field's default."""
-    name = _config_name(cls)
-    if not isinstance(name, str):
-        raise ValueError(f"{cls.__name__}: its name field needs a default (name: Literal['x'] = 'x')")
     if getattr(cls, "family", None) not in FAMILIES:
-        raise ValueError(f"method {name}: family {getattr(cls, 'family', None)!r} not in {FAMILIES}")
-    if not getattr(cls, "summary", ""):
-        raise ValueError(f"method {name}: its config needs a one-line summary")
-    if name in _CONFIGS and _CONFIGS[name] is not cls:
-        raise ValueError(f"method name {name!r} registered twice")
-    _CONFIGS[name] = cls
+        raise ValueError(f"{cls.__name__}: family {getattr(cls, 'family', None)!r} not in {FAMILIES}")
+    add_config(_CONFIGS, cls, "method")
     return cls
 
 
 def register(cls: type[Method]) -> type[Method]:
     """Class decorator: add a method under its config's name; name, family and summary come from there."""
-    name = _config_name(cls.Config)
-    if _CONFIGS.get(name) is not cls.Config:
-        raise ValueError(f"method {cls.__name__}: its Config {cls.Config.__name__} is not registered "
-                         "(decorate it with @register_config in tunesmith/methods/configs/)")
+    name = registered_name(cls, _CONFIGS, "method", "tunesmith/methods/configs/")
     if name in _REGISTRY and _REGISTRY[name] is not cls:
         raise ValueError(f"method name {name!r} registered twice")
     cls.name, cls.family, cls.summary = name, cls.Config.family, cls.Config.summary
@@ -256,8 +243,8 @@ def _import_all(package: str, skip=frozenset()) -> None:
 def all_configs() -> dict[str, type[MethodConfig]]:
     """Every method's config by name, grouped by family; imports no torch."""
     _import_all("tunesmith.methods.configs")
-    order = sorted(_CONFIGS.values(), key=lambda c: (FAMILIES.index(c.family), _config_name(c)))
-    return {_config_name(c): c for c in order}
+    order = sorted(_CONFIGS.values(), key=lambda c: (FAMILIES.index(c.family), config_name(c)))
+    return {config_name(c): c for c in order}
 
 
 def all_methods() -> dict[str, type[Method]]:

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 from pydantic import BaseModel, ConfigDict, Field
 
 from ...errors import ConfigError, did_you_mean
+from ...registering import add_config, registered_name
 
 if TYPE_CHECKING:
     import torch
@@ -105,29 +106,17 @@ class Objective:
         return None
 
 
-def _config_name(cls) -> str:
-    return cls.model_fields["name"].default
-
-
 def register_config(cls: type[ObjectiveConfig]) -> type[ObjectiveConfig]:
     """Class decorator: add an objective's config under its ``name`` field's default."""
-    name = _config_name(cls)
-    if not isinstance(name, str) or not getattr(cls, "summary", ""):
-        raise ValueError(f"{cls.__name__}: an objective config needs name: Literal['x'] = 'x' and a summary")
     if cls.task not in TASKS:
-        raise ValueError(f"objective {name}: task {cls.task!r} not in {TASKS}")
-    if _CONFIGS.get(name, cls) is not cls:
-        raise ValueError(f"objective name {name!r} registered twice")
-    _CONFIGS[name] = cls
+        raise ValueError(f"{cls.__name__}: task {cls.task!r} not in {TASKS}")
+    add_config(_CONFIGS, cls, "objective")
     return cls
 
 
 def register(cls: type[Objective]) -> type[Objective]:
     """Class decorator: add an objective under its config's name (name and summary come from there)."""
-    name = _config_name(cls.Config)
-    if _CONFIGS.get(name) is not cls.Config:
-        raise ValueError(f"objective {cls.__name__}: its Config is not registered (@register_config in "
-                         "train/objectives/configs/)")
+    name = registered_name(cls, _CONFIGS, "objective", "train/objectives/configs/")
     cls.name, cls.summary = name, cls.Config.summary
     for attr in DECLARED:  # what the config declares, readable on the implementation too
         setattr(cls, attr, getattr(cls.Config, attr))

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any, Callable, ClassVar
 from pydantic import BaseModel, ConfigDict, Field
 
 from ...errors import ConfigError, did_you_mean
+from ...registering import add_config
 
 if TYPE_CHECKING:
     import torch
@@ -55,12 +56,7 @@ class Regularizer(BaseModel):
 
 
 def register(cls: type[Regularizer]) -> type[Regularizer]:
-    name = cls.model_fields["name"].default
-    if not isinstance(name, str) or not getattr(cls, "summary", ""):
-        raise ValueError(f"{cls.__name__}: a regulariser needs name: Literal['x'] = 'x' and a summary")
-    if _REGISTRY.get(name, cls) is not cls:
-        raise ValueError(f"regulariser name {name!r} registered twice")
-    _REGISTRY[name] = cls
+    add_config(_REGISTRY, cls, "regulariser")
     return cls
 
 

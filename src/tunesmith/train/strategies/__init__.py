@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 from pydantic import BaseModel, ConfigDict, Field
 
 from ...errors import ConfigError, did_you_mean
+from ...registering import add_config, registered_name
 
 if TYPE_CHECKING:
     import torch
@@ -82,24 +83,13 @@ class Strategy:
         return {}
 
 
-def _config_name(cls) -> str:
-    return cls.model_fields["name"].default
-
-
 def register_config(cls: type[StrategyConfig]) -> type[StrategyConfig]:
-    name = _config_name(cls)
-    if not isinstance(name, str) or not getattr(cls, "summary", ""):
-        raise ValueError(f"{cls.__name__}: a strategy config needs name: Literal['x'] = 'x' and a summary")
-    if _CONFIGS.get(name, cls) is not cls:
-        raise ValueError(f"strategy name {name!r} registered twice")
-    _CONFIGS[name] = cls
+    add_config(_CONFIGS, cls, "strategy")
     return cls
 
 
 def register(cls: type[Strategy]) -> type[Strategy]:
-    name = _config_name(cls.Config)
-    if _CONFIGS.get(name) is not cls.Config:
-        raise ValueError(f"strategy {cls.__name__}: its Config is not registered (@register_config)")
+    name = registered_name(cls, _CONFIGS, "strategy", "train/strategies/configs/")
     cls.name, cls.summary = name, cls.Config.summary
     _STRATEGIES[name] = cls
     return cls
