@@ -147,6 +147,7 @@ def test_train_watch_runs_chat_export(ui, browser):
     click(d, "#runs-table input.pick[value='run']")
     click(d, "#compare-btn")
     wait(d, lambda: d.find_elements(By.CSS_SELECTOR, "#compare-chart path.curve"), what="the comparison")
+    wait(d, lambda: "| `run (lora)` |" in text(d, "compare-tool"), what="tunesmith compare's table of the run")
     shot(d, "runs", tmp)
 
     # Evaluate: `tunesmith eval` on the run, or this build's clear answer that it has no eval yet
