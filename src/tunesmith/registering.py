@@ -3,6 +3,17 @@ pydantic config class registers: a ``name`` field with a default (``name: Litera
 one-line ``summary``, and a name no other class has taken. Imports no torch."""
 from __future__ import annotations
 
+import importlib
+import pkgutil
+
+
+def import_all(package: str, skip=frozenset()) -> None:
+    """Import every module of ``package`` (each registers itself), but ``_private`` ones and ``skip``."""
+    pkg = importlib.import_module(package)
+    for info in pkgutil.iter_modules(pkg.__path__):
+        if info.name not in skip and not info.name.startswith("_"):
+            importlib.import_module(f"{package}.{info.name}")
+
 
 def config_name(cls) -> str:
     """The name a config class registers under: its ``name`` field's default."""

@@ -12,14 +12,13 @@ packages is discovered, so a new method is one config file and one implementatio
 from __future__ import annotations
 
 import importlib
-import pkgutil
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from ..errors import ConfigError, did_you_mean
-from ..registering import add_config, config_name, registered_name
+from ..registering import add_config, config_name, import_all as _import_all, registered_name
 
 if TYPE_CHECKING:
     import torch
@@ -231,13 +230,6 @@ def register(cls: type[Method]) -> type[Method]:
     cls.name, cls.family, cls.summary = name, cls.Config.family, cls.Config.summary
     _REGISTRY[name] = cls
     return cls
-
-
-def _import_all(package: str, skip=frozenset()) -> None:
-    pkg = importlib.import_module(package)
-    for info in pkgutil.iter_modules(pkg.__path__):
-        if info.name not in skip and not info.name.startswith("_"):
-            importlib.import_module(f"{package}.{info.name}")
 
 
 def all_configs() -> dict[str, type[MethodConfig]]:

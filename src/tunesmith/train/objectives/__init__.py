@@ -12,14 +12,12 @@ imported when first asked for. Nothing else in tunesmith lists objective names.
 """
 from __future__ import annotations
 
-import importlib
-import pkgutil
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from ...errors import ConfigError, did_you_mean
-from ...registering import add_config, registered_name
+from ...registering import add_config, import_all, registered_name
 
 if TYPE_CHECKING:
     import torch
@@ -126,16 +124,12 @@ def register(cls: type[Objective]) -> type[Objective]:
 
 def all_configs() -> dict[str, type[ObjectiveConfig]]:
     """Every objective's config by name; imports no torch."""
-    pkg = importlib.import_module(f"{__name__}.configs")
-    for info in pkgutil.iter_modules(pkg.__path__):
-        importlib.import_module(f"{pkg.__name__}.{info.name}")
+    import_all(f"{__name__}.configs")
     return dict(sorted(_CONFIGS.items()))
 
 
 def all_objectives() -> dict[str, type[Objective]]:
-    for info in pkgutil.iter_modules(__path__):
-        if info.name != "configs" and not info.name.startswith("_"):
-            importlib.import_module(f"{__name__}.{info.name}")
+    import_all(__name__, skip={"configs"})
     return {name: _OBJECTIVES[name] for name in all_configs() if name in _OBJECTIVES}
 
 

@@ -17,14 +17,12 @@ YAML: ``train.regularize: {neftune: {alpha: 5}, label_smoothing: {epsilon: 0.1}}
 from __future__ import annotations
 
 import contextlib
-import importlib
-import pkgutil
 from typing import TYPE_CHECKING, Any, Callable, ClassVar
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from ...errors import ConfigError, did_you_mean
-from ...registering import add_config
+from ...registering import add_config, import_all
 
 if TYPE_CHECKING:
     import torch
@@ -61,9 +59,7 @@ def register(cls: type[Regularizer]) -> type[Regularizer]:
 
 
 def all_regularizers() -> dict[str, type[Regularizer]]:
-    for info in pkgutil.iter_modules(__path__):
-        if not info.name.startswith("_"):
-            importlib.import_module(f"{__name__}.{info.name}")
+    import_all(__name__)
     return dict(sorted(_REGISTRY.items()))
 
 

@@ -10,15 +10,13 @@ counts once per step) and logs its ``metrics()`` with the step. The loop never a
 """
 from __future__ import annotations
 
-import importlib
-import pkgutil
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from ...errors import ConfigError, did_you_mean
-from ...registering import add_config, registered_name
+from ...registering import add_config, import_all, registered_name
 
 if TYPE_CHECKING:
     import torch
@@ -97,9 +95,7 @@ def register(cls: type[Strategy]) -> type[Strategy]:
 
 def all_configs() -> dict[str, type[StrategyConfig]]:
     """Every strategy's config by name; imports no torch."""
-    pkg = importlib.import_module(f"{__name__}.configs")
-    for info in pkgutil.iter_modules(pkg.__path__):
-        importlib.import_module(f"{pkg.__name__}.{info.name}")
+    import_all(f"{__name__}.configs")
     return dict(sorted(_CONFIGS.items()))
 
 
@@ -120,9 +116,7 @@ def build_config(data: Any) -> StrategyConfig:
 
 def get(cfg: StrategyConfig) -> Strategy:
     if cfg.name not in _STRATEGIES:
-        for info in pkgutil.iter_modules(__path__):
-            if info.name != "configs" and not info.name.startswith("_"):
-                importlib.import_module(f"{__name__}.{info.name}")
+        import_all(__name__, skip={"configs"})
     if cfg.name not in _STRATEGIES:
         raise ConfigError(f"strategies: {cfg.name!r} has a config but no implementation")
     return _STRATEGIES[cfg.name](cfg)
