@@ -74,6 +74,7 @@ def empirical_fisher(model: nn.Module, batches: Iterable[dict], objective, tenso
                 for a, g in zip(acc, grads):
                     if g is not None:
                         a.addcmul_(g.float(), g.float())
+                del loss, grads   # freed before the next example's backward, not after it
                 seen += 1
             if max_samples is not None and seen >= max_samples:
                 break
@@ -82,20 +83,50 @@ def empirical_fisher(model: nn.Module, batches: Iterable[dict], objective, tenso
     return {n: a.div_(seen) for n, a in zip(names, acc)}, seen
 
 
+def release_freed() -> None:
+    """Give the heap the Fisher pass freed back to the system (glibc's ``malloc_trim``): the training
+    step after it then grows its own blocks from the weights up rather than on top of the pass's
+    fragments (which glibc keeps resident otherwise)."""
+    import ctypes
+    import gc
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):   # not glibc
+        pass
+
+
 def top_k(scores: dict[str, torch.Tensor], k: int) -> dict[str, torch.Tensor]:
-    """Flat int64 positions (sorted) of the ``k`` largest entries over all tensors together."""
+    """Flat int64 positions (sorted) of the ``k`` largest entries over all tensors together.
+
+    The k-th largest value is found first (on the CPU by an in-place selection over one flat fp32 copy,
+    4 bytes an entry; ``torch.topk`` there keeps a (value, index) pair of 16 bytes for every entry), then
+    each tensor keeps its entries above it and, in order, as many entries equal to it as make k.
+    """
     names = list(scores)
-    flat = torch.cat([scores[n].reshape(-1).float() for n in names])
-    k = max(0, min(k, flat.numel()))
-    keep = torch.zeros(flat.numel(), dtype=torch.bool, device=flat.device)
-    if k:
-        keep[torch.topk(flat, k, sorted=False).indices] = True
+    total = sum(scores[n].numel() for n in names)
+    k = max(0, min(k, total))
+    if k == 0:
+        return {n: torch.empty(0, dtype=torch.long, device=scores[n].device) for n in names}
+    flat = torch.cat([scores[n].detach().reshape(-1).float() for n in names])
+    if flat.device.type == "cpu":
+        a = flat.numpy()
+        a.partition(total - k)
+        thr = float(a[total - k])
+    else:
+        thr = float(torch.topk(flat, k, sorted=False).values.min())
     del flat
-    out, offset = {}, 0
+    out, above = {}, {}
     for n in names:
-        size = scores[n].numel()
-        out[n] = keep[offset:offset + size].nonzero().reshape(-1)
-        offset += size
+        above[n] = (scores[n].detach().reshape(-1).float() > thr).nonzero().reshape(-1)
+    ties = k - sum(v.numel() for v in above.values())
+    for n in names:
+        idx = above[n]
+        if ties > 0:
+            eq = (scores[n].detach().reshape(-1).float() == thr).nonzero().reshape(-1)[:ties]
+            ties -= eq.numel()
+            idx = torch.cat([idx, eq]).sort().values if eq.numel() else idx
+        out[n] = idx
     return out
 
 

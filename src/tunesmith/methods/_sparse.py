@@ -23,7 +23,7 @@ from torch.nn.utils import parametrize
 
 from ..models.targets import task_heads
 from . import delta
-from ._fisher import random_scores, top_k
+from ._fisher import random_scores, release_freed, top_k
 from .inject import freeze_all
 from .registry import Method, attach
 
@@ -94,12 +94,21 @@ def head_prefixes(model: nn.Module) -> tuple[str, ...]:
     return tuple(f"{h}." for h in task_heads(model))
 
 
-def fisher_bytes(model: nn.Module, act) -> float:
+def fisher_bytes(model: nn.Module, act, device: torch.device | None = None) -> float:
     """What estimating the diagonal Fisher holds beside the weights (``_fisher.empirical_fisher``): an
-    fp32 accumulator and a dense gradient of every candidate tensor, and one example's activations."""
+    fp32 accumulator of every candidate tensor, and one example's transients: a dense gradient of every
+    candidate, its activations and, for a language model, its logits (their fp32 copies as the training
+    step's loss keeps them). On the CPU the transients count twice: glibc raises its mmap threshold when
+    the first example's large blocks are freed, so the second example's come from new heap while the
+    first's stay resident. Selecting the top k afterwards (``_fisher.top_k``: the scores and one flat
+    fp32 copy) stays below it."""
+    from ..planning.estimate import LOGIT_COPIES
     heads = head_prefixes(model)
     cand = [p for n, p in model.named_parameters() if not n.startswith(heads) and p.is_floating_point()]
-    return sum(p.numel() * (4 + p.element_size()) for p in cand) + act.keep(act.seq)
+    transients = (sum(p.numel() * p.element_size() for p in cand) + act.keep(act.seq)
+                  + act.seq * act.vocab * 4.0 * LOGIT_COPIES)
+    on_cpu = device is None or torch.device(device).type == "cpu"
+    return sum(p.numel() * 4.0 for p in cand) + transients * (2 if on_cpu else 1)
 
 
 class SparseMaskMethod(Method):
@@ -146,9 +155,15 @@ class SparseMaskMethod(Method):
         return self.budget_of(cand) + sum(p.numel() for n, p in model.named_parameters() if n.startswith(heads))
 
     def memory_extras(self, model: nn.Module, act) -> dict[str, float]:
+        """The mask's indices, and the dense gradient of a base tensor that backward makes before
+        :class:`_Route` gathers it (the largest one's: the output embedding's, at the loss's peak; twice
+        on the CPU, where glibc does not reuse the first step's freed block for the second's)."""
         heads = head_prefixes(model)
-        cand = sum(p.numel() for n, p in model.named_parameters() if not n.startswith(heads) and p.is_floating_point())
-        return {"mask indices": 4.0 * self.budget_of(cand)}
+        cand = [p for n, p in model.named_parameters() if not n.startswith(heads) and p.is_floating_point()]
+        dense = max((p.numel() * p.element_size() for p in cand), default=0)
+        on_cpu = self.device is None or self.device.type == "cpu"
+        return {"mask indices": 4.0 * self.budget_of(sum(p.numel() for p in cand)),
+                "dense gradient in backward": float(dense * (2 if on_cpu else 1))}
 
     def base_tensors(self) -> dict[str, torch.Tensor]:
         """The frozen base tensor behind each parametrized parameter, by its original name."""
@@ -164,6 +179,8 @@ class SparseMaskMethod(Method):
     def prepare(self, model: nn.Module, batches, objective) -> None:
         tensors = self.base_tensors()
         self.set_masks(top_k(self.scores(model, batches, objective, tensors), self.budget_of(self.candidate_count())))
+        if next(iter(tensors.values())).device.type == "cpu":
+            release_freed()
 
     def masks(self) -> dict[str, torch.Tensor]:
         """Flat int64 positions of the trained entries, by parameter name (empty ones left out)."""

@@ -63,7 +63,7 @@ class ChildTuningD(ChildTuning, SparseMaskMethod):
         return budget(total, self.cfg.p, None)
 
     def prepare_bytes(self, model: nn.Module, act) -> float:
-        return fisher_bytes(model, act)
+        return fisher_bytes(model, act, self.device)
 
     def scores(self, model: nn.Module, batches, objective, tensors):
         fisher, self.fisher_examples = empirical_fisher(model, batches, objective, tensors, self.cfg.fisher_samples)

@@ -36,7 +36,7 @@ class FishMask(SparseMaskMethod):
 
     def prepare_bytes(self, model: nn.Module, act) -> float:
         """The Fisher: an fp32 accumulator and a dense gradient of every candidate, one example's activations."""
-        return 0.0 if self.cfg.selection == "random" else fisher_bytes(model, act)
+        return 0.0 if self.cfg.selection == "random" else fisher_bytes(model, act, self.device)
 
     def scores(self, model: nn.Module, batches, objective, tensors):
         if self.cfg.selection == "random":
