@@ -86,6 +86,12 @@ def test_damaged_adapter_inside_a_run_and_through_the_cli(trained, tmp_path, cap
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith(f"error: {run / 'adapter' / 'adapter_model.safetensors'}: ")
     assert not (tmp_path / "merged").exists()
+    for target in ("peft", "vllm", "llama.cpp"):   # export reads the tensor names from the header first
+        assert cli.main(["export", str(run), "--for", target, "--out", str(tmp_path / "out")]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith(f"error: {run / 'adapter' / 'adapter_model.safetensors'}: not a "
+                                                   "readable safetensors file"), err
+        assert not (tmp_path / "out").exists()
 
 
 def test_damaged_delta_config(tmp_path):

@@ -55,17 +55,29 @@ def test_override_errors_name_the_override_and_file_errors_the_file(alpaca_file,
     assert cli.main(["train", str(cfg), "method.name=lorra"]) == 2
     assert _error(capsys).startswith("error: override 'method.name=lorra': method.name: unknown method 'lorra' "
                                      "(did you mean 'lora'?)")
+    staged = cfg.with_name("staged.yaml")
+    staged.write_text(_yaml(tmp_path, alpaca_file).read_text() + "stages: [{name: one}, {name: two, train: {lrr: 1}}]\n")
+    assert cli.main(["train", str(staged)]) == 2
+    assert _error(capsys).startswith(f"error: {staged} stages[1] (two): train.lrr: unknown key 'lrr' (did you mean "
+                                     "'lr'?)")
+    assert cli.main(["train", str(staged), "method.rank=16"]) == 2
+    assert _error(capsys).startswith("error: override 'method.rank=16': method.rank: unknown key 'rank' (did you "
+                                     "mean 'r'?); valid keys for method lora: ")
+    assert not (tmp_path / "run").exists()
 
 
 def test_help_methods_and_config_errors_import_no_torch(alpaca_file, tmp_path):
     good = _yaml(tmp_path, alpaca_file)
     bad = good.with_name("bad.yaml")
     bad.write_text(good.read_text().replace("max_steps: 1", "max_steps: 1, lrr: 1"))
+    staged = good.with_name("staged.yaml")   # a typo in the second stage of a chained run
+    staged.write_text(good.read_text() + "stages: [{name: one}, {name: two, train: {lrr: 1}}]\n")
     probe = (
         "import sys\nfrom tunesmith import cli, config\n"
         "cli.build_parser().format_help()\n"
         "assert cli.main(['methods']) == 0\n"
         f"assert cli.main(['train', {str(bad)!r}]) == 2\n"
+        f"assert cli.main(['train', {str(staged)!r}]) == 2\n"
         f"assert cli.main(['train', {str(good)!r}, 'method.rank=2']) == 2\n"
         f"assert config.load({str(good)!r}).method.r == 2\n"
         "print('HEAVY', sorted(m for m in ('torch', 'transformers', 'matplotlib', 'numpy') if m in sys.modules))\n"

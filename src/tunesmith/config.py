@@ -413,14 +413,16 @@ def load(path_or_dict: str | Path | dict | RunConfig, overrides=None) -> RunConf
         path_or_dict = path_or_dict.model_dump(mode="json")
     source = str(path_or_dict) if isinstance(path_or_dict, (str, Path)) else "config"
     data = load_yaml(path_or_dict) if isinstance(path_or_dict, (str, Path)) else path_or_dict
-    given = {}
     if overrides:
         data = apply_overrides(data, overrides)
-        if isinstance(overrides, dict):
-            given = {k: f"{k}={v}" for k, v in overrides.items()}
-        else:
-            given = {o.split("=", 1)[0].strip(): o.strip() for o in overrides}
-    return validate(data, source, given)
+    return validate(data, source, given_overrides(overrides))
+
+
+def given_overrides(overrides) -> dict[str, str]:
+    """Dotted key -> the override as given, for :func:`validate` to blame its errors on."""
+    if isinstance(overrides, dict):
+        return {k: f"{k}={v}" for k, v in overrides.items()}
+    return {o.split("=", 1)[0].strip(): o.strip() for o in overrides or []}
 
 
 def load_run(run_dir: str | Path, overrides=None) -> RunConfig:

@@ -195,9 +195,9 @@ class Loop:
                 bar.close()
                 raise TrainingDiverged(reason, self.divergence.first_bad)
             recent.append(record["loss"])
-            bar.update(1)
             bar.set_postfix(loss=f"{record['loss']:.4f}", avg10=f"{sum(recent) / len(recent):.4f}",
-                            tok_s=f"{record['tokens_per_s']:.0f}", refresh=False)
+                            tok_s=f"{record['tokens_per_s']:.0f}", refresh=False)   # shown with this step's count
+            bar.update(1)
             if done or (cfg.eval_every and state.step % cfg.eval_every == 0):
                 self.on_eval(state)
             save_every = cfg.save_every or cfg.eval_every
