@@ -100,6 +100,22 @@ def test_right_truncation_drops_answers_and_stops_over_the_limit(tmp_path, chat_
     assert "4 dropped (4 no trainable tokens left after truncation), first: " in report.line()
 
 
+def test_prepare_stops_over_the_drop_limit_and_leaves_no_manifest(tmp_path, chat_tok):
+    from tunesmith.data.prepare import prepare
+    from tunesmith.train import objectives
+    sft = objectives.build_config("sft")
+    path = tmp_path / "d.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in long_context_rows()))
+    cfg = DataConfig(train=str(path), val_split=0, truncation="right", cache=str(tmp_path / "cache"))
+    with pytest.raises(DataError, match=r"4 of 5 rows \(80%\) would be dropped: no trainable tokens left after "
+                                        r"truncation to max_seq_len=64 with data.truncation: right, more than "
+                                        r"data.max_drop_fraction=0.05 \(first: .*d.jsonl:1: .*\). Raise"):
+        prepare(cfg, chat_tok, objective=sft, max_seq_len=64, progress=False)
+    assert not list((tmp_path / "cache").rglob("manifest.json"))   # training from it refuses to start
+    with pytest.raises(DataError, match=r"no prepared data for this config"):
+        build_datasets(cfg, chat_tok, max_seq_len=64, objective=sft, seed=0)
+
+
 # ---- empty fields -----------------------------------------------------------------------------------
 @pytest.mark.parametrize("row, field", [
     ({"instruction": "Say hi.", "output": ""}, "output"),

@@ -111,12 +111,12 @@ def _check_txt(path: str, fmt: str) -> None:
                         f"blank-line block, see data.txt_documents), not {fmt}; set data.format to text or auto")
 
 
-def _check_drops(cfg: DataConfig, skips: _Skips, rows: int, max_seq_len: int) -> None:
-    """With on_error raise: DataError when truncation would drop more than max_drop_fraction of the rows."""
-    dropped = skips.kinds.get(NO_LABELS, 0)
+def check_drops(cfg: DataConfig, dropped: int, reasons: list[str], rows: int, max_seq_len: int) -> None:
+    """With on_error raise: DataError when truncation would drop more than max_drop_fraction of the rows
+    (``dropped`` of ``rows``; ``reasons``: messages, the first drop's among them). `tunesmith prepare` too."""
     if cfg.on_error != "raise" or dropped <= cfg.max_drop_fraction * rows:
         return
-    first = next(r for r in skips.reasons if NO_LABELS in r)
+    first = next((r for r in reasons if NO_LABELS in r), "")
     raise DataError(
         f"{dropped} of {rows} rows ({dropped / rows:.0%}) would be dropped: {NO_LABELS} to "
         f"max_seq_len={max_seq_len} with data.truncation: {cfg.truncation}, more than data.max_drop_fraction="
@@ -217,7 +217,7 @@ def build_datasets(cfg: DataConfig, tokenizer, *, max_seq_len: int, objective, s
 
     train_ds = tok(train, cfg.train)
     val_ds = tok(val, val_name) if val is not None else None
-    _check_drops(cfg, skips, len(train) + len(val or []), max_seq_len)
+    check_drops(cfg, skips.kinds.get(NO_LABELS, 0), skips.reasons, len(train) + len(val or []), max_seq_len)
     report = DataReport(
         train_rows=len(train_ds), validation_rows=len(val_ds) if val_ds is not None else 0,
         skipped=skips.count, skipped_reasons=skips.reasons, train_tokens=train_ds.num_tokens(),
