@@ -66,6 +66,29 @@ def test_override_errors_name_the_override_and_file_errors_the_file(alpaca_file,
     assert not (tmp_path / "run").exists()
 
 
+def test_strategy_mixture_and_regulariser_errors_name_the_entry_and_its_own_fields(alpaca_file, tmp_path, capsys):
+    cfg = _yaml(tmp_path, alpaca_file).read_text()
+    cases = {
+        "strategies: [{name: ewc, lambdaa: 1}]\n": "strategies[0].lambdaa: unknown key 'lambdaa' (did you mean "
+                                                   "'lambda'?); valid keys for strategy ewc: name, lambda, data, ",
+        "strategies: [{name: ewcc}]\n": "strategies[0]: unknown strategy 'ewcc' (did you mean 'ewc'?); valid: ",
+        f"data: {{mixture: [{{train: {alpaca_file}, task: a, wieght: 2}}]}}\n":
+            "data.mixture[0].wieght: unknown key 'wieght' (did you mean 'weight'?); valid keys for data.mixture[0]: "
+            "train, validation, task, ",
+    }
+    for extra, message in cases.items():
+        bad = tmp_path / "bad.yaml"
+        text = cfg + extra if extra.startswith("strategies") else cfg.replace(f"data: {{train: {alpaca_file}}}\n", extra)
+        bad.write_text(text)
+        assert cli.main(["train", str(bad)]) == 2
+        assert _error(capsys).startswith(f"error: {bad}: {message}")
+    bad.write_text(cfg.replace("progress: false", "progress: false, regularize: {neftune: {alpha: -1}}"))
+    assert cli.main(["train", str(bad)]) == 2
+    assert _error(capsys) == (f"error: {bad}: train.regularize: neftune.alpha: Input should be greater than 0 "
+                              "(got -1)")   # said once
+    assert not (tmp_path / "run").exists()
+
+
 def test_help_methods_and_config_errors_import_no_torch(alpaca_file, tmp_path):
     good = _yaml(tmp_path, alpaca_file)
     bad = good.with_name("bad.yaml")
