@@ -101,6 +101,7 @@ def test_help_methods_and_config_errors_import_no_torch(alpaca_file, tmp_path):
         "assert cli.main(['methods']) == 0\n"
         f"assert cli.main(['train', {str(bad)!r}]) == 2\n"
         f"assert cli.main(['train', {str(staged)!r}]) == 2\n"
+        f"assert cli.main(['estimate', {str(bad)!r}]) == 2\n"
         f"assert cli.main(['train', {str(good)!r}, 'method.rank=2']) == 2\n"
         f"assert config.load({str(good)!r}).method.r == 2\n"
         "print('HEAVY', sorted(m for m in ('torch', 'transformers', 'matplotlib', 'numpy') if m in sys.modules))\n"
