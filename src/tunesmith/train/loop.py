@@ -179,7 +179,10 @@ class Loop:
         while state.step < self.total_steps:
             t0 = time.perf_counter()
             tokens0 = state.tokens
-            record = self.step(state)
+            try:
+                record = self.step(state)
+            except FloatingPointError as e:   # the step saw the model's outputs go non-finite (a rollout)
+                raise TrainingDiverged(f"{e} at step {state.step + 1}", state.step + 1) from None
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)
             dt = time.perf_counter() - t0
