@@ -89,6 +89,15 @@ def test_strategy_mixture_and_regulariser_errors_name_the_entry_and_its_own_fiel
     assert not (tmp_path / "run").exists()
 
 
+def test_a_config_file_that_is_not_utf8_is_named_with_its_line(alpaca_file, tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_bytes(_yaml(tmp_path, alpaca_file).read_bytes().replace(b"progress: false", b"progress: false, "
+                                                                      b"note: caf\xe9"))
+    assert cli.main(["train", str(bad)]) == 2
+    assert _error(capsys) == f"error: {bad}:4: not valid UTF-8 (byte 0xe9 at column 49); re-save the file as UTF-8"
+    assert not (tmp_path / "run").exists()
+
+
 def test_help_methods_and_config_errors_import_no_torch(alpaca_file, tmp_path):
     good = _yaml(tmp_path, alpaca_file)
     bad = good.with_name("bad.yaml")
