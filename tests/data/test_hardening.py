@@ -88,6 +88,25 @@ def test_long_context_keeps_its_answer_and_is_counted(tmp_path, chat_tok):
     assert line.endswith("0 dropped")
 
 
+@pytest.mark.parametrize("objective, rows, how", [
+    ("seq2seq", None, "source and target cut at their end"),
+    ("cls", [{"text": " ".join(["word"] * 80), "label": i % 2} for i in range(4)], "cut at the end"),
+    ("grpo", [{"prompt": " ".join(["word"] * 80), "final_answer": "1"} for _ in range(4)], "the prompt's start cut"),
+])
+def test_every_objective_counts_and_says_how_it_cut(tmp_path, objective, rows, how):
+    from tunesmith.models.loader import ModelConfig, load_tokenizer
+    tok = load_tokenizer(ModelConfig(name_or_path="random:t5" if objective == "seq2seq" else "random:llama"))
+    long = " ".join(["word"] * 80)
+    rows = rows or [{"instruction": long, "output": "short"}, {"instruction": "short", "output": long},
+                    {"instruction": "short", "output": "short"}]
+    train, _, report = build(tmp_path, rows, tok, max_seq_len=16, objective=objective)
+    want = len(rows) - (objective == "seq2seq")   # the third seq2seq row fits
+    assert report.truncated == want and report.skipped == 0, report.line()
+    assert f"{want} truncated to max_seq_len=16 ({how}); 0 dropped" in report.line()
+    for ex in train:
+        assert all(len(v) <= 16 for k, v in ex.items() if k.endswith(("input_ids", "labels", "prompt_ids")))
+
+
 def test_right_truncation_drops_answers_and_stops_over_the_limit(tmp_path, chat_tok):
     rows = long_context_rows()
     with pytest.raises(DataError, match=r"4 of 5 rows \(80%\) would be dropped: no trainable tokens left after "

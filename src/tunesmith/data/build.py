@@ -21,6 +21,9 @@ from .tokenize import NO_LABELS, SHAPES, Tokenized
 MAX_REASONS = 10
 CUTS = {"middle": "the prompt cut in the middle, the response kept",
         "left": "the prompt cut at its start, the response kept", "right": "cut at the end"}
+# How the shapes that do not follow data.truncation cut a row (the others: CUTS[data.truncation]).
+SHAPE_CUTS = {"pt": "cut at the end", "cls": "cut at the end", "seq2seq": "source and target cut at their end",
+              "rollout": "the prompt's start cut"}
 
 
 class TokenizedDataset(Dataset):
@@ -58,6 +61,7 @@ class DataReport:
     max_seq_len: int = 0
     truncation: str = "middle"
     packed: bool = False
+    cut: str | None = None   # how a row was cut, when not by data.truncation (SHAPE_CUTS)
 
     def line(self) -> str:
         """``data: ...`` — examples kept, rows truncated (and how), rows dropped (and why)."""
@@ -65,7 +69,8 @@ class DataReport:
         head = f"data: {self.rows_read} rows -> {kept}" + (" (packed into blocks)" if self.packed else "")
         cut = f"{self.truncated} truncated to max_seq_len={self.max_seq_len}"
         if self.truncated:
-            cut += f" ({CUTS.get(self.truncation, self.truncation) if self.format != 'text' else 'cut at the end'})"
+            how = self.cut or ("cut at the end" if self.format == "text" else CUTS.get(self.truncation, self.truncation))
+            cut += f" ({how})"
         if not self.skipped:
             return f"{head}; {cut}; 0 dropped"
         why = ", ".join(f"{n} {kind}" for kind, n in self.skipped_kinds.items())
@@ -224,6 +229,7 @@ def build_datasets(cfg: DataConfig, tokenizer, *, max_seq_len: int, objective, s
         label_names=names, num_labels=len(names) if names is not None else None, format=fmt,
         rows_read=len(raw) + (len(vraw) if val_path else 0), truncated=truncated,
         skipped_kinds=dict(skips.kinds), max_seq_len=max_seq_len, truncation=cfg.truncation, packed=packing,
+        cut=SHAPE_CUTS.get(objective.tokenized),
     )
     return train_ds, val_ds, report
 
