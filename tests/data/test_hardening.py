@@ -152,6 +152,23 @@ def test_empty_fields_are_refused_or_skipped(tmp_path, bert_tok, row, field):
     assert f"1 dropped (1 invalid), first: {tmp_path / 'd.jsonl'}:2: field '{field}' is empty" in report.line()
 
 
+@pytest.mark.parametrize("fmt, row, field", [
+    ("sharegpt", {"conversations": [{"from": "human", "value": "x"}, {"from": "gpt", "value": ""}]},
+     "conversations[1].value"),
+    ("text", {"text": "   "}, "text"),
+    ("classification", {"text": "", "label": 1}, "text"),
+    ("preference", {"prompt": "x", "chosen": "", "rejected": "y"}, "chosen"),
+    ("preference", {"prompt": "", "chosen": "a", "rejected": "b"}, "prompt"),
+    ("kto", {"prompt": "x", "completion": "", "label": True}, "completion"),
+    ("prompt", {"prompt": ""}, "prompt"),
+])
+def test_empty_fields_of_every_format_are_refused(fmt, row, field):
+    from tunesmith.data.formats import normalize
+    from tunesmith.data.readers import Row
+    with pytest.raises(DataError, match=rf"^f\.jsonl:3: field '{re.escape(field)}' is empty"):
+        normalize(Row("f.jsonl:3", row), fmt)
+
+
 def test_an_empty_optional_input_is_fine(tmp_path, bert_tok):
     train, _, report = build(tmp_path, [{"instruction": "Say hi.", "input": "", "output": "Hi."}], bert_tok)
     assert len(train) == 1 and report.skipped == 0
