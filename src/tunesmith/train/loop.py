@@ -135,12 +135,13 @@ def metric_means(sums: dict, count: int) -> dict:
 
 
 @contextlib.contextmanager
-def nonfinite_outputs(step: int):
+def nonfinite_outputs(step: int, bar):
     """A FloatingPointError inside (the model's outputs went NaN or infinite: a rollout could not be
-    sampled) is the run diverging at ``step``."""
+    sampled) is the run diverging at ``step`` (the progress bar closed first, as for any divergence)."""
     try:
         yield
     except FloatingPointError as e:
+        bar.close()
         raise TrainingDiverged(f"{e} at step {step}", step) from None
 
 
@@ -189,7 +190,7 @@ class Loop:
         while state.step < self.total_steps:
             t0 = time.perf_counter()
             tokens0 = state.tokens
-            with nonfinite_outputs(state.step + 1):
+            with nonfinite_outputs(state.step + 1, bar):
                 record = self.step(state)
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)
@@ -210,7 +211,7 @@ class Loop:
                             tok_s=f"{record['tokens_per_s']:.0f}", refresh=False)   # shown with this step's count
             bar.update(1)
             if done or (cfg.eval_every and state.step % cfg.eval_every == 0):
-                with nonfinite_outputs(state.step):
+                with nonfinite_outputs(state.step, bar):
                     self.on_eval(state)
             save_every = cfg.save_every or cfg.eval_every
             if done or (save_every and state.step % save_every == 0 and not self.divergence.suspect):
