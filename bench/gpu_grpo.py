@@ -109,6 +109,7 @@ def tunesmith_side(arch: str, prompts: list[list[int]], new: int, steps: int, wa
         gc_.sync()
         rec["step_s"] = time.perf_counter() - t0
         records.append(rec)
+        print(f"tunesmith {arch} step {i}: {rec['step_s']:.2f} s, generation {rec['generation_s']:.2f} s", flush=True)
     timed = records[warmup:]
     out = _summary([r["step_s"] for r in timed], [r["generation_s"] for r in timed],
                    [r["completion_length"] * PROMPTS * G for r in timed])
@@ -164,6 +165,8 @@ def trl_side(arch: str, prompts: list[list[int]], new: int, steps: int, warmup: 
             rows["step"].append(time.perf_counter() - self.t0)
             rows["gen"].append(gen["s"])
             rows["tok"].append(gen["tokens"])
+            print(f"trl {arch} step {len(rows['step'])}: {rows['step'][-1]:.2f} s, generation {gen['s']:.2f} s",
+                  flush=True)
     trainer.add_callback(Clock())
     trainer.train()
     out = _summary(rows["step"][warmup:], rows["gen"][warmup:], rows["tok"][warmup:])
@@ -212,6 +215,8 @@ def main() -> None:
                 runs[side] = {"error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()[-3000:]}
                 gc_.free()
             print(arch, side, json.dumps({k: v for k, v in runs[side].items() if k != "traceback"}), flush=True)
+            Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+            Path(a.out).write_text(json.dumps(result, indent=2))   # after every side: a cut-short call keeps its rows
         ts, hf = runs.get("tunesmith", {}), runs.get("trl", {})
         if "step_s" in ts and "step_s" in hf:
             runs["speedup_steps_per_s"] = hf["step_s"] / ts["step_s"]

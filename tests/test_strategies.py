@@ -118,3 +118,29 @@ def test_dann_run_logs_the_domain_loss_and_trains_the_discriminator(tmp_path):
                                                                            "field_map": {"text": "label"}}]}
     with pytest.raises(ConfigError, match="dann target row needs"):
         tunesmith.train(bad)
+
+
+def test_dann_run_resumes_to_the_uninterrupted_one(tmp_path):
+    """The discriminator and its schedule position are checkpointed: a resumed run matches step for step."""
+    import shutil
+    src = write_jsonl(tmp_path / "src.jsonl", cls_rows(24))
+    tgt = write_jsonl(tmp_path / "tgt.jsonl", [{"text": r["text"].upper() + " indeed"} for r in cls_rows(16, seed=2)])
+
+    def cfg(name):
+        c = run_config(src, tmp_path / name, {"name": "full"}, model="random:bert", objective="cls", max_steps=4,
+                       save_every=2, lr=1e-2)
+        c["strategies"] = [{"name": "dann", "target": str(tgt), "hidden": 8}]
+        return c
+
+    def steps(run_dir):
+        return [{k: v for k, v in json.loads(l).items() if k in ("loss", "dann/domain_loss", "dann/lambda")}
+                for l in (run_dir / "metrics.jsonl").read_text().splitlines() if '"split": "train"' in l]
+
+    full, _ = tunesmith.train(cfg("a"))
+    stopped, _ = tunesmith.train(cfg("b"))
+    shutil.rmtree(stopped / "checkpoints" / "step-4")
+    assert (stopped / "checkpoints" / "step-2" / "strategies.safetensors").is_file()
+    lines = (stopped / "metrics.jsonl").read_text().splitlines()
+    (stopped / "metrics.jsonl").write_text("".join(l + "\n" for l in lines if json.loads(l).get("step", 0) <= 2))
+    resumed, _ = tunesmith.train(None, resume=stopped)
+    assert steps(resumed) == steps(full) and len(steps(full)) == 4

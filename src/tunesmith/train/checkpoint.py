@@ -36,12 +36,14 @@ def set_rng_state(state: dict) -> None:
 
 
 def save(ckpt_root: Path, step: int, *, trainable: dict[str, torch.Tensor], optimizer, scheduler,
-         position: dict, keep: int) -> Path:
+         position: dict, keep: int, extra: dict[str, torch.Tensor] | None = None) -> Path:
     final = ckpt_root / f"step-{step}"
     tmp = ckpt_root / f"step-{step}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     save_file({k: v.detach().contiguous().cpu() for k, v in trainable.items()}, str(tmp / "trainable.safetensors"))
+    if extra:   # the strategies' own tensors (a DANN discriminator)
+        save_file({k: v.detach().contiguous().cpu() for k, v in extra.items()}, str(tmp / "strategies.safetensors"))
     torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
     torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
     torch.save(rng_state(), tmp / "rng.pt")
@@ -80,6 +82,8 @@ def read(path: Path) -> dict:
         "scheduler": torch_load(path / "scheduler.pt", weights_only=False),
         "rng": torch_load(path / "rng.pt", weights_only=False),
         "state": state,
+        "strategies": load_safetensors(path / "strategies.safetensors")
+        if (path / "strategies.safetensors").exists() else {},
     }
 
 

@@ -77,3 +77,16 @@ def add_strategy_params(optimizer, terms: list, lr: float) -> None:
         group = s.param_group(lr)
         if group is not None:
             optimizer.add_param_group(group)
+
+
+def strategy_state(terms: list) -> dict:
+    """Every strategy's checkpointed tensors, keyed ``<index>.<name>.<key>``."""
+    return {f"{i}.{s.name}.{k}": v for i, s in enumerate(terms) for k, v in s.state_dict().items()}
+
+
+def load_strategy_state(terms: list, state: dict) -> None:
+    for i, s in enumerate(terms):
+        prefix = f"{i}.{s.name}."
+        own = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+        if own:   # a checkpoint written without it starts the strategy afresh
+            s.load_state_dict(own)

@@ -239,7 +239,7 @@ def _train(cfg: RunConfig, resume: Path | None, built, t_start: float, progress:
     train_step.bind(model, optimizer, scheduler)
     if resume:
         state, progress["wall"] = _restore(run_dir, method, model, optimizer, scheduler, total_steps, train_step,
-                                           run_mode, tc.batch_size * ctx.world)
+                                           run_mode, tc.batch_size * ctx.world, terms)
     progress["state"], progress["run_dir"] = state, run_dir
     metrics = (MetricsLog if ctx.main else distributed.ReadOnlyLog)(run_dir / "metrics.jsonl",
                                                                     resume_step=state.step if resume else None)
@@ -275,7 +275,7 @@ def _train(cfg: RunConfig, resume: Path | None, built, t_start: float, progress:
             return
         checkpoint.save(run_dir / "checkpoints", s.step, trainable=method.trainable_state(model),
                         optimizer=optimizer, scheduler=scheduler, keep=tc.keep_checkpoints,
-                        position=position)
+                        position=position, extra=continual.strategy_state(terms))
 
     before = {}
     if not resume:
@@ -315,7 +315,7 @@ def _train(cfg: RunConfig, resume: Path | None, built, t_start: float, progress:
 
 
 def _restore(run_dir: Path, method, model, optimizer, scheduler, total_steps: int, train_step,
-             run_mode: str = "none", global_batch: int = 0) -> tuple[LoopState, float]:
+             run_mode: str = "none", global_batch: int = 0, terms: list = ()) -> tuple[LoopState, float]:
     """The loop state and wall-clock seconds so far, from the newest readable checkpoint of ``run_dir``
     (a sharded one, of a run of several processes, through train/sharded_checkpoint.py)."""
     pos = sharded_checkpoint.restore(run_dir, method=method, model=model, optimizer=optimizer, scheduler=scheduler,
@@ -323,6 +323,7 @@ def _restore(run_dir: Path, method, model, optimizer, scheduler, total_steps: in
     if pos is None:
         ckpt, data = checkpoint.read_latest(run_dir, say=lambda m: print(m, file=sys.stderr, flush=True))
         pos = checkpoint.load(ckpt, method=method, model=model, optimizer=optimizer, scheduler=scheduler, data=data)
+        continual.load_strategy_state(terms, data["strategies"])
     train_step.load_state_dict(pos.get("step_state") or {})
     state = LoopState(step=pos["step"], micro=pos["micro"], tokens=pos["tokens"], train_time=pos["train_time"])
     if state.step >= total_steps:

@@ -80,6 +80,13 @@ class Strategy:
         """Values logged with the step (e.g. ``ewc/penalty``)."""
         return {}
 
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """What a checkpoint keeps of the strategy beyond ``prepare`` (its own weights, its counters)."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Restore what ``state_dict`` returned, in place (the optimizer holds the parameters)."""
+
 
 def register_config(cls: type[StrategyConfig]) -> type[StrategyConfig]:
     add_config(_CONFIGS, cls, "strategy")

@@ -112,3 +112,10 @@ class Dann(Strategy):
 
     def metrics(self) -> dict:
         return self.last
+
+    def state_dict(self) -> dict:
+        return {**{f"disc.{k}": v for k, v in self.disc.state_dict().items()}, "calls": torch.tensor(self.calls)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.disc.load_state_dict({k[len("disc."):]: v for k, v in state.items() if k.startswith("disc.")})
+        self.calls = int(state["calls"])
