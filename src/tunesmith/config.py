@@ -375,7 +375,7 @@ def validate(data: dict, source: str = "config", overrides: dict[str, str] | Non
         try:
             strategies.build_config(entry)
         except ValidationError as e:
-            scls = strategies.all_configs()[entry["name"]]
+            scls = strategies.all_configs()[entry if isinstance(entry, str) else entry["name"]]
             raise ConfigError(_message(_format_errors(e, f"{where}.", scls), source, overrides)) from None
         except ValueError as e:
             raise ConfigError(_message([(where, str(e))], source, overrides)) from None
