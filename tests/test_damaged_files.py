@@ -76,10 +76,12 @@ def test_garbage_tunesmith_json(adapter, text, message):
         tunesmith.load(adapter, device="cpu")
 
 
-def test_damaged_adapter_inside_a_run_and_through_the_cli(trained, tmp_path, capsys):
+def test_damaged_adapter_inside_a_run_and_through_the_cli(trained, tmp_path, capsys, monkeypatch):
+    from tunesmith.models import loader
     run = tmp_path / "run"
     shutil.copytree(trained, run)
     truncate(run / "adapter" / "adapter_model.safetensors", keep=0.01)
+    monkeypatch.setattr(loader, "load_model", lambda *a, **k: pytest.fail("the base loaded before the check"))
     with pytest.raises(FileError, match=r"adapter_model.safetensors: not a readable safetensors file"):
         tunesmith.load(run, device="cpu")
     assert cli.main(["merge", str(run), str(tmp_path / "merged")]) == 2
