@@ -4,7 +4,8 @@
 
 Times, each in a fresh subprocess (``python -m tunesmith.cli ...`` with this checkout's sources
 first on the path): ``--help``, ``methods``, and ``train bad.yaml`` where bad.yaml has a misspelled
-key (``trian:``) and one where a method field is misspelled (``method.rank=16`` on the command line).
+key (``trian:``), one where a method field is misspelled (``method.rank=16`` on the command line), a
+staged config with a misspelled key in its second stage, and ``estimate bad.yaml``.
 Each case also records which heavy modules (torch, transformers, matplotlib) the command imported,
 and the interpreter's bare start-up (``python -c pass``) is measured as the floor. Medians and all
 samples go to the JSON file.
@@ -39,6 +40,7 @@ def bad_config(tmp: Path) -> Path:
                     f"data: {{train: {data}}}\ntrian: {{lr: 1.0e-4}}\n")
     good = tmp / "good.yaml"
     good.write_text(f"model: {{name_or_path: smollm2-135m}}\nmethod: {{name: lora, r: 8}}\ndata: {{train: {data}}}\n")
+    (tmp / "staged.yaml").write_text(good.read_text() + "stages: [{name: one}, {name: two, train: {lrr: 1.0}}]\n")
     return path
 
 
@@ -65,6 +67,8 @@ def main() -> None:
             "tunesmith methods": ["methods"],
             "tunesmith train bad.yaml (misspelled key)": ["train", str(bad)],
             "tunesmith train good.yaml method.rank=16": ["train", str(bad.with_name("good.yaml")), "method.rank=16"],
+            "tunesmith train staged.yaml (typo in stage 2)": ["train", str(bad.with_name("staged.yaml"))],
+            "tunesmith estimate bad.yaml (misspelled key)": ["estimate", str(bad)],
         }
         results = {}
         for name, cli_args in cases.items():

@@ -76,16 +76,24 @@ def test_garbage_tunesmith_json(adapter, text, message):
         tunesmith.load(adapter, device="cpu")
 
 
-def test_damaged_adapter_inside_a_run_and_through_the_cli(trained, tmp_path, capsys):
+def test_damaged_adapter_inside_a_run_and_through_the_cli(trained, tmp_path, capsys, monkeypatch):
+    from tunesmith.models import loader
     run = tmp_path / "run"
     shutil.copytree(trained, run)
     truncate(run / "adapter" / "adapter_model.safetensors", keep=0.01)
+    monkeypatch.setattr(loader, "load_model", lambda *a, **k: pytest.fail("the base loaded before the check"))
     with pytest.raises(FileError, match=r"adapter_model.safetensors: not a readable safetensors file"):
         tunesmith.load(run, device="cpu")
     assert cli.main(["merge", str(run), str(tmp_path / "merged")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith(f"error: {run / 'adapter' / 'adapter_model.safetensors'}: ")
     assert not (tmp_path / "merged").exists()
+    for target in ("peft", "vllm", "llama.cpp"):   # export reads the tensor names from the header first
+        assert cli.main(["export", str(run), "--for", target, "--out", str(tmp_path / "out")]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith(f"error: {run / 'adapter' / 'adapter_model.safetensors'}: not a "
+                                                   "readable safetensors file"), err
+        assert not (tmp_path / "out").exists()
 
 
 def test_damaged_delta_config(tmp_path):
@@ -133,3 +141,51 @@ def test_resume_with_no_readable_checkpoint(trained, tmp_path):
                                           r"valid JSON .*; .*step-1/trainable.safetensors: not a readable"):
         tunesmith.train(None, resume=run)
     assert (run / "summary.json").read_text() == summary  # a resume that could not start changes nothing
+
+
+def test_resume_drops_a_metrics_line_cut_short_by_a_kill(trained, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(trained, run)
+    shutil.rmtree(run / "adapter")
+    with (run / "metrics.jsonl").open("a") as f:
+        f.write('{"step": 3, "split": "tr')   # kill -9 in the middle of a write
+    _, metrics = tunesmith.train(None, resume=run)
+    assert metrics["status"] == "completed"
+    records = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if r["split"] == "train"] == [1, 2]
+
+
+def test_init_from_a_run_with_damaged_metadata(trained, tmp_path):
+    from tunesmith import config as config_mod
+    from helpers import alpaca_rows, write_jsonl
+    data = write_jsonl(tmp_path / "train.jsonl", alpaca_rows())
+    cfg = config_mod.load({**run_config(data, tmp_path, {"name": "lora", "r": 2}, max_steps=1),
+                           "init_from": str(tmp_path / "prev")})
+    shutil.copytree(trained, tmp_path / "prev")
+    (tmp_path / "prev" / "summary.json").write_text('{"status": "compl')
+    with pytest.raises(FileError, match=re.escape(str(tmp_path / "prev" / "summary.json")) + ": not valid JSON"):
+        tunesmith.train(cfg)
+    shutil.copy(trained / "summary.json", tmp_path / "prev" / "summary.json")
+    (tmp_path / "prev" / "config.yaml").write_text("method: {name: lora\n")
+    with pytest.raises(ConfigError, match=re.escape(str(tmp_path / "prev" / "config.yaml")) + ": invalid YAML"):
+        tunesmith.train(cfg)
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_damaged_reference_cache_is_computed_again(tmp_path, monkeypatch, capsys):
+    from helpers import preference_rows, write_jsonl
+    monkeypatch.setenv("TUNESMITH_CACHE", str(tmp_path / "cache"))
+    data = write_jsonl(tmp_path / "pref.jsonl", preference_rows(8))
+    cfg = {**run_config(data, tmp_path, {"name": "lora", "r": 2}, max_steps=1, batch_size=4),
+           "objective": {"name": "dpo", "precompute_reference": True}}
+    cfg["data"]["val_split"] = 0.0
+    _, first = tunesmith.train(cfg)
+    cached = list((tmp_path / "cache" / "reference").glob("*.pt"))
+    assert len(cached) == 1
+    truncate(cached[0])
+    capsys.readouterr()
+    _, again = tunesmith.train(cfg)
+    err = capsys.readouterr().err
+    assert re.search(re.escape(str(cached[0])) + r": cannot be read by torch.load .*; computing them again", err), err
+    assert "examples computed, cached in" in err
+    assert again["status"] == "completed" and again["train_loss_after"] == pytest.approx(first["train_loss_after"])

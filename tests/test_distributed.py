@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -133,6 +134,26 @@ def test_sharded_checkpoint_resumes_on_one_process(runs):
     tunesmith.train(None, resume=copy, **{"train.batch_size": "4"})
     _assert_same_losses(copy, two["lora"])
     _assert_same_weights(copy, two["lora"])
+
+
+def test_a_damaged_sharded_checkpoint_falls_back_to_the_one_before(runs, tmp_path, capsys):
+    """The newest sharded checkpoint's shards cut short: one warning, and the resume starts from the one before."""
+    _, _, two = runs
+    run = tmp_path / "run"
+    shutil.copytree(two["lora"], run)
+    shutil.rmtree(run / "adapter")
+    shards = list((run / "checkpoints" / "step-4" / "dcp").glob("*.distcp"))
+    assert shards and (run / "checkpoints" / "step-2" / "dcp").is_dir()
+    for f in shards:
+        f.write_bytes(f.read_bytes()[:16])
+    capsys.readouterr()
+    _, metrics = tunesmith.train(None, resume=run, **{"train.batch_size": "4"})
+    warnings = [l for l in capsys.readouterr().err.splitlines() if l.startswith("warning:")]
+    assert len(warnings) == 1 and warnings[0].startswith(f"warning: checkpoint step-4 unreadable ({run}/checkpoints/"
+                                                         "step-4/dcp: cannot be read by torch.distributed.checkpoint")
+    assert warnings[0].endswith("resuming from step-2, the newest readable checkpoint")
+    assert metrics["status"] == "completed" and metrics["steps"] == 4
+    _assert_same_weights(run, two["lora"])
 
 
 def test_sharded_batches_split_the_one_process_batches(tmp_path):

@@ -114,3 +114,24 @@ def test_a_good_run_is_marked_completed(alpaca_file, tmp_path):
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["status"] == metrics["status"] == "completed"
     assert not (tmp_path / "run" / ".saving").exists()
+
+
+def test_an_online_run_whose_policy_went_nan_stops_with_one_line(tmp_path, capsys):
+    from helpers import write_jsonl
+    data = write_jsonl(tmp_path / "p.jsonl", [{"prompt": f"What is {a} plus {a}?", "final_answer": str(2 * a)}
+                                              for a in range(8)])
+    cfg = tmp_path / "c.yaml"   # rewards that differ within a group, so that the first update moves the weights
+    cfg.write_text(f"model: {{name_or_path: 'random:llama', device: cpu}}\nmethod: {{name: lora, r: 2}}\n"
+                   f"data: {{train: {data}, val_split: 0}}\n"
+                   "objective: {name: grpo, num_generations: 4, max_tokens: 6, samples: 0, rewards: "
+                   "[{function: answer}, {function: format, options: {pattern: '\\d'}}]}\n"
+                   "train: {max_steps: 3, batch_size: 2, scheduler: constant, progress: false}\n"
+                   f"output: {{dir: {tmp_path / 'run'}, plot: false}}\n")
+    assert cli.main(["train", str(cfg), "train.lr=1e20"]) == 2
+    err = [l for l in capsys.readouterr().err.splitlines() if not l.startswith("data: ")]
+    assert len(err) == 1 and err[0].startswith("error: training diverged: the policy's next-token probabilities "
+                                               "became NaN or infinite (sampling the rollout failed: "), err
+    assert "Lower train.lr (now 1e+20)" in err[0] and "no adapter or model was saved" in err[0]
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["status"] == "failed" and summary["reason"] == err[0].removeprefix("error: ")
+    assert _run_dir_files(tmp_path / "run") == ["config.yaml", "metrics.jsonl", "summary.json"]

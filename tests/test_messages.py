@@ -55,17 +55,62 @@ def test_override_errors_name_the_override_and_file_errors_the_file(alpaca_file,
     assert cli.main(["train", str(cfg), "method.name=lorra"]) == 2
     assert _error(capsys).startswith("error: override 'method.name=lorra': method.name: unknown method 'lorra' "
                                      "(did you mean 'lora'?)")
+    staged = cfg.with_name("staged.yaml")
+    staged.write_text(_yaml(tmp_path, alpaca_file).read_text() + "stages: [{name: one}, {name: two, train: {lrr: 1}}]\n")
+    assert cli.main(["train", str(staged)]) == 2
+    assert _error(capsys).startswith(f"error: {staged} stages[1] (two): train.lrr: unknown key 'lrr' (did you mean "
+                                     "'lr'?)")
+    assert cli.main(["train", str(staged), "method.rank=16"]) == 2
+    assert _error(capsys).startswith("error: override 'method.rank=16': method.rank: unknown key 'rank' (did you "
+                                     "mean 'r'?); valid keys for method lora: ")
+    assert not (tmp_path / "run").exists()
+
+
+def test_strategy_mixture_and_regulariser_errors_name_the_entry_and_its_own_fields(alpaca_file, tmp_path, capsys):
+    cfg = _yaml(tmp_path, alpaca_file).read_text()
+    cases = {
+        "strategies: [{name: ewc, lambdaa: 1}]\n": "strategies[0].lambdaa: unknown key 'lambdaa' (did you mean "
+                                                   "'lambda'?); valid keys for strategy ewc: name, lambda, data, ",
+        "strategies: [{name: ewcc}]\n": "strategies[0]: unknown strategy 'ewcc' (did you mean 'ewc'?); valid: ",
+        f"data: {{mixture: [{{train: {alpaca_file}, task: a, wieght: 2}}]}}\n":
+            "data.mixture[0].wieght: unknown key 'wieght' (did you mean 'weight'?); valid keys for data.mixture[0]: "
+            "train, validation, task, ",
+    }
+    for extra, message in cases.items():
+        bad = tmp_path / "bad.yaml"
+        text = cfg + extra if extra.startswith("strategies") else cfg.replace(f"data: {{train: {alpaca_file}}}\n", extra)
+        bad.write_text(text)
+        assert cli.main(["train", str(bad)]) == 2
+        assert _error(capsys).startswith(f"error: {bad}: {message}")
+    bad.write_text(cfg.replace("progress: false", "progress: false, regularize: {neftune: {alpha: -1}}"))
+    assert cli.main(["train", str(bad)]) == 2
+    assert _error(capsys) == (f"error: {bad}: train.regularize: neftune.alpha: Input should be greater than 0 "
+                              "(got -1)")   # said once
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_config_file_that_is_not_utf8_is_named_with_its_line(alpaca_file, tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_bytes(_yaml(tmp_path, alpaca_file).read_bytes().replace(b"progress: false", b"progress: false, "
+                                                                      b"note: caf\xe9"))
+    assert cli.main(["train", str(bad)]) == 2
+    assert _error(capsys) == f"error: {bad}:4: not valid UTF-8 (byte 0xe9 at column 49); re-save the file as UTF-8"
+    assert not (tmp_path / "run").exists()
 
 
 def test_help_methods_and_config_errors_import_no_torch(alpaca_file, tmp_path):
     good = _yaml(tmp_path, alpaca_file)
     bad = good.with_name("bad.yaml")
     bad.write_text(good.read_text().replace("max_steps: 1", "max_steps: 1, lrr: 1"))
+    staged = good.with_name("staged.yaml")   # a typo in the second stage of a chained run
+    staged.write_text(good.read_text() + "stages: [{name: one}, {name: two, train: {lrr: 1}}]\n")
     probe = (
         "import sys\nfrom tunesmith import cli, config\n"
         "cli.build_parser().format_help()\n"
         "assert cli.main(['methods']) == 0\n"
         f"assert cli.main(['train', {str(bad)!r}]) == 2\n"
+        f"assert cli.main(['train', {str(staged)!r}]) == 2\n"
+        f"assert cli.main(['estimate', {str(bad)!r}]) == 2\n"
         f"assert cli.main(['train', {str(good)!r}, 'method.rank=2']) == 2\n"
         f"assert config.load({str(good)!r}).method.r == 2\n"
         "print('HEAVY', sorted(m for m in ('torch', 'transformers', 'matplotlib', 'numpy') if m in sys.modules))\n"

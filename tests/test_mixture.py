@@ -77,7 +77,7 @@ def test_bad_entry_names_it(tmp_path):
     cfg = config_mod.validate({"method": "lora", "data": data}).data
     with pytest.raises(DataError, match=r"data\.mixture\[1\] \(say\)"):
         build_datasets(cfg, _tok(), max_seq_len=64, objective="sft", seed=3)
-    with pytest.raises(ConfigError, match=r"data\.mixture\.1\.weight"):
+    with pytest.raises(ConfigError, match=r"data\.mixture\[1\]\.weight"):
         config_mod.validate({"method": "lora", "data": _mixture_data(tmp_path, weight=-1)})
     with pytest.raises(ConfigError, match=r"data\.mixture\[1\]: task name 'add'"):
         config_mod.validate({"method": "lora", "data": _mixture_data(tmp_path, task="add")})

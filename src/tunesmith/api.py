@@ -183,6 +183,8 @@ def _load_run(run_dir: Path, device: str, dtype: str):
     labels = read_json(summary).get("label_names") if summary.is_file() else None
     fixed = objective.num_labels if objective is not None else None
     cls = registry.get(cfg.method.name)
+    artifact = next(run_dir / a for a in ARTIFACTS if (run_dir / a).is_dir())
+    _check_files(artifact)   # a damaged file is named before the base model's weights load
     if (run_dir / "model").is_dir():
         model = load_model(_base_config(str(run_dir / "model"), device, dtype), task=task,
                            num_labels=fixed or (len(labels) if labels else None))
@@ -192,9 +194,17 @@ def _load_run(run_dir: Path, device: str, dtype: str):
     if task == "classification":
         from .data import pad_id_for
         model.config.pad_token_id = pad_id_for(tokenizer)
-    artifact = next(run_dir / a for a in ARTIFACTS if (run_dir / a).is_dir())
     model = cls.load_artifact(model, artifact)
     return model.eval(), tokenizer
+
+
+def _check_files(artifact: Path) -> None:
+    """FileError for an artifact's JSON file that does not parse or safetensors file whose header does not."""
+    from .files import read_json, safetensors_keys
+    for f in sorted(artifact.glob("*.json")):
+        read_json(f)
+    for f in sorted(artifact.glob("*.safetensors")):
+        safetensors_keys(f)
 
 
 def merge(path: str | Path, out_dir: str | Path) -> Path:

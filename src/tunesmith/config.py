@@ -264,15 +264,22 @@ def _format_errors(err: ValidationError, prefix: str = "", root: Any = None) -> 
     (of ``root``, the model that was validated: RunConfig or a method's config)."""
     out = []
     for e in err.errors():
-        loc = ".".join(str(p) for p in e["loc"])
+        loc = _dotted(e["loc"])
         where = f"{prefix}{loc}" if loc else prefix.rstrip(".")
         if e["type"] == "extra_forbidden":
             out.append((where, f"unknown key{_key_hint(e['loc'], root or RunConfig, prefix)}"))
         elif e["type"] == "missing":
             out.append((where, "required field is missing"))
+        elif e["type"] == "value_error":   # tunesmith's own validators: the message says what was given
+            out.append((where, e["msg"].removeprefix("Value error, ")))
         else:
             out.append((where, f"{e['msg']} (got {e.get('input')!r})"))
     return out
+
+
+def _dotted(loc) -> str:
+    """A field's location as written in YAML terms: ``data.mixture[0].weight``."""
+    return "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc).lstrip(".")
 
 
 def _key_hint(loc, root, prefix: str = "") -> str:
@@ -280,28 +287,35 @@ def _key_hint(loc, root, prefix: str = "") -> str:
     fields = _fields_at(parent, root)
     if not fields:
         return ""
-    kind = "objective" if isinstance(root, type) and issubclass(root, ObjectiveConfig) else "method"
+    kind = next((k for k, base in (("objective", ObjectiveConfig), ("strategy", StrategyConfig))
+                 if isinstance(root, type) and issubclass(root, base)), "method")
     section = f"{kind} {root.model_fields['name'].default}" if root is not RunConfig else (
-        ".".join(parent) or "the config")
+        _dotted([int(p) if p.isdigit() else p for p in parent]) or "the config")
     return f" '{key}'{did_you_mean(key, fields)}; valid keys for {section}: {', '.join(fields)}"
+
+
+def _model_in(annotation: Any) -> Any:
+    """The pydantic model an annotation holds (itself, or inside ``X | None`` / ``list[X]``), or None."""
+    if hasattr(annotation, "model_fields"):
+        return annotation
+    return next((m for a in getattr(annotation, "__args__", ()) if (m := _model_in(a)) is not None), None)
 
 
 def _fields_at(path: list[str], root: Any) -> list[str]:
     model: Any = root
     for p in path:
+        if p.isdigit():   # an entry of a list (data.mixture.0)
+            continue
         info = getattr(model, "model_fields", {}).get(p)
-        if info is None:
+        model = _model_in(info.annotation) if info is not None else None
+        if model is None:
             return []
-        model = info.annotation
-        model = getattr(model, "__origin__", model)
-        if not hasattr(model, "model_fields"):
-            return []
-    return list(model.model_fields)
+    return [info.alias or name for name, info in model.model_fields.items()]   # as written in YAML (lambda)
 
 
 def _blame(where: str, overrides: dict[str, str]) -> str | None:
     """The override that set field ``where`` (or a section above it), if any."""
-    parts = where.split(".")
+    parts = re.sub(r"\[\d+\]", "", where).split(".")
     for i in range(len(parts), 0, -1):
         if ".".join(parts[:i]) in overrides:
             return overrides[".".join(parts[:i])]
@@ -356,6 +370,15 @@ def validate(data: dict, source: str = "config", overrides: dict[str, str] | Non
             raise ConfigError(_message([(where, str(e).split(": ", 1)[-1])], source, overrides)) from None
         except ValidationError as e:
             raise ConfigError(_message(_format_errors(e, "objective.", ocls), source, overrides)) from None
+    for i, entry in enumerate(data.get("strategies") or [] if isinstance(data.get("strategies"), list) else []):
+        where = f"strategies[{i}]"   # validated first so that its errors say strategies[i].<field>
+        try:
+            strategies.build_config(entry)
+        except ValidationError as e:
+            scls = strategies.all_configs()[entry if isinstance(entry, str) else entry["name"]]
+            raise ConfigError(_message(_format_errors(e, f"{where}.", scls), source, overrides)) from None
+        except ValueError as e:
+            raise ConfigError(_message([(where, str(e))], source, overrides)) from None
     try:
         return RunConfig.model_validate(data)
     except ValidationError as e:
@@ -367,7 +390,15 @@ def load_yaml(path: str | Path) -> dict:
     if not path.is_file():
         raise ConfigError(f"config file {str(path)!r} does not exist")
     try:
-        data = yaml.safe_load(path.read_text())
+        raw = path.read_bytes()
+        data = yaml.safe_load(raw.decode("utf-8"))
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot be read ({e.strerror or e})") from None
+    except UnicodeDecodeError as e:
+        line = raw[:e.start].count(b"\n") + 1
+        col = e.start - (raw.rfind(b"\n", 0, e.start) + 1) + 1
+        raise ConfigError(f"{path}:{line}: not valid UTF-8 (byte 0x{raw[e.start]:02x} at column {col}); "
+                          "re-save the file as UTF-8") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: invalid YAML: {e}") from None
     return data or {}
@@ -413,14 +444,16 @@ def load(path_or_dict: str | Path | dict | RunConfig, overrides=None) -> RunConf
         path_or_dict = path_or_dict.model_dump(mode="json")
     source = str(path_or_dict) if isinstance(path_or_dict, (str, Path)) else "config"
     data = load_yaml(path_or_dict) if isinstance(path_or_dict, (str, Path)) else path_or_dict
-    given = {}
     if overrides:
         data = apply_overrides(data, overrides)
-        if isinstance(overrides, dict):
-            given = {k: f"{k}={v}" for k, v in overrides.items()}
-        else:
-            given = {o.split("=", 1)[0].strip(): o.strip() for o in overrides}
-    return validate(data, source, given)
+    return validate(data, source, given_overrides(overrides))
+
+
+def given_overrides(overrides) -> dict[str, str]:
+    """Dotted key -> the override as given, for :func:`validate` to blame its errors on."""
+    if isinstance(overrides, dict):
+        return {k: f"{k}={v}" for k, v in overrides.items()}
+    return {o.split("=", 1)[0].strip(): o.strip() for o in overrides or []}
 
 
 def load_run(run_dir: str | Path, overrides=None) -> RunConfig:

@@ -50,6 +50,18 @@ def load_safetensors(path: Path) -> dict:
         raise FileError(f"{path}: not a readable safetensors file ({e}); {DAMAGED}") from None
 
 
+def safetensors_keys(path: Path) -> list[str]:
+    """The tensor names of a ``.safetensors`` file (its header only)."""
+    from safetensors import SafetensorError, safe_open
+    try:
+        with safe_open(str(path), "pt") as st:
+            return list(st.keys())
+    except FileNotFoundError:
+        raise FileError(f"{path}: file is missing") from None
+    except (SafetensorError, OSError) as e:
+        raise FileError(f"{path}: not a readable safetensors file ({e}); {DAMAGED}") from None
+
+
 def torch_load(path: Path, **kw) -> Any:
     """An object saved with ``torch.save`` (optimizer, scheduler and RNG states)."""
     import torch

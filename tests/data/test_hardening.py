@@ -88,6 +88,25 @@ def test_long_context_keeps_its_answer_and_is_counted(tmp_path, chat_tok):
     assert line.endswith("0 dropped")
 
 
+@pytest.mark.parametrize("objective, rows, how", [
+    ("seq2seq", None, "source and target cut at their end"),
+    ("cls", [{"text": " ".join(["word"] * 80), "label": i % 2} for i in range(4)], "cut at the end"),
+    ("grpo", [{"prompt": " ".join(["word"] * 80), "final_answer": "1"} for _ in range(4)], "the prompt's start cut"),
+])
+def test_every_objective_counts_and_says_how_it_cut(tmp_path, objective, rows, how):
+    from tunesmith.models.loader import ModelConfig, load_tokenizer
+    tok = load_tokenizer(ModelConfig(name_or_path="random:t5" if objective == "seq2seq" else "random:llama"))
+    long = " ".join(["word"] * 80)
+    rows = rows or [{"instruction": long, "output": "short"}, {"instruction": "short", "output": long},
+                    {"instruction": "short", "output": "short"}]
+    train, _, report = build(tmp_path, rows, tok, max_seq_len=16, objective=objective)
+    want = len(rows) - (objective == "seq2seq")   # the third seq2seq row fits
+    assert report.truncated == want and report.skipped == 0, report.line()
+    assert f"{want} truncated to max_seq_len=16 ({how}); 0 dropped" in report.line()
+    for ex in train:
+        assert all(len(v) <= 16 for k, v in ex.items() if k.endswith(("input_ids", "labels", "prompt_ids")))
+
+
 def test_right_truncation_drops_answers_and_stops_over_the_limit(tmp_path, chat_tok):
     rows = long_context_rows()
     with pytest.raises(DataError, match=r"4 of 5 rows \(80%\) would be dropped: no trainable tokens left after "
@@ -98,6 +117,22 @@ def test_right_truncation_drops_answers_and_stops_over_the_limit(tmp_path, chat_
     assert len(train) == 1 and report.skipped == 4
     assert report.skipped_kinds == {"no trainable tokens left after truncation": 4}
     assert "4 dropped (4 no trainable tokens left after truncation), first: " in report.line()
+
+
+def test_prepare_stops_over_the_drop_limit_and_leaves_no_manifest(tmp_path, chat_tok):
+    from tunesmith.data.prepare import prepare
+    from tunesmith.train import objectives
+    sft = objectives.build_config("sft")
+    path = tmp_path / "d.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in long_context_rows()))
+    cfg = DataConfig(train=str(path), val_split=0, truncation="right", cache=str(tmp_path / "cache"))
+    with pytest.raises(DataError, match=r"4 of 5 rows \(80%\) would be dropped: no trainable tokens left after "
+                                        r"truncation to max_seq_len=64 with data.truncation: right, more than "
+                                        r"data.max_drop_fraction=0.05 \(first: .*d.jsonl:1: .*\). Raise"):
+        prepare(cfg, chat_tok, objective=sft, max_seq_len=64, progress=False)
+    assert not list((tmp_path / "cache").rglob("manifest.json"))   # training from it refuses to start
+    with pytest.raises(DataError, match=r"no prepared data for this config"):
+        build_datasets(cfg, chat_tok, max_seq_len=64, objective=sft, seed=0)
 
 
 # ---- empty fields -----------------------------------------------------------------------------------
@@ -115,6 +150,23 @@ def test_empty_fields_are_refused_or_skipped(tmp_path, bert_tok, row, field):
     train, _, report = build(tmp_path, rows, bert_tok, on_error="skip")
     assert len(train) == 1 and report.skipped == 1 and report.skipped_kinds == {"invalid": 1}
     assert f"1 dropped (1 invalid), first: {tmp_path / 'd.jsonl'}:2: field '{field}' is empty" in report.line()
+
+
+@pytest.mark.parametrize("fmt, row, field", [
+    ("sharegpt", {"conversations": [{"from": "human", "value": "x"}, {"from": "gpt", "value": ""}]},
+     "conversations[1].value"),
+    ("text", {"text": "   "}, "text"),
+    ("classification", {"text": "", "label": 1}, "text"),
+    ("preference", {"prompt": "x", "chosen": "", "rejected": "y"}, "chosen"),
+    ("preference", {"prompt": "", "chosen": "a", "rejected": "b"}, "prompt"),
+    ("kto", {"prompt": "x", "completion": "", "label": True}, "completion"),
+    ("prompt", {"prompt": ""}, "prompt"),
+])
+def test_empty_fields_of_every_format_are_refused(fmt, row, field):
+    from tunesmith.data.formats import normalize
+    from tunesmith.data.readers import Row
+    with pytest.raises(DataError, match=rf"^f\.jsonl:3: field '{re.escape(field)}' is empty"):
+        normalize(Row("f.jsonl:3", row), fmt)
 
 
 def test_an_empty_optional_input_is_fine(tmp_path, bert_tok):

@@ -80,6 +80,17 @@ def test_lm_loss_equals_the_training_evaluation(tmp_path):
     assert sum(p["tokens"] for p in preds) == sum(sum(x != -100 for x in ex["labels"][1:]) for ex in ds.examples)
 
 
+def test_default_out_keeps_each_task_of_the_same_file_apart(tmp_path, monkeypatch):
+    """`--task lm` on alpaca rows writes beside their generation results (-lm), not over them."""
+    monkeypatch.chdir(tmp_path)
+    data = write_jsonl(tmp_path / "held.jsonl", alpaca_rows(3))
+    assert cli.main(["eval", "random:llama", "--data", str(data), "--no-progress", "--max-new-tokens", "2"]) == 0
+    assert cli.main(["eval", "random:llama", "--data", str(data), "--no-progress", "--task", "lm"]) == 0
+    gen, lm = read(tmp_path / "runs/eval/random_llama-held"), read(tmp_path / "runs/eval/random_llama-held-lm")
+    assert (gen[1]["task"], lm[1]["task"]) == ("generation", "lm")
+    assert "prediction" in gen[0][0] and "loss" in lm[0][0]
+
+
 def test_shots_draw_the_same_demonstrations_and_answer_by_generated_label(tmp_path):
     train = write_jsonl(tmp_path / "train.jsonl", cls_rows(30, seed=1))
     test = write_jsonl(tmp_path / "test.jsonl", cls_rows(5, seed=2))

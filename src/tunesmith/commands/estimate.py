@@ -20,8 +20,8 @@ def add(subparsers) -> None:
 def _run(args) -> None:
     from .. import config as config_mod
     from ..cli import _check
+    cfg = config_mod.load(args.config, _check(args.overrides))   # before torch is imported: errors come at once
     from ..planning import estimate as est_mod
-    cfg = config_mod.load(args.config, _check(args.overrides))
     est = est_mod.estimate(cfg, device=args.device, num_labels=args.num_labels, target_len=args.target_len)
     if args.json:
         print(json.dumps(est.as_dict(), indent=2))

@@ -22,8 +22,11 @@ def add(subparsers) -> None:
     p.add_argument("--max-samples", type=int, help="evaluate the first N rows only")
     p.add_argument("--max-new-tokens", type=int,
                    help="new tokens per generated answer (default 128; 8 for a generated label)")
-    p.add_argument("--max-seq-len", type=int, default=1024, help="tokens per scored row at most (default 1024)")
-    p.add_argument("--out", help="output directory (default RUN/eval/DATA, or runs/eval/MODEL-DATA)")
+    p.add_argument("--max-seq-len", type=int, default=1024,
+                   help="tokens per scored row at most, for loss, classification and preference scoring "
+                        "(default 1024); generation prompts are passed whole")
+    p.add_argument("--out", help="output directory (default RUN/eval/DATA, or runs/eval/MODEL-DATA; -TASK for a "
+                   "--task other than the data's own, -Kshot for --shots K)")
     p.add_argument("--shots", type=int, default=0, help="demonstrations before each query (default 0: zero-shot)")
     p.add_argument("--shots-from", metavar="TRAIN_FILE", help="file the --shots demonstrations are drawn from")
     p.add_argument("--seed", type=int, default=0, help="seed of the demonstration draw (default 0)")

@@ -21,6 +21,9 @@ from .tokenize import NO_LABELS, SHAPES, Tokenized
 MAX_REASONS = 10
 CUTS = {"middle": "the prompt cut in the middle, the response kept",
         "left": "the prompt cut at its start, the response kept", "right": "cut at the end"}
+# How the shapes that do not follow data.truncation cut a row (the others: CUTS[data.truncation]).
+SHAPE_CUTS = {"pt": "cut at the end", "cls": "cut at the end", "seq2seq": "source and target cut at their end",
+              "rollout": "the prompt's start cut"}
 
 
 class TokenizedDataset(Dataset):
@@ -58,6 +61,7 @@ class DataReport:
     max_seq_len: int = 0
     truncation: str = "middle"
     packed: bool = False
+    cut: str | None = None   # how a row was cut, when not by data.truncation (SHAPE_CUTS)
 
     def line(self) -> str:
         """``data: ...`` — examples kept, rows truncated (and how), rows dropped (and why)."""
@@ -65,7 +69,8 @@ class DataReport:
         head = f"data: {self.rows_read} rows -> {kept}" + (" (packed into blocks)" if self.packed else "")
         cut = f"{self.truncated} truncated to max_seq_len={self.max_seq_len}"
         if self.truncated:
-            cut += f" ({CUTS.get(self.truncation, self.truncation) if self.format != 'text' else 'cut at the end'})"
+            how = self.cut or ("cut at the end" if self.format == "text" else CUTS.get(self.truncation, self.truncation))
+            cut += f" ({how})"
         if not self.skipped:
             return f"{head}; {cut}; 0 dropped"
         why = ", ".join(f"{n} {kind}" for kind, n in self.skipped_kinds.items())
@@ -111,12 +116,12 @@ def _check_txt(path: str, fmt: str) -> None:
                         f"blank-line block, see data.txt_documents), not {fmt}; set data.format to text or auto")
 
 
-def _check_drops(cfg: DataConfig, skips: _Skips, rows: int, max_seq_len: int) -> None:
-    """With on_error raise: DataError when truncation would drop more than max_drop_fraction of the rows."""
-    dropped = skips.kinds.get(NO_LABELS, 0)
+def check_drops(cfg: DataConfig, dropped: int, reasons: list[str], rows: int, max_seq_len: int) -> None:
+    """With on_error raise: DataError when truncation would drop more than max_drop_fraction of the rows
+    (``dropped`` of ``rows``; ``reasons``: messages, the first drop's among them). `tunesmith prepare` too."""
     if cfg.on_error != "raise" or dropped <= cfg.max_drop_fraction * rows:
         return
-    first = next(r for r in skips.reasons if NO_LABELS in r)
+    first = next((r for r in reasons if NO_LABELS in r), "")
     raise DataError(
         f"{dropped} of {rows} rows ({dropped / rows:.0%}) would be dropped: {NO_LABELS} to "
         f"max_seq_len={max_seq_len} with data.truncation: {cfg.truncation}, more than data.max_drop_fraction="
@@ -217,13 +222,14 @@ def build_datasets(cfg: DataConfig, tokenizer, *, max_seq_len: int, objective, s
 
     train_ds = tok(train, cfg.train)
     val_ds = tok(val, val_name) if val is not None else None
-    _check_drops(cfg, skips, len(train) + len(val or []), max_seq_len)
+    check_drops(cfg, skips.kinds.get(NO_LABELS, 0), skips.reasons, len(train) + len(val or []), max_seq_len)
     report = DataReport(
         train_rows=len(train_ds), validation_rows=len(val_ds) if val_ds is not None else 0,
         skipped=skips.count, skipped_reasons=skips.reasons, train_tokens=train_ds.num_tokens(),
         label_names=names, num_labels=len(names) if names is not None else None, format=fmt,
         rows_read=len(raw) + (len(vraw) if val_path else 0), truncated=truncated,
         skipped_kinds=dict(skips.kinds), max_seq_len=max_seq_len, truncation=cfg.truncation, packed=packing,
+        cut=SHAPE_CUTS.get(objective.tokenized),
     )
     return train_ds, val_ds, report
 

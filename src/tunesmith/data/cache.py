@@ -131,7 +131,7 @@ def read_split(root: Path, split: str) -> tuple[list[tuple[np.ndarray, np.ndarra
 
 def load_cached(cfg, tokenizer, *, max_seq_len: int, objective, seed: int):
     """``(train, validation or None, DataReport)`` from the prepared cache: the examples build_datasets makes."""
-    from .build import DataReport, _split
+    from .build import SHAPE_CUTS, DataReport, _split
     from .tokenize import NO_LABELS, text_blocks
     shape = check_shape(objective)
     root, _ = cache_dir(cfg, tokenizer, max_seq_len=max_seq_len, shape=shape)
@@ -177,5 +177,5 @@ def load_cached(cfg, tokenizer, *, max_seq_len: int, objective, seed: int):
         skipped=sum(counts.values()), skipped_reasons=reasons,
         train_tokens=train_ds.num_tokens(), label_names=None, num_labels=None, format=fmt,
         rows_read=sum(t["read"] for t in tots), truncated=truncated, skipped_kinds=kinds, max_seq_len=max_seq_len,
-        truncation=cfg.truncation, packed=packing)
+        truncation=cfg.truncation, packed=packing, cut=SHAPE_CUTS.get(shape))
     return train_ds, val_ds, report

@@ -174,7 +174,7 @@ def build_mixture(cfg: DataConfig, tokenizer, *, max_seq_len: int, objective, se
         train_tokens=train.num_tokens(), label_names=first.label_names, num_labels=first.num_labels,
         format=first.format, rows_read=sum(r.rows_read for *_, r in parts), truncated=sum(r.truncated for *_, r in parts),
         skipped_kinds=_merge_kinds(r.skipped_kinds for *_, r in parts), max_seq_len=max_seq_len,
-        truncation=cfg.truncation, packed=first.packed)
+        truncation=cfg.truncation, packed=first.packed, cut=first.cut)
     report.parts = {e.name: r for e, _, _, r in parts}
     report.quotas = {e.name: q[i] for i, (e, *_) in enumerate(parts)}
     return train, val, report

@@ -229,6 +229,7 @@ def _chunks(rows, n: int):
 def _finish(root: Path, cfg, fmt: str, packing: bool, max_seq_len: int, result: Prepared) -> None:
     """Check what was dropped against data.max_drop_fraction, then write manifest.json (the cache is complete)."""
     totals = {"rows": 0, "examples": 0, "tokens": 0, "dropped": 0, "shards": 0, "splits": {}}
+    reasons = []
     for split_dir in sorted(p for p in root.iterdir() if p.is_dir()):
         s = {"rows": 0, "examples": 0, "tokens": 0, "dropped": 0, "shards": 0}
         for meta_path in sorted(split_dir.glob("shard-*.json")):
@@ -237,14 +238,13 @@ def _finish(root: Path, cfg, fmt: str, packing: bool, max_seq_len: int, result: 
             s["examples"] += len(meta["lengths"])
             s["tokens"] += sum(meta["lengths"])
             s["dropped"] += len(meta["dropped"])
+            reasons += meta["dropped"][:1]
             s["shards"] += 1
         totals["splits"][split_dir.name] = s
         for k in ("rows", "examples", "tokens", "dropped", "shards"):
             totals[k] += s[k]
-    if cfg.on_error == "raise" and totals["dropped"] > cfg.max_drop_fraction * max(totals["rows"], 1):
-        raise DataError(f"{totals['dropped']} of {totals['rows']} rows would be dropped: nothing left to train on "
-                        f"after truncation to max_seq_len={max_seq_len}, more than data.max_drop_fraction="
-                        f"{cfg.max_drop_fraction}; raise train.max_seq_len or use data.on_error: skip")
+    from .build import check_drops
+    check_drops(cfg, totals["dropped"], reasons, max(totals["rows"], 1), max_seq_len)   # no manifest then
     result.rows, result.examples, result.tokens = totals["rows"], totals["examples"], totals["tokens"]
     manifest = {"format": fmt, "packing": packing, **totals}
     tmp = root / "manifest.json.tmp"

@@ -44,16 +44,30 @@ def _with_system(source: str, system: str | None) -> str:
 
 
 def tokenize_seq2seq(rows, fmt: str, tokenizer, *, max_seq_len: int, system_prompt: str | None = None) -> Tokenized:
-    """Examples from ``(loc, canonical row)`` pairs; source and target are each cut to ``max_seq_len``."""
+    """Examples from ``(loc, canonical row)`` pairs; source and target are each cut to ``max_seq_len`` (by the
+    tokenizer, which keeps its special tokens), and the rows cut are counted."""
     out = Tokenized()
     for i in range(0, len(rows), BATCH):
         chunk = rows[i:i + BATCH]
         pairs = [source_target(r, fmt, system_prompt) for _, r in chunk]
-        src = tokenizer([s for s, _ in pairs], truncation=True, max_length=max_seq_len)["input_ids"]
-        tgt = tokenizer(text_target=[t for _, t in pairs], truncation=True, max_length=max_seq_len)["input_ids"]
-        for (loc, _), s, t in zip(chunk, src, tgt):
+        src = _cut(tokenizer, [s for s, _ in pairs], max_seq_len, "text")
+        tgt = _cut(tokenizer, [t for _, t in pairs], max_seq_len, "text_target")
+        out.truncated += sum(a or b for (_, a), (_, b) in zip(src, tgt))
+        for (loc, _), (s, _), (t, _) in zip(chunk, src, tgt):
             if not t:
                 out.dropped.append(f"{loc}: the target tokenizes to nothing")
                 continue
             out.examples.append({"input_ids": list(s), LABELS: list(t)})
     return out
+
+
+def _cut(tokenizer, texts: list[str], max_seq_len: int, kind: str) -> list[tuple[list[int], bool]]:
+    """``(ids, whether they were cut)`` of each text; only the texts that are too long are tokenized twice."""
+    ids = [list(x) for x in tokenizer(**{kind: texts}, verbose=False)["input_ids"]]
+    long = [j for j, x in enumerate(ids) if len(x) > max_seq_len]
+    if long:
+        cut = tokenizer(**{kind: [texts[j] for j in long]}, truncation=True, max_length=max_seq_len)["input_ids"]
+        for j, x in zip(long, cut):
+            ids[j] = list(x)
+    was_cut = set(long)
+    return [(x, j in was_cut) for j, x in enumerate(ids)]

@@ -106,12 +106,21 @@ def _check_model(model: str) -> None:
                          ".gguf file or embedded name (smollm2-135m, minilm-l6)")
 
 
-def default_out(opts: EvalOptions) -> Path:
-    stem = Path(opts.data).stem + (f"-{opts.shots}shot" if opts.shots else "")
+def default_out(opts: EvalOptions, task: str | None = None) -> Path:
+    """``RUN/eval/DATA`` or ``runs/eval/MODEL-DATA``, with ``-TASK`` when ``task`` is not the one the data's
+    format picks (``--task lm`` on alpaca rows does not overwrite their generation results) and ``-Kshot``."""
+    stem = Path(opts.data).stem + (f"-{task}" if task else "") + (f"-{opts.shots}shot" if opts.shots else "")
     p = Path(opts.model)
     if (p / "config.yaml").is_file():
         return p / "eval" / stem
     return Path("runs") / "eval" / f"{re.sub(r'[^A-Za-z0-9._-]+', '_', p.name or opts.model)}-{stem}"
+
+
+def _auto_task(fmt: str) -> str | None:
+    try:
+        return tasks_mod.for_format(fmt).name
+    except ConfigError:
+        return None
 
 
 def _run_label_names(model: str) -> list[str] | None:
@@ -145,7 +154,7 @@ def evaluate(opts: EvalOptions) -> dict:
         _check_demo_labels(demos, inputs)
     records = task.predict(inputs)
     values = metrics_mod.compute(names, records, labels=labels)
-    out = Path(opts.out) if opts.out else default_out(opts)
+    out = Path(opts.out) if opts.out else default_out(opts, None if task.name == _auto_task(fmt) else task.name)
     out.mkdir(parents=True, exist_ok=True)
     with (out / "predictions.jsonl").open("w") as f:
         for r in records:

@@ -13,10 +13,8 @@ import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from safetensors import safe_open
-
 from ..errors import ConfigError, TunesmithError
-from ..files import read_json
+from ..files import read_json, safetensors_keys
 from ..methods import peft_format, registry
 from .rules import TARGETS, problems
 
@@ -61,8 +59,7 @@ def _tensor_names(adapter: Path) -> list[str]:
     f = adapter / peft_format.WEIGHTS_NAME
     if not f.is_file():
         return []
-    with safe_open(str(f), "pt") as st:
-        return [peft_format.from_peft_key(k) for k in st.keys()]
+    return [peft_format.from_peft_key(k) for k in safetensors_keys(f)]
 
 
 def _read_json(path: Path) -> dict:

@@ -6,12 +6,11 @@ its adapter directory when no checkpoint is left, through the method's own ``loa
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-import yaml
-
+from ..config import load_yaml
 from ..errors import ConfigError
+from ..files import read_json
 from . import checkpoint, strategies
 
 
@@ -28,11 +27,12 @@ def check_init(cfg) -> None:
     if not (run / "config.yaml").is_file():
         raise ConfigError(f"{where}: no config.yaml there; give a tunesmith run directory")
     summary = run / "summary.json"
-    status = json.loads(summary.read_text()).get("status") if summary.is_file() else None
+    status = read_json(summary).get("status") if summary.is_file() else None   # FileError when damaged
     if status != "completed":
         raise ConfigError(f"{where}: the run is not completed (summary.json status {status!r}); "
                           "finish it (tunesmith train --resume) or pick another run")
-    prev = (yaml.safe_load((run / "config.yaml").read_text()) or {}).get("method") or {}
+    saved = load_yaml(run / "config.yaml")   # ConfigError naming the file when it is not YAML
+    prev = (saved.get("method") if isinstance(saved, dict) else None) or {}
     prev_name = prev.get("name") if isinstance(prev, dict) else prev
     if prev_name != cfg.method.name:
         raise ConfigError(f"{where}: that run trained method {prev_name!r}, this one {cfg.method.name!r}; "

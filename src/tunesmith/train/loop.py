@@ -134,6 +134,17 @@ def metric_means(sums: dict, count: int) -> dict:
     return {("accuracy" if k == "correct" else k): float(v) / max(count, 1) for k, v in sums.items()}
 
 
+@contextlib.contextmanager
+def nonfinite_outputs(step: int, bar):
+    """A FloatingPointError inside (the model's outputs went NaN or infinite: a rollout could not be
+    sampled) is the run diverging at ``step`` (the progress bar closed first, as for any divergence)."""
+    try:
+        yield
+    except FloatingPointError as e:
+        bar.close()
+        raise TrainingDiverged(f"{e} at step {step}", step) from None
+
+
 class Loop:
     """The driver: runs ``train_step`` (train/step.py: the offline step over static micro-batches, or an
     objective's online step) until ``total_steps``, with the progress bar, logging, eval and checkpoint
@@ -179,7 +190,8 @@ class Loop:
         while state.step < self.total_steps:
             t0 = time.perf_counter()
             tokens0 = state.tokens
-            record = self.step(state)
+            with nonfinite_outputs(state.step + 1, bar):
+                record = self.step(state)
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)
             dt = time.perf_counter() - t0
@@ -195,11 +207,12 @@ class Loop:
                 bar.close()
                 raise TrainingDiverged(reason, self.divergence.first_bad)
             recent.append(record["loss"])
-            bar.update(1)
             bar.set_postfix(loss=f"{record['loss']:.4f}", avg10=f"{sum(recent) / len(recent):.4f}",
-                            tok_s=f"{record['tokens_per_s']:.0f}", refresh=False)
+                            tok_s=f"{record['tokens_per_s']:.0f}", refresh=False)   # shown with this step's count
+            bar.update(1)
             if done or (cfg.eval_every and state.step % cfg.eval_every == 0):
-                self.on_eval(state)
+                with nonfinite_outputs(state.step, bar):
+                    self.on_eval(state)
             save_every = cfg.save_every or cfg.eval_every
             if done or (save_every and state.step % save_every == 0 and not self.divergence.suspect):
                 self.on_checkpoint(state)

@@ -9,17 +9,29 @@ from pathlib import Path
 import torch
 
 
+def _record(line: str) -> dict | None:
+    """A metrics line, or None for one that is not JSON (the half-written last line of a killed run)."""
+    try:
+        r = json.loads(line)
+    except ValueError:
+        return None
+    return r if isinstance(r, dict) else None
+
+
 class MetricsLog:
     """Appends one JSON object per line. On resume, lines after the checkpoint step are dropped, and so
-    is the end-of-run train probe at that step (the resumed run writes it again)."""
+    is the end-of-run train probe at that step (the resumed run writes it again) and a line cut short
+    when the run was killed."""
 
     def __init__(self, path: Path, resume_step: int | None = None):
         self.path = path
         if resume_step is not None and path.is_file():
-            def keep(r: dict) -> bool:
+            def keep(r: dict | None) -> bool:
+                if r is None:
+                    return False
                 step = r.get("step", 0)
                 return step < resume_step or (step == resume_step and (step == 0 or r.get("split") != "train_probe"))
-            kept = [l for l in path.read_text().splitlines() if l and keep(json.loads(l))]
+            kept = [l for l in path.read_text().splitlines() if l and keep(_record(l))]
             path.write_text("".join(l + "\n" for l in kept))
 
     def write(self, record: dict) -> None:

@@ -17,17 +17,19 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 import warnings
 from pathlib import Path
 
 import torch
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
                                                      get_optimizer_state_dict, set_model_state_dict,
                                                      set_optimizer_state_dict)
 
-from ..errors import ConfigError
-from ..files import read_json, torch_load
+from ..errors import ConfigError, FileError
+from ..files import DAMAGED, read_json, torch_load
 from . import checkpoint, distributed
 
 _OPTIONS = StateDictOptions(ignore_frozen_params=True)
@@ -88,7 +90,12 @@ def load(path: Path, *, method, model, optimizer, scheduler, run_mode: str, glob
     state = {"weights": weights, "optimizer": get_optimizer_state_dict(model, optimizer, options=_OPTIONS)}
     with warnings.catch_warnings():   # one process reading a sharded checkpoint is what is meant
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        dcp.load(state, checkpoint_id=str(path / "dcp"), no_dist=not distributed.context().joined)
+        try:
+            dcp.load(state, checkpoint_id=str(path / "dcp"), no_dist=not distributed.context().joined)
+        except (Exception, CheckpointException) as e:   # a shard or the metadata missing or cut short
+            first = _first_failure(e)                       # (DCP raises on every process alike)
+            raise FileError(f"{path / 'dcp'}: cannot be read by torch.distributed.checkpoint ({first}); "
+                            f"{DAMAGED}") from None
     if saved_fsdp:
         set_model_state_dict(model, state["weights"], options=_LOAD)
     else:
@@ -97,6 +104,15 @@ def load(path: Path, *, method, model, optimizer, scheduler, run_mode: str, glob
     scheduler.load_state_dict(torch_load(path / "scheduler.pt", weights_only=False))
     checkpoint.set_rng_state(torch_load(path / "rng.pt", weights_only=False))
     return pos
+
+
+def _first_failure(e: BaseException) -> str:
+    """What went wrong, in one line: a CheckpointException's first process's own exception."""
+    failures = getattr(e, "failures", None)
+    if failures:
+        e = next(iter(failures.values()))[0]
+    text = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__
 
 
 def restore(run_dir: Path, *, method, model, optimizer, scheduler, run_mode: str, global_batch: int) -> dict | None:
@@ -110,5 +126,17 @@ def restore(run_dir: Path, *, method, model, optimizer, scheduler, run_mode: str
         where = ckpts[-1] if ckpts else Path(run_dir) / "checkpoints"
         raise ConfigError(f"--resume {run_dir}: {where} is not a sharded checkpoint (a one-process run writes "
                           "whole tensors); resume it with one process")
-    return load(ckpts[-1], method=method, model=model, optimizer=optimizer, scheduler=scheduler,
-                run_mode=run_mode, global_batch=global_batch)
+    errors, skipped = [], []
+    for path in reversed([c for c in ckpts if is_sharded(c)]):   # the newest that reads back, as checkpoint.read_latest
+        try:
+            pos = load(path, method=method, model=model, optimizer=optimizer, scheduler=scheduler,
+                       run_mode=run_mode, global_batch=global_batch)
+        except FileError as e:
+            errors.append(str(e))
+            skipped.append(path.name)
+            continue
+        if errors and distributed.context().main:
+            print(f"warning: checkpoint {', '.join(skipped)} unreadable ({errors[0]}); resuming from {path.name}, "
+                  "the newest readable checkpoint", file=sys.stderr, flush=True)
+        return pos
+    raise ConfigError(f"--resume {run_dir}: no checkpoint can be read back ({'; '.join(errors)})")

@@ -108,11 +108,12 @@ def _with_ewc_data(merged: dict, previous: dict | None) -> dict:
 
 def configs(data: dict, source: str = "config", overrides=None) -> tuple[list, Path, bool]:
     """(the validated RunConfig of every stage, the output root, whether tasks are cross-evaluated)."""
-    from .runner import resolve_objective
     if overrides:
         data = config_mod.apply_overrides(data, overrides)
     stages = _stage_dicts(data, source)
-    first = [config_mod.validate(m, f"{source} stages[{i}] ({n})") for i, (n, m, _) in enumerate(stages)]
+    given = config_mod.given_overrides(overrides)   # their errors are blamed on them, not on the file
+    first = [config_mod.validate(m, f"{source} stages[{i}] ({n})", given) for i, (n, m, _) in enumerate(stages)]
+    from .runner import resolve_objective   # torch: only once every stage's own sections are valid
     cross = len({resolve_objective(c) for c in first}) == 1 and len(stages) > 1
     root = Path((data.get("output") or {}).get("dir", "runs/run"))
     out = []
@@ -120,7 +121,7 @@ def configs(data: dict, source: str = "config", overrides=None) -> tuple[list, P
         d = {**merged, "data": _stage_data(i, stages, cross),
              "output": {**(merged.get("output") or {}), "dir": str(root / name)}}
         d = _with_ewc_data(d, stages[i - 1][1]["data"] if i else None)
-        out.append(config_mod.validate(d, f"{source} stages[{i}] ({name})"))
+        out.append(config_mod.validate(d, f"{source} stages[{i}] ({name})", given))
     return out, root, cross
 
 

@@ -159,11 +159,20 @@ def precompute(objective: PairObjective, model: nn.Module, ds, run) -> None:
     from ...data import collate
     from ...data.collate import to_device
     from ...models.loader import cache_root
+    from ...errors import FileError
+    from ...files import torch_load
     path = cache_root() / "reference" / f"{_cache_key(ds, run)}.pt"
+    saved = None
     if path.is_file():
-        saved = torch.load(path)
-        print(f"reference log-probs: {len(ds)} examples from {path}", file=sys.stderr, flush=True)
-    else:
+        try:
+            saved = torch_load(path)
+            if not all(k in saved and len(saved[k]) == len(ds) for k in REF_KEYS):
+                raise FileError(f"{path}: not the reference log-probs of these {len(ds)} examples")
+            print(f"reference log-probs: {len(ds)} examples from {path}", file=sys.stderr, flush=True)
+        except (FileError, TypeError) as e:   # a damaged cache is computed again
+            print(f"warning: {e}; computing them again", file=sys.stderr, flush=True)
+            saved = None
+    if saved is None:
         disable = reference_kind(model) == "disabled"
         out = {k: [] for k in REF_KEYS}
         bs = run.train.batch_size

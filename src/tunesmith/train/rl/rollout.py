@@ -7,6 +7,8 @@ in or on the global RNG, and a resumed run samples what the uninterrupted one di
 """
 from __future__ import annotations
 
+import contextlib
+import logging
 import time
 from dataclasses import dataclass, field
 
@@ -57,7 +59,7 @@ class Sampler:
     def sample(self, examples: list[dict], g: int, step: int, temperature: float) -> list:
         """Completions of every example, ``g`` each (adjacent), from the current weights."""
         from ...infer.engine import Request
-        with inference(self.model, disable=False):
+        with inference(self.model, disable=False), _engine_log_off():   # a failed row is raised by rollout()
             handles = []
             for i, ex in enumerate(examples):
                 for j in range(g):
@@ -68,12 +70,25 @@ class Sampler:
             return [h.result() for h in handles]
 
 
+@contextlib.contextmanager
+def _engine_log_off():
+    logger = logging.getLogger("tunesmith.infer.engine.core")
+    was, logger.disabled = logger.disabled, True
+    try:
+        yield
+    finally:
+        logger.disabled = was
+
+
 def rollout(sampler: Sampler, reward_fns, examples: list[dict], g: int, step: int, temperature: float) -> Rollout:
     t0 = time.perf_counter()
     outs = sampler.sample(examples, g, step, temperature)
     gen_s = time.perf_counter() - t0
     bad = next((o for o in outs if o.finish_reason == "error"), None)
     if bad is not None:
+        if "nan" in bad.error.lower() and "inf" in bad.error.lower():   # torch.multinomial on NaN/inf probabilities
+            raise FloatingPointError(f"the policy's next-token probabilities became NaN or infinite (sampling the "
+                                     f"rollout failed: {bad.error})")
         raise RuntimeError(f"rollout: generation failed: {bad.error}")
     rep = [ex for ex in examples for _ in range(g)]
     texts = [o.text for o in outs]
