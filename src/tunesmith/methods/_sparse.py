@@ -179,7 +179,7 @@ class SparseMaskMethod(Method):
     def prepare(self, model: nn.Module, batches, objective) -> None:
         tensors = self.base_tensors()
         self.set_masks(top_k(self.scores(model, batches, objective, tensors), self.budget_of(self.candidate_count())))
-        if next(iter(tensors.values())).device.type == "cpu":
+        if any(t.device.type == "cpu" for t in tensors.values()):
             release_freed()
 
     def masks(self) -> dict[str, torch.Tensor]:
