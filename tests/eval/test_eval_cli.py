@@ -171,3 +171,18 @@ def test_preference_rewards_of_a_reward_model_and_the_implicit_reward(tmp_path):
                 p.add_(0.05)
     recs = predict_preference(Inputs(model=lm, tokenizer=tok, rows=rows, fmt="preference", progress=False))
     assert all(abs(r["chosen_reward"]) > 1e-4 for r in recs)
+
+
+def test_generation_eval_of_an_encoder_decoder_goes_through_the_engine(tmp_path):
+    """random:t5: each row's instruction (+ input) is the source, as seq2seq training reads it; the
+    engine's greedy answers equal tunesmith.generate's (transformers' generate)."""
+    from tunesmith.infer import generate
+    rows = alpaca_rows(5)
+    data = write_jsonl(tmp_path / "test.jsonl", rows)
+    out = tmp_path / "gen"
+    assert cli.main(["eval", "random:t5", "--data", str(data), "--max-new-tokens", "4", "--batch-size", "2",
+                     "--out", str(out), "--no-progress", "--metrics", "rouge"]) == 0
+    preds, res = read(out)
+    sources = [r["instruction"] + (f"\n\n{r['input']}" if r["input"] else "") for r in rows]
+    assert [p["prediction"] for p in preds] == generate("random:t5", sources, max_new_tokens=4, device="cpu")
+    assert res["rows"] == 5 and "rouge1" in res["metrics"] and all(p["prediction"].strip() for p in preds)

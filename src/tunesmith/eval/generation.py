@@ -25,21 +25,15 @@ def generate_answers(inp, conversations: list[list[dict]], desc: str = "generate
     model = inp.model.eval()
     params = SamplingParams(max_tokens=inp.max_new_tokens, temperature=0.0)
     bar = tqdm(total=len(conversations), desc=desc, unit="row", disable=not inp.progress, dynamic_ncols=True)
-    if getattr(model.config, "is_encoder_decoder", False):
-        from ..infer.generate import generate
-        out = []
-        for i in range(0, len(conversations), inp.batch_size):
-            chunk = ["\n\n".join(m["content"] for m in c) for c in conversations[i:i + inp.batch_size]]
-            out += generate(model, chunk, tokenizer=inp.tokenizer, max_new_tokens=inp.max_new_tokens)
-            bar.update(len(chunk))
-        bar.close()
-        return out
+    seq2seq = getattr(model.config, "is_encoder_decoder", False)   # the source as seq2seq training reads it
     engine = Engine(model, inp.tokenizer, max_batch=inp.batch_size, system_prompt=inp.system_prompt,
                     layout=inp.layout)
     out = []
     step = inp.batch_size * 4
     for i in range(0, len(conversations), step):
-        done = engine.generate(messages=conversations[i:i + step], params=params)
+        chunk = conversations[i:i + step]
+        done = (engine.generate(["\n\n".join(m["content"] for m in c) for c in chunk], params=params) if seq2seq
+                else engine.generate(messages=chunk, params=params))
         bad = next((c for c in done if c.finish_reason == "error"), None)
         if bad is not None:
             raise ConfigError(f"generation failed: {bad.error}")

@@ -116,8 +116,8 @@ class Engine:
     def _runner(self, model: nn.Module, table=None):
         from .fast import make_runner
         if getattr(getattr(model, "config", None), "is_encoder_decoder", False):
-            raise ConfigError(f"engine: {type(model).__name__} is an encoder-decoder; the engine decodes decoder-only "
-                              "models (generate from it with tunesmith.generate)")
+            from .seq2seq import Seq2SeqRunner
+            return Seq2SeqRunner(model, self.pad_id, table)
         if not hasattr(model, "get_output_embeddings") or model.get_output_embeddings() is None:
             raise ConfigError(f"engine: {type(model).__name__} has no language-model head to generate with "
                               "(a classifier? serve it with --score)")
