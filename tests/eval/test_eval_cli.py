@@ -174,15 +174,24 @@ def test_preference_rewards_of_a_reward_model_and_the_implicit_reward(tmp_path):
 
 
 def test_generation_eval_of_an_encoder_decoder_goes_through_the_engine(tmp_path):
-    """random:t5: each row's instruction (+ input) is the source, as seq2seq training reads it; the
-    engine's greedy answers equal tunesmith.generate's (transformers' generate)."""
+    """A tiny T5 directory: each row's instruction (+ input) is the source, as seq2seq training reads it;
+    the engine's greedy answers equal tunesmith.generate's (transformers' generate)."""
+    import torch
     from tunesmith.infer import generate
+    from tunesmith.models.loader import ModelConfig, load_tokenizer
+    model = tiny("t5", task="seq2seq", seed=1)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.3)
+    model.save_pretrained(tmp_path / "t5")
+    load_tokenizer(ModelConfig(name_or_path="random:t5")).save_pretrained(tmp_path / "t5")
     rows = alpaca_rows(5)
     data = write_jsonl(tmp_path / "test.jsonl", rows)
     out = tmp_path / "gen"
-    assert cli.main(["eval", "random:t5", "--data", str(data), "--max-new-tokens", "4", "--batch-size", "2",
+    assert cli.main(["eval", str(tmp_path / "t5"), "--data", str(data), "--max-new-tokens", "4", "--batch-size", "2",
                      "--out", str(out), "--no-progress", "--metrics", "rouge"]) == 0
     preds, res = read(out)
     sources = [r["instruction"] + (f"\n\n{r['input']}" if r["input"] else "") for r in rows]
-    assert [p["prediction"] for p in preds] == generate("random:t5", sources, max_new_tokens=4, device="cpu")
+    assert [p["prediction"] for p in preds] == generate(str(tmp_path / "t5"), sources, max_new_tokens=4, device="cpu")
     assert res["rows"] == 5 and "rouge1" in res["metrics"] and all(p["prediction"].strip() for p in preds)
