@@ -13,6 +13,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, ValidationError, field_validator, model_validator
 
 from .data.config import DataConfig
+from .config_errors import format_errors, message
 from .errors import ConfigError, did_you_mean
 from .methods import registry
 from .methods.registry import MethodConfig
@@ -259,78 +260,6 @@ def with_method_lr(cfg: RunConfig) -> tuple[RunConfig, str]:
     return cfg.model_copy(update={"train": cfg.train.model_copy(update={"lr": lr})}), "method default"
 
 
-def _format_errors(err: ValidationError, prefix: str = "", root: Any = None) -> list[tuple[str, str]]:
-    """``(dotted field, message)`` for each error; unknown keys list the valid keys of their section
-    (of ``root``, the model that was validated: RunConfig or a method's config)."""
-    out = []
-    for e in err.errors():
-        loc = _dotted(e["loc"])
-        where = f"{prefix}{loc}" if loc else prefix.rstrip(".")
-        if e["type"] == "extra_forbidden":
-            out.append((where, f"unknown key{_key_hint(e['loc'], root or RunConfig, prefix)}"))
-        elif e["type"] == "missing":
-            out.append((where, "required field is missing"))
-        elif e["type"] == "value_error":   # tunesmith's own validators: the message says what was given
-            out.append((where, e["msg"].removeprefix("Value error, ")))
-        else:
-            out.append((where, f"{e['msg']} (got {e.get('input')!r})"))
-    return out
-
-
-def _dotted(loc) -> str:
-    """A field's location as written in YAML terms: ``data.mixture[0].weight``."""
-    return "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc).lstrip(".")
-
-
-def _key_hint(loc, root, prefix: str = "") -> str:
-    *parent, key = [str(p) for p in loc]
-    fields = _fields_at(parent, root)
-    if not fields:
-        return ""
-    kind = next((k for k, base in (("objective", ObjectiveConfig), ("strategy", StrategyConfig))
-                 if isinstance(root, type) and issubclass(root, base)), "method")
-    section = f"{kind} {root.model_fields['name'].default}" if root is not RunConfig else (
-        _dotted([int(p) if p.isdigit() else p for p in parent]) or "the config")
-    return f" '{key}'{did_you_mean(key, fields)}; valid keys for {section}: {', '.join(fields)}"
-
-
-def _model_in(annotation: Any) -> Any:
-    """The pydantic model an annotation holds (itself, or inside ``X | None`` / ``list[X]``), or None."""
-    if hasattr(annotation, "model_fields"):
-        return annotation
-    return next((m for a in getattr(annotation, "__args__", ()) if (m := _model_in(a)) is not None), None)
-
-
-def _fields_at(path: list[str], root: Any) -> list[str]:
-    model: Any = root
-    for p in path:
-        if p.isdigit():   # an entry of a list (data.mixture.0)
-            continue
-        info = getattr(model, "model_fields", {}).get(p)
-        model = _model_in(info.annotation) if info is not None else None
-        if model is None:
-            return []
-    return [info.alias or name for name, info in model.model_fields.items()]   # as written in YAML (lambda)
-
-
-def _blame(where: str, overrides: dict[str, str]) -> str | None:
-    """The override that set field ``where`` (or a section above it), if any."""
-    parts = re.sub(r"\[\d+\]", "", where).split(".")
-    for i in range(len(parts), 0, -1):
-        if ".".join(parts[:i]) in overrides:
-            return overrides[".".join(parts[:i])]
-    return None
-
-
-def _message(errors: list[tuple[str, str]], source: str, overrides: dict[str, str]) -> str:
-    """One message: errors from command-line overrides name the override, the others the file."""
-    parts = []
-    for where, text in errors:
-        item = _blame(where, overrides)
-        parts.append(f"override {item!r}: {where}: {text}" if item else f"{source}: {where}: {text}")
-    return "; ".join(parts)
-
-
 def validate(data: dict, source: str = "config", overrides: dict[str, str] | None = None) -> RunConfig:
     """Validate a config dict; errors name the source (or the override), the field, the value and
     what is valid. ``overrides`` maps dotted keys set on the command line to how they were given."""
@@ -350,9 +279,9 @@ def validate(data: dict, source: str = "config", overrides: dict[str, str] | Non
             cls = registry.config_class(method["name"]) if "name" in method else None  # ConfigError if unknown
             registry.build_config(method)
         except ConfigError as e:
-            raise ConfigError(_message([("method.name", str(e).split(": ", 1)[-1])], source, overrides)) from None
+            raise ConfigError(message([("method.name", str(e).split(": ", 1)[-1])], source, overrides)) from None
         except ValidationError as e:
-            raise ConfigError(_message(_format_errors(e, "method.", cls), source, overrides)) from None
+            raise ConfigError(message(format_errors(e, cls or RunConfig, "method."), source, overrides)) from None
     objective = data.get("objective")
     if isinstance(objective, str):
         objective = {"name": objective}
@@ -367,22 +296,22 @@ def validate(data: dict, source: str = "config", overrides: dict[str, str] | Non
             ocls = objectives.config_class(objective.get("name"))
             ocls.model_validate(objective)
         except ConfigError as e:
-            raise ConfigError(_message([(where, str(e).split(": ", 1)[-1])], source, overrides)) from None
+            raise ConfigError(message([(where, str(e).split(": ", 1)[-1])], source, overrides)) from None
         except ValidationError as e:
-            raise ConfigError(_message(_format_errors(e, "objective.", ocls), source, overrides)) from None
+            raise ConfigError(message(format_errors(e, ocls, "objective."), source, overrides)) from None
     for i, entry in enumerate(data.get("strategies") or [] if isinstance(data.get("strategies"), list) else []):
         where = f"strategies[{i}]"   # validated first so that its errors say strategies[i].<field>
         try:
             strategies.build_config(entry)
         except ValidationError as e:
             scls = strategies.all_configs()[entry if isinstance(entry, str) else entry["name"]]
-            raise ConfigError(_message(_format_errors(e, f"{where}.", scls), source, overrides)) from None
+            raise ConfigError(message(format_errors(e, scls, f"{where}."), source, overrides)) from None
         except ValueError as e:
-            raise ConfigError(_message([(where, str(e))], source, overrides)) from None
+            raise ConfigError(message([(where, str(e))], source, overrides)) from None
     try:
         return RunConfig.model_validate(data)
     except ValidationError as e:
-        raise ConfigError(_message(_format_errors(e), source, overrides)) from None
+        raise ConfigError(message(format_errors(e, RunConfig), source, overrides)) from None
 
 
 def load_yaml(path: str | Path) -> dict:
