@@ -99,3 +99,42 @@ def test_parameter_errors_name_the_field():
         with pytest.raises(ConfigError, match=field):
             SamplingParams(**bad)
     assert SamplingParams(stop="x").stop == ("x",)
+
+
+def test_hashed_race_draws_from_the_distribution_and_repeats_per_key():
+    """The seeded sampler's tokens: frequencies within a chi-square bound of p (over positions of one seed,
+    and over seeds at one position), never a zero-probability token, the same token for the same key
+    whatever the batch holds, and a different sequence for another seed."""
+    from tunesmith.infer.engine.sampling import race
+    p = torch.tensor([0.4, 0.25, 0.15, 0.1, 0.06, 0.04, 0.0, 0.0])
+    n = 20_000
+    for keys in ([(7, t) for t in range(n)], [(s, 3) for s in range(n)], [((1 << 61) + s, 0) for s in range(n)]):
+        tokens = race(p.expand(n, -1), keys)
+        counts = torch.bincount(tokens, minlength=len(p)).double()
+        assert counts[6:].sum() == 0
+        expected = p[:6].double() * n
+        chi2 = float(((counts[:6] - expected) ** 2 / expected).sum())
+        assert chi2 < 20.5, chi2                   # 5 degrees of freedom: P(chi2 > 20.5) ≈ 0.001
+    q = torch.softmax(torch.randn(5, 300), -1)
+    keys = [(11, 0), (11, 1), (12, 0), (3, 9), (11, 0)]
+    alone = [int(race(q[i:i + 1], [k])[0]) for i, k in enumerate(keys)]
+    assert race(q, keys).tolist() == alone
+    assert race(q.flip(0), keys[::-1]).tolist() == alone[::-1]
+    first = race(q[0].expand(64, -1), [(11, t) for t in range(64)])
+    assert not torch.equal(first, race(q[0].expand(64, -1), [(12, t) for t in range(64)]))
+
+
+def test_a_row_with_nan_probabilities_fails_with_a_clear_error():
+    from tunesmith.infer.engine.sampling import choose
+
+    class Row:
+        def __init__(self, seed):
+            self.params = SamplingParams(temperature=1.0, seed=seed)
+            self.prompt_ids, self.out_ids = [1, 2], []
+
+    logits = torch.randn(3, 50)
+    assert len(choose(logits, [Row(1), Row(None), Row(2)]).ids) == 3
+    logits[1, 4] = float("nan")
+    for rows in ([Row(1), Row(2), Row(3)], [Row(None), Row(None), Row(None)], [Row(1), Row(None), Row(2)]):
+        with pytest.raises(RuntimeError, match="inf.*nan"):   # ours, or torch.multinomial's for unseeded rows
+            choose(logits, rows)

@@ -281,3 +281,55 @@ def test_pissa_run_end_to_end(alpaca_file, tmp_path):
     assert meta["converted_from"] == "pissa" and meta["method"]["r"] == 8
     model, _ = tunesmith.load(run_dir)
     assert all(type(layer) is LoraLinear for _, layer in tuned_layers(model))  # plain LoRA on the original base
+
+
+# -- decoding with the adapter frozen into the compute dtype ------------------------------------
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_frozen_adapters_decode_as_the_parameters_do_and_follow_updates(dtype):
+    """Under ``frozen_adapters`` a no-grad forward reads the copy of s·A and B taken on entry: the same
+    logits as the parameters give (bf16: the base's dtype, A and B cast once), re-taken on the next entry
+    after an update, and never used while gradients are on."""
+    from tunesmith.methods.inject import frozen_adapters
+    model = tunesmith.apply(tiny(seed=1, vocab_size=VOCAB).to(dtype), "lora", r=4, alpha=8)
+    for m in model.modules():                      # LoRA parameters in fp32 beside the base, as training keeps them
+        if isinstance(m, LoraLinear):
+            m.lora_A.float(), m.lora_B.float()
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.05)
+    x = batch()
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+
+    def logits():
+        with torch.no_grad():
+            return model(input_ids=x).logits.float()
+
+    want = logits()
+    with frozen_adapters(model):
+        layer = next(m for m in model.modules() if isinstance(m, LoraLinear))
+        assert layer.frozen and layer.frozen_ab[0].dtype == dtype
+        assert rel_err(logits(), want) <= tol
+        with torch.no_grad():                      # an update inside the block is not seen until re-entry
+            for n, p in model.named_parameters():
+                if "lora_B" in n:
+                    p.mul_(3)
+        assert rel_err(logits(), want) <= tol
+        out = model(input_ids=x).logits            # with gradients on, the parameters are read
+        out.float().sum().backward()
+        assert layer.lora_B.weight.grad is not None
+    moved = logits()
+    assert rel_err(moved, want) > 10 * tol         # the update shows once the block is left ...
+    address = layer.frozen_ab[0].data_ptr()
+    with frozen_adapters(model):
+        assert rel_err(logits(), moved) <= tol     # ... and in the next block, whose copy is re-taken
+        assert layer.frozen_ab[0].data_ptr() == address   # in place: a captured CUDA graph stays valid
+    assert not layer.frozen
+
+
+def test_frozen_adapters_leave_layers_with_their_own_forward_alone():
+    from tunesmith.methods.inject import frozen_adapters
+    model = tunesmith.apply(tiny(seed=1, vocab_size=VOCAB), "dora", r=4, alpha=8)
+    with frozen_adapters(model):
+        assert all(getattr(m, "frozen_ab", None) is None for m in model.modules())

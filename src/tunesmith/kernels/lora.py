@@ -21,6 +21,10 @@ Under torch.compile the layer takes a traceable form (``_LoraLinearTraceable``):
 large products are opaque operators accumulating in place, and whose recomputation the compiler's
 partitioner trims inside a checkpointed block (kernels/compile.py).
 
+For decoding, ``lora_linear_frozen`` takes s·A and B already in the compute dtype (a copy made once
+per rollout, see ``LoraLinear.freeze_adapter``): no casts and no autograd node per step, three
+products per projection.
+
 The frozen weight may also be a 4-bit bitsandbytes weight (QLoRA): ``frozen_weight(base)`` returns a
 ``Dequantized`` handle that the base node dequantizes to bf16 in forward and again in backward,
 as bitsandbytes' own matmul does, so the 4-bit base gets the same fusion and recompute saving.
@@ -238,3 +242,15 @@ def lora_linear(x: torch.Tensor, weight, bias: torch.Tensor | None,
             z = _LoraDelta.apply(x2, a, b, bb, link)
             y = _FrozenLinear.apply(x2, w, z, link)
     return y.view(*lead, y.shape[-1])                                 # (..., d_out)
+
+
+def lora_linear_frozen(x: torch.Tensor, weight, bias: torch.Tensor | None,
+                       a_scaled: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Inference-only y = x W0ᵀ + b + (x (sA)ᵀ) Bᵀ, with s·A (r, d_in) and B (d_out, r) given in the
+    compute dtype; x (..., d_in) is cast to it. No gradients flow."""
+    dt = a_scaled.dtype
+    x2 = x.reshape(-1, x.shape[-1]).to(dt)                            # (N, d_in)
+    with torch.autocast(x.device.type, enabled=False):
+        u = torch.mm(x2, a_scaled.t())                                # (N, r)
+        y = lora_output(x2, _materialize(weight, dt), u, b, None if bias is None else bias.to(dt))
+    return y.view(*x.shape[:-1], y.shape[-1])

@@ -23,6 +23,8 @@ from .configs.dora import DoraConfig
 class DoraLinear(LoraLinear):
     """LoRA plus a magnitude vector ``lora_magnitude_vector`` (peft's key name), shape (d_out,)."""
 
+    decodes_frozen = False
+
     def __init__(self, base: nn.Linear, r: int, alpha: float, dropout: float, use_rslora: bool = False):
         super().__init__(base, r, alpha, dropout, use_rslora)
         a = self.lora_A.weight

@@ -28,6 +28,8 @@ from .configs.dylora import DyLoraConfig
 class DyLoraLinear(LoraLinear):
     """LoRA of rank r_max that computes with its first ``rank`` components."""
 
+    decodes_frozen = False
+
     def __init__(self, base: nn.Linear, r_max: int, alpha: float, dropout: float):
         super().__init__(base, r_max, alpha, dropout)
         self.alpha = alpha

@@ -263,6 +263,20 @@ def disable_adapters(model: nn.Module):
             m.disabled = o
 
 
+@contextlib.contextmanager
+def frozen_adapters(model: nn.Module):
+    """Within the block, layers that can (``freeze_adapter``) compute from a copy of their adapter in the
+    compute dtype taken on entry: for decoding many tokens with weights that do not change meanwhile."""
+    layers = [m for _, m in tuned_layers(model) if getattr(m, "decodes_frozen", False)]
+    for m in layers:
+        m.freeze_adapter(True)
+    try:
+        yield model
+    finally:
+        for m in layers:
+            m.freeze_adapter(False)
+
+
 def freeze_all(model: nn.Module) -> None:
     for p in model.parameters():
         p.requires_grad_(False)

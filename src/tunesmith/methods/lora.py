@@ -21,7 +21,7 @@ from .inject import (TunedLayer, as_linear, fan_in_fan_out, freeze_all, inject, 
                      unfreeze_modules, unwrap)
 from .registry import Method, MethodConfig, attach, module_params, register
 from ..errors import ConfigError
-from ..kernels.lora import frozen_weight, lora_linear
+from ..kernels.lora import compute_dtype, frozen_weight, lora_linear, lora_linear_frozen
 from ..models.targets import task_heads
 from .configs.lora import LoraConfig
 
@@ -43,6 +43,8 @@ def init_lora_(a: torch.Tensor, b: torch.Tensor, init: str, r: int) -> None:
 class LoraLinear(TunedLayer):
     """nn.Linear plus a low-rank update; parameter names match peft's (lora_A, lora_B)."""
 
+    decodes_frozen = True   # forward honours freeze_adapter (subclasses with their own forward say False)
+
     def __init__(self, base: nn.Linear, r: int, alpha: float, dropout: float, use_rslora: bool = False):
         super().__init__(base)
         self.r = r
@@ -53,9 +55,31 @@ class LoraLinear(TunedLayer):
         self.lora_A = nn.Linear(base.in_features, r, bias=False, device=w.device, dtype=dtype)
         self.lora_B = nn.Linear(r, base.out_features, bias=False, device=w.device, dtype=dtype)
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.frozen_ab: tuple[torch.Tensor, torch.Tensor] | None = None   # see freeze_adapter
+        self.frozen = False
 
     def reset(self, init: str) -> None:
         init_lora_(self.lora_A.weight, self.lora_B.weight, init, self.r)
+
+    @torch.no_grad()
+    def freeze_adapter(self, on: bool) -> None:
+        """``on``: copy s·A and B in the base's compute dtype into fixed buffers, which forward under
+        no-grad then reads (a decode step does no casts; the buffers keep their addresses across calls,
+        as a CUDA graph needs). ``off``: forward reads the parameters again. Call again after an update."""
+        self.frozen = on
+        if not on:
+            return
+        w = self.base_layer.weight
+        dt = w.dtype if w.dtype.is_floating_point else self.lora_A.weight.dtype
+        a, b = self.lora_A.weight, self.lora_B.weight
+        if self.frozen_ab is None or self.frozen_ab[0].dtype != dt:
+            self.frozen_ab = (torch.empty(a.shape, dtype=dt, device=a.device),
+                              torch.empty(b.shape, dtype=dt, device=b.device))
+            from torch import _dynamo
+            for t in self.frozen_ab:
+                _dynamo.mark_static_address(t)
+        self.frozen_ab[0].copy_(a * self.scaling)
+        self.frozen_ab[1].copy_(b)
 
     def delta_weight(self) -> torch.Tensor:
         """ΔW = scaling · B A, shape (d_out, d_in)."""
@@ -67,6 +91,8 @@ class LoraLinear(TunedLayer):
             return base(x)
         weight = frozen_weight(base)  # None: a base layer without a fused path
         if weight is not None and type(self.lora_dropout) is nn.Identity:  # fused, see kernels/lora.py
+            if self.frozen and not torch.is_grad_enabled() and compute_dtype(x) == self.frozen_ab[0].dtype:
+                return lora_linear_frozen(x, weight, base.bias, *self.frozen_ab)
             return lora_linear(x, weight, base.bias, self.lora_A.weight, self.lora_B.weight, self.scaling)
         y = base(x)
         a = self.lora_A.weight

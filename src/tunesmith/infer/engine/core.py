@@ -248,8 +248,7 @@ class Engine:
         if sink is None:
             outputs = queue.Queue()
             sink = outputs.put
-        seq = Sequence(ids, request.params, route.slot, route.stop_ids, route.tokenizer, sink, request.stream,
-                       route.lane.runner.device)
+        seq = Sequence(ids, request.params, route.slot, route.stop_ids, route.tokenizer, sink, request.stream)
         seq.lane = route.lane
         with self._inbox_lock:
             if not self._accepting:

@@ -3,14 +3,17 @@
 Rows are grouped by their processing parameters and each group goes through transformers' own
 logits processors, in the order ``generate`` applies them: repetition penalty, then temperature,
 top-k, top-p and min-p. ``temperature == 0`` is greedy (argmax after the repetition penalty). A row
-with a ``seed`` draws from its own ``torch.Generator``, so its tokens do not depend on the other
-requests it shares a batch with.
+with a ``seed`` draws by an exponential race (the argmax of p / E, E ~ Exp(1), is a draw from p) whose
+noise is a counter-based hash of (seed, position, token id): its tokens do not depend on the other
+requests it shares a batch with, and a whole batch of seeded rows is drawn in a few elementwise
+kernels with no per-row loop and no host round trip.
 
 Log-probabilities are those of the model's raw distribution (log-softmax of the logits before any
 processor, as vLLM reports by default), or of the processed one with ``processed_logprobs``.
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass, field, fields
 
@@ -29,7 +32,7 @@ class SamplingParams:
     top_k: int = 0                      #: keep the k most likely tokens (0 = all)
     min_p: float = 0.0                  #: drop tokens below min_p × the top token's probability
     repetition_penalty: float = 1.0     #: CTRL's penalty on tokens already in the prompt or output
-    seed: int | None = None             #: a per-request generator (reproducible in any batch)
+    seed: int | None = None             #: a per-request noise stream (reproducible in any batch)
     stop: tuple[str, ...] = ()          #: strings that end the completion (not included in the text)
     stop_token_ids: tuple[int, ...] = ()  #: extra token ids that end it (besides EOS / end of turn)
     ignore_eos: bool = False            #: keep going past EOS and end-of-turn tokens
@@ -114,7 +117,7 @@ def history(rows, device) -> torch.Tensor:
 
 def choose(logits: torch.Tensor, rows) -> Choice:
     """Next token of every row; ``logits`` (B, V) float, ``rows`` objects with ``params``,
-    ``generator``, ``prompt_ids`` and ``out_ids``."""
+    ``prompt_ids`` and ``out_ids``. A row whose probabilities are NaN raises ``RuntimeError``."""
     params = [r.params for r in rows]
     want_lp = any(p.logprobs or p.top_logprobs for p in params)
     if all(p.greedy and p.repetition_penalty == 1.0 for p in params) and not any(p.processed_logprobs for p in params):
@@ -130,30 +133,76 @@ def choose(logits: torch.Tensor, rows) -> Choice:
         procs = processors(params[idx[0]])
         index = torch.tensor(idx, device=logits.device)
         sub = logits.index_select(0, index)
-        if procs:
-            sub = procs(history(sub_rows, logits.device), sub)
+        if procs:   # only the repetition penalty reads the ids; the warpers get a placeholder
+            seen = history(sub_rows, logits.device) if params[idx[0]].repetition_penalty != 1.0 else _NO_IDS
+            sub = procs(seen, sub)
         if processed is not None:
             processed[index] = sub
         ids[index] = sub.argmax(-1) if params[idx[0]].greedy else _draw(sub, sub_rows)
     return _finish(ids, logits if want_lp else None, processed, params)
 
 
+_NO_IDS = torch.empty((0, 0), dtype=torch.long)
+_M32, _WEYL = 0xFFFFFFFF, 0x9E3779B9
+
+
 def _draw(scores: torch.Tensor, rows) -> torch.Tensor:
-    """Multinomial draws from softmax(scores); seeded rows use their own generator."""
+    """Draws from softmax(scores): seeded rows by the hashed exponential race, the others by
+    ``torch.multinomial`` on the global generator. A row with NaN probabilities comes back as -1."""
     probs = torch.softmax(scores.float(), dim=-1)
     out = torch.empty(scores.shape[0], dtype=torch.long, device=scores.device)
-    free = [i for i, r in enumerate(rows) if r.generator is None]
+    seeded = [i for i, r in enumerate(rows) if r.params.seed is not None]
+    free = [i for i, r in enumerate(rows) if r.params.seed is None]
     if free:
         idx = torch.tensor(free, device=scores.device)
         out[idx] = torch.multinomial(probs.index_select(0, idx), 1).squeeze(-1)
-    for i, r in enumerate(rows):
-        if r.generator is not None:
-            out[i] = torch.multinomial(probs[i], 1, generator=r.generator)[0]
-    return out
+    if seeded:
+        idx = torch.tensor(seeded, device=scores.device)
+        keys = [(rows[i].params.seed, len(rows[i].out_ids)) for i in seeded]
+        out[idx] = race(probs.index_select(0, idx), keys)
+    return torch.where(probs.isnan().any(-1), -1, out)
+
+
+def race(probs: torch.Tensor, keys: list[tuple[int, int]]) -> torch.Tensor:
+    """argmax(p / E) per row, E = -log(u) with u the hash of (seed, position, token id) in (0, 1).
+
+    ``probs`` (n, V) float, ``keys`` one (seed, position) per row. The same key and probabilities
+    give the same token on any device and in any batch."""
+    words = torch.tensor([[s & _M32, (s >> 32) & _M32, t & _M32] for s, t in keys], dtype=torch.long)
+    words = words.to(probs.device)
+    k = _mix32((words[:, 0] + _WEYL) & _M32)
+    k = _mix32(k ^ words[:, 1])
+    k = _mix32(k ^ words[:, 2])
+    h = _mix32((k[:, None] + _token_weyl(probs.shape[-1], probs.device)[None, :]) & _M32)
+    u = ((h >> 8).float() + 0.5) * 2.0 ** -24            # 24 random bits: exactly representable, never 0 or 1
+    return (probs / -torch.log(u)).argmax(-1)
+
+
+@functools.lru_cache(maxsize=8)
+def _token_weyl(vocab: int, device: torch.device) -> torch.Tensor:
+    """(V,) int64: token id × the golden-ratio constant, mod 2**32 (the hash's per-token offset)."""
+    return _mul32(torch.arange(vocab, dtype=torch.long, device=device), _WEYL)
+
+
+def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:
+    """(x * c) mod 2**32 for int64 tensors holding 32-bit values, in 16-bit halves so nothing overflows."""
+    return (x * (c & 0xFFFF) + (((x * (c >> 16)) & 0xFFFF) << 16)) & _M32
+
+
+def _mix32(x: torch.Tensor) -> torch.Tensor:
+    """murmur3's 32-bit finaliser: a bijection of [0, 2**32) in which every input bit moves every output bit."""
+    x = x ^ (x >> 16)
+    x = _mul32(x, 0x85EBCA6B)
+    x = x ^ (x >> 13)
+    x = _mul32(x, 0xC2B2AE35)
+    return x ^ (x >> 16)
 
 
 def _finish(ids: torch.Tensor, raw: torch.Tensor | None, processed: torch.Tensor | None, params) -> Choice:
     host = ids.tolist()
+    if min(host, default=0) < 0:
+        raise RuntimeError("sampling: a row's next-token probabilities are not a distribution (inf or nan "
+                           "in the model's logits)")
     if raw is None:
         return Choice(host, [None] * len(host), [None] * len(host))
     logp = raw.float().log_softmax(-1)

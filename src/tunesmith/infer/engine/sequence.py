@@ -7,8 +7,6 @@ import threading
 from dataclasses import dataclass, field
 from typing import Callable
 
-import torch
-
 from .sampling import SamplingParams
 from .text import TextStream
 
@@ -70,16 +68,13 @@ class Completion:
 
 
 class Sequence:
-    """A request being decoded: its prompt ids, output so far, RNG and where its outputs go."""
+    """A request being decoded: its prompt ids, output so far and where its outputs go."""
 
     def __init__(self, prompt_ids: list[int], params: SamplingParams, slot: int, stop_ids: set[int],
-                 tokenizer, sink: Callable[[Output], None], stream: bool, device):
+                 tokenizer, sink: Callable[[Output], None], stream: bool):
         self.prompt_ids, self.params, self.slot = prompt_ids, params, slot
         self.stop_ids = stop_ids | set(params.stop_token_ids) if not params.ignore_eos else set(params.stop_token_ids)
         self.tokenizer, self.sink, self.stream = tokenizer, sink, stream
-        self.generator = None
-        if params.seed is not None:
-            self.generator = torch.Generator(device=device).manual_seed(int(params.seed))
         self.out_ids: list[int] = []
         self.logprobs: list[float] = []
         self.top: list = []

@@ -1,7 +1,8 @@
 """Rollouts: G completions of each prompt sampled from the policy's own weights, in this process, and scored.
 
 The generation engine (``infer.engine``) decodes on the very model being trained (eval mode, no gradients,
-the method's wrappers on): no second copy of the weights, nothing to synchronise. Every completion has a
+the method's wrappers on, LoRA's A and B copied once per rollout into the compute dtype): no second copy of
+the weights, nothing to synchronise. Every completion has a
 seed of its own drawn from (run seed, step, index), so a rollout does not depend on the batch it was decoded
 in or on the global RNG, and a resumed run samples what the uninterrupted one did.
 """
@@ -59,7 +60,9 @@ class Sampler:
     def sample(self, examples: list[dict], g: int, step: int, temperature: float) -> list:
         """Completions of every example, ``g`` each (adjacent), from the current weights."""
         from ...infer.engine import Request
-        with inference(self.model, disable=False), _engine_log_off():   # a failed row is raised by rollout()
+        from ...methods.inject import frozen_adapters
+        with inference(self.model, disable=False), frozen_adapters(self.model), _engine_log_off():
+            # a failed row is raised by rollout()
             handles = []
             for i, ex in enumerate(examples):
                 for j in range(g):
@@ -86,7 +89,7 @@ def rollout(sampler: Sampler, reward_fns, examples: list[dict], g: int, step: in
     gen_s = time.perf_counter() - t0
     bad = next((o for o in outs if o.finish_reason == "error"), None)
     if bad is not None:
-        if "nan" in bad.error.lower() and "inf" in bad.error.lower():   # torch.multinomial on NaN/inf probabilities
+        if "nan" in bad.error.lower() and "inf" in bad.error.lower():   # the sampler's check (engine/sampling.py)
             raise FloatingPointError(f"the policy's next-token probabilities became NaN or infinite (sampling the "
                                      f"rollout failed: {bad.error})")
         raise RuntimeError(f"rollout: generation failed: {bad.error}")
