@@ -4,6 +4,8 @@
     export PYTHONPATH=$PWD/.whl/site:$PWD/src
     python3 bench/gpu_grpo.py --out bench/results/gpu_grpo.json              # 1b and 8b, both sides
     python3 bench/gpu_grpo.py --only 8b --sides tunesmith --completion 4096  # one side, a longer completion
+    python3 bench/gpu_grpo.py --only 8b --sides tunesmith --prompts 1 --completion 24576 --micro-batch 1 \
+        --steps 1 --warmup 0                                                # the long-completion run
     python3 bench/gpu_grpo.py --tiny                                         # CPU, tiny models, a few tokens
 
 Random-weight Llama-3.2-1B / Llama-3-8B architectures (bench/gpu_common.py: config from a dict, no hub),
@@ -68,7 +70,8 @@ def prompt_ids(vocab: int, n: int, length: int, seed: int = 1) -> list[list[int]
 
 
 # -- tunesmith ------------------------------------------------------------------------------------------
-def tunesmith_side(arch: str, prompts: list[list[int]], new: int, steps: int, warmup: int) -> dict:
+def tunesmith_side(arch: str, prompts: list[list[int]], new: int, steps: int, warmup: int,
+                   micro_batch: int | None = None) -> dict:
     import tunesmith
     from tunesmith.train.accel import enable_checkpointing
     from tunesmith.train.objectives import get
@@ -81,7 +84,7 @@ def tunesmith_side(arch: str, prompts: list[list[int]], new: int, steps: int, wa
     opt = torch.optim.AdamW(params, lr=1e-5, fused=gc_.DEV == "cuda")
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
     obj = get({"name": "grpo", "num_generations": G, "max_tokens": new, "loss_type": "dapo", "beta": 0.0,
-               "rewards": [{"function": "length_penalty"}]})
+               "rewards": [{"function": "length_penalty"}], "micro_batch": micro_batch})
     obj.reward_fns = [rewards.Reward("random", random_reward, 1.0, {})]
     train = SimpleNamespace(max_seq_len=len(prompts[0]), seed=0, batch_size=PROMPTS, grad_accum=1,
                             max_grad_norm=1.0)
@@ -114,6 +117,7 @@ def tunesmith_side(arch: str, prompts: list[list[int]], new: int, steps: int, wa
     out = _summary([r["step_s"] for r in timed], [r["generation_s"] for r in timed],
                    [r["completion_length"] * PROMPTS * G for r in timed])
     out["loss_first"] = records[0]["loss"]
+    out["truncated"] = statistics.median(r["truncated"] for r in timed)   # the fraction cut at the limit
     del model, opt, step, obj
     gc_.free()
     return out
@@ -185,20 +189,25 @@ def _summary(step_s, gen_s, tokens) -> dict:
 
 
 def main() -> None:
+    global PROMPTS
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--tiny", action="store_true", help="CPU, tiny models, a few tokens (a smoke test)")
     ap.add_argument("--only", default="1b,8b", help="architectures: 1b, 8b")
     ap.add_argument("--sides", default="tunesmith,trl")
     ap.add_argument("--prompt", type=int, default=256)
     ap.add_argument("--completion", type=int, default=512)
+    ap.add_argument("--prompts", type=int, default=PROMPTS, help="prompts per step (G = 8 completions each)")
+    ap.add_argument("--micro-batch", type=int, default=None,
+                    help="tunesmith: completions per forward/backward of the update (default: all of them)")
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--out", default=str(ROOT / "results" / ("gpu_grpo_tiny.json" if TINY else "gpu_grpo.json")))
     a = ap.parse_args()
+    PROMPTS = a.prompts
     if a.tiny:
         a.prompt, a.completion, a.steps, a.warmup = min(a.prompt, 16), min(a.completion, 8), min(a.steps, 2), 1
     result = {"versions": gc_.versions(), "prompts": PROMPTS, "G": G, "prompt_tokens": a.prompt,
-              "max_new_tokens": a.completion, "lora": gc_.LORA, "runs": {}}
+              "max_new_tokens": a.completion, "micro_batch": a.micro_batch, "lora": gc_.LORA, "runs": {}}
     try:
         import trl
         result["versions"]["trl"] = trl.__version__
@@ -208,9 +217,11 @@ def main() -> None:
         prompts = prompt_ids(gc_.ARCHS[arch]["vocab_size"], PROMPTS, a.prompt)
         runs = result["runs"].setdefault(arch, {})
         for side in a.sides.split(","):
-            fn = tunesmith_side if side == "tunesmith" else trl_side
             try:
-                runs[side] = fn(arch, prompts, a.completion, a.steps, a.warmup)
+                if side == "tunesmith":
+                    runs[side] = tunesmith_side(arch, prompts, a.completion, a.steps, a.warmup, a.micro_batch)
+                else:
+                    runs[side] = trl_side(arch, prompts, a.completion, a.steps, a.warmup)
             except Exception as e:   # one failing side is reported, the other still runs
                 runs[side] = {"error": f"{type(e).__name__}: {e}", "traceback": traceback.format_exc()[-3000:]}
                 gc_.free()
