@@ -45,3 +45,26 @@ def test_trainable_count_closed_form():
 def test_trains_in_the_loop_and_round_trips(tmp_path, objective):
     res = train_and_reload(tmp_path, {"name": "ptuning_v2", "num_virtual_tokens": 4}, objective)
     assert res["change"] > 1e-4 and res["reload_err"] < 1e-6
+
+
+def test_tokens_init_is_the_model_reading_sampled_tokens_first():
+    """``init: tokens`` (the default) fills the table with the keys and values the frozen model computes for
+    n sampled vocabulary tokens: the tuned model on x equals the base model on those tokens followed by x
+    (positions included), while ``init: random`` (peft's N(0, 1)) moves the logits further from the base's."""
+    import torch
+    base = small("llama")
+    vocab = base.get_input_embeddings().weight.shape[0]
+    n = 4
+    tokens = torch.randint(0, vocab, (n,), generator=torch.Generator().manual_seed(0))
+    x = ids(2, 7, vocab=VOCAB)
+    with torch.no_grad():
+        want = base(input_ids=torch.cat([tokens.expand(2, -1), x], dim=1)).logits[:, n:]
+        plain = base(input_ids=x).logits
+    ours = tunesmith.apply(copy.deepcopy(base), "ptuning_v2", num_virtual_tokens=n)
+    ours.eval()
+    with torch.no_grad():
+        assert rel_err(ours(input_ids=x).logits, want) <= 1e-5
+        randomised = tunesmith.apply(copy.deepcopy(base), "ptuning_v2", num_virtual_tokens=n, init="random")
+        randomised.eval()
+        far = rel_err(randomised(input_ids=x).logits, plain)
+    assert far > 1.5 * rel_err(want, plain)

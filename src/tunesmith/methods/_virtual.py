@@ -94,19 +94,11 @@ def kv_dims(model: nn.Module) -> dict[str, int]:
     known = getattr(model, "_tunesmith_kv_dims", None)
     if known is not None:
         return known
-    backbone, cache = kv_backbone(model), new_cache(model)
     device = model.get_input_embeddings().weight.device
     if device.type == "meta":  # a weightless model (tunesmith estimate) runs no forward: its config says
         d = dims(model)
         return {"layers": d["layers"], "kv_heads": d["kv_heads"], "head_dim": d["head_dim"]}
-    was_training = model.training
-    model.eval()
-    try:
-        backbone(input_ids=torch.ones(1, 1, dtype=torch.long, device=device), **cache_kwargs(backbone, cache))
-    finally:
-        model.train(was_training)
-    layers = [layer.keys for layer in self_attention_cache(cache).layers
-              if getattr(layer, "keys", None) is not None and layer.keys.numel()]
+    layers = [k for k, _ in _cached_kv(model, torch.ones(1, dtype=torch.long))]
     if not layers:
         raise ConfigError(f"{type(model).__name__}'s attention takes no key/value cache, which is where prefix "
                           "methods put their virtual keys and values; use an input-level prompt method "
@@ -114,6 +106,36 @@ def kv_dims(model: nn.Module) -> dict[str, int]:
     out = {"layers": len(layers), "kv_heads": layers[0].shape[1], "head_dim": layers[0].shape[3]}
     object.__setattr__(model, "_tunesmith_kv_dims", out)
     return out
+
+
+def _cached_kv(model: nn.Module, ids: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(keys, values) of every layer that wrote the KV cache when ``ids`` (n,) went through
+    :func:`kv_backbone` in eval mode: each (1, kv_heads, n, head_dim)."""
+    backbone, cache = kv_backbone(model), new_cache(model)
+    device = model.get_input_embeddings().weight.device
+    was_training = model.training
+    model.eval()
+    try:
+        backbone(input_ids=ids.to(device)[None], **cache_kwargs(backbone, cache))
+    finally:
+        model.train(was_training)
+    return [(layer.keys, layer.values) for layer in self_attention_cache(cache).layers
+            if getattr(layer, "keys", None) is not None and layer.keys.numel()]
+
+
+@torch.no_grad()
+def token_kv(model: nn.Module, n: int, seed: int = 0) -> torch.Tensor | None:
+    """(n, layers·2·kv_heads·head_dim) float, in the prefix table's layout: the keys and values the frozen
+    model computes for ``n`` tokens drawn uniformly from its vocabulary (a prefix started from real
+    tokens' activations, Li & Liang 2021 §7.2, instead of N(0, 1) entries far off the model's scale).
+    None for a weightless (meta) model."""
+    if model.get_input_embeddings().weight.device.type == "meta":
+        return None
+    vocab = model.get_input_embeddings().weight.shape[0]
+    ids = torch.randint(0, vocab, (n,), generator=torch.Generator().manual_seed(seed))
+    kv = [t for pair in _cached_kv(model, ids) for t in pair]       # 2·layers of (1, kv_heads, n, head_dim)
+    table = torch.cat(kv, dim=0).permute(2, 0, 1, 3)                # (n, 2·layers, kv_heads, head_dim)
+    return table.reshape(n, -1).float().clone()
 
 
 def kv_shape(model: nn.Module) -> dict[str, int]:

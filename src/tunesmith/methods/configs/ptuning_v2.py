@@ -17,3 +17,7 @@ class PtuningV2Config(MethodConfig):
     name: Literal["ptuning_v2"] = "ptuning_v2"
     num_virtual_tokens: int = Field(20, ge=1, le=512, description="Prompt length: trained key/value vectors per "
                                                                    "layer.")
+    init: Literal["tokens", "random"] = Field(
+        "tokens", description="Start of the prompts: 'tokens' = the keys/values the frozen model computes for "
+                              "sampled vocabulary tokens (outputs start near the base model's); 'random' = "
+                              "N(0, 1) entries, as HF peft.")
