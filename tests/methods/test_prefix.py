@@ -20,7 +20,7 @@ N, H = 4, 16
 
 def _pair(arch="llama", task="causal_lm"):
     base = small(arch, task)
-    ours = tunesmith.apply(copy.deepcopy(base), "prefix", num_virtual_tokens=N, reparam_hidden=H)
+    ours = tunesmith.apply(copy.deepcopy(base), "prefix", num_virtual_tokens=N, reparam_hidden=H, init="random")
     theirs = get_peft_model(copy.deepcopy(base), PrefixTuningConfig(
         task_type="CAUSAL_LM" if task == "causal_lm" else "SEQ_CLS", num_virtual_tokens=N,
         prefix_projection=True, encoder_hidden_size=H))
@@ -101,3 +101,22 @@ def test_decoder_classification_reads_the_last_real_token():
     pmask = torch.cat([mask, torch.zeros(1, 3, dtype=torch.long)], 1)
     a = logits(m, {"input_ids": x, "attention_mask": mask})
     assert rel_err(logits(m, {"input_ids": padded, "attention_mask": pmask}), a) <= 1e-5
+
+
+def test_tokens_init_starts_as_the_base_model_after_sampled_tokens():
+    """``init: tokens`` (the default): the prefix starts at the keys and values of n sampled vocabulary
+    tokens (the MLP's last layer zero), so the tuned model on x equals the base on those tokens and x;
+    the MLP still trains (its last layer gets a gradient) and the saved table is that prefix."""
+    base = small("llama")
+    vocab = base.get_input_embeddings().weight.shape[0]
+    tokens = torch.randint(0, vocab, (N,), generator=torch.Generator().manual_seed(0))
+    x = ids(2, 7, vocab=VOCAB)
+    with torch.no_grad():
+        want = base(input_ids=torch.cat([tokens.expand(2, -1), x], dim=1)).logits[:, N:]
+    ours = tunesmith.apply(copy.deepcopy(base), "prefix", num_virtual_tokens=N, reparam_hidden=H)
+    ours.eval()
+    got = ours(input_ids=x).logits
+    assert rel_err(got.detach(), want) <= 1e-5
+    got.float().pow(2).mean().backward()
+    last = next(m for m in ours.modules() if hasattr(m, "transform")).transform[2]
+    assert last.weight.grad is not None and last.weight.grad.abs().sum() > 0

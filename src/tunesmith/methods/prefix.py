@@ -7,6 +7,12 @@ Linear(d_kv → reparam_hidden) · tanh · Linear(→ layers·2·d_kv), as HF pe
 prefix_projection. After training only P_θ is kept (the MLP is folded away) and inference reads
 it from the table. The prefix enters through transformers' DynamicCache, so ``model.generate``
 and the KV cache work as for any prompt.
+
+Initialisation (``init``): ``tokens`` (the default) starts the prefix at the keys and values the frozen
+model computes for sampled vocabulary tokens, Li & Liang's initialisation with real words' activations
+(§7.2), with the MLP learning the change from them (P_θ = P_0 + MLP_θ(P'_θ), the MLP's last layer zero at
+the start, so the model's outputs start as the base model's after those tokens); ``random`` is peft's
+PrefixEncoder exactly (P_θ = MLP_θ(P'_θ), PyTorch's default initialisation).
 """
 from __future__ import annotations
 
@@ -14,22 +20,29 @@ import torch
 from torch import nn
 
 from ._prompting import KVPrefixMethod
-from ._virtual import KVPrefix, kv_shape
+from ._virtual import KVPrefix, kv_shape, token_kv
 from .registry import register
 from .configs.prefix import PrefixConfig
 
 
 class PrefixMlp(KVPrefix):
-    """P = Linear2(tanh(Linear1(P'))), P' ∈ R^{n×d_kv}; names match peft (embedding, transform)."""
+    """P = P_0 + Linear2(tanh(Linear1(P'))), P' ∈ R^{n×d_kv}; names match peft (embedding, transform).
+    ``start`` P_0 (n, layers·2·d_kv), a fixed buffer, zeroes Linear2 so that P starts at P_0; without
+    it P_0 = 0 and the layers keep PyTorch's initialisation (peft's PrefixEncoder)."""
 
-    def __init__(self, n: int, shape: dict[str, int], hidden: int):
+    def __init__(self, n: int, shape: dict[str, int], hidden: int, start: torch.Tensor | None = None):
         super().__init__(n, shape)
         d_kv = shape["kv_heads"] * shape["head_dim"]
         self.embedding = nn.Embedding(n, d_kv)
         self.transform = nn.Sequential(nn.Linear(d_kv, hidden), nn.Tanh(), nn.Linear(hidden, self.width()))
+        self.register_buffer("start", start, persistent=False)   # rebuilt from the base model on load
+        if start is not None:
+            nn.init.zeros_(self.transform[2].weight)
+            nn.init.zeros_(self.transform[2].bias)
 
     def table(self) -> torch.Tensor:
-        return self.transform(self.embedding.weight)       # (n, layers·2·d_kv)
+        out = self.transform(self.embedding.weight)        # (n, layers·2·d_kv)
+        return out if self.start is None else out + self.start.to(out.dtype)
 
 
 @register
@@ -43,7 +56,9 @@ class Prefix(KVPrefixMethod):
     ]
 
     def make(self, model: nn.Module) -> PrefixMlp:
-        return PrefixMlp(self.cfg.num_virtual_tokens, kv_shape(model), self.cfg.reparam_hidden)
+        n = self.cfg.num_virtual_tokens
+        start = token_kv(model, n) if self.cfg.init == "tokens" else None
+        return PrefixMlp(n, kv_shape(model), self.cfg.reparam_hidden, start)
 
     def encoder_params(self, model: nn.Module) -> int:
         return prefix_trainable_count(model, self.cfg.num_virtual_tokens, self.cfg.reparam_hidden)
@@ -54,7 +69,7 @@ class Prefix(KVPrefixMethod):
     @classmethod
     def config_from_peft(cls, peft_cfg: dict):
         return cls.Config(name=cls.name, num_virtual_tokens=peft_cfg["num_virtual_tokens"],
-                          reparam_hidden=peft_cfg.get("encoder_hidden_size") or 512)
+                          reparam_hidden=peft_cfg.get("encoder_hidden_size") or 512, init="random")
 
 
 def prefix_trainable_count(model: nn.Module, n: int, hidden: int) -> int:

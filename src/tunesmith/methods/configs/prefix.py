@@ -19,3 +19,7 @@ class PrefixConfig(MethodConfig):
                                                                    "layer.")
     reparam_hidden: int = Field(512, ge=1, description="Hidden size of the training-time MLP that produces the "
                                                        "prefix (folded away after training).")
+    init: Literal["tokens", "random"] = Field(
+        "tokens", description="Start of the prefix: 'tokens' = the keys/values the frozen model computes for "
+                              "sampled vocabulary tokens, the MLP learning the change (outputs start near the base "
+                              "model's); 'random' = peft's PrefixEncoder with PyTorch's initialisation.")
