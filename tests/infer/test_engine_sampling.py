@@ -138,3 +138,15 @@ def test_a_row_with_nan_probabilities_fails_with_a_clear_error():
     for rows in ([Row(1), Row(2), Row(3)], [Row(None), Row(None), Row(None)], [Row(1), Row(None), Row(2)]):
         with pytest.raises(RuntimeError, match="inf.*nan"):   # ours, or torch.multinomial's for unseeded rows
             choose(logits, rows)
+
+
+@pytest.mark.slow
+def test_the_compiled_race_draws_what_the_eager_one_does():
+    """CUDA runs the race through torch.compile (one fused kernel): compiled here on the CPU, it must give
+    the eager tokens exactly (the hash is integer arithmetic; the argmax reads the same floats)."""
+    from tunesmith.infer.engine.sampling import _race, _token_weyl
+    probs = torch.softmax(torch.randn(6, 1000) * 3, -1)
+    words = torch.tensor([[s & 0xFFFFFFFF, s >> 32, t] for s, t in
+                          [(1, 0), (1, 1), (2, 0), ((1 << 40) + 7, 5), (99, 1000), (3, 2)]])
+    weyl = _token_weyl(1000, torch.device("cpu"))
+    assert torch.equal(torch.compile(_race, dynamic=True)(probs, words, weyl), _race(probs, words, weyl))

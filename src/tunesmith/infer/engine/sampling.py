@@ -150,16 +150,17 @@ def _draw(scores: torch.Tensor, rows) -> torch.Tensor:
     """Draws from softmax(scores): seeded rows by the hashed exponential race, the others by
     ``torch.multinomial`` on the global generator. A row with NaN probabilities comes back as -1."""
     probs = torch.softmax(scores.float(), dim=-1)
-    out = torch.empty(scores.shape[0], dtype=torch.long, device=scores.device)
     seeded = [i for i, r in enumerate(rows) if r.params.seed is not None]
-    free = [i for i, r in enumerate(rows) if r.params.seed is None]
-    if free:
-        idx = torch.tensor(free, device=scores.device)
-        out[idx] = torch.multinomial(probs.index_select(0, idx), 1).squeeze(-1)
-    if seeded:
-        idx = torch.tensor(seeded, device=scores.device)
-        keys = [(rows[i].params.seed, len(rows[i].out_ids)) for i in seeded]
-        out[idx] = race(probs.index_select(0, idx), keys)
+    keys = [(rows[i].params.seed, len(rows[i].out_ids)) for i in seeded]
+    if len(seeded) == len(rows):            # a rollout: every row seeded
+        out = race(probs, keys)
+    else:
+        out = torch.empty(scores.shape[0], dtype=torch.long, device=scores.device)
+        free = torch.tensor([i for i, r in enumerate(rows) if r.params.seed is None], device=scores.device)
+        out[free] = torch.multinomial(probs.index_select(0, free), 1).squeeze(-1)
+        if seeded:
+            idx = torch.tensor(seeded, device=scores.device)
+            out[idx] = race(probs.index_select(0, idx), keys)
     return torch.where(probs.isnan().any(-1), -1, out)
 
 
@@ -170,12 +171,25 @@ def race(probs: torch.Tensor, keys: list[tuple[int, int]]) -> torch.Tensor:
     give the same token on any device and in any batch."""
     words = torch.tensor([[s & _M32, (s >> 32) & _M32, t & _M32] for s, t in keys], dtype=torch.long)
     words = words.to(probs.device)
+    weyl = _token_weyl(probs.shape[-1], probs.device)
+    return (_compiled_race() if probs.is_cuda else _race)(probs, words, weyl)
+
+
+def _race(probs: torch.Tensor, words: torch.Tensor, weyl: torch.Tensor) -> torch.Tensor:
+    """The race itself: ``words`` (n, 3) the low and high halves of each seed and its position."""
     k = _mix32((words[:, 0] + _WEYL) & _M32)
     k = _mix32(k ^ words[:, 1])
     k = _mix32(k ^ words[:, 2])
-    h = _mix32((k[:, None] + _token_weyl(probs.shape[-1], probs.device)[None, :]) & _M32)
+    h = _mix32((k[:, None] + weyl[None, :]) & _M32)
     u = ((h >> 8).float() + 0.5) * 2.0 ** -24            # 24 random bits: exactly representable, never 0 or 1
     return (probs / -torch.log(u)).argmax(-1)
+
+
+@functools.lru_cache(maxsize=1)
+def _compiled_race():
+    """``_race`` compiled (on CUDA): its ~40 elementwise operations become one kernel and a reduction
+    instead of one launch each, which at a decode step's scale cost more than they compute."""
+    return torch.compile(_race, dynamic=True)
 
 
 @functools.lru_cache(maxsize=8)
