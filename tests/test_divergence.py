@@ -107,6 +107,17 @@ def test_nan_loss_is_one_line_rc_2_and_a_failed_run_directory(alpaca_file, tmp_p
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["status"] == "failed" and summary["steps"] == 2 and "nan" in summary["reason"]
     assert _run_dir_files(tmp_path / "run") == ["config.yaml", "metrics.jsonl", "summary.json"]
+    # --resume says there is nothing to resume from, with the reason, before any model loads
+    from tunesmith.train import runner
+    monkey = pytest.MonkeyPatch()
+    monkey.setattr(runner, "build", lambda *a, **k: pytest.fail("the model was loaded"))
+    try:
+        assert cli.main(["train", "--resume", str(tmp_path / "run")]) == 2
+    finally:
+        monkey.undo()
+    err = capsys.readouterr().err
+    assert "no complete checkpoint under" in err and "the run is marked failed: training diverged" in err
+    assert f"start the run again: tunesmith train {tmp_path / 'run' / 'config.yaml'}" in err
 
 
 def test_a_good_run_is_marked_completed(alpaca_file, tmp_path):

@@ -66,8 +66,18 @@ def list_checkpoints(ckpt_root: Path) -> list[Path]:
 def latest(run_dir: Path) -> Path:
     ckpts = list_checkpoints(run_dir / "checkpoints")
     if not ckpts:
-        raise ConfigError(f"--resume {run_dir}: no complete checkpoint under {run_dir / 'checkpoints'}")
+        raise ConfigError(f"--resume {run_dir}: no complete checkpoint under {run_dir / 'checkpoints'}"
+                          f"{_failed_note(run_dir)}; start the run again: tunesmith train {run_dir / 'config.yaml'}")
     return ckpts[-1]
+
+
+def _failed_note(run_dir: Path) -> str:
+    """'' or '; the run is marked failed: REASON' from its summary.json."""
+    try:
+        summary = json.loads((run_dir / "summary.json").read_text())
+    except (OSError, ValueError):
+        return ""
+    return f"; the run is marked failed: {summary.get('reason')}" if summary.get("status") == "failed" else ""
 
 
 def read(path: Path) -> dict:
@@ -90,9 +100,8 @@ def read(path: Path) -> dict:
 def read_latest(run_dir: Path, say) -> tuple[Path, dict]:
     """The newest checkpoint of ``run_dir`` whose files all read back; each unreadable newer one is
     reported (one line through ``say``) and skipped. ConfigError when none is readable."""
+    latest(run_dir)   # at least one complete checkpoint, or the error that says what to do
     ckpts = list_checkpoints(run_dir / "checkpoints")
-    if not ckpts:
-        raise ConfigError(f"--resume {run_dir}: no complete checkpoint under {run_dir / 'checkpoints'}")
     errors, skipped = [], []
     for path in reversed(ckpts):
         try:
