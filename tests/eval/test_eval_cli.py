@@ -89,6 +89,10 @@ def test_default_out_keeps_each_task_of_the_same_file_apart(tmp_path, monkeypatc
     gen, lm = read(tmp_path / "runs/eval/random_llama-held"), read(tmp_path / "runs/eval/random_llama-held-lm")
     assert (gen[1]["task"], lm[1]["task"]) == ("generation", "lm")
     assert "prediction" in gen[0][0] and "loss" in lm[0][0]
+    assert cli.main(["eval", "random:llama", "--data", str(data), "--no-progress", "--max-new-tokens", "2",
+                     "--metrics", "exact_match"]) == 0
+    em = read(tmp_path / "runs/eval/random_llama-held-exact_match")
+    assert list(em[1]["metrics"]) == ["exact_match"] and "rouge1" in read(tmp_path / "runs/eval/random_llama-held")[1]["metrics"]
 
 
 def test_shots_draw_the_same_demonstrations_and_answer_by_generated_label(tmp_path):

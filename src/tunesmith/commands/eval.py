@@ -26,7 +26,7 @@ def add(subparsers) -> None:
                    help="tokens per scored row at most, for loss, classification and preference scoring "
                         "(default 1024); generation prompts are passed whole")
     p.add_argument("--out", help="output directory (default RUN/eval/DATA, or runs/eval/MODEL-DATA; -TASK for a "
-                   "--task other than the data's own, -Kshot for --shots K)")
+                   "--task other than the data's own, -Kshot for --shots K, -M1_M2 for --metrics M1,M2)")
     p.add_argument("--shots", type=int, default=0, help="demonstrations before each query (default 0: zero-shot)")
     p.add_argument("--shots-from", metavar="TRAIN_FILE", help="file the --shots demonstrations are drawn from")
     p.add_argument("--seed", type=int, default=0, help="seed of the demonstration draw (default 0)")

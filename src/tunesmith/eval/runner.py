@@ -108,8 +108,10 @@ def _check_model(model: str) -> None:
 
 def default_out(opts: EvalOptions, task: str | None = None) -> Path:
     """``RUN/eval/DATA`` or ``runs/eval/MODEL-DATA``, with ``-TASK`` when ``task`` is not the one the data's
-    format picks (``--task lm`` on alpaca rows does not overwrite their generation results) and ``-Kshot``."""
+    format picks (``--task lm`` on alpaca rows does not overwrite their generation results), ``-Kshot``, and
+    ``-M1_M2`` for metrics asked for by name (``--metrics``), so that each set of results keeps its folder."""
     stem = Path(opts.data).stem + (f"-{task}" if task else "") + (f"-{opts.shots}shot" if opts.shots else "")
+    stem += f"-{'_'.join(opts.metrics)}" if opts.metrics else ""
     p = Path(opts.model)
     if (p / "config.yaml").is_file():
         return p / "eval" / stem
