@@ -4,7 +4,7 @@
     export PYTHONPATH=$PWD/.whl/site:$PWD/src
     python3 bench/gpu_grpo.py --out bench/results/gpu_grpo.json              # 1b and 8b, both sides
     python3 bench/gpu_grpo.py --only 8b --sides tunesmith --completion 4096  # one side, a longer completion
-    python3 bench/gpu_grpo.py --only 8b --sides tunesmith --prompts 1 --completion 24576 --micro-batch 1 \
+    python3 bench/gpu_grpo.py --only 8b --sides tunesmith --prompts 1 --completion 20480 --micro-batch 1 \
         --steps 1 --warmup 0                                                # the long-completion run
     python3 bench/gpu_grpo.py --tiny                                         # CPU, tiny models, a few tokens
 
@@ -84,7 +84,8 @@ def tunesmith_side(arch: str, prompts: list[list[int]], new: int, steps: int, wa
     opt = torch.optim.AdamW(params, lr=1e-5, fused=gc_.DEV == "cuda")
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
     obj = get({"name": "grpo", "num_generations": G, "max_tokens": new, "loss_type": "dapo", "beta": 0.0,
-               "rewards": [{"function": "length_penalty"}], "micro_batch": micro_batch})
+               "rewards": [{"function": "length_penalty"}],
+               **({"micro_batch": micro_batch} if micro_batch else {})})
     obj.reward_fns = [rewards.Reward("random", random_reward, 1.0, {})]
     train = SimpleNamespace(max_seq_len=len(prompts[0]), seed=0, batch_size=PROMPTS, grad_accum=1,
                             max_grad_norm=1.0)
@@ -198,7 +199,8 @@ def main() -> None:
     ap.add_argument("--completion", type=int, default=512)
     ap.add_argument("--prompts", type=int, default=PROMPTS, help="prompts per step (G = 8 completions each)")
     ap.add_argument("--micro-batch", type=int, default=None,
-                    help="tunesmith: completions per forward/backward of the update (default: all of them)")
+                    help="tunesmith: completions per forward/backward of the update (default: the objective's, 8; "
+                         "16 = all of them in one pass)")
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--out", default=str(ROOT / "results" / ("gpu_grpo_tiny.json" if TINY else "gpu_grpo.json")))

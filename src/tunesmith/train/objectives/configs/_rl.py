@@ -47,8 +47,10 @@ class OnlineConfig(ObjectiveConfig):
                                                "no reference pass at all.")
     reference_kl: bool = Field(False, description="Log the KL to the reference policy even when β = 0 (one more "
                                                   "forward pass per step; with β > 0 it is always logged).")
-    micro_batch: int | None = Field(None, ge=1, description="Completions per forward/backward pass of an update "
-                                                            "(null: the whole rollout batch of a micro-step).")
+    micro_batch: int | None = Field(8, ge=1, description="Completions per forward/backward pass of an update "
+                                                         "(the activations held are those of this many, however "
+                                                         "large the rollout; null: the whole rollout batch of a "
+                                                         "micro-step in one pass).")
     eval_temperature: float = Field(0.0, ge=0, description="Sampling temperature of the evaluation completions "
                                                           "(0: greedy). Their mean reward is logged; the eval "
                                                           "`loss` is minus it.")
