@@ -69,8 +69,9 @@ class LoraLinear(TunedLayer):
         self.frozen = on
         if not on:
             return
-        w = self.base_layer.weight
-        dt = w.dtype if w.dtype.is_floating_point else self.lora_A.weight.dtype
+        w = self.base_layer.weight   # a quantized base (uint8 storage) computes in its compute dtype
+        dt = w.dtype if w.dtype.is_floating_point else (getattr(self.base_layer, "compute_dtype", None)
+                                                         or self.lora_A.weight.dtype)
         a, b = self.lora_A.weight, self.lora_B.weight
         if self.frozen_ab is None or self.frozen_ab[0].dtype != dt:
             self.frozen_ab = (torch.empty(a.shape, dtype=dt, device=a.device),
