@@ -40,7 +40,7 @@ def train(config_or_path, *, resume: str | Path | None = None, **overrides):
     if resume is not None:
         cfg = config_mod.load_run(Path(resume), _overrides(overrides))
         from .train import checkpoint
-        checkpoint.latest(Path(resume))   # before the model loads: a run with nothing to resume from says so now
+        checkpoint.complete(Path(resume))   # before the model loads: a run with nothing to resume from says so now
     else:
         cfg = config_mod.load(config_or_path, _overrides(overrides))
     from .train import runner

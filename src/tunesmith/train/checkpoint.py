@@ -63,12 +63,17 @@ def list_checkpoints(ckpt_root: Path) -> list[Path]:
     return sorted(done, key=lambda p: int(p.name.split("-")[1]))
 
 
-def latest(run_dir: Path) -> Path:
+def complete(run_dir: Path) -> list[Path]:
+    """The complete checkpoints of ``run_dir``, oldest first; ConfigError (what to do instead) when none."""
     ckpts = list_checkpoints(run_dir / "checkpoints")
     if not ckpts:
         raise ConfigError(f"--resume {run_dir}: no complete checkpoint under {run_dir / 'checkpoints'}"
                           f"{_failed_note(run_dir)}; start the run again: tunesmith train {run_dir / 'config.yaml'}")
-    return ckpts[-1]
+    return ckpts
+
+
+def latest(run_dir: Path) -> Path:
+    return complete(run_dir)[-1]
 
 
 def _failed_note(run_dir: Path) -> str:
@@ -100,8 +105,7 @@ def read(path: Path) -> dict:
 def read_latest(run_dir: Path, say) -> tuple[Path, dict]:
     """The newest checkpoint of ``run_dir`` whose files all read back; each unreadable newer one is
     reported (one line through ``say``) and skipped. ConfigError when none is readable."""
-    latest(run_dir)   # at least one complete checkpoint, or the error that says what to do
-    ckpts = list_checkpoints(run_dir / "checkpoints")
+    ckpts = complete(run_dir)
     errors, skipped = [], []
     for path in reversed(ckpts):
         try:

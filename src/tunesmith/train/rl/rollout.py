@@ -1,10 +1,10 @@
 """Rollouts: G completions of each prompt sampled from the policy's own weights, in this process, and scored.
 
 The generation engine (``infer.engine``) decodes on the very model being trained (eval mode, no gradients,
-the method's wrappers on, LoRA's A and B copied once per rollout into the compute dtype): no second copy of
-the weights, nothing to synchronise. Every completion has a
-seed of its own drawn from (run seed, step, index), so a rollout does not depend on the batch it was decoded
-in or on the global RNG, and a resumed run samples what the uninterrupted one did.
+the method's wrappers on, LoRA's A and B copied once per rollout into the compute dtype): no second copy
+of the weights, nothing to synchronise. Every completion has a seed of its own drawn from (run seed, step,
+index), so a rollout does not depend on the batch it was decoded in or on the global RNG, and a resumed
+run samples what the uninterrupted one did.
 """
 from __future__ import annotations
 
