@@ -25,6 +25,7 @@ import torch
 METHODS = {
     "full": ({}, 5e-5),
     "lora": ({"r": 8}, 5e-4),
+    "qlora": ({"r": 8}, 2e-4),   # needs bitsandbytes (its CPU backend on a CPU)
     "adapter": ({"reduction_factor": 16, "placement": "houlsby"}, 1e-3),
     "adapter-pfeiffer": ({"reduction_factor": 16, "placement": "pfeiffer"}, 1e-3),
     "adapter-parallel": ({"reduction_factor": 16, "placement": "parallel"}, 1e-3),
@@ -49,13 +50,13 @@ def run_one(label: str, args, workdir: Path) -> dict:
         "data": {"train": str(Path(args.data) / "train.jsonl"), "validation": str(Path(args.data) / "validation.jsonl"),
                  "max_rows": args.train_rows},
         "train": {"objective": "cls", "max_steps": args.steps, "batch_size": args.batch_size, "lr": lr,
-                  "max_seq_len": 64, "scheduler": "linear", "warmup_steps": args.steps // 10, "seed": 0,
+                  "head_lr": args.head_lr, "max_seq_len": 64, "scheduler": "linear", "warmup_steps": args.steps // 10, "seed": 0,
                   "log_every": 10, "progress": False},
         "output": {"dir": str(workdir / label), "plot": False},
     }
     t0 = time.perf_counter()
     _, s = api.train(cfg)
-    return {"method": label, "lr": lr, "options": options, "trainable_params": s["trainable_params"],
+    return {"method": label, "lr": lr, "head_lr": s.get("head_lr"), "options": options, "trainable_params": s["trainable_params"],
             "total_params": s["total_params"], "trainable_pct": s["trainable_pct"],
             "accuracy": s["eval_accuracy_after"], "accuracy_before": s["eval_accuracy_before"],
             "train_time_s": s["train_time_s"], "time_s": time.perf_counter() - t0, "steps": s["steps"]}
@@ -79,6 +80,8 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=120, help="optimizer steps per method")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--lr", type=float, default=None, help="learning rate for every method run (default: per method)")
+    p.add_argument("--head-lr", type=float, default=None,
+                   help="learning rate of the classification head (default: the method's head default, else lr)")
     p.add_argument("--threads", type=int, default=1,
                    help="torch intra-op threads (1: on a shared small CPU extra threads mostly spin)")
     p.add_argument("--out", default=str(Path(__file__).parent / "results" / "sst2_additive.json"))

@@ -47,6 +47,9 @@ class TrainConfig(BaseModel):
     epochs: float | None = Field(None, gt=0, description="Passes over the training data (default 1 when max_steps is unset).")
     lr: float | None = Field(None, gt=0, description="Peak learning rate (null: the method's own default, listed by "
                                                     "`tunesmith methods` and said in the summary).")
+    head_lr: float | None = Field(None, gt=0, description="Peak learning rate of a classification task head (score, "
+                                                         "classifier), which starts at random (null: the method's "
+                                                         "own head default where it has one, else lr).")
     batch_size: int = Field(4, ge=1, description="Examples per micro-batch.")
     grad_accum: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
     max_seq_len: int = Field(512, ge=8, description="Tokens per example after truncation (block size when packing).")
@@ -253,11 +256,14 @@ class RunConfig(BaseModel):
 
 
 def with_method_lr(cfg: RunConfig) -> tuple[RunConfig, str]:
-    """(a copy of ``cfg`` with ``train.lr`` filled, where it came from: ``train.lr`` or ``method default``)."""
-    if cfg.train.lr is not None:
-        return cfg, "train.lr"
-    lr = cfg.method.learning_rate()
-    return cfg.model_copy(update={"train": cfg.train.model_copy(update={"lr": lr})}), "method default"
+    """(a copy of ``cfg`` with ``train.lr`` and ``train.head_lr`` filled, where ``lr`` came from: ``train.lr``
+    or ``method default``). An unset ``head_lr`` takes the method's head default, else ``lr``."""
+    update, source = {}, "train.lr"
+    if cfg.train.lr is None:
+        update["lr"], source = cfg.method.learning_rate(), "method default"
+    if cfg.train.head_lr is None:
+        update["head_lr"] = cfg.method.head_learning_rate() or update.get("lr", cfg.train.lr)
+    return cfg.model_copy(update={"train": cfg.train.model_copy(update=update)}), source
 
 
 def validate(data: dict, source: str = "config", overrides: dict[str, str] | None = None) -> RunConfig:

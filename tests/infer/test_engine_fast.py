@@ -13,6 +13,7 @@ import tunesmith
 from additive_helpers import VOCAB, perturb, small
 from helpers import ids, rel_err
 from tunesmith.infer.engine import Engine, Request, SamplingParams
+from tunesmith.infer.engine import fast
 from tunesmith.infer.engine.fast import StaticRunner, decode_attention
 from tunesmith.methods import registry
 
@@ -35,9 +36,12 @@ def _prompts(n=6, seed=8):
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
 def test_static_slots_equal_the_plain_path(arch, tokenizer, monkeypatch):
-    shifts = []
+    shifts, widths = [], set()
     real = StaticRunner._shift
     monkeypatch.setattr(StaticRunner, "_shift", lambda self, d: (shifts.append(d), real(self, d))[1])
+    monkeypatch.setattr(fast, "MIN_COLUMNS", 4)          # column buckets 4, 8, 16 and the whole 19
+    real_step = StaticRunner._step
+    monkeypatch.setattr(StaticRunner, "_step", lambda self, i, p, v: (widths.add(v.shape[1]), real_step(self, i, p, v))[1])
     model = small(arch)
     lengths = [5, 9, 3, 7, 4, 8]
     plain = _run(Engine(model, tokenizer, fast=False, max_batch=4), _prompts(), lengths)
@@ -45,6 +49,18 @@ def test_static_slots_equal_the_plain_path(arch, tokenizer, monkeypatch):
     assert isinstance(fast_engine.routes["base"].lane.runner, StaticRunner)
     assert _run(fast_engine, _prompts(), lengths) == plain
     assert min(shifts) < 0 < max(shifts)     # room made on the left for a long prompt, columns cut at the end
+    assert widths == {8, 16, 19}             # the prompts reach past 4 columns before the first step
+
+
+def test_a_step_attends_over_its_column_bucket_only():
+    """Keys past the mask's columns (the unused end of the buffers) are not read: garbage there changes nothing."""
+    g = torch.Generator().manual_seed(1)
+    q, k, v = torch.randn(2, 4, 1, 8, generator=g), torch.randn(2, 2, 12, 8, generator=g), torch.randn(2, 2, 12, 8, generator=g)
+    mask = torch.zeros(2, 1, 1, 8)
+    want, _ = decode_attention(None, q, k[:, :, :8], v[:, :, :8], mask, scaling=0.3)
+    k[:, :, 8:], v[:, :, 8:] = float("nan"), float("nan")
+    got, _ = decode_attention(None, q, k, v, mask, scaling=0.3)
+    assert torch.equal(got, want)
 
 
 def test_static_slots_with_per_row_adapters(tmp_path, tokenizer):
@@ -78,11 +94,17 @@ def test_grouped_decode_attention_equals_sdpa_with_repeated_kv():
 
 
 @pytest.mark.slow
-def test_compiled_step_equals_the_plain_path(tokenizer):
+def test_compiled_step_equals_the_plain_path(tokenizer, monkeypatch):
+    """The compiled step, its column count dynamic (buckets 16 and 32 here, then the whole 40) and its
+    batch buckets static, gives the plain path's tokens."""
+    from torch._dynamo.utils import counters
+    monkeypatch.setattr(fast, "MIN_COLUMNS", 16)
     model = small()
-    lengths = [4, 6, 3, 5]
+    lengths = [20, 26, 3, 25]
     plain = _run(Engine(model, tokenizer, fast=False, max_batch=4), _prompts(4), lengths)
     engine = Engine(model, tokenizer, fast=False, max_batch=4)
     lane = engine.routes["base"].lane
-    lane.runner = StaticRunner(model, engine.pad_id, engine.table, max_batch=4, max_len=32, compile_mode="default")
+    lane.runner = StaticRunner(model, engine.pad_id, engine.table, max_batch=4, max_len=40, compile_mode="default")
+    counters.clear()
     assert _run(engine, _prompts(4), lengths) == plain
+    assert counters["stats"]["unique_graphs"] <= 6, dict(counters["stats"])

@@ -1,8 +1,9 @@
-"""QLoRA on CPU: the config path, the one clear error without bitsandbytes/CUDA, and the apply /
-merge / save plumbing against a stand-in for bitsandbytes (the 4-bit numerics run on the GPU
-benchmark)."""
+"""QLoRA: the config path, the one clear error without bitsandbytes or a 4-bit backend, the apply /
+merge / save plumbing against a stand-in for bitsandbytes, and (with bitsandbytes installed) the real
+4-bit base on the CPU against peft's LoRA on the same base."""
 from __future__ import annotations
 
+import copy
 import json
 import sys
 import types
@@ -36,21 +37,19 @@ def test_config_path(tmp_path):
         config_mod.load({**data, "method": {"name": "qlora", "init": "pissa"}})
 
 
-def test_clear_error_without_bitsandbytes_or_cuda(monkeypatch):
+def test_clear_error_without_bitsandbytes(monkeypatch):
     monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # import fails as if not installed
-    with pytest.raises(ConfigError) as e:
+    with pytest.raises(ConfigError, match=r"bitsandbytes, which is not installed.*method.name: lora"):
         tunesmith.apply(tiny(), "qlora")
-    msg = str(e.value)
-    assert "bitsandbytes" in msg and "method.name: lora" in msg
-    assert ("a CUDA GPU" in msg) == (not torch.cuda.is_available())
 
 
-def test_clear_error_without_cuda(monkeypatch):
+def test_clear_error_without_a_4bit_backend_on_the_device(monkeypatch):
     monkeypatch.setitem(sys.modules, "bitsandbytes", _fake_bnb())
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    with pytest.raises(ConfigError, match="lacks a CUDA GPU.*method.name: lora"):
+    monkeypatch.setattr(qlora, "cpu_4bit", lambda: False)     # a bitsandbytes without its CPU backend
+    with pytest.raises(ConfigError, match=r"model is on cpu.*no 4-bit layers there.*method.name: lora"):
         tunesmith.apply(tiny(), "qlora")
-    with pytest.raises(ConfigError, match="paged_adamw_8bit"):
+    with pytest.raises(ConfigError, match="paged_adamw_8bit.*CUDA"):
         qlora.paged_adamw_8bit([], None)
 
 
@@ -92,6 +91,7 @@ def fake_gpu(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "empty_cache", lambda: None)
     monkeypatch.setattr(qlora, "check_device", lambda model: None)
+    monkeypatch.setattr(qlora, "compute_dtype", lambda device: torch.bfloat16)   # as on CUDA
     return bnb
 
 
@@ -182,3 +182,54 @@ def test_a_run_never_holds_the_full_precision_blocks_on_the_gpu(alpaca_file, tmp
     losses = [json.loads(x)["loss"] for x in (run_dir / "metrics.jsonl").read_text().splitlines()
               if json.loads(x)["split"] == "train"]
     assert len(losses) == 2 and all(np.isfinite(losses))
+
+
+# -- on the CPU with bitsandbytes' CPU backend: the real 4-bit base --------------------------------
+@pytest.fixture
+def cpu_bnb():
+    import importlib.util
+    if importlib.util.find_spec("bitsandbytes") is None or not qlora.cpu_4bit():
+        pytest.skip("needs bitsandbytes with its CPU backend")
+    import bitsandbytes
+    return bitsandbytes
+
+
+def _quantized(model, bnb):
+    """``model`` with every block linear layer in NF4 on the CPU, quantized as QLoRA does."""
+    from tunesmith.methods.inject import replace_module
+    for name in qlora.quantized_layers(model):
+        replace_module(model, name, qlora.quantize_linear(bnb, model.get_submodule(name), "nf4", True))
+    return model
+
+
+def test_cpu_4bit_base_matches_peft_lora_on_the_same_base(cpu_bnb):
+    """peft's LoRA on bitsandbytes' 4-bit layers is the oracle: the same quantized base and factors give
+    the same logits and factor gradients, and the base stays within NF4's error of full precision."""
+    import peft
+    from test_lora import LLAMA_TARGETS, VOCAB, assert_parity, copy_from_peft, perturb_peft
+    base = tiny(seed=1, vocab_size=VOCAB)
+    model = tunesmith.apply(copy.deepcopy(base), "qlora", r=4, alpha=8)
+    pm = peft.get_peft_model(_quantized(copy.deepcopy(base), cpu_bnb),
+                             peft.LoraConfig(r=4, lora_alpha=8, target_modules=LLAMA_TARGETS))
+    q4 = [m for m in model.modules() if isinstance(m, cpu_bnb.nn.Linear4bit)]
+    assert len(q4) == 2 * 7 and all(m.compute_dtype == torch.float32 for m in q4)
+    x = ids(vocab=VOCAB)
+    with torch.no_grad():
+        assert 1e-4 < rel_err(model(input_ids=x).logits, base(input_ids=x).logits) < 0.2   # NF4, B = 0
+    perturb_peft(pm)
+    copy_from_peft(model, pm)
+    assert_parity(model, pm, tol=1e-5)
+
+
+def test_cpu_qlora_run_trains_and_saves_a_plain_lora(cpu_bnb, alpaca_file, tmp_path):
+    from helpers import run_config
+    data = run_config(alpaca_file, tmp_path, {"name": "qlora", "r": 4}, max_steps=6, lr=3e-3)
+    run_dir, _ = tunesmith.train(data)
+    losses = [json.loads(x)["loss"] for x in (run_dir / "metrics.jsonl").read_text().splitlines()
+              if json.loads(x)["split"] == "train"]
+    assert len(losses) == 6 and all(np.isfinite(losses))
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["train_loss_after"] < summary["train_loss_before"]
+    loaded = tunesmith.load(run_dir)[0]
+    assert type(registry.attached(loaded)) is Lora
+    assert not any(isinstance(m, cpu_bnb.nn.Linear4bit) for m in loaded.modules())

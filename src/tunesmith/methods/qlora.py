@@ -3,10 +3,11 @@
     Y = X · doubleDequant(c1_FP32, c2_k-bit, W_NF4) + s · X A B
 
 The frozen base: every linear layer of the transformer blocks is stored in 4 bits (NF4, or FP4)
-with double quantization of the block scales (§3), computed in bf16; LoRA adapters (fp32) sit
-on the target layers. Quantization is bitsandbytes' ``Linear4bit`` and needs CUDA; without
-bitsandbytes or a GPU, ``apply`` raises one ConfigError naming what is missing and the
-alternative (method lora, same fields, full-precision base). The paged 8-bit AdamW of the paper
+with double quantization of the block scales (§3), computed in bf16 on CUDA (fp32 on the CPU); LoRA
+adapters (fp32) sit on the target layers. Quantization is bitsandbytes' ``Linear4bit``, on CUDA or on
+the CPU where the installed bitsandbytes has a CPU backend (checked once, by quantizing a small layer);
+without it, ``apply`` raises one ConfigError naming what is missing and the alternative (method lora,
+same fields, full-precision base). The paged 8-bit AdamW of the paper
 (§3, "Paged Optimizers") is :func:`paged_adamw_8bit`.
 
 The saved adapter is a plain peft LoRA for the full-precision base (``base_model_name_or_path``),
@@ -14,7 +15,9 @@ so it loads as method lora anywhere; loading it quantizes nothing.
 """
 from __future__ import annotations
 
+import functools
 import importlib
+import importlib.metadata
 import importlib.util
 
 import torch
@@ -30,39 +33,67 @@ COMPUTE_DTYPE = torch.bfloat16
 
 
 def require_bitsandbytes(feature: str = "method qlora"):
-    """bitsandbytes, imported lazily; one ConfigError naming every missing piece otherwise."""
-    missing = []
+    """bitsandbytes, imported lazily; one ConfigError naming what is missing otherwise."""
+    try:
+        return importlib.import_module("bitsandbytes")
+    except ImportError:
+        raise ConfigError(f"{feature}: 4-bit quantization runs in bitsandbytes, which is not installed "
+                          "(pip install bitsandbytes). Use method.name: lora instead (the same fields, with a "
+                          "full-precision base).") from None
+
+
+@functools.cache
+def cpu_4bit() -> bool:
+    """Whether the installed bitsandbytes quantizes and runs a 4-bit layer on the CPU (its CPU backend)."""
     try:
         bnb = importlib.import_module("bitsandbytes")
-    except ImportError:
-        bnb = None
-        missing.append("the bitsandbytes package (pip install bitsandbytes)")
-    if not torch.cuda.is_available():
-        missing.append("a CUDA GPU")
-    if missing:
-        raise ConfigError(f"{feature}: 4-bit quantization runs in bitsandbytes on CUDA, and this machine lacks "
-                          f"{' and '.join(missing)}. Use method.name: lora instead (the same fields, with a "
-                          "full-precision base), or run on a CUDA machine with bitsandbytes installed.")
-    return bnb
+        q = quantize_linear(bnb, nn.Linear(64, 64), "nf4", True, torch.device("cpu"))
+        return bool(torch.isfinite(q(torch.ones(1, 64))).all())
+    except Exception:   # an older bitsandbytes without a CPU backend raises from its CUDA library
+        return False
 
 
 def check_device(device: torch.device) -> None:
-    if device.type != "cuda":
-        raise ConfigError(f"method qlora: the model is on {device}; 4-bit bases need model.device: cuda "
-                          "(or auto), or use method.name: lora on this device")
+    if device.type == "cuda" or (device.type == "cpu" and cpu_4bit()):
+        return
+    raise ConfigError(f"method qlora: the model is on {device}, and the installed bitsandbytes "
+                      f"{_bnb_version()} has no 4-bit layers there; use model.device: cuda, a bitsandbytes "
+                      "with a CPU backend (pip install -U bitsandbytes) for model.device: cpu, or method.name: "
+                      "lora on this device")
+
+
+def _bnb_version() -> str:
+    try:
+        return importlib.metadata.version("bitsandbytes")
+    except importlib.metadata.PackageNotFoundError:
+        return "(unknown version)"
+
+
+def quantized_layers(model: nn.Module) -> list[str]:
+    """The linear layers QLoRA stores in 4 bits: every linear layer of the blocks, never the output head
+    nor a classification model's task head (its pooler is trained beside the head in full precision)."""
+    from ..models.targets import HEADS
+    return [n for n in resolve_targets(model, "all-linear", field="method (qlora base quantization)")
+            if not any(n == h or n.endswith("." + h) for h in HEADS)]
+
+
+def compute_dtype(device: torch.device) -> torch.dtype:
+    """The dtype 4-bit layers compute in: bf16 on CUDA (the paper's), fp32 elsewhere."""
+    return COMPUTE_DTYPE if device.type == "cuda" else torch.float32
 
 
 def quantize_linear(bnb, lin: nn.Linear, quant_type: str, double_quant: bool,
                     device: torch.device | None = None) -> nn.Module:
     """``lin`` as a frozen bitsandbytes Linear4bit on ``device`` (default: lin's); the weight is
-    quantized as it reaches CUDA, so a CPU layer never occupies the GPU in full precision."""
+    quantized as it reaches ``device``, so a CPU layer never occupies the GPU in full precision."""
     device = device or lin.weight.device
-    q = bnb.nn.Linear4bit(lin.in_features, lin.out_features, lin.bias is not None, COMPUTE_DTYPE,
+    dtype = compute_dtype(device)
+    q = bnb.nn.Linear4bit(lin.in_features, lin.out_features, lin.bias is not None, dtype,
                           compress_statistics=double_quant, quant_type=quant_type, device="meta")
-    w = lin.weight.data.to(COMPUTE_DTYPE)
+    w = lin.weight.data.to(dtype)
     q.weight = bnb.nn.Params4bit(w, requires_grad=False, **q.weight.__dict__).to(device)
     if lin.bias is not None:
-        q.bias = nn.Parameter(lin.bias.data.to(device, COMPUTE_DTYPE), requires_grad=False)
+        q.bias = nn.Parameter(lin.bias.data.to(device, dtype), requires_grad=False)
     q.requires_grad_(False)
     q.source_dtype = lin.weight.dtype  # what merge() dequantizes back to
     return q
@@ -97,11 +128,11 @@ class Qlora(Lora):
     Config = QloraConfig
     invariant_cases = []  # 4-bit bases need CUDA; the GPU benchmark covers the numerics
     stages_on_cpu = True  # a run loads on the CPU; apply() quantizes each layer on its way to the GPU
-    requires = "a CUDA GPU and bitsandbytes"
+    requires = "bitsandbytes, and a CUDA GPU or bitsandbytes' CPU backend"
 
     @classmethod
     def available(cls) -> bool:
-        return torch.cuda.is_available() and importlib.util.find_spec("bitsandbytes") is not None
+        return importlib.util.find_spec("bitsandbytes") is not None and (torch.cuda.is_available() or cpu_4bit())
 
     def apply(self, model: nn.Module) -> nn.Module:
         """Quantize every linear layer of the blocks (never the output head) onto ``self.device`` (default:
@@ -109,7 +140,7 @@ class Qlora(Lora):
         self.bnb = bnb = require_bitsandbytes()
         device = self.device or next(model.parameters()).device
         check_device(device)
-        for name in resolve_targets(model, "all-linear", field="method (qlora base quantization)"):
+        for name in quantized_layers(model):
             lin = as_linear(model.get_submodule(name))  # GPT-2's Conv1D in nn.Linear layout
             if not isinstance(lin, bnb.nn.Linear4bit):  # a model loaded in 4 bits is used as it is
                 q = quantize_linear(bnb, lin, self.cfg.quant_type, self.cfg.double_quant, device)
@@ -125,13 +156,13 @@ class Qlora(Lora):
         (embeddings, norms, the output head) at the compute dtype."""
         from ..planning.estimate import NF4_BYTES
         quantized = sum(as_linear(model.get_submodule(n)).weight.numel()
-                        for n in resolve_targets(model, "all-linear", field="method (qlora base quantization)"))
+                        for n in quantized_layers(model))
         return quantized * NF4_BYTES + (Method.param_counts(self, model)[1] - quantized) * 2
 
     def memory_extras(self, model: nn.Module, act) -> dict[str, float]:
         """Backward dequantizes one 4-bit weight at a time to bf16 (and its input gradient's product)."""
         sizes = [as_linear(model.get_submodule(n)).weight.numel()
-                 for n in resolve_targets(model, "all-linear", field="method (qlora base quantization)")]
+                 for n in quantized_layers(model)]
         return {"dequantized weight": 2.0 * 2 * max(sizes, default=0)}
 
     def make_layer(self, name: str, base: nn.Module) -> QloraLinear:
@@ -166,5 +197,8 @@ def paged_adamw_8bit(param_groups: list[dict], train_cfg) -> torch.optim.Optimiz
     """bitsandbytes' PagedAdamW8bit over ``param_groups`` with train.lr/adam_betas/adam_eps/weight_decay
     (for ``train.optimizer: paged_adamw_8bit``)."""
     bnb = require_bitsandbytes("train.optimizer paged_adamw_8bit")
+    if not torch.cuda.is_available():
+        raise ConfigError("train.optimizer paged_adamw_8bit: its paged states live in CUDA unified memory, and "
+                          "this machine has no CUDA GPU; use train.optimizer: adamw")
     return bnb.optim.PagedAdamW8bit(param_groups, lr=train_cfg.lr, betas=tuple(train_cfg.adam_betas),
                                     eps=train_cfg.adam_eps, weight_decay=train_cfg.weight_decay)

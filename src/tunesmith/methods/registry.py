@@ -41,10 +41,16 @@ class MethodConfig(BaseModel):
     #: The peak learning rate a run uses when ``train.lr`` is unset (docs/defaults.md has the runs
     #: behind each value); ``learning_rate()`` may make it depend on the method's options.
     default_lr: ClassVar[float] = 2e-4
+    #: The peak rate of a classification head when ``train.head_lr`` is unset (None: the run's lr).
+    default_head_lr: ClassVar[float | None] = None
 
     def learning_rate(self) -> float:
         """The default peak learning rate for this configuration of the method."""
         return self.default_lr
+
+    def head_learning_rate(self) -> float | None:
+        """The default peak rate of a classification task head (None: the same as the run's lr)."""
+        return self.default_head_lr
 
 
 class Method:

@@ -9,6 +9,7 @@ from transformers import get_scheduler
 from transformers.optimization import TYPE_TO_SCHEDULER_FUNCTION, SchedulerType
 
 from ..errors import ConfigError
+from ..models.targets import task_heads
 from . import regularizers
 
 #: train.scheduler -> transformers' scheduler name
@@ -19,7 +20,7 @@ _FIXED = {"optimizer", "num_warmup_steps", "num_training_steps", "last_epoch"}
 
 
 def build_optimizer(method, model, cfg, device: torch.device) -> torch.optim.Optimizer:
-    groups = method.param_groups(model, cfg.lr, cfg.weight_decay)
+    groups = head_groups(model, method.param_groups(model, cfg.lr, cfg.weight_decay), cfg.head_lr)
     groups = regularizers.param_groups(cfg, model, groups)   # weight-decay groups, layer-wise rates
     if not groups:
         raise ValueError(f"method {method.name} left no trainable parameters")
@@ -29,6 +30,22 @@ def build_optimizer(method, model, cfg, device: torch.device) -> torch.optim.Opt
     fused = device.type == "cuda" and all(p.dtype.is_floating_point for g in groups for p in g["params"])
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.adam_betas), eps=cfg.adam_eps,
                              weight_decay=cfg.weight_decay, fused=fused or None)
+
+
+def head_groups(model, groups: list[dict], head_lr: float | None) -> list[dict]:
+    """``groups`` with the task head's parameters (score, classifier) split into groups of their own at
+    ``head_lr``, keeping the other keys (weight decay); unchanged without a head or when the rates agree."""
+    heads = tuple(f"{h}." for h in task_heads(model))
+    if not heads or head_lr is None or all(g["lr"] == head_lr for g in groups):
+        return groups
+    head = {id(p) for n, p in model.named_parameters() if n.startswith(heads)}
+    out = []
+    for g in groups:
+        mine = [p for p in g["params"] if id(p) in head]
+        rest = [p for p in g["params"] if id(p) not in head]
+        out += [{**g, "params": rest}] if rest else []
+        out += [{**g, "params": mine, "lr": head_lr, "head": True}] if mine else []
+    return out
 
 
 def scheduler_options(cfg) -> set[str]:

@@ -93,6 +93,10 @@ def plot_losses(records: list[dict], path: Path) -> None:
         plot_rl(records, Path(path).with_name("rl.png"))
 
 
+def _scalar(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
 def format_summary(s: dict) -> str:
     def f(x, spec=".4f"):
         return "-" if x is None else format(x, spec)
@@ -102,7 +106,8 @@ def format_summary(s: dict) -> str:
         f"parameters         {s['trainable_params']:,} trainable / {s['total_params']:,} total "
         f"({s['trainable_pct']:.4f}%)",
         f"steps              {s['steps']}  ({s['train_tokens']:,} tokens)"
-        + (f", lr {s['lr']:g} ({s.get('lr_source', 'train.lr')})" if s.get("lr") is not None else ""),
+        + (f", lr {s['lr']:g} ({s.get('lr_source', 'train.lr')})" if s.get("lr") is not None else "")
+        + (f", head lr {s['head_lr']:g}" if s.get("head_lr") is not None else ""),
         f"train loss         {f(s.get('train_loss_before'))} -> {f(s.get('train_loss_after'))}  "
         f"(the same {s.get('train_probe_batches', 4)} training batches, before and after training)",
         f"last step loss     {f(s.get('last_step_loss'))}  (mean of the last {s.get('last_steps_n', 0)} steps: "

@@ -302,7 +302,8 @@ def _train(cfg: RunConfig, resume: Path | None, built, t_start: float, progress:
     summary = _finish(cfg, run_dir, model, method, state, log.read(), report, artifact, device, t_start)
     summary.update(time_s=progress["wall"] + summary["session_time_s"], train_probe_batches=probe_n,
                    optimizer_state_bytes=optimizer_state_bytes(optimizer), artifact_bytes=path_bytes(artifact),
-                   lr=tc.lr, lr_source=progress["lr_source"])
+                   lr=tc.lr, lr_source=progress["lr_source"],
+                   head_lr=tc.head_lr if any(g.get("head") for g in optimizer.param_groups) else None)
     speed_report.measured_peak_gib = loop.first_step_peak_gib
     summary["speed"] = speed_report.as_dict()
     summary["parallel"] = {"mode": run_mode, "processes": ctx.world, "train_tokens": sum(r["tokens"] for r in per_rank),

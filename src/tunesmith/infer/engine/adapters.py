@@ -8,8 +8,9 @@ uses adapter slot s_b (-1: the base model)
 
     y = W0 x + ((x A_catᵀ) ⊙ M) B_catᵀ,    M[b, c] = col_scale[c] · [col_slot[c] == s_b],
 
-so each row gets exactly W0 x + s_a B_a A_a x of its own adapter a (Hu et al. 2021, eq. 3): two
-skinny matmuls per projection whatever the number of adapters, no gather of per-row weights.
+so each row gets exactly W0 x + s_a B_a A_a x of its own adapter a (Hu et al. 2021, eq. 3): one
+skinny matmul and one widened base matmul per projection whatever the number of adapters, no gather
+of per-row weights.
 
 Adapters come from peft-format directories (tunesmith runs and adapters, peft's own) that are
 plain LoRA: :func:`per_row_reasons` says why one is not (DoRA, trained biases or modules_to_save,
@@ -81,46 +82,54 @@ def read_factors(path: Path) -> Factors:
 
 
 class MultiLoraLinear(TunedLayer):
-    """A frozen linear layer plus the LoRA factors of every loaded adapter, chosen per row."""
+    """A frozen linear layer plus the LoRA factors of every loaded adapter, chosen per row.
+
+    The base weight lives inside ``W`` = [W0 | B_cat] (d_out, d_in + C), the base layer's weight a view
+    of its first d_in columns, so a mixed batch is two matmuls and one elementwise kernel per
+    projection: h = (x A_catᵀ) ⊙ M, then y = [x | h] Wᵀ = W0 x + h B_catᵀ (the up-projection joins
+    the base matmul instead of following it with a matmul and an add of its own)."""
 
     def __init__(self, base: nn.Linear, table: "AdapterTable"):
         super().__init__(base)
         object.__setattr__(self, "table", table)   # not a submodule: shared by every wrapped layer
         self.parts: dict[int, tuple[torch.Tensor, torch.Tensor, float]] = {}
-        for name in ("A", "B", "col_slot", "col_scale"):   # buffers: fixed addresses for CUDA graphs
+        for name in ("A", "W", "col_slot", "col_scale"):   # buffers: fixed addresses for CUDA graphs
             self.register_buffer(name, None, persistent=False)
 
     def set(self, slot: int, factors: tuple[torch.Tensor, torch.Tensor, float] | None) -> None:
         """Add (or with None remove) adapter ``slot``'s factors and rebuild the side-by-side tensors."""
+        base = self.base_layer
         if factors is None:
             self.parts.pop(slot, None)
         else:
-            w = self.base_layer.weight
             a, b, s = factors
-            if a.shape[1] != self.base_layer.in_features or b.shape[0] != self.base_layer.out_features:
+            if a.shape[1] != base.in_features or b.shape[0] != base.out_features:
                 raise ConfigError(f"LoRA factors {tuple(b.shape)}·{tuple(a.shape)} do not fit a "
-                                  f"{self.base_layer.out_features}x{self.base_layer.in_features} layer")
-            self.parts[slot] = (a.to(w.device, w.dtype), b.to(w.device, w.dtype), float(s))
+                                  f"{base.out_features}x{base.in_features} layer")
+            self.parts[slot] = (a.to(base.weight.device, base.weight.dtype), b.to(base.weight.device, base.weight.dtype),
+                                float(s))
+        w0 = base.weight.detach()
         if not self.parts:
-            self.A = self.B = self.col_slot = self.col_scale = None
+            base.weight = nn.Parameter(w0.contiguous(), requires_grad=False)   # its own storage again
+            self.A = self.W = self.col_slot = self.col_scale = None
             return
         items = sorted(self.parts.items())
-        dev, dtype = self.base_layer.weight.device, self.base_layer.weight.dtype
-        self.A = torch.cat([a for _, (a, _, _) in items], dim=0)            # (C, d_in)
-        self.B = torch.cat([b for _, (_, b, _) in items], dim=1)            # (d_out, C)
+        dev, dtype = w0.device, w0.dtype
+        self.A = torch.cat([a for _, (a, _, _) in items], dim=0)                       # (C, d_in)
+        self.W = torch.cat([w0, *(b for _, (_, b, _) in items)], dim=1)                # (d_out, d_in + C)
+        base.weight = nn.Parameter(self.W[:, : base.in_features], requires_grad=False)
         self.col_slot = torch.cat([torch.full((a.shape[0],), k, dtype=torch.long, device=dev)
                                    for k, (a, _, _) in items])
         self.col_scale = torch.cat([torch.full((a.shape[0],), s, dtype=dtype, device=dev)
                                     for _, (a, _, s) in items])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.base_layer(x)
         rows = self.table.rows
         if self.A is None or rows is None or self.disabled:
-            return y
+            return self.base_layer(x)
         m = (rows[:, None] == self.col_slot).to(x.dtype) * self.col_scale    # (B, C)
-        h = F.linear(x, self.A)                                              # (B, T, C)
-        return y + F.linear(h * m.unsqueeze(1), self.B)
+        h = F.linear(x, self.A) * m.unsqueeze(1)                             # (B, T, C)
+        return F.linear(torch.cat([x, h], dim=-1), self.W, self.base_layer.bias)
 
 
 class AdapterTable:

@@ -9,7 +9,10 @@ prefilled on the plain path (a ``DynamicCache``) and its keys/values copied into
 columns [t − L, t). When ``t`` reaches the end, the columns no row uses are cut from the front.
 
 The step runs slots [0, bucket) (buckets are powers of two up to ``max_batch``, new rows take the
-lowest free slot), so batch 1 computes one row however large the buffers are. Attention for the
+lowest free slot), so batch 1 computes one row however large the buffers are; and it attends over
+columns [0, c) only, c the smallest power of two (at least ``MIN_COLUMNS``) past ``t``, so a short
+generation in long buffers never reads their unused columns. The compiled step takes c as a dynamic
+size (one compilation; CUDA graphs recorded once per column bucket). Attention for the
 one-token step goes through :func:`decode_attention`, which attends grouped-query heads to their
 shared key/value head without copying keys and values per query head (what transformers' SDPA
 path does whenever there is a mask).
@@ -28,6 +31,7 @@ from ...models.compat import cache_kwargs
 from .runner import ModelRunner, device_of, virtual_head
 
 ATTENTION = "tunesmith_decode"
+MIN_COLUMNS = 256   # the smallest column bucket of a decode step
 
 
 def decode_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
@@ -40,6 +44,9 @@ def decode_attention(module, query, key, value, attention_mask, scaling=None, dr
         from transformers.integrations.sdpa_attention import sdpa_attention_forward
         return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
                                       **kwargs)
+    w = attention_mask.shape[-1]
+    if key.shape[2] > w:                                         # the step's column bucket: [0, w)
+        key, value = key[:, :, :w], value[:, :, :w]
     q = query.reshape(b, hkv, hq // hkv, d)                     # head h -> kv head h // G, as repeat_kv
     out = F.scaled_dot_product_attention(q, key, value, attn_mask=attention_mask, scale=scaling)
     return out.reshape(b, hq, 1, d).transpose(1, 2), None      # (B, 1, Hq, D)
@@ -110,7 +117,7 @@ class StaticRunner(ModelRunner):
             _dynamo.config.cache_size_limit = max(_dynamo.config.cache_size_limit, 64)
             for t in (*self.k, *self.v, self.valid, self.write, self.ids, self.posb, self.slotb):
                 _dynamo.mark_static_address(t)   # mutated or read in place by every replay of a CUDA graph
-            step = torch.compile(step, mode=compile_mode, dynamic=False)
+            step = torch.compile(step, mode=compile_mode, dynamic=None)   # dynamic: the column count only
         self.step_fn = step
         self.can_merge = True
 
@@ -180,7 +187,7 @@ class StaticRunner(ModelRunner):
         if self.compiled and self.table is not None and self.marked != self.table.version:
             from torch import _dynamo
             for layer in self.table.layers():
-                for t in (layer.A, layer.B, layer.col_slot, layer.col_scale):
+                for t in (layer.A, layer.W, layer.col_slot, layer.col_scale):
                     _dynamo.mark_static_address(t)
             self.marked = self.table.version
         top = max(self.phys) + 1
@@ -194,14 +201,27 @@ class StaticRunner(ModelRunner):
         try:
             if self.compiled and self.device.type == "cuda":
                 torch.compiler.cudagraph_mark_step_begin()   # the last step's outputs are consumed
+            ids, pos, valid = self.ids[:n], self.posb[:n], self.valid[:n, : self.columns()]
+            if self.compiled:
+                from torch import _dynamo
+                for x in (ids, pos, valid):
+                    _dynamo.mark_static(x, 0)     # batch buckets compile apart, as they always have
+                if valid.shape[1] < self.W:
+                    _dynamo.mark_dynamic(valid, 1)
+                else:
+                    _dynamo.mark_static(valid, 1)
             with self._bind(self.slotb[:n], self.slot_list):
-                logits = self.step_fn(self.ids[:n], self.posb[:n], self.valid[:n])
+                logits = self.step_fn(ids, pos, valid)
         finally:
             for cfg in self.configs:
                 cfg._attn_implementation = saved
         self.t += 1
         self.posb.add_(1).clamp_(max=self.W - 1)
         return logits.index_select(0, idx)
+
+    def columns(self) -> int:
+        """The columns this step attends over: a power of two past the write column, within the buffers."""
+        return min(self.W, max(MIN_COLUMNS, 1 << self.t.bit_length()))
 
     def keep(self, idx: list[int]) -> None:
         gone = set(self.phys) - {self.phys[i] for i in idx}
