@@ -1,4 +1,5 @@
-"""SST-2 with the embedded MiniLM encoder: every additive method beside full fine-tuning and LoRA.
+"""SST-2 with the embedded MiniLM encoder: every additive method beside full fine-tuning, LoRA, QLoRA,
+BitFit and FishMask.
 
 Each method trains through ``tunesmith.train`` (objective cls, the task head trainable) on the
 first ``--train-rows`` rows of SST-2 train, and is scored on the whole validation set (872 rows).
@@ -25,7 +26,9 @@ import torch
 METHODS = {
     "full": ({}, 5e-5),
     "lora": ({"r": 8}, 5e-4),
-    "qlora": ({"r": 8}, 2e-4),   # needs bitsandbytes (its CPU backend on a CPU)
+    "qlora": ({"r": 8}, 1e-3),   # needs bitsandbytes (its CPU backend on a CPU)
+    "bitfit": ({}, 1e-2),
+    "fishmask": ({"fisher_samples": 64}, 2e-3),
     "adapter": ({"reduction_factor": 16, "placement": "houlsby"}, 1e-3),
     "adapter-pfeiffer": ({"reduction_factor": 16, "placement": "pfeiffer"}, 1e-3),
     "adapter-parallel": ({"reduction_factor": 16, "placement": "parallel"}, 1e-3),

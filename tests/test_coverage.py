@@ -165,6 +165,23 @@ def check_merge(model, method, kind: str, batch: dict, tmp_path) -> None:
     assert rel_err(logits(reloaded, batch, kind), before) < 1e-5
 
 
+def _as_stored(base, model, method):
+    """A copy of ``base`` for loading ``method``'s artifact: QLoRA's adapter is for the full-precision base,
+    so its copy holds what the 4-bit layers store (their dequantized weights) in the model's own layers."""
+    from tunesmith.methods import qlora
+    from tunesmith.methods.inject import conv1d_from, replace_module
+    target = copy.deepcopy(base)
+    if not isinstance(method, qlora.Qlora):
+        return target
+    bnb = qlora.require_bitsandbytes()
+    for name in qlora.quantized_layers(base):
+        q = model.get_submodule(name)
+        q = getattr(q, "base_layer", q)
+        plain = qlora.dequantize_linear(bnb, q)
+        replace_module(target, name, conv1d_from(plain) if getattr(q, "from_conv1d", False) else plain)
+    return target
+
+
 @pytest.mark.parametrize("name,family", _cells())
 def test_cell(name, family, tmp_path):
     cls, fam = METHODS[name], FAMILIES[family]
@@ -190,7 +207,7 @@ def test_cell(name, family, tmp_path):
         auto = getattr(__import__("transformers"), AUTO_CLASSES[fam.task])
         loaded = auto.from_pretrained(path, dtype=torch.float32)
     else:
-        loaded = cls.load_artifact(copy.deepcopy(base), path)
+        loaded = cls.load_artifact(_as_stored(base, model, method), path)
     assert rel_err(logits(loaded, batch, fam.kind), logits(model, batch, fam.kind)) < 1e-5
 
     if fam.kind != "encoder":

@@ -188,7 +188,7 @@ def support_table() -> str:
               "plain transformers model; ✓ₐ the same, but it stays an adapter (merge refuses); ✗ not supported "
               "(apply refuses with the reason).", ""]
     legend += [f"{_mark(i)} {text}" for text, i in notes.items()]
-    needs = [f"\\* `{n}` needs {c.requires}: without it, apply refuses (the CPU matrix checks only that)."
+    needs = [f"\\* `{n}` needs {c.requires}: without it, apply refuses (the matrix checks that refusal where it is missing, and the whole cell where it is there: bitsandbytes' CPU backend runs it in the test environment)."
              for n, c in methods.items() if c.requires]
     targets = ["| model type | LoRA-family defaults (attention + feed-forward) | (IA)³ rescales (feed-forward "
                "input) | adapters after | experts / router parameters |", "|---|---|---|---|---|"]

@@ -18,16 +18,20 @@ def _config(tmp_path, cls_file):
 
 
 @pytest.mark.slow
-def test_compare_table_plots_failure_and_reuse(tmp_path, cls_file, capsys):
+def test_compare_table_plots_failure_and_reuse(tmp_path, cls_file, capsys, monkeypatch):
     path, out = _config(tmp_path, cls_file), tmp_path / "cmp"
-    # qlora needs CUDA: its run fails with the reason, the other two still run
+    # qlora's child process finds no bitsandbytes: its run fails with the reason, the other two still run
+    shadow = tmp_path / "shadow" / "bitsandbytes"
+    shadow.mkdir(parents=True)
+    (shadow / "__init__.py").write_text("raise ImportError('bitsandbytes is shadowed by the test')\n")
+    monkeypatch.setenv("PYTHONPATH", str(shadow.parent))
     argv = ["compare", str(path), "--methods", "lora,bitfit,qlora", "--out", str(out)]
     assert cli.main(argv) == 0
     rows = json.loads((out / "compare.json").read_text())
     assert [r["method"] for r in rows] == ["lora", "bitfit", "qlora"]
     lora, bitfit, qlora = rows
     assert lora["status"] == bitfit["status"] == "completed" and qlora["status"] == "failed"
-    assert "CUDA" in qlora["error"]
+    assert "bitsandbytes" in qlora["error"]
     assert lora["metric_name"] == "accuracy" and 0 <= lora["metric"] <= 1
     assert lora["lr"] == 1e-3 and bitfit["lr"] == 1e-2                # each method at its own default
     assert 0 < lora["trainable_pct"] < 100 and lora["artifact_bytes"] > 0 and lora["peak_memory_gib"] > 0
@@ -51,4 +55,5 @@ def test_methods_spec_errors():
         compare.parse_methods("lora,lorra")
     with pytest.raises(ConfigError, match="named twice"):
         compare.parse_methods("lora,lora")
-    assert "qlora" not in compare.parse_methods("all")   # needs CUDA
+    from tunesmith.methods.qlora import Qlora
+    assert ("qlora" in compare.parse_methods("all")) == Qlora.available()   # bitsandbytes and a 4-bit backend

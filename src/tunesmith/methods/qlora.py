@@ -70,11 +70,13 @@ def _bnb_version() -> str:
 
 
 def quantized_layers(model: nn.Module) -> list[str]:
-    """The linear layers QLoRA stores in 4 bits: every linear layer of the blocks, never the output head
-    nor a classification model's task head (its pooler is trained beside the head in full precision)."""
+    """The linear layers QLoRA stores in 4 bits: every linear layer of the blocks, never the output head,
+    a classification model's task head (its pooler is trained beside the head in full precision), nor
+    the modules the model keeps in fp32 (transformers' ``_keep_in_fp32_modules``, as its own 4-bit loading does)."""
     from ..models.targets import HEADS
+    fp32 = set(getattr(model, "_keep_in_fp32_modules", None) or [])   # T5's wo: its input is cast to the weight's dtype
     return [n for n in resolve_targets(model, "all-linear", field="method (qlora base quantization)")
-            if not any(n == h or n.endswith("." + h) for h in HEADS)]
+            if not any(n == h or n.endswith("." + h) for h in HEADS) and not fp32 & set(n.split("."))]
 
 
 def compute_dtype(device: torch.device) -> torch.dtype:
@@ -95,6 +97,10 @@ def quantize_linear(bnb, lin: nn.Linear, quant_type: str, double_quant: bool,
     if lin.bias is not None:
         q.bias = nn.Parameter(lin.bias.data.to(device, dtype), requires_grad=False)
     q.requires_grad_(False)
+    if hasattr(q, "support_avx512bf16_for_cpu"):
+        # bitsandbytes' CPU inference path repacks the weight in place for a bf16 kernel that takes only
+        # some shapes; the plain path computes in the compute dtype like training does, for every shape
+        q.support_avx512bf16_for_cpu = False
     q.source_dtype = lin.weight.dtype  # what merge() dequantizes back to
     return q
 
@@ -137,7 +143,7 @@ class Qlora(Lora):
     def apply(self, model: nn.Module) -> nn.Module:
         """Quantize every linear layer of the blocks (never the output head) onto ``self.device`` (default:
         where the model is), move the rest of the model there, then add LoRA."""
-        self.bnb = bnb = require_bitsandbytes()
+        bnb = require_bitsandbytes()
         device = self.device or next(model.parameters()).device
         check_device(device)
         for name in quantized_layers(model):
@@ -171,14 +177,18 @@ class Qlora(Lora):
         return layer
 
     def merge(self, model: nn.Module) -> nn.Module:
-        """Dequantize every 4-bit layer into a plain nn.Linear, adding the LoRA update where there is one."""
-        bnb = self.bnb
+        """Dequantize every 4-bit layer into a plain nn.Linear, adding the LoRA update where there is one
+        (layers kept in full precision take their update in place)."""
+        bnb = require_bitsandbytes()
 
         def plain(q, delta=None):  # back to the model's own layer type (Conv1D for GPT-2)
             lin = dequantize_linear(bnb, q, delta)
             return conv1d_from(lin) if getattr(q, "from_conv1d", False) else lin
         for name, layer in list(tuned_layers(model)):
-            replace_module(model, name, plain(layer.base_layer, layer.delta_weight().detach()))
+            if isinstance(layer.base_layer, bnb.nn.Linear4bit):
+                replace_module(model, name, plain(layer.base_layer, layer.delta_weight().detach()))
+            else:   # a layer kept in full precision (_keep_in_fp32_modules) merges as LoRA's does
+                LoraLinear.merge(layer)
         for name, module in list(model.named_modules()):
             if isinstance(module, bnb.nn.Linear4bit) and not isinstance(module, TunedLayer):
                 replace_module(model, name, plain(module))

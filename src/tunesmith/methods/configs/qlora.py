@@ -14,7 +14,7 @@ class QloraConfig(LoraConfig):
     family: ClassVar[str] = "low-rank"
     default_lr: ClassVar[float] = 2e-4
     summary: ClassVar[str] = ("LoRA on a frozen 4-bit NF4 base with double quantization (Dettmers et al. 2023); "
-                              "needs CUDA.")
+                              "needs bitsandbytes (CUDA, or its CPU backend).")
     name: Literal["qlora"] = "qlora"
     quant_type: Literal["nf4", "fp4"] = Field(
         "nf4", description="4-bit data type of the frozen base: nf4 (NormalFloat, the paper's) or fp4.")
