@@ -32,7 +32,10 @@ def test_head_lr_defaults_to_the_methods_head_rate_and_train_head_lr_wins():
         want = cls.model_validate({"name": name}).head_learning_rate() or cfg.train.lr
         assert cfg.train.head_lr == want, name
     assert config_mod.with_method_lr(_cfg("prefix", head_lr=1e-3))[0].train.head_lr == 1e-3
-    assert config_mod.with_method_lr(_cfg("prefix", lr=1e-3))[0].train.lr == 1e-3
+    set_lr = config_mod.with_method_lr(_cfg("prefix", lr=1e-3))[0].train      # a rate set by hand: one rate
+    assert (set_lr.lr, set_lr.head_lr) == (1e-3, 1e-3)
+    both = config_mod.with_method_lr(_cfg("prefix", lr=1e-3, head_lr=2e-2))[0].train
+    assert (both.lr, both.head_lr) == (1e-3, 2e-2)
 
 
 def test_head_parameters_get_their_own_groups_at_head_lr():

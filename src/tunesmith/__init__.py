@@ -3,9 +3,15 @@
 Importing tunesmith loads neither torch nor transformers: they are imported when a function that
 needs them is first called, so the command line answers `--help` and config errors at once.
 """
-from . import train as _train_package  # noqa: F401  (loaded first so `tunesmith.train` stays the function)
-from .api import apply, load, merge, methods, train
-from .errors import ConfigError, ModelError, TunesmithError
+import logging as _logging
+
+# peft imports bitsandbytes whenever it is installed, and bitsandbytes' CPU backend then warns that an optional
+# hub-downloaded kernel is missing; its own CPU path is what QLoRA on a CPU uses, so the warning is noise here.
+_logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(_logging.ERROR)
+
+from . import train as _train_package  # noqa: E402,F401  (loaded first so `tunesmith.train` stays the function)
+from .api import apply, load, merge, methods, train  # noqa: E402
+from .errors import ConfigError, ModelError, TunesmithError  # noqa: E402
 
 __version__ = "0.1.0"
 __all__ = ["train", "load", "apply", "merge", "methods", "generate", "score", "ConfigError", "ModelError", "TunesmithError"]

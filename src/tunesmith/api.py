@@ -48,9 +48,13 @@ def train(config_or_path, *, resume: str | Path | None = None, **overrides):
 
 
 def methods() -> list[dict[str, str]]:
-    """Registered methods: name, family, summary, default learning rate."""
-    return [{"name": n, "family": c.family, "summary": c.summary,
-             "default_lr": c.model_validate({"name": n}).learning_rate()} for n, c in registry.all_configs().items()]
+    """Registered methods: name, family, summary, default learning rate and task-head rate."""
+    rows = []
+    for n, c in registry.all_configs().items():
+        cfg = c.model_validate({"name": n})
+        rows.append({"name": n, "family": c.family, "summary": c.summary, "default_lr": cfg.learning_rate(),
+                     "default_head_lr": cfg.head_learning_rate() or cfg.learning_rate()})
+    return rows
 
 
 def apply(model: nn.Module, name: str, **options) -> nn.Module:

@@ -49,7 +49,8 @@ def _cmd_methods(args) -> None:
     rows = api.methods()
     w = max(len(r["name"]) for r in rows)
     for r in rows:
-        print(f"{r['name']:<{w}}  {r['family']:<9}  lr {r['default_lr']:<6g}  {r['summary']}")
+        print(f"{r['name']:<{w}}  {r['family']:<9}  lr {r['default_lr']:<6g}  head {r['default_head_lr']:<6g}  "
+              f"{r['summary']}")
 
 
 def _cmd_merge(args) -> None:

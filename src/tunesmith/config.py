@@ -48,8 +48,8 @@ class TrainConfig(BaseModel):
     lr: float | None = Field(None, gt=0, description="Peak learning rate (null: the method's own default, listed by "
                                                     "`tunesmith methods` and said in the summary).")
     head_lr: float | None = Field(None, gt=0, description="Peak learning rate of a classification task head (score, "
-                                                         "classifier), which starts at random (null: the method's "
-                                                         "own head default where it has one, else lr).")
+                                                         "classifier), which starts at random (null: with lr unset "
+                                                         "too, the method's own head rate; with lr set, lr).")
     batch_size: int = Field(4, ge=1, description="Examples per micro-batch.")
     grad_accum: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
     max_seq_len: int = Field(512, ge=8, description="Tokens per example after truncation (block size when packing).")
@@ -257,12 +257,14 @@ class RunConfig(BaseModel):
 
 def with_method_lr(cfg: RunConfig) -> tuple[RunConfig, str]:
     """(a copy of ``cfg`` with ``train.lr`` and ``train.head_lr`` filled, where ``lr`` came from: ``train.lr``
-    or ``method default``). An unset ``head_lr`` takes the method's head default, else ``lr``."""
+    or ``method default``). The method's defaults come as a pair: an unset ``head_lr`` takes the method's
+    head rate when ``lr`` is unset too, and ``lr`` when the user set it."""
     update, source = {}, "train.lr"
     if cfg.train.lr is None:
         update["lr"], source = cfg.method.learning_rate(), "method default"
     if cfg.train.head_lr is None:
-        update["head_lr"] = cfg.method.head_learning_rate() or update.get("lr", cfg.train.lr)
+        update["head_lr"] = (cfg.method.head_learning_rate() if source == "method default" else None) \
+            or update.get("lr", cfg.train.lr)
     return cfg.model_copy(update={"train": cfg.train.model_copy(update=update)}), source
 
 

@@ -33,14 +33,15 @@ def test_compare_table_plots_failure_and_reuse(tmp_path, cls_file, capsys, monke
     assert lora["status"] == bitfit["status"] == "completed" and qlora["status"] == "failed"
     assert "bitsandbytes" in qlora["error"]
     assert lora["metric_name"] == "accuracy" and 0 <= lora["metric"] <= 1
-    assert lora["lr"] == 1e-3 and bitfit["lr"] == 1e-2                # each method at its own default
+    assert lora["lr"] == 1e-3 and bitfit["lr"] == 3e-3                # each method at its own default
+    assert lora["head_lr"] == bitfit["head_lr"] == 3e-2                # and its classification head at its own
     assert 0 < lora["trainable_pct"] < 100 and lora["artifact_bytes"] > 0 and lora["peak_memory_gib"] > 0
     summary = json.loads((out / "runs" / "lora" / "summary.json").read_text())
     assert lora["trainable_params"] == summary["trainable_params"]
     for png in ("metric_vs_trainable.png", "losses.png", "memory.png"):
         assert (out / png).stat().st_size > 1000
     md = (out / "compare.md").read_text()
-    assert "| `qlora` |" in md and "failed:" in md
+    assert "| `qlora` |" in md and "failed:" in md and "| `lora` | 0.001 (head 0.03) |" in md
     # a second call reuses the completed runs and retries only the failed one
     mtime = (out / "runs" / "lora" / "summary.json").stat().st_mtime
     assert cli.main(argv[:3] + ["lora,bitfit", "--out", str(out)]) == 0

@@ -41,8 +41,9 @@ class MethodConfig(BaseModel):
     #: The peak learning rate a run uses when ``train.lr`` is unset (docs/defaults.md has the runs
     #: behind each value); ``learning_rate()`` may make it depend on the method's options.
     default_lr: ClassVar[float] = 2e-4
-    #: The peak rate of a classification head when ``train.head_lr`` is unset (None: the run's lr).
-    default_head_lr: ClassVar[float | None] = None
+    #: The peak rate of a classification task head (it starts at random, so it learns faster than the
+    #: method's own parameters) when neither ``train.lr`` nor ``train.head_lr`` is set (None: the lr).
+    default_head_lr: ClassVar[float | None] = 3e-2
 
     def learning_rate(self) -> float:
         """The default peak learning rate for this configuration of the method."""

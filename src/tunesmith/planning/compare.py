@@ -37,6 +37,7 @@ class Row:
     status: str = "completed"
     error: str | None = None
     lr: float | None = None
+    head_lr: float | None = None   # a classification head's own rate (None: no head, or lr)
     trainable_params: int | None = None
     trainable_pct: float | None = None
     metric_name: str | None = None
@@ -165,7 +166,7 @@ def row_of(name: str, summary: dict, run_dir: Path, reused: bool) -> Row:
               losses=losses, metrics=last, metric_name=metric_name, metric=metric, eval_loss=last.get("loss"))
     if row.status != "completed":
         row.error = summary.get("reason") or "failed"
-    for f in ("lr", "trainable_params", "trainable_pct", "train_time_s", "time_s", "tokens_per_s",
+    for f in ("lr", "head_lr", "trainable_params", "trainable_pct", "train_time_s", "time_s", "tokens_per_s",
               "peak_memory_gib", "artifact_bytes"):
         setattr(row, f, summary.get(f))
     return row
@@ -210,7 +211,8 @@ def markdown(rows: list[Row]) -> str:
     for r in rows:
         metric = "-" if r.metric is None else f"{r.metric_name} {r.metric:.4f}"
         status = "ok" + (" (reused)" if r.reused else "") if r.status == "completed" else f"failed: {r.error}"
-        cells = ([f"`{r.method}`", _f(r.lr, "g"), _f(r.trainable_pct, ".4f"), metric]
+        lr = _f(r.lr, "g") + (f" (head {r.head_lr:g})" if r.head_lr is not None and r.head_lr != r.lr else "")
+        cells = ([f"`{r.method}`", lr, _f(r.trainable_pct, ".4f"), metric]
                  + [_f(r.metrics.get(k), ".4f") for k in f1_keys]
                  + [_f(r.eval_loss, ".4f"), _f(r.train_time_s, ".0f"), _f(r.tokens_per_s, ".0f"),
                     _f(r.peak_memory_gib, ".2f"), _f(None if r.artifact_bytes is None else r.artifact_bytes / 2**20, ".2f"),

@@ -11,7 +11,7 @@ from ..registry import MethodConfig, register_config
 @register_config
 class BitFitConfig(MethodConfig):
     family: ClassVar[str] = "selective"
-    default_lr: ClassVar[float] = 1e-2
+    default_lr: ClassVar[float] = 3e-3
     summary: ClassVar[str] = ("Train only the biases (plus the task head) (Ben Zaken et al. 2022); adds zero "
                               "biases to bias-free models.")
     name: Literal["bitfit"] = "bitfit"

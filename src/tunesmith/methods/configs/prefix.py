@@ -11,7 +11,7 @@ from ..registry import MethodConfig, register_config
 @register_config
 class PrefixConfig(MethodConfig):
     family: ClassVar[str] = "additive"
-    default_lr: ClassVar[float] = 3e-3
+    default_lr: ClassVar[float] = 3e-4
     summary: ClassVar[str] = ("Prefix tuning: trained key/value prefixes in every layer via a folded MLP (Li & "
                               "Liang 2021).")
     name: Literal["prefix"] = "prefix"

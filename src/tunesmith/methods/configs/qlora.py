@@ -12,7 +12,7 @@ from .lora import LoraConfig
 @register_config
 class QloraConfig(LoraConfig):
     family: ClassVar[str] = "low-rank"
-    default_lr: ClassVar[float] = 2e-4
+    default_lr: ClassVar[float] = 1e-3
     summary: ClassVar[str] = ("LoRA on a frozen 4-bit NF4 base with double quantization (Dettmers et al. 2023); "
                               "needs bitsandbytes (CUDA, or its CPU backend).")
     name: Literal["qlora"] = "qlora"
