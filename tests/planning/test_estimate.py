@@ -54,3 +54,28 @@ def test_estimate_cli_reads_no_weights_and_table_4_1_configs(capsys):
     assert "fits" in capsys.readouterr().out
 
 
+
+
+# -- against the H200's measured peaks (bench/gpu_train.py, train.speed: auto, torch.cuda.max_memory_allocated) --
+H200 = HERE.parents[1] / "bench" / "results" / "h200"
+GPU_RUNS = [("gpu_train_auto.json", "auto-8b-lora-b2", "ts+auto"),          # the rows whose plan kept every
+            ("gpu_train_auto_1b.json", "auto-1b-lora-b4", "ts+auto"),       # block's activations (no
+            ("gpu_train_auto_1b.json", "auto-1b-full-b4", "ts+auto+lim1.0")]  # checkpointing, no offload)
+
+
+@pytest.mark.parametrize("file,key,impl", GPU_RUNS)
+def test_estimate_within_15_percent_of_the_h200_peaks(file, key, impl):
+    import sys
+    sys.path.insert(0, str(HERE.parents[1] / "bench"))
+    from gpu_common import ARCHS, LORA, TARGETS
+    row = next(r for r in json.loads((H200 / file).read_text())["results"] if (r["key"], r["impl"]) == (key, impl))
+    chosen = row["speed"]["chosen"]
+    assert not chosen["gradient_checkpointing"] and not chosen["offload_activations"]
+    method = {"name": "full"} if row["method"] == "full" else {"name": row["method"], "target_modules": TARGETS, **LORA}
+    cfg = config_mod.load({
+        "model": {"name_or_path": "random:llama", "dtype": "bfloat16",
+                  "random_overrides": {**ARCHS[row["arch"]], "max_position_embeddings": 8192}},
+        "method": method, "data": {"train": "x.jsonl"},
+        "train": {"batch_size": row["batch"], "max_seq_len": row["seq"], "compile": chosen["compile"]}})
+    predicted = estimate(cfg, device="cuda").peak / 2**30
+    assert abs(predicted - row["peak_gib"]) <= 0.15 * row["peak_gib"], (predicted, row["peak_gib"])

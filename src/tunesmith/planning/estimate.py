@@ -11,10 +11,13 @@ training step is then
     gradients      trainable × bytes of the trainable dtype
     optimizer      AdamW: 2 moments a trainable parameter (paged 8-bit AdamW: 1 byte each)
     activations    per block and token, train/speed.py's model of what a block keeps for backward,
-                   ``A · (4·width + 2·ffn) · EAGER_FACTOR`` bytes (A = 4 in fp32, 2 in bf16); with
-                   checkpointing every block keeps only its input (A · width) and one block's worth
-                   is live while it recomputes. The loss adds its logits: ``LOGIT_COPIES`` fp32 copies
-                   of tokens × vocabulary (logits, log-softmax, their gradient) for a language model.
+                   ``A · (4·width + 2·ffn)`` bytes (A = 4 in fp32, 2 in bf16), times ``EAGER_FACTOR``
+                   unless the blocks are compiled (``train.compile``, or ``speed: auto`` on CUDA for a
+                   method that compiles by default); with checkpointing every block keeps only its input
+                   (A · width) and one block's worth is live while it recomputes. The loss adds its
+                   logits: ``LOGIT_COPIES`` fp32 copies of tokens × vocabulary (logits, log-softmax, their
+                   gradient) for a language model, or with the chunked loss (``train.chunked_ce``) one
+                   chunk's fp32 logits and their bf16 product (kernels/cross_entropy.py).
     extras         what the method adds (virtual tokens' activations, prefix keys and values, DoRA's
                    weight norms, a sparse mask's indices, the 4-bit weights dequantized in backward)
     workspace      on CUDA, train/speed.py's allocator slack and cuBLAS workspaces
@@ -129,7 +132,8 @@ def _task(cfg: RunConfig) -> str:
     return "classification" if loader.model_type_of(cfg.model) in loader.ENCODER_TYPES else "causal_lm"
 
 
-def _shape(model, task: str, batch: int, seq: int, target_seq: int, act_bytes: float) -> Activations:
+def _shape(model, task: str, batch: int, seq: int, target_seq: int, act_bytes: float,
+           compiled: bool = False) -> Activations:
     text = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
     width = getattr(text, "hidden_size", None) or getattr(text, "d_model", None) or getattr(text, "n_embd")
     ffn = (getattr(text, "intermediate_size", None) or getattr(text, "d_ff", None)
@@ -139,7 +143,7 @@ def _shape(model, task: str, batch: int, seq: int, target_seq: int, act_bytes: f
     dec = 0
     if task == "seq2seq":
         dec = getattr(text, "num_decoder_layers", None) or getattr(text, "decoder_layers", None) or layers
-    per_token = speed.BlockShape(layers, int(width), int(ffn), 0).kept_bytes(1, compiled=False, act_bytes=act_bytes)
+    per_token = speed.BlockShape(layers, int(width), int(ffn), 0).kept_bytes(1, compiled=compiled, act_bytes=act_bytes)
     vocab = model.get_output_embeddings().weight.shape[0] if task != "classification" else 0
     return Activations(batch, seq, target_seq if task == "seq2seq" else 0, act_bytes, int(width), int(ffn),
                        int(layers), int(dec), int(vocab), per_token)
@@ -179,7 +183,9 @@ def estimate(cfg: RunConfig, *, device: str | None = None, num_labels: int = 2, 
     upcast = method.upcast_trainable and wb < 4
     tb = 4 if upcast or wb == 4 else wb
     seq = cfg.train.max_seq_len
-    act = _shape(model, task, cfg.train.batch_size, seq, target_len or seq, act_bytes)
+    compiled = dev_type == "cuda" and (cfg.train.compile if cfg.train.compile is not None
+                                       else cfg.train.speed == "auto" and method_cls.auto_compile)
+    act = _shape(model, task, cfg.train.batch_size, seq, target_len or seq, act_bytes, compiled)
     ckpt = bool(cfg.train.gradient_checkpointing) if checkpointing is None else checkpointing
     weights = method.quantized_weight_bytes(model, wb) if hasattr(method, "quantized_weight_bytes") else total * wb
     parts = {
@@ -192,7 +198,12 @@ def estimate(cfg: RunConfig, *, device: str | None = None, num_labels: int = 2, 
     if act.vocab:
         logit_tokens = act.batch * (act.target_seq if task == "seq2seq" else act.seq)
         chunked = cfg.train.chunked_ce is True or (cfg.train.chunked_ce == "auto" and dev_type == "cuda")
-        parts["loss (logits)"] = logit_tokens * act.vocab * 4.0 * (1.0 if chunked else LOGIT_COPIES)
+        if chunked:   # one chunk's fp32 logits (a trained head takes larger chunks) and their matmul output
+            from ..kernels import cross_entropy as ce
+            chunk = ce.CHUNK_ELEMENTS_TRAINED if cfg.method.name == "full" else ce.CHUNK_ELEMENTS
+            parts["loss (logits)"] = min(logit_tokens * act.vocab, chunk) * (4.0 + act_bytes)
+        else:
+            parts["loss (logits)"] = logit_tokens * act.vocab * 4.0 * LOGIT_COPIES
     for what, nbytes in method.memory_extras(model, act).items():
         parts[f"{cfg.method.name}: {what}"] = float(nbytes)
     if dev_type == "cuda":
