@@ -5,7 +5,7 @@
     python3 bench/gpu_grpo.py --out bench/results/gpu_grpo.json              # 1b and 8b, both sides
     python3 bench/gpu_grpo.py --only 8b --sides tunesmith --completion 4096  # one side, a longer completion
     python3 bench/gpu_grpo.py --only 8b --sides tunesmith --prompts 1 --completion 20480 --micro-batch 1 \
-        --steps 1 --warmup 0                                                # the long-completion run
+        --steps 1 --warmup 0 --watch 20                                     # the long-completion run
     python3 bench/gpu_grpo.py --tiny                                         # CPU, tiny models, a few tokens
 
 Random-weight Llama-3.2-1B / Llama-3-8B architectures (bench/gpu_common.py: config from a dict, no hub),
@@ -70,6 +70,29 @@ def prompt_ids(vocab: int, n: int, length: int, seed: int = 1) -> list[list[int]
 
 
 # -- tunesmith ------------------------------------------------------------------------------------------
+def watch_decoding(every_s: float) -> None:
+    """Print, every ``every_s`` seconds, how many decode steps the rollout engine has run and the GPU's peak
+    so far, so that a step cut short by a call's time limit still says how far it got and how fast."""
+    import threading
+    from tunesmith.infer.engine import fast, runner
+    count = {"n": 0, "t0": time.perf_counter()}
+    for cls in (fast.StaticRunner, runner.ModelRunner):
+        real = cls.decode
+
+        def counted(self, last, _real=real):
+            count["n"] += 1
+            return _real(self, last)
+        cls.decode = counted
+
+    def report():
+        while True:
+            time.sleep(every_s)
+            peak = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else 0.0
+            print(f"  [{time.perf_counter() - count['t0']:.0f} s] {count['n']} decode steps, peak {peak:.1f} GiB",
+                  flush=True)
+    threading.Thread(target=report, daemon=True).start()
+
+
 def tunesmith_side(arch: str, prompts: list[list[int]], new: int, steps: int, warmup: int,
                    micro_batch: int | None = None) -> dict:
     import tunesmith
@@ -204,8 +227,12 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--warmup", type=int, default=1)
     ap.add_argument("--out", default=str(ROOT / "results" / ("gpu_grpo_tiny.json" if TINY else "gpu_grpo.json")))
+    ap.add_argument("--watch", type=float, default=None, metavar="S",
+                    help="print the rollout's decode steps and the GPU peak every S seconds (long completions)")
     a = ap.parse_args()
     PROMPTS = a.prompts
+    if a.watch:
+        watch_decoding(a.watch)
     if a.tiny:
         a.prompt, a.completion, a.steps, a.warmup = min(a.prompt, 16), min(a.completion, 8), min(a.steps, 2), 1
     result = {"versions": gc_.versions(), "prompts": PROMPTS, "G": G, "prompt_tokens": a.prompt,
