@@ -14,6 +14,8 @@ def test_methods_lists_every_registered_method(capsys):
     assert names == list(registry.all_methods())
     for line, cls in zip(out, registry.all_methods().values()):
         assert cls.family in line and cls.summary in line
+    prefix = next(line for line in out if line.startswith("prefix "))
+    assert "lr 0.0003" in prefix and "head 0.03" in prefix      # the method's pair of default rates
 
 
 def test_train_with_overrides_then_resume_then_merge(alpaca_file, tmp_path, capsys):
