@@ -169,7 +169,7 @@ def _as_stored(base, model, method):
     """A copy of ``base`` for loading ``method``'s artifact: QLoRA's adapter is for the full-precision base,
     so its copy holds what the 4-bit layers store (their dequantized weights) in the model's own layers."""
     from tunesmith.methods import qlora
-    from tunesmith.methods.inject import conv1d_from, replace_module
+    from tunesmith.methods.inject import replace_module
     target = copy.deepcopy(base)
     if not isinstance(method, qlora.Qlora):
         return target
@@ -177,8 +177,7 @@ def _as_stored(base, model, method):
     for name in qlora.quantized_layers(base):
         q = model.get_submodule(name)
         q = getattr(q, "base_layer", q)
-        plain = qlora.dequantize_linear(bnb, q)
-        replace_module(target, name, conv1d_from(plain) if getattr(q, "from_conv1d", False) else plain)
+        replace_module(target, name, qlora.plain_layer(bnb, q))
     return target
 
 

@@ -53,7 +53,7 @@ def methods() -> list[dict[str, str]]:
     for n, c in registry.all_configs().items():
         cfg = c.model_validate({"name": n})
         rows.append({"name": n, "family": c.family, "summary": c.summary, "default_lr": cfg.learning_rate(),
-                     "default_head_lr": cfg.head_learning_rate() or cfg.learning_rate()})
+                     "default_head_lr": cfg.head_learning_rate()})
     return rows
 
 

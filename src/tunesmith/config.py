@@ -263,8 +263,7 @@ def with_method_lr(cfg: RunConfig) -> tuple[RunConfig, str]:
     if cfg.train.lr is None:
         update["lr"], source = cfg.method.learning_rate(), "method default"
     if cfg.train.head_lr is None:
-        update["head_lr"] = (cfg.method.head_learning_rate() if source == "method default" else None) \
-            or update.get("lr", cfg.train.lr)
+        update["head_lr"] = cfg.method.head_learning_rate() if source == "method default" else cfg.train.lr
     return cfg.model_copy(update={"train": cfg.train.model_copy(update=update)}), source
 
 

@@ -64,7 +64,7 @@ def reference() -> str:
              "### method", "`method.name` picks one of the registered methods; its fields follow."]
     for name, cls in registry.all_methods().items():
         mcfg = cls.Config.model_validate({"name": name})
-        lr, head = mcfg.learning_rate(), mcfg.head_learning_rate() or mcfg.learning_rate()
+        lr, head = mcfg.learning_rate(), mcfg.head_learning_rate()
         parts.append(f"#### `{name}` ({cls.family})\n\n{cls.summary} Default `train.lr`: {lr:g}, "
                      f"`train.head_lr`: {head:g} ([defaults.md](defaults.md)).\n")
         if len(cls.Config.model_fields) > 1:

@@ -69,6 +69,12 @@ def _bnb_version() -> str:
         return "(unknown version)"
 
 
+def plain_layer(bnb, q: nn.Module, delta: torch.Tensor | None = None) -> nn.Module:
+    """A 4-bit layer dequantized (+ ``delta``) back to the model's own layer type (Conv1D for GPT-2)."""
+    lin = dequantize_linear(bnb, q, delta)
+    return conv1d_from(lin) if getattr(q, "from_conv1d", False) else lin
+
+
 def quantized_layers(model: nn.Module) -> list[str]:
     """The linear layers QLoRA stores in 4 bits: every linear layer of the blocks, never the output head,
     a classification model's task head (its pooler is trained beside the head in full precision), nor
@@ -180,18 +186,14 @@ class Qlora(Lora):
         """Dequantize every 4-bit layer into a plain nn.Linear, adding the LoRA update where there is one
         (layers kept in full precision take their update in place)."""
         bnb = require_bitsandbytes()
-
-        def plain(q, delta=None):  # back to the model's own layer type (Conv1D for GPT-2)
-            lin = dequantize_linear(bnb, q, delta)
-            return conv1d_from(lin) if getattr(q, "from_conv1d", False) else lin
         for name, layer in list(tuned_layers(model)):
             if isinstance(layer.base_layer, bnb.nn.Linear4bit):
-                replace_module(model, name, plain(layer.base_layer, layer.delta_weight().detach()))
+                replace_module(model, name, plain_layer(bnb, layer.base_layer, layer.delta_weight().detach()))
             else:   # a layer kept in full precision (_keep_in_fp32_modules) merges as LoRA's does
                 LoraLinear.merge(layer)
         for name, module in list(model.named_modules()):
             if isinstance(module, bnb.nn.Linear4bit) and not isinstance(module, TunedLayer):
-                replace_module(model, name, plain(module))
+                replace_module(model, name, plain_layer(bnb, module))
         return unwrap(model)
 
     @classmethod

@@ -49,9 +49,9 @@ class MethodConfig(BaseModel):
         """The default peak learning rate for this configuration of the method."""
         return self.default_lr
 
-    def head_learning_rate(self) -> float | None:
-        """The default peak rate of a classification task head (None: the same as the run's lr)."""
-        return self.default_head_lr
+    def head_learning_rate(self) -> float:
+        """The default peak rate of a classification task head (the method's own rate without a head default)."""
+        return self.default_head_lr or self.learning_rate()
 
 
 class Method:
