@@ -14,7 +14,7 @@ from additive_helpers import VOCAB, perturb, small
 from helpers import ids, rel_err
 from tunesmith.infer.engine import Engine, Request, SamplingParams
 from tunesmith.infer.engine import fast
-from tunesmith.infer.engine.fast import StaticRunner, decode_attention
+from tunesmith.infer.engine.fast import StaticRunner, decode_attention, split_decode_attention
 from tunesmith.methods import registry
 
 
@@ -91,6 +91,61 @@ def test_grouped_decode_attention_equals_sdpa_with_repeated_kv():
     want = F.scaled_dot_product_attention(q, k.repeat_interleave(4, 1), v.repeat_interleave(4, 1), attn_mask=mask,
                                           scale=0.25).transpose(1, 2)
     assert got.shape == (3, 1, 8, 16) and rel_err(got, want) < 1e-6
+
+
+def _grouped_inputs(w, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(3, 8, 1, 16, generator=g).to(dtype)
+    k, v = torch.randn(3, 2, w + 5, 16, generator=g).to(dtype), torch.randn(3, 2, w + 5, 16, generator=g).to(dtype)
+    valid = torch.rand(3, w, generator=g) > 0.3
+    valid[:, -1] = True
+    mask = torch.where(valid, 0.0, torch.finfo(dtype).min).to(dtype)[:, None, None, :]
+    return q, k, v, mask
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-6), (torch.bfloat16, 2e-2)])
+def test_split_decode_attention_equals_sdpa_over_the_mask_columns(monkeypatch, dtype, tol):
+    """Scores, fp32 softmax and chunked value sums (4 chunks of 8 columns) give SDPA's answer over the
+    mask's columns; the columns past them (garbage here) are never read."""
+    monkeypatch.setattr(fast, "SPLIT_CHUNK", 8)
+    q, k, v, mask = _grouped_inputs(32, dtype)
+    k[:, :, 32:], v[:, :, 32:] = float("nan"), float("nan")
+    got, _ = split_decode_attention(None, q, k, v, mask, scaling=0.25)
+    kr, vr = k[:, :, :32].float().repeat_interleave(4, 1), v[:, :, :32].float().repeat_interleave(4, 1)
+    want = F.scaled_dot_product_attention(q.float(), kr, vr, attn_mask=mask.float(), scale=0.25).transpose(1, 2)
+    assert got.shape == (3, 1, 8, 16) and got.dtype == dtype and rel_err(got.float(), want) < tol
+
+
+def test_decode_attention_splits_from_split_from_columns_in_whole_chunks(monkeypatch):
+    calls = []
+    real = fast.split_decode_attention
+    monkeypatch.setattr(fast, "split_decode_attention", lambda *a, **k: (calls.append(a[4].shape[-1]), real(*a, **k))[1])
+    monkeypatch.setattr(fast, "SPLIT_FROM", 16)
+    monkeypatch.setattr(fast, "SPLIT_CHUNK", 8)
+    for w in (8, 12, 16, 20, 32):
+        q, k, v, mask = _grouped_inputs(w)
+        got, _ = decode_attention(None, q, k, v, mask, scaling=0.25)
+        want = F.scaled_dot_product_attention(q, k[:, :, :w].repeat_interleave(4, 1), v[:, :, :w].repeat_interleave(4, 1),
+                                              attn_mask=mask, scale=0.25).transpose(1, 2)
+        assert rel_err(got, want) < 1e-6, w
+    assert calls == [16, 32]     # 8 and 12 are short, 20 is not whole chunks
+
+
+def test_static_slots_with_split_attention_equal_the_plain_path(tokenizer, monkeypatch):
+    """Buffers from SPLIT_FROM columns on are whole chunks wide (19 -> 24), so the long buckets split."""
+    monkeypatch.setattr(fast, "MIN_COLUMNS", 4)
+    monkeypatch.setattr(fast, "SPLIT_FROM", 16)
+    monkeypatch.setattr(fast, "SPLIT_CHUNK", 8)
+    calls = []
+    real = fast.split_decode_attention
+    monkeypatch.setattr(fast, "split_decode_attention", lambda *a, **k: (calls.append(a[4].shape[-1]), real(*a, **k))[1])
+    model = small()
+    lengths = [5, 9, 3, 7, 4, 8]
+    plain = _run(Engine(model, tokenizer, fast=False, max_batch=4), _prompts(), lengths)
+    engine = Engine(model, tokenizer, fast=True, max_batch=4, max_len=19)
+    assert engine.routes["base"].lane.runner.W == 24
+    assert _run(engine, _prompts(), lengths) == plain
+    assert set(calls) == {16, 24}
 
 
 @pytest.mark.slow

@@ -15,7 +15,8 @@ generation in long buffers never reads their unused columns. The compiled step t
 size (one compilation; CUDA graphs recorded once per column bucket). Attention for the
 one-token step goes through :func:`decode_attention`, which attends grouped-query heads to their
 shared key/value head without copying keys and values per query head (what transformers' SDPA
-path does whenever there is a mask).
+path does whenever there is a mask); from ``SPLIT_FROM`` columns on it splits the work over the
+columns (:func:`split_decode_attention`), so that a few rows with long caches still use the whole GPU.
 
 Models with virtual-token hooks (prompt, prefix, P-tuning), sliding-window attention or attention
 outside transformers' attention interface (BLOOM, Falcon), and proxy-tuning keep to the plain path
@@ -32,6 +33,8 @@ from .runner import ModelRunner, device_of, virtual_head
 
 ATTENTION = "tunesmith_decode"
 MIN_COLUMNS = 256   # the smallest column bucket of a decode step
+SPLIT_FROM = 4096   # column counts from which one-token attention is split over the columns
+SPLIT_CHUNK = 512   # columns per partial sum of the split attention
 
 
 def decode_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
@@ -45,11 +48,35 @@ def decode_attention(module, query, key, value, attention_mask, scaling=None, dr
         return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
                                       **kwargs)
     w = attention_mask.shape[-1]
+    if w >= SPLIT_FROM and w % SPLIT_CHUNK == 0:
+        return split_decode_attention(module, query, key, value, attention_mask, scaling=scaling)
     if key.shape[2] > w:                                         # the step's column bucket: [0, w)
         key, value = key[:, :, :w], value[:, :, :w]
     q = query.reshape(b, hkv, hq // hkv, d)                     # head h -> kv head h // G, as repeat_kv
     out = F.scaled_dot_product_attention(q, key, value, attn_mask=attention_mask, scale=scaling)
     return out.reshape(b, hq, 1, d).transpose(1, 2), None      # (B, 1, Hq, D)
+
+
+def split_decode_attention(module, query, key, value, attention_mask, scaling=None, **kwargs):
+    """One-token attention over many columns, split over the columns (flash-decoding's split-K).
+
+    A fused attention kernel walks a row's keys in one thread block per (row, key/value head), which
+    leaves most of the GPU idle once the batch is small and the cache long. Here the scores
+    q·Kᵀ (B, Hkv, G, W) are one batched matmul, parallel over the columns; their softmax is taken
+    in fp32; and the value sum runs in chunks of ``SPLIT_CHUNK`` columns, one matmul per chunk in
+    one batched call, whose partial sums are added in fp32. ``W`` must be a multiple of the chunk."""
+    b, hq, _, d = query.shape
+    hkv, w = key.shape[1], attention_mask.shape[-1]
+    g, c = hq // hkv, w // SPLIT_CHUNK
+    key, value = key[:, :, :w], value[:, :, :w]
+    scale = d ** -0.5 if scaling is None else scaling
+    q = query.reshape(b, hkv, g, d)
+    scores = torch.matmul(q, key.transpose(-1, -2)).float() * scale + attention_mask.float()   # (B, Hkv, G, W)
+    p = torch.softmax(scores, dim=-1).to(value.dtype)
+    p = p.reshape(b, hkv, g, c, SPLIT_CHUNK).transpose(2, 3)                                    # (B, Hkv, C, G, K)
+    parts = torch.matmul(p, value.reshape(b, hkv, c, SPLIT_CHUNK, d))                           # (B, Hkv, C, G, D)
+    out = parts.float().sum(2).to(query.dtype)                                                   # (B, Hkv, G, D)
+    return out.reshape(b, hq, 1, d).transpose(1, 2), None
 
 
 def _register_attention() -> None:
@@ -94,6 +121,8 @@ class StaticRunner(ModelRunner):
         _register_attention()
         layers, kv, hd = _kv_shape(model)
         dtype = model.get_input_embeddings().weight.dtype
+        if max_len >= SPLIT_FROM:   # whole chunks of split attention in every column bucket
+            max_len = -(-max_len // SPLIT_CHUNK) * SPLIT_CHUNK
         dev, self.S, self.W = self.device, max_batch, max_len
         self.k = [torch.zeros(self.S, kv, self.W, hd, dtype=dtype, device=dev) for _ in range(layers)]
         self.v = [torch.zeros_like(x) for x in self.k]
