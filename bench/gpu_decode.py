@@ -7,7 +7,8 @@ engine's compiled step at batch 1.
     python3 bench/gpu_decode.py --tiny                                              # CPU smoke test
 
 ``attention``: Llama-3-8B's attention shape (8 key/value heads of 128, 4 query heads each), bf16, rows
-of random lengths in [W/2, W], one query token. Each variant's µs per layer call (CUDA events) and the
+of random lengths in [W/2, W], one query token. Each variant's µs per layer call (a CUDA graph's
+replays, timed with CUDA events) and the
 KV bytes it reads per second:
 
 - ``sdpa``: the engine's ``decode_attention`` (SDPA with the additive mask, query heads grouped);
@@ -44,8 +45,19 @@ from gpu_profile import _class  # noqa: E402
 
 
 def _time_us(fn) -> float:
+    """µs per call of ``fn`` replayed as a CUDA graph (as inside the engine's compiled step, so that
+    launch overhead is not timed); on the CPU, wall time."""
     if gc_.DEV == "cuda":
-        return gc_.event_us(fn, n=20, warmup=3)
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(3):
+                fn()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            fn()
+        return gc_.event_us(graph.replay, n=50, warmup=5)
     t0 = time.perf_counter()
     for _ in range(3):
         fn()

@@ -26,7 +26,7 @@ from torch import nn
 from ...errors import ConfigError, TunesmithError
 from .adapters import AdapterTable, Factors
 from .runner import ModelRunner, ProxyRunner, device_of
-from .sampling import SamplingParams, choose
+from .sampling import Choice, Pending, SamplingParams, choose, sample
 from .sequence import Completion, Handle, Output, Request, Sequence
 from .text import Prompter, stop_token_ids
 
@@ -60,6 +60,7 @@ class Lane:
         self.waiting: collections.deque[Sequence] = collections.deque()
         self.running: list[Sequence] = []
         self.steps = self.max_rows = 0   # decode steps run, most rows seen in one
+        self.ahead: Pending | None = None  # the step in flight whose picks the host has not read yet
 
 
 @dataclass
@@ -305,33 +306,63 @@ class Engine:
         new: list[Sequence] = []
         try:
             runner = lane.runner
-            room = lane.max_batch - len(lane.running)
-            if lane.waiting and room > 0 and (runner.can_merge or not lane.running):
-                new = [lane.waiting.popleft() for _ in range(min(room, len(lane.waiting)))]
-                with self._inbox_lock:
-                    self._pending -= len(new)
-                logits = runner.prefill([s.prompt_ids for s in new], [s.slot for s in new])
-                lane.running += new
-                self._advance(lane, logits, start=len(lane.running) - len(new))
+            if lane.waiting and len(lane.running) < lane.max_batch and (runner.can_merge or not lane.running):
+                self._settle(lane)     # rows join once the step in flight is read
+                room = lane.max_batch - len(lane.running)
+                if room > 0 and (runner.can_merge or not lane.running):
+                    new = [lane.waiting.popleft() for _ in range(min(room, len(lane.waiting)))]
+                    with self._inbox_lock:
+                        self._pending -= len(new)
+                    logits = runner.prefill([s.prompt_ids for s in new], [s.slot for s in new])
+                    lane.running += new
+                    self._advance(lane, choose(logits, new), start=len(lane.running) - len(new))
             if not lane.running:
                 return bool(lane.waiting)
+            if getattr(runner, "overlaps", False) and all(s.params.repetition_penalty == 1.0 for s in lane.running):
+                self._decode_ahead(lane)
+                return True
+            self._settle(lane)
+            if not lane.running:
+                return True
             logits = runner.decode([s.out_ids[-1] for s in lane.running])
-            lane.steps += 1
-            lane.max_rows = max(lane.max_rows, len(lane.running))
-            self._advance(lane, logits, start=0)
+            self._count(lane)
+            self._advance(lane, choose(logits, lane.running), start=0)
             return True
         except Exception as e:  # one failing batch fails its rows, never the engine
             log.exception("engine: a step failed")
             for s in {id(s): s for s in [*lane.running, *new]}.values():
                 s.finish("error", f"{type(e).__name__}: {e}")
-            lane.running = []
+            lane.running, lane.ahead = [], None
             lane.runner.keep([])
             return bool(lane.waiting)
 
-    def _advance(self, lane: Lane, logits: torch.Tensor, start: int) -> None:
-        """Sample rows ``start..`` of the lane from ``logits``, stream, and drop finished rows."""
+    def _decode_ahead(self, lane: Lane) -> None:
+        """Queue the next decode step on the device, fed the picks of the step still in flight, and
+        only then read that step's picks on the host: the host's work (sampling bookkeeping, stop
+        checks, streaming, the next step's launch) overlaps the device's. A row that finished in the
+        step read here had one more token computed for it, which is dropped."""
+        ahead = lane.ahead
+        last = ahead.next_ids if ahead is not None else [s.out_ids[-1] for s in lane.running]
+        logits = lane.runner.decode(last)
+        self._count(lane)
+        lane.ahead = sample(logits, lane.running, ahead=int(ahead is not None))
+        if ahead is not None:
+            self._advance(lane, ahead.result(), start=0)
+
+    def _settle(self, lane: Lane) -> None:
+        """Read the step in flight (if any) into its rows."""
+        ahead, lane.ahead = lane.ahead, None
+        if ahead is not None:
+            self._advance(lane, ahead.result(), start=0)
+
+    @staticmethod
+    def _count(lane: Lane) -> None:
+        lane.steps += 1
+        lane.max_rows = max(lane.max_rows, len(lane.running))
+
+    def _advance(self, lane: Lane, picked: Choice, start: int) -> None:
+        """Give rows ``start..`` of the lane their ``picked`` tokens, stream, and drop finished rows."""
         rows = lane.running[start:]
-        picked = choose(logits, rows)
         for i, s in enumerate(rows):
             if s.cancelled:
                 s.finish_reason = "cancelled"
@@ -344,8 +375,18 @@ class Engine:
             for s in lane.running:
                 if s.finish_reason is not None:
                     s.finish()
-            lane.runner.keep(keep)
-            lane.running = [lane.running[i] for i in keep]
+            self._keep(lane, keep)
+
+    @staticmethod
+    def _keep(lane: Lane, keep: list[int]) -> None:
+        """Rows ``keep`` of the lane stay (in the runner, in ``running`` and in the step in flight)."""
+        lane.runner.keep(keep)
+        lane.running = [lane.running[i] for i in keep]
+        if lane.ahead is not None:
+            if lane.running:
+                lane.ahead.keep(keep)
+            else:
+                lane.ahead = None
 
     def _drop_cancelled(self, lane: Lane) -> None:
         for s in [s for s in lane.waiting if s.cancelled]:
@@ -358,8 +399,7 @@ class Engine:
             for s in lane.running:
                 if s.cancelled:
                     s.finish("cancelled")
-            lane.runner.keep(keep)
-            lane.running = [lane.running[i] for i in keep]
+            self._keep(lane, keep)
         with self._inbox_lock:
             gone = [s for s in self._inbox if s.cancelled and s.lane is lane]
             for s in gone:

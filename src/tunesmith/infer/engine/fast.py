@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ...models.compat import cache_kwargs
-from .runner import ModelRunner, device_of, virtual_head
+from .runner import ModelRunner, device_of, to_device, virtual_head
 
 ATTENTION = "tunesmith_decode"
 MIN_COLUMNS = 256   # the smallest column bucket of a decode step
@@ -149,6 +149,7 @@ class StaticRunner(ModelRunner):
             step = torch.compile(step, mode=compile_mode, dynamic=None)   # dynamic: the column count only
         self.step_fn = step
         self.can_merge = True
+        self.overlaps = True       # decode takes the last picks as a device tensor
 
     @property
     def rows(self) -> int:
@@ -207,7 +208,7 @@ class StaticRunner(ModelRunner):
         return logits
 
     @torch.no_grad()
-    def decode(self, last: list[int]) -> torch.Tensor:
+    def decode(self, last: list[int] | torch.Tensor) -> torch.Tensor:
         if self.t >= self.W:
             cut = min(self.start[p] for p in self.phys)
             if cut == 0:
@@ -221,8 +222,8 @@ class StaticRunner(ModelRunner):
             self.marked = self.table.version
         top = max(self.phys) + 1
         n = min(self.S, 1 << (top - 1).bit_length())
-        idx = torch.tensor(self.phys, device=self.device)
-        self.ids[idx, 0] = torch.tensor(last, dtype=torch.long, device=self.device)
+        idx = to_device(self.phys, self.device)
+        self.ids[idx, 0] = last if torch.is_tensor(last) else to_device(last, self.device)
         self.valid[:n, self.t] = True
         self.write.fill_(self.t)
         for cfg in self.configs:

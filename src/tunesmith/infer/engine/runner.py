@@ -29,6 +29,15 @@ def device_of(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
+def to_device(values: list, device: torch.device, dtype: torch.dtype = torch.long) -> torch.Tensor:
+    """A host list as a tensor on ``device``, copied without waiting for the device: on CUDA through
+    pinned memory (a plain copy from pageable memory synchronises the stream, which would stall the
+    host behind a decode step in flight)."""
+    if torch.device(device).type != "cuda":
+        return torch.tensor(values, dtype=dtype, device=device)
+    return torch.tensor(values, dtype=dtype).pin_memory().to(device, non_blocking=True)
+
+
 def virtual_head(model: nn.Module) -> int:
     """Cache columns the model's virtual tokens take in front of every row (0 without)."""
     enc = getattr(model, "prompt_encoder", None)
@@ -62,6 +71,8 @@ class ModelRunner:
     ``table``: the :class:`~.adapters.AdapterTable` of per-row LoRA adapters installed on this model
     (None: the model has none); each forward binds the rows' adapter slots to it.
     """
+
+    overlaps = False   # whether the engine may queue a step before reading the last one's picks
 
     def __init__(self, model: nn.Module, pad_id: int = 0, table=None):
         self.model = model.eval()

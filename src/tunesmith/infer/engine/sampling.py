@@ -20,6 +20,7 @@ from dataclasses import dataclass, field, fields
 import torch
 
 from ...errors import ConfigError
+from .runner import to_device
 
 
 @dataclass(frozen=True)
@@ -118,11 +119,18 @@ def history(rows, device) -> torch.Tensor:
 def choose(logits: torch.Tensor, rows) -> Choice:
     """Next token of every row; ``logits`` (B, V) float, ``rows`` objects with ``params``,
     ``prompt_ids`` and ``out_ids``. A row whose probabilities are NaN raises ``RuntimeError``."""
+    return sample(logits, rows).result()
+
+
+def sample(logits: torch.Tensor, rows, ahead: int = 0) -> "Pending":
+    """:func:`choose`'s picks, left on the device: the host reads them with ``result()``, and the next
+    decode step can take ``next_ids`` before it does. ``ahead``: tokens each row has been given on
+    the device but not yet on the host (its position in the seeded race is len(out_ids) + ahead)."""
     params = [r.params for r in rows]
     want_lp = any(p.logprobs or p.top_logprobs for p in params)
     if all(p.greedy and p.repetition_penalty == 1.0 for p in params) and not any(p.processed_logprobs for p in params):
         ids = logits.argmax(-1)
-        return _finish(ids, logits if want_lp else None, None, params)
+        return Pending(ids, logits if want_lp else None, None, params)
     ids = torch.empty(logits.shape[0], dtype=torch.long, device=logits.device)
     processed = torch.empty_like(logits) if any(p.processed_logprobs for p in params) else None
     groups: dict[tuple, list[int]] = {}
@@ -131,35 +139,35 @@ def choose(logits: torch.Tensor, rows) -> Choice:
     for idx in groups.values():
         sub_rows = [rows[i] for i in idx]
         procs = processors(params[idx[0]])
-        index = torch.tensor(idx, device=logits.device)
+        index = to_device(idx, logits.device)
         sub = logits.index_select(0, index)
         if procs:   # only the repetition penalty reads the ids; the warpers get a placeholder
             seen = history(sub_rows, logits.device) if params[idx[0]].repetition_penalty != 1.0 else _NO_IDS
             sub = procs(seen, sub)
         if processed is not None:
             processed[index] = sub
-        ids[index] = sub.argmax(-1) if params[idx[0]].greedy else _draw(sub, sub_rows)
-    return _finish(ids, logits if want_lp else None, processed, params)
+        ids[index] = sub.argmax(-1) if params[idx[0]].greedy else _draw(sub, sub_rows, ahead)
+    return Pending(ids, logits if want_lp else None, processed, params)
 
 
 _NO_IDS = torch.empty((0, 0), dtype=torch.long)
 _M32, _WEYL = 0xFFFFFFFF, 0x9E3779B9
 
 
-def _draw(scores: torch.Tensor, rows) -> torch.Tensor:
+def _draw(scores: torch.Tensor, rows, ahead: int = 0) -> torch.Tensor:
     """Draws from softmax(scores): seeded rows by the hashed exponential race, the others by
     ``torch.multinomial`` on the global generator. A row with NaN probabilities comes back as -1."""
     probs = torch.softmax(scores.float(), dim=-1)
     seeded = [i for i, r in enumerate(rows) if r.params.seed is not None]
-    keys = [(rows[i].params.seed, len(rows[i].out_ids)) for i in seeded]
+    keys = [(rows[i].params.seed, len(rows[i].out_ids) + ahead) for i in seeded]
     if len(seeded) == len(rows):            # a rollout: every row seeded
         out = race(probs, keys)
     else:
         out = torch.empty(scores.shape[0], dtype=torch.long, device=scores.device)
-        free = torch.tensor([i for i, r in enumerate(rows) if r.params.seed is None], device=scores.device)
+        free = to_device([i for i, r in enumerate(rows) if r.params.seed is None], scores.device)
         out[free] = torch.multinomial(probs.index_select(0, free), 1).squeeze(-1)
         if seeded:
-            idx = torch.tensor(seeded, device=scores.device)
+            idx = to_device(seeded, scores.device)
             out[idx] = race(probs.index_select(0, idx), keys)
     return torch.where(probs.isnan().any(-1), -1, out)
 
@@ -169,8 +177,7 @@ def race(probs: torch.Tensor, keys: list[tuple[int, int]]) -> torch.Tensor:
 
     ``probs`` (n, V) float, ``keys`` one (seed, position) per row. The same key and probabilities
     give the same token on any device and in any batch."""
-    words = torch.tensor([[s & _M32, (s >> 32) & _M32, t & _M32] for s, t in keys], dtype=torch.long)
-    words = words.to(probs.device)
+    words = to_device([[s & _M32, (s >> 32) & _M32, t & _M32] for s, t in keys], probs.device)
     weyl = _token_weyl(probs.shape[-1], probs.device)
     return (_compiled_race() if probs.is_cuda else _race)(probs, words, weyl)
 
@@ -212,25 +219,55 @@ def _mix32(x: torch.Tensor) -> torch.Tensor:
     return x ^ (x >> 16)
 
 
-def _finish(ids: torch.Tensor, raw: torch.Tensor | None, processed: torch.Tensor | None, params) -> Choice:
-    host = ids.tolist()
-    if min(host, default=0) < 0:
-        raise RuntimeError("sampling: a row's next-token probabilities are not a distribution (inf or nan "
-                           "in the model's logits)")
-    if raw is None:
-        return Choice(host, [None] * len(host), [None] * len(host))
-    logp = raw.float().log_softmax(-1)
-    if processed is not None:
-        logp_processed = processed.float().log_softmax(-1)
-        use = torch.tensor([p.processed_logprobs for p in params], device=raw.device)[:, None]
-        logp = torch.where(use, logp_processed, logp)
-    chosen = logp.gather(-1, ids[:, None]).squeeze(-1).tolist()
-    k = max(p.top_logprobs for p in params)
-    tops: list = [None] * len(host)
-    if k:
-        values, indices = logp.topk(k, dim=-1)
-        values, indices = values.tolist(), indices.tolist()
-        tops = [list(zip(indices[i][:p.top_logprobs], values[i][:p.top_logprobs])) if p.top_logprobs else None
-                for i, p in enumerate(params)]
-    lps = [c if (p.logprobs or p.top_logprobs) else None for c, p in zip(chosen, params)]
-    return Choice(host, lps, tops)
+class Pending:
+    """One step's picks on the device, on their way to the host.
+
+    ``next_ids`` (n,) is what the next decode step is fed (a NaN row's -1 replaced by 0, so that the
+    step never indexes out of the embedding; the row fails when the host reads it). The log-probs the
+    rows asked for are computed here, and every tensor the host reads is copied into pinned memory
+    behind one event: ``result()`` waits for this step only, not for work queued after it."""
+
+    def __init__(self, ids: torch.Tensor, raw: torch.Tensor | None, processed: torch.Tensor | None, params):
+        self.params, self.order = params, list(range(len(params)))
+        self.next_ids = ids.clamp(min=0)
+        chosen = top_v = top_i = None
+        k = max((p.top_logprobs for p in params), default=0)
+        if raw is not None:
+            logp = raw.float().log_softmax(-1)
+            if processed is not None:
+                use = to_device([p.processed_logprobs for p in params], raw.device, torch.bool)[:, None]
+                logp = torch.where(use, processed.float().log_softmax(-1), logp)
+            chosen = logp.gather(-1, self.next_ids[:, None]).squeeze(-1)
+            if k:
+                top_v, top_i = logp.topk(k, dim=-1)
+        self._dev = [ids, chosen, top_v, top_i]
+        self._event = None
+        if ids.is_cuda:
+            self._dev = [None if t is None else torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(
+                t, non_blocking=True) for t in self._dev]
+            self._event = torch.cuda.Event()
+            self._event.record()
+
+    def keep(self, idx: list[int]) -> None:
+        """Rows ``idx`` (of the current order) stay; the others' picks are dropped."""
+        self.order = [self.order[i] for i in idx]
+        self.next_ids = self.next_ids.index_select(0, to_device(idx, self.next_ids.device))
+
+    def result(self) -> Choice:
+        if self._event is not None:
+            self._event.synchronize()
+        ids, chosen, top_v, top_i = (None if t is None else t.tolist() for t in self._dev)
+        ids = [ids[i] for i in self.order]
+        params = [self.params[i] for i in self.order]
+        if min(ids, default=0) < 0:
+            raise RuntimeError("sampling: a row's next-token probabilities are not a distribution (inf or nan "
+                               "in the model's logits)")
+        if chosen is None:
+            return Choice(ids, [None] * len(ids), [None] * len(ids))
+        chosen = [chosen[i] for i in self.order]
+        tops: list = [None] * len(ids)
+        if top_v is not None:
+            tops = [list(zip(top_i[o][:p.top_logprobs], top_v[o][:p.top_logprobs])) if p.top_logprobs else None
+                    for o, p in zip(self.order, params)]
+        lps = [c if (p.logprobs or p.top_logprobs) else None for c, p in zip(chosen, params)]
+        return Choice(ids, lps, tops)
