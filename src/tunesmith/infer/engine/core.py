@@ -318,8 +318,9 @@ class Engine:
                     self._advance(lane, choose(logits, new), start=len(lane.running) - len(new))
             if not lane.running:
                 return bool(lane.waiting)
-            if getattr(runner, "overlaps", False) and all(s.params.repetition_penalty == 1.0 for s in lane.running):
-                self._decode_ahead(lane)
+            if getattr(runner, "overlaps", False) and all(s.params.repetition_penalty == 1.0 for s in lane.running) \
+                    and (lane.ahead is None or any(self._room(s) > 1 for s in lane.running)):
+                self._decode_ahead(lane)    # (not when the step in flight gives every row its last token)
                 return True
             self._settle(lane)
             if not lane.running:
@@ -354,6 +355,10 @@ class Engine:
         ahead, lane.ahead = lane.ahead, None
         if ahead is not None:
             self._advance(lane, ahead.result(), start=0)
+
+    def _room(self, s: Sequence) -> int:
+        """Tokens row ``s`` may still be given (by its max_tokens and the engine's max_len)."""
+        return min(s.params.max_tokens - len(s.out_ids), self.max_len - len(s.prompt_ids) - len(s.out_ids))
 
     @staticmethod
     def _count(lane: Lane) -> None:
