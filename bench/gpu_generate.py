@@ -14,6 +14,7 @@ new tokens / wall time of the whole call, prefill included. Sides:
 * ``hf-dynamic``: ``model.generate`` with the default DynamicCache;
 * ``hf-static``: ``model.generate(cache_implementation="static")`` (transformers compiles the step);
 * ``ts``: the engine's fast path (static slots, compiled decode step with CUDA graphs);
+* ``ts-sync``: the fast path with overlapped steps off (each step's picks read before the next is queued);
 * ``ts-plain``: the engine's plain path (DynamicCache, eager), the reference;
 * lora4 configs: ``ts-base`` (no adapters), ``ts-base-rows`` (4 LoRA adapters r16 on all 7
   projections loaded, every row on the base), ``ts-mixed`` (rows cycling the 4 adapters), and
@@ -92,6 +93,11 @@ def ts_side(engine, prompts, new: int, models: list[str | None]):
     return run
 
 
+def _no_overlap(engine):
+    engine.routes["base"].lane.runner.overlaps = False
+    return engine
+
+
 def random_lora(model, seed: int, r: int = 16) -> dict:
     """Factors of a LoRA adapter r16 on the 7 projections of every layer (random, scale alpha/r = 2)."""
     g = torch.Generator(device="cpu").manual_seed(seed)
@@ -159,6 +165,8 @@ def run_config(key: str, args, record) -> None:
         sides["hf-static"] = lambda: hf_side(model, prompts, new, True)
         sides["ts"] = lambda: ts_side(Engine(model, fast=True, max_batch=batch, max_len=max_len), prompts, new,
                                       [None] * batch)
+        sides["ts-sync"] = lambda: ts_side(_no_overlap(Engine(model, fast=True, max_batch=batch, max_len=max_len)),
+                                           prompts, new, [None] * batch)
         sides["ts-plain"] = lambda: ts_side(Engine(model, fast=False, max_batch=batch, max_len=max_len), prompts,
                                             new, [None] * batch)
     else:
