@@ -148,6 +148,19 @@ def test_static_slots_with_split_attention_equal_the_plain_path(tokenizer, monke
     assert set(calls) == {16, 24}
 
 
+def test_column_buckets_double_then_grow_in_half_split_steps(monkeypatch):
+    monkeypatch.setattr(fast, "MIN_COLUMNS", 4)
+    monkeypatch.setattr(fast, "SPLIT_FROM", 16)
+    monkeypatch.setattr(fast, "SPLIT_CHUNK", 8)
+    runner = StaticRunner(small(), 0, max_batch=2, max_len=100)
+    assert runner.W == 104                                # whole chunks
+    got = {}
+    for t in (0, 3, 4, 15, 16, 23, 24, 40, 99):
+        runner.t = t
+        got[t] = runner.columns()
+    assert got == {0: 4, 3: 4, 4: 8, 15: 16, 16: 24, 23: 24, 24: 32, 40: 48, 99: 104}
+
+
 @pytest.mark.slow
 def test_compiled_step_equals_the_plain_path(tokenizer, monkeypatch):
     """The compiled step, its column count dynamic (buckets 16 and 32 here, then the whole 40) and its

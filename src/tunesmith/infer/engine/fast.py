@@ -250,7 +250,12 @@ class StaticRunner(ModelRunner):
         return logits.index_select(0, idx)
 
     def columns(self) -> int:
-        """The columns this step attends over: a power of two past the write column, within the buffers."""
+        """The columns this step attends over, within the buffers: a power of two past the write column,
+        and from ``SPLIT_FROM`` columns on the next multiple of ``SPLIT_FROM // 2`` (a step over a long
+        cache reads at most half again the columns it uses, and less the longer the cache)."""
+        if self.t >= SPLIT_FROM:
+            step = SPLIT_FROM // 2
+            return min(self.W, (self.t // step + 1) * step)
         return min(self.W, max(MIN_COLUMNS, 1 << self.t.bit_length()))
 
     def keep(self, idx: list[int]) -> None:
