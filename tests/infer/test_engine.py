@@ -232,3 +232,24 @@ def test_background_thread_serves_concurrent_callers_and_cancels(tokenizer):
         engine.shutdown()
     with pytest.raises(EngineStopped, match="shutting down"):
         engine.submit(Request(prompt=[5, 6]))
+
+
+def test_text_stream_decodes_only_the_new_ids_and_equals_the_whole_decode():
+    """Byte-level BPE (the embedded SmolLM2's tokenizer) splits é, 日 and 🎉 over several ids: the
+    stream holds each back until it is whole, its deltas add up to the decode of all the ids, a
+    character cut at the end comes out as U+FFFD, and each push decodes a few ids, not all of them."""
+    from tunesmith.config import ModelConfig
+    from tunesmith.models.loader import load_tokenizer
+    tok = load_tokenizer(ModelConfig(name_or_path="smollm2-135m"))
+    ids = tok("naïve café 日本語 🎉 done. " * 40, add_special_tokens=False)["input_ids"]
+    decoded = []
+    real = tok.decode
+    tok.decode = lambda x, **kw: (decoded.append(len(x)), real(x, **kw))[1]
+    s = TextStream(tok)
+    deltas = [s.push(ids[:n])[0] for n in range(1, len(ids) + 1)]
+    assert "".join(deltas) + s.flush() == real(ids, skip_special_tokens=True)
+    assert "\ufffd" not in "".join(deltas) and max(decoded) <= 8 < len(ids)
+    cut = TextStream(tok)
+    for n in range(1, 5):                      # "naïve café " then the first byte of 日
+        cut.push(ids[:n])
+    assert cut.finish() == "naïve café \ufffd"

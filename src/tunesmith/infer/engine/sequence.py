@@ -110,7 +110,7 @@ class Sequence:
     def final_text(self) -> str:
         """The completion's text: without a final stop token, cut before a stop string."""
         if self.text is not None:   # the stop token was never pushed into it
-            return self.text.text
+            return self.text.finish()
         ids = self.out_ids
         if self.finish_reason == "stop" and ids and ids[-1] in self.stop_ids:
             ids = ids[:-1]

@@ -98,39 +98,66 @@ def stop_token_ids(tokenizer, model=None) -> set[int]:
 class TextStream:
     """Incremental detokenization with stop strings.
 
-    ``push(ids)`` takes every output id so far and returns ``(new_text, stopped)``; text that could
-    be the start of a stop string or an unfinished character is held back until it is settled.
+    ``push(ids)`` takes every output id so far (the last call's ids and more) and returns
+    ``(new_text, stopped)``; text that could be the start of a stop string or an unfinished
+    character is held back until it is settled. Each push decodes only the new ids, after the ids
+    of the last push as context (what a tokenizer needs to place a leading space or finish a
+    multi-byte character), so a long completion costs the same per token at its end as at its start.
     """
 
     def __init__(self, tokenizer, stop: tuple[str, ...] = ()):
         self.tok, self.stop = tokenizer, tuple(stop)
         self.sent = 0
-        self.text = ""
+        self.text = ""           # the text settled so far (cut before a stop string once one is found)
+        self.ids: list[int] = []
+        self.context = self.read = 0   # ids[:read] are in text; ids[context:read] lead the next decode
+        self.stopped = False
 
     def _decode(self, ids: list[int]) -> str:
         return self.tok.decode(ids, skip_special_tokens=True)
 
+    def _settle(self, final: bool = False) -> None:
+        """Add to ``text`` what ids[read:] decode to after their context; an unfinished character
+        (a trailing U+FFFD) waits for the next ids unless ``final``."""
+        ids = self.ids
+        if self.read >= len(ids):
+            return
+        before, after = self._decode(ids[self.context:self.read]), self._decode(ids[self.context:])
+        if not after.startswith(before):      # the context decodes differently now: take the whole text
+            before, after = self.text, self._decode(ids)
+            if not after.startswith(before):
+                before = after[:len(before)]
+        if after.endswith("\ufffd") and not final:
+            return
+        self.text += after[len(before):]
+        self.context, self.read = self.read, len(ids)
+
     def push(self, ids: list[int]) -> tuple[str, bool]:
-        text = self._decode(ids)
+        self.ids = ids
+        self._settle()
+        text = self.text
         for s in self.stop:
             at = text.find(s, max(0, self.sent - len(s)))
             if at >= 0:
-                self.text = text[:at]
+                self.text, self.stopped = text[:at], True
                 return self._take(len(self.text)), True
-        self.text = text
         hold = 0
-        if text.endswith("\ufffd"):
-            hold = len(text) - len(text.rstrip("\ufffd"))
         for s in self.stop:
             for k in range(min(len(s) - 1, len(text)), 0, -1):
                 if text.endswith(s[:k]):
-                    hold = max(hold, k)
+                    hold = k
                     break
         return self._take(max(self.sent, len(text) - hold)), False
 
+    def finish(self) -> str:
+        """The completion's whole text (an unfinished character at the end included, as U+FFFD)."""
+        if not self.stopped:
+            self._settle(final=True)
+        return self.text
+
     def flush(self) -> str:
         """Everything not sent yet (at the end of a completion)."""
-        return self._take(len(self.text))
+        return self._take(len(self.finish()))
 
     def _take(self, upto: int) -> str:
         out = self.text[self.sent:upto]
