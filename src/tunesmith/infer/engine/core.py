@@ -8,8 +8,10 @@ virtual tokens, IA3, DoRA …, a proxy-tuned combination) has a lane of its own.
 Each :meth:`Engine.step` admits waiting requests into free rows of their lane (a prefill of the
 newcomers, merged into the running batch: continuous batching), then runs one decode step for
 every lane with rows, samples each row's token with its own parameters (:mod:`.sampling`),
-streams deltas and drops finished rows. :meth:`Engine.start` runs the steps on a background
-thread for servers; :meth:`Engine.generate` runs them in the caller's thread.
+streams deltas and drops finished rows. On the fast path a lane's step is queued before the host
+reads the previous step's tokens (:meth:`Engine._decode_ahead`), so the host's share of a step runs
+while the device computes. :meth:`Engine.start` runs the steps on a background thread for servers;
+:meth:`Engine.generate` runs them in the caller's thread.
 """
 from __future__ import annotations
 
