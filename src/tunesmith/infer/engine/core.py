@@ -8,9 +8,8 @@ virtual tokens, IA3, DoRA …, a proxy-tuned combination) has a lane of its own.
 Each :meth:`Engine.step` admits waiting requests into free rows of their lane (a prefill of the
 newcomers, merged into the running batch: continuous batching), then runs one decode step for
 every lane with rows, samples each row's token with its own parameters (:mod:`.sampling`),
-streams deltas and drops finished rows. On the fast path a lane's step is queued before the host
-reads the previous step's tokens (:meth:`Engine._decode_ahead`), so the host's share of a step runs
-while the device computes. :meth:`Engine.start` runs the steps on a background thread for servers;
+streams deltas and drops finished rows (:mod:`.lane`; on the fast path a lane's step is queued
+before the host reads the previous step's tokens). :meth:`Engine.start` runs the steps on a background thread for servers;
 :meth:`Engine.generate` runs them in the caller's thread.
 """
 from __future__ import annotations
@@ -22,13 +21,13 @@ import threading
 from dataclasses import dataclass
 from typing import Callable
 
-import torch
 from torch import nn
 
 from ...errors import ConfigError, TunesmithError
 from .adapters import AdapterTable, Factors
-from .runner import ModelRunner, ProxyRunner, device_of
-from .sampling import Choice, Pending, SamplingParams, choose, sample
+from .lane import Lane
+from .runner import ProxyRunner, device_of
+from .sampling import SamplingParams
 from .sequence import Completion, Handle, Output, Request, Sequence
 from .text import Prompter, stop_token_ids
 
@@ -52,17 +51,6 @@ class UnknownModel(TunesmithError):
 
 class RequestError(ConfigError):
     """A request the engine cannot run as given (too long, empty …)."""
-
-
-class Lane:
-    """One runner and the sequences decoding on it (``running`` in the runner's row order)."""
-
-    def __init__(self, runner, max_batch: int):
-        self.runner, self.max_batch = runner, max_batch
-        self.waiting: collections.deque[Sequence] = collections.deque()
-        self.running: list[Sequence] = []
-        self.steps = self.max_rows = 0   # decode steps run, most rows seen in one
-        self.ahead: Pending | None = None  # the step in flight whose picks the host has not read yet
 
 
 @dataclass
@@ -127,7 +115,7 @@ class Engine:
         return make_runner(model, self.pad_id, table, fast=self.fast, max_batch=self.max_batch, max_len=self.max_len)
 
     def _new_lane(self, key: str, runner) -> Lane:
-        lane = Lane(runner, self.max_batch)
+        lane = Lane(runner, self.max_batch, self.max_len)
         self.lanes[key] = lane
         return lane
 
@@ -307,93 +295,22 @@ class Engine:
     def _step_lane(self, lane: Lane) -> bool:
         new: list[Sequence] = []
         try:
-            runner = lane.runner
-            if lane.waiting and len(lane.running) < lane.max_batch and (runner.can_merge or not lane.running):
-                self._settle(lane)     # rows join once the step in flight is read
-                room = lane.max_batch - len(lane.running)
-                if room > 0 and (runner.can_merge or not lane.running):
+            if lane.waiting and lane.can_admit():
+                lane.settle()          # rows join once the step in flight is read
+                if lane.can_admit():
+                    room = lane.max_batch - len(lane.running)
                     new = [lane.waiting.popleft() for _ in range(min(room, len(lane.waiting)))]
                     with self._inbox_lock:
                         self._pending -= len(new)
-                    logits = runner.prefill([s.prompt_ids for s in new], [s.slot for s in new])
-                    lane.running += new
-                    self._advance(lane, choose(logits, new), start=len(lane.running) - len(new))
+                    lane.admit(new)
             if not lane.running:
                 return bool(lane.waiting)
-            if getattr(runner, "overlaps", False) and all(s.params.repetition_penalty == 1.0 for s in lane.running) \
-                    and (lane.ahead is None or any(self._room(s) > 1 for s in lane.running)):
-                self._decode_ahead(lane)    # (not when the step in flight gives every row its last token)
-                return True
-            self._settle(lane)
-            if not lane.running:
-                return True
-            logits = runner.decode([s.out_ids[-1] for s in lane.running])
-            self._count(lane)
-            self._advance(lane, choose(logits, lane.running), start=0)
+            lane.decode()
             return True
         except Exception as e:  # one failing batch fails its rows, never the engine
             log.exception("engine: a step failed")
-            for s in {id(s): s for s in [*lane.running, *new]}.values():
-                s.finish("error", f"{type(e).__name__}: {e}")
-            lane.running, lane.ahead = [], None
-            lane.runner.keep([])
+            lane.fail(f"{type(e).__name__}: {e}", new)
             return bool(lane.waiting)
-
-    def _decode_ahead(self, lane: Lane) -> None:
-        """Queue the next decode step on the device, fed the picks of the step still in flight, and
-        only then read that step's picks on the host: the host's work (sampling bookkeeping, stop
-        checks, streaming, the next step's launch) overlaps the device's. A row that finished in the
-        step read here had one more token computed for it, which is dropped."""
-        ahead = lane.ahead
-        last = ahead.next_ids if ahead is not None else [s.out_ids[-1] for s in lane.running]
-        logits = lane.runner.decode(last)
-        self._count(lane)
-        lane.ahead = sample(logits, lane.running, ahead=int(ahead is not None))
-        if ahead is not None:
-            self._advance(lane, ahead.result(), start=0)
-
-    def _settle(self, lane: Lane) -> None:
-        """Read the step in flight (if any) into its rows."""
-        ahead, lane.ahead = lane.ahead, None
-        if ahead is not None:
-            self._advance(lane, ahead.result(), start=0)
-
-    def _room(self, s: Sequence) -> int:
-        """Tokens row ``s`` may still be given (by its max_tokens and the engine's max_len)."""
-        return min(s.params.max_tokens - len(s.out_ids), self.max_len - len(s.prompt_ids) - len(s.out_ids))
-
-    @staticmethod
-    def _count(lane: Lane) -> None:
-        lane.steps += 1
-        lane.max_rows = max(lane.max_rows, len(lane.running))
-
-    def _advance(self, lane: Lane, picked: Choice, start: int) -> None:
-        """Give rows ``start..`` of the lane their ``picked`` tokens, stream, and drop finished rows."""
-        rows = lane.running[start:]
-        for i, s in enumerate(rows):
-            if s.cancelled:
-                s.finish_reason = "cancelled"
-                continue
-            delta = s.add(picked.ids[i], picked.logprobs[i], picked.top[i], self.max_len)
-            if delta is not None:
-                s.emit(delta)
-        keep = [i for i, s in enumerate(lane.running) if s.finish_reason is None]
-        if len(keep) < len(lane.running):
-            for s in lane.running:
-                if s.finish_reason is not None:
-                    s.finish()
-            self._keep(lane, keep)
-
-    @staticmethod
-    def _keep(lane: Lane, keep: list[int]) -> None:
-        """Rows ``keep`` of the lane stay (in the runner, in ``running`` and in the step in flight)."""
-        lane.runner.keep(keep)
-        lane.running = [lane.running[i] for i in keep]
-        if lane.ahead is not None:
-            if lane.running:
-                lane.ahead.keep(keep)
-            else:
-                lane.ahead = None
 
     def _drop_cancelled(self, lane: Lane) -> None:
         for s in [s for s in lane.waiting if s.cancelled]:
@@ -401,12 +318,7 @@ class Engine:
             with self._inbox_lock:
                 self._pending -= 1
             s.finish("cancelled")
-        keep = [i for i, s in enumerate(lane.running) if not s.cancelled]
-        if len(keep) < len(lane.running):
-            for s in lane.running:
-                if s.cancelled:
-                    s.finish("cancelled")
-            self._keep(lane, keep)
+        lane.drop(lambda s: s.cancelled, "cancelled")
         with self._inbox_lock:
             gone = [s for s in self._inbox if s.cancelled and s.lane is lane]
             for s in gone:
