@@ -240,11 +240,11 @@ class Pending:
             chosen = logp.gather(-1, self.next_ids[:, None]).squeeze(-1)
             if k:
                 top_v, top_i = logp.topk(k, dim=-1)
-        self._dev = [ids, chosen, top_v, top_i]
+        self._host = [ids, chosen, top_v, top_i]   # what result() reads: on CUDA, pinned copies
         self._event = None
         if ids.is_cuda:
-            self._dev = [None if t is None else torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(
-                t, non_blocking=True) for t in self._dev]
+            self._host = [None if t is None else torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(
+                t, non_blocking=True) for t in self._host]
             self._event = torch.cuda.Event()
             self._event.record()
 
@@ -256,7 +256,7 @@ class Pending:
     def result(self) -> Choice:
         if self._event is not None:
             self._event.synchronize()
-        ids, chosen, top_v, top_i = (None if t is None else t.tolist() for t in self._dev)
+        ids, chosen, top_v, top_i = (None if t is None else t.tolist() for t in self._host)
         ids = [ids[i] for i in self.order]
         params = [self.params[i] for i in self.order]
         if min(ids, default=0) < 0:
