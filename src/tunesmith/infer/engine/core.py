@@ -9,8 +9,8 @@ Each :meth:`Engine.step` admits waiting requests into free rows of their lane (a
 newcomers, merged into the running batch: continuous batching), then runs one decode step for
 every lane with rows, samples each row's token with its own parameters (:mod:`.sampling`),
 streams deltas and drops finished rows (:mod:`.lane`; on the fast path a lane's step is queued
-before the host reads the previous step's tokens). :meth:`Engine.start` runs the steps on a background thread for servers;
-:meth:`Engine.generate` runs them in the caller's thread.
+before the host reads the previous step's tokens). :meth:`Engine.start` runs the steps on a
+background thread for servers; :meth:`Engine.generate` runs them in the caller's thread.
 """
 from __future__ import annotations
 
