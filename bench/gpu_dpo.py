@@ -17,6 +17,9 @@ defaults. Sides:
   pair batches; ``ts+compile`` with compiled decoder layers.
 * ``ts+packed``: the same pairs padding-free (``train.padding_free``: each pair's chosen and rejected
   as documents of one row, varlen attention), ``ts+packed+compile`` compiled.
+* ``+auto`` (``ts+auto``, ``ts+packed+auto``): compile and checkpointing left to ``train.speed: auto``
+  (the default of a run) instead of set by hand, planned for 2 × batch × 1,024 tokens; ``+limit16GiB``
+  adds ``train.memory_limit: 16GiB``. The JSON row says what it chose and why.
 
 Each run is its own process. Reported per run: pairs/s and real (non-pad) tokens/s over the timed
 steps (median step time after warm-up), peak GiB allocated, and the first step's loss.
@@ -43,6 +46,7 @@ from gpu_common import DEV, LORA, TARGETS, build_model, peak_gib, sync, upcast_t
 
 DATA = Path(".benchdata/ufb_pairs.npz")
 LR, BETA = 5e-6, 0.1
+MAX_LEN = 1024       # tokens a side at most (gpu_prepare_ufb.py)
 
 
 def pairs(n_steps: int, batch: int) -> tuple[list[dict], int]:
@@ -119,7 +123,8 @@ def run_trl(batch: int, steps: int, warmup: int) -> dict:
     return summarize(times[warmup:], examples[warmup * batch:], batch, first)
 
 
-def run_ts(batch: int, steps: int, warmup: int, packed: bool, compiled: bool) -> dict:
+def run_ts(batch: int, steps: int, warmup: int, packed: bool, compiled: bool, auto: bool = False,
+           memory_limit: str | None = None) -> dict:
     import tunesmith
     from tunesmith.config import TrainConfig
     from tunesmith.data import collate
@@ -138,12 +143,25 @@ def run_ts(batch: int, steps: int, warmup: int, packed: bool, compiled: bool) ->
         attention.enable(model)
     model = tunesmith.apply(model, "lora", target_modules=TARGETS, **LORA)
     upcast_trainable(model)
-    enable_checkpointing(model)
-    if compiled:
-        from tunesmith.kernels.compile import compile_decoder_layers
-        compile_decoder_layers(model)
+    speed_report = None
+    if auto:   # train.speed: auto chooses compile and checkpointing, as a run with the default settings does
+        from tunesmith.methods import registry
+        from tunesmith.train import accel, speed
+        tc = TrainConfig(batch_size=batch, max_seq_len=MAX_LEN, padding_free=packed, memory_limit=memory_limit,
+                         chunked_ce=True)
+        tc, report = speed.resolve(tc, model, registry.get("lora"), torch.device(DEV), 2 * batch * MAX_LEN)
+        speed_report = {"chosen": report.chosen, "reason": report.reason}
+        print("speed: auto:", speed_report, flush=True)
+        accel.after_method(model, tc)
+        compiled = bool(tc.compile)
+    else:
+        tc = TrainConfig(compile=compiled, chunked_ce=True)
+        enable_checkpointing(model)
+        if compiled:
+            from tunesmith.kernels.compile import compile_decoder_layers
+            compile_decoder_layers(model)
     objective = DPO(DPOConfig(beta=BETA))
-    objective.configure(TrainConfig(compile=compiled, chunked_ce=True))
+    objective.configure(tc)
     objective.prepare(model, None, [], run=None)     # the reference: the adapter disabled
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=LR, weight_decay=0.0,
                             fused=DEV == "cuda")
@@ -166,7 +184,8 @@ def run_ts(batch: int, steps: int, warmup: int, packed: bool, compiled: bool) ->
         times.append(time.perf_counter() - t0)
         if first is None:
             first = loss.item()
-    return summarize(times[warmup:], examples[warmup * batch:], batch, first)
+    out = summarize(times[warmup:], examples[warmup * batch:], batch, first)
+    return {**out, "speed_auto": speed_report} if auto else out
 
 
 def summarize(times: list[float], examples: list[dict], batch: int, first: float) -> dict:
@@ -180,7 +199,9 @@ def one(side: str, batch: int, steps: int, warmup: int) -> dict:
     if side == "trl":
         return run_trl(batch, steps, warmup)
     flags = set(side.split("+")[1:])
-    return run_ts(batch, steps, warmup, packed="packed" in flags, compiled="compile" in flags)
+    limit = next((f[len("limit"):] for f in flags if f.startswith("limit")), None)   # e.g. ts+auto+limit16GiB
+    return run_ts(batch, steps, warmup, packed="packed" in flags, compiled="compile" in flags,
+                  auto="auto" in flags, memory_limit=limit)
 
 
 def main() -> None:
