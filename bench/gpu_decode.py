@@ -13,16 +13,13 @@ KV bytes it reads per second:
 
 - ``sdpa``: the engine's ``decode_attention`` (SDPA with the additive mask, query heads grouped);
 - ``split``: ``split_decode_attention`` (scores, softmax, then the value sum in column chunks);
-- ``flex``: ``flex_decode_attention`` compiled (FlexAttention's decoding kernel; it skips the blocks
-  that hold no valid column of a row, about a quarter of them here);
 - ``flash_nomask``: SDPA without a mask (flash, every row the full width): a floor the masked variants
   cannot beat, shown for scale.
 
 ``engine``: random-weight Llama-3-8B in bf16, ``--rows`` rows of ``--prompt`` random ids and ``--new``
 new tokens (EOS ignored), the engine's fast path. Wall ms per decode step against the GPU's busy ms per
 step under torch.profiler, by kernel class, and the top kernels; ``--variants default,cdt`` runs it
-again with inductor's coordinate-descent tuning of its generated kernels, ``flex`` with
-``fast.LONG_ATTENTION = "flex"`` (it changes steps past ``SPLIT_FROM`` columns: use a long ``--prompt``).
+again with inductor's coordinate-descent tuning of its generated kernels.
 """
 from __future__ import annotations
 
@@ -68,12 +65,11 @@ def _time_us(fn) -> float:
 
 
 def attention(widths: list[int], batches: list[int]) -> dict:
-    from tunesmith.infer.engine.fast import decode_attention, flex_decode_attention, split_decode_attention
+    from tunesmith.infer.engine.fast import decode_attention, split_decode_attention
     hkv, g, d = (2, 2, 16) if os.environ.get("BENCH_TINY") else (8, 4, 128)
     dt = torch.bfloat16
     out = {}
     split = torch.compile(split_decode_attention, dynamic=False) if gc_.DEV == "cuda" else split_decode_attention
-    flex = torch.compile(flex_decode_attention, dynamic=False) if gc_.DEV == "cuda" else flex_decode_attention
     for b in batches:
         for w in widths:
             gen = torch.Generator(device=gc_.DEV).manual_seed(0)
@@ -88,27 +84,23 @@ def attention(widths: list[int], batches: list[int]) -> dict:
             ref, _ = decode_attention(None, q, k, v, mask, scaling=scale)
             got, _ = split(None, q, k, v, mask, scaling=scale)
             err = (got.float() - ref.float()).abs().max().item()
-            err_flex = (flex(None, q, k, v, mask, scaling=scale)[0].float() - ref.float()).abs().max().item()
             kv_bytes = 2 * b * hkv * w * d * 2
-            row = {"max_abs_diff_split_vs_sdpa": err, "max_abs_diff_flex_vs_sdpa": err_flex}
+            row = {"max_abs_diff_split_vs_sdpa": err}
             variants = {"sdpa": lambda: decode_attention(None, q, k, v, mask, scaling=scale),
                         "split": lambda: split(None, q, k, v, mask, scaling=scale),
-                        "flex": lambda: flex(None, q, k, v, mask, scaling=scale),
                         "flash_nomask": lambda: F.scaled_dot_product_attention(q, k, v, scale=scale, enable_gqa=True)}
             for name, fn in variants.items():
                 us = _time_us(fn)
                 row[name] = {"us": us, "kv_gb_per_s": kv_bytes / us / 1e3}
             out[f"b{b}-w{w}"] = row
             print(f"b{b} w{w}: " + "  ".join(f"{n} {row[n]['us']:.1f} us ({row[n]['kv_gb_per_s']:.0f} GB/s)"
-                                            for n in variants) + f"  |diff| {err:.2e} flex {err_flex:.2e}", flush=True)
+                                            for n in variants) + f"  |diff| {err:.2e}", flush=True)
     return out
 
 
 def engine_profile(model, arch: str, rows: int, prompt: int, new: int, variant: str) -> dict:
     from torch.profiler import ProfilerActivity, profile
     from tunesmith.infer.engine import Engine, Request, SamplingParams
-    from tunesmith.infer.engine import fast
-    fast.LONG_ATTENTION = "flex" if variant == "flex" else "split"
     if variant == "cdt":
         import torch._inductor.config as ic
         ic.coordinate_descent_tuning = True
@@ -164,8 +156,7 @@ def main() -> None:
     ap.add_argument("--prompt", type=int, default=128)
     ap.add_argument("--new", type=int, default=256)
     ap.add_argument("--variants", default="default,cdt",
-                    help="engine variants: default; flex (fast.LONG_ATTENTION = 'flex'); cdt (inductor's "
-                         "coordinate-descent tuning on, kept for the variants after it)")
+                    help="engine variants: default; cdt (inductor's coordinate-descent tuning on)")
     ap.add_argument("--out", default=str(ROOT / "results" / "gpu_decode.json"))
     a = ap.parse_args()
     if a.tiny:

@@ -229,20 +229,14 @@ def main() -> None:
     ap.add_argument("--out", default=str(ROOT / "results" / ("gpu_grpo_tiny.json" if TINY else "gpu_grpo.json")))
     ap.add_argument("--watch", type=float, default=None, metavar="S",
                     help="print the rollout's decode steps and the GPU peak every S seconds (long completions)")
-    ap.add_argument("--long-attention", choices=("split", "flex"), default=None,
-                    help="tunesmith: the rollout's one-token attention past 4,096 columns (fast.LONG_ATTENTION)")
     a = ap.parse_args()
     PROMPTS = a.prompts
-    if a.long_attention:
-        from tunesmith.infer.engine import fast
-        fast.LONG_ATTENTION = a.long_attention
     if a.watch:
         watch_decoding(a.watch)
     if a.tiny:
         a.prompt, a.completion, a.steps, a.warmup = min(a.prompt, 16), min(a.completion, 8), min(a.steps, 2), 1
     result = {"versions": gc_.versions(), "prompts": PROMPTS, "G": G, "prompt_tokens": a.prompt,
-              "max_new_tokens": a.completion, "micro_batch": a.micro_batch, "lora": gc_.LORA,
-              "long_attention": a.long_attention, "runs": {}}
+              "max_new_tokens": a.completion, "micro_batch": a.micro_batch, "lora": gc_.LORA, "runs": {}}
     try:
         import trl
         result["versions"]["trl"] = trl.__version__

@@ -35,9 +35,6 @@ ATTENTION = "tunesmith_decode"
 MIN_COLUMNS = 256   # the smallest column bucket of a decode step
 SPLIT_FROM = 4096   # column counts from which one-token attention is split over the columns
 SPLIT_CHUNK = 512   # columns per partial sum of the split attention
-#: one-token attention from SPLIT_FROM columns on, in a compiled CUDA step: "split"
-#: (:func:`split_decode_attention`) or "flex" (:func:`flex_decode_attention`)
-LONG_ATTENTION = "split"
 
 
 def decode_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
@@ -52,8 +49,6 @@ def decode_attention(module, query, key, value, attention_mask, scaling=None, dr
                                       **kwargs)
     w = attention_mask.shape[-1]
     if w >= SPLIT_FROM and w % SPLIT_CHUNK == 0:
-        if LONG_ATTENTION == "flex" and query.is_cuda and torch.compiler.is_compiling():
-            return flex_decode_attention(module, query, key, value, attention_mask, scaling=scaling)
         return split_decode_attention(module, query, key, value, attention_mask, scaling=scaling)
     if key.shape[2] > w:                                         # the step's column bucket: [0, w)
         key, value = key[:, :, :w], value[:, :, :w]
@@ -82,36 +77,6 @@ def split_decode_attention(module, query, key, value, attention_mask, scaling=No
     parts = torch.matmul(p, value.reshape(b, hkv, c, SPLIT_CHUNK, d))                           # (B, Hkv, C, G, D)
     out = parts.float().sum(2).to(query.dtype)                                                   # (B, Hkv, G, D)
     return out.reshape(b, hq, 1, d).transpose(1, 2), None
-
-
-FLEX_BLOCK = 128    # columns per key/value block of flex_decode_attention
-
-
-def flex_decode_attention(module, query, key, value, attention_mask, scaling=None, **kwargs):
-    """One-token attention through PyTorch's FlexAttention (its decoding kernel, split over the
-    columns), reading only the key/value blocks that hold a valid column of each row.
-
-    ``attention_mask`` (B, 1, 1, W) is the step's additive mask, W a multiple of ``FLEX_BLOCK``. A
-    row's blocks with any valid column are listed first in ``kv_indices``, their count in
-    ``kv_num_blocks``, so the kernel skips the columns a row has not reached (and the unused tail of
-    the column bucket); inside a listed block the mask itself decides. Grouped-query heads attend to
-    their shared key/value head (``enable_gqa``). Compiled, this is one fused kernel per layer."""
-    from torch.nn.attention.flex_attention import BlockMask, flex_attention
-    b, hq, _, d = query.shape
-    w = attention_mask.shape[-1]
-    key, value = key[:, :, :w], value[:, :, :w]
-    ok = attention_mask[:, 0, 0, :] == 0                                           # (B, W)
-    used = ok.reshape(b, w // FLEX_BLOCK, FLEX_BLOCK).any(-1)                     # (B, blocks)
-    count = used.sum(-1, dtype=torch.int32)
-    order = torch.argsort((~used).to(torch.int8), dim=-1, stable=True).to(torch.int32)   # used blocks first
-
-    def mask_mod(bi, h, qi, kv):
-        return ok[bi, kv]
-
-    block_mask = BlockMask.from_kv_blocks(count[:, None, None], order[:, None, None, :], BLOCK_SIZE=FLEX_BLOCK,
-                                          mask_mod=mask_mod, seq_lengths=(1, w))
-    out = flex_attention(query, key, value, block_mask=block_mask, scale=scaling, enable_gqa=True)
-    return out.transpose(1, 2), None                                               # (B, 1, Hq, D)
 
 
 def _register_attention() -> None:
