@@ -116,22 +116,6 @@ def test_split_decode_attention_equals_sdpa_over_the_mask_columns(monkeypatch, d
     assert got.shape == (3, 1, 8, 16) and got.dtype == dtype and rel_err(got.float(), want) < tol
 
 
-def test_flex_decode_attention_equals_sdpa_over_the_mask_columns(monkeypatch):
-    """FlexAttention over the blocks a row uses (blocks of 8 here; row 1 has two empty leading blocks,
-    as a short row left-padded in the engine's buffers has) gives SDPA's answer over the mask's columns."""
-    pytest.importorskip("torch.nn.attention.flex_attention")
-    import warnings
-    monkeypatch.setattr(fast, "FLEX_BLOCK", 8)
-    q, k, v, mask = _grouped_inputs(32)
-    mask[1, ..., :16] = torch.finfo(torch.float32).min
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")     # eager flex_attention warns that it is slow
-        got, _ = fast.flex_decode_attention(None, q, k, v, mask, scaling=0.25)
-    kr, vr = k[:, :, :32].repeat_interleave(4, 1), v[:, :, :32].repeat_interleave(4, 1)
-    want = F.scaled_dot_product_attention(q, kr, vr, attn_mask=mask, scale=0.25).transpose(1, 2)
-    assert got.shape == (3, 1, 8, 16) and rel_err(got, want) < 1e-6
-
-
 def test_decode_attention_splits_from_split_from_columns_in_whole_chunks(monkeypatch):
     calls = []
     real = fast.split_decode_attention
