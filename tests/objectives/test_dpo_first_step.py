@@ -1,6 +1,6 @@
 """At the first step of a DPO run with LoRA the adapter is zero, so the policy is its reference: every
 pair's implicit reward margin is 0 and the loss is ln 2, with padded pairs of unequal lengths, eager or
-through compiled decoder layers."""
+through compiled decoder layers with or without activation checkpointing."""
 from __future__ import annotations
 
 import math
@@ -24,13 +24,15 @@ def _pair(g, prompt, chosen, rejected):
             "chosen_labels": [-100] * prompt + c, "rejected_labels": [-100] * prompt + r}
 
 
-@pytest.mark.parametrize("compiled", [False, pytest.param(True, marks=pytest.mark.slow)])
-def test_the_first_dpo_loss_is_ln2_with_padded_pairs(compiled):
+@pytest.mark.parametrize("compiled,checkpointed", [(False, True), pytest.param(True, True, marks=pytest.mark.slow),
+                                                   pytest.param(True, False, marks=pytest.mark.slow)])
+def test_the_first_dpo_loss_is_ln2_with_padded_pairs(compiled, checkpointed):
     from tunesmith.kernels.compile import compile_decoder_layers
     g = torch.Generator().manual_seed(0)
     pairs = [_pair(g, 7, 9, 4), _pair(g, 3, 5, 12), _pair(g, 10, 2, 6)]
     model = tunesmith.apply(small(), "lora", r=4)
-    enable_checkpointing(model)
+    if checkpointed:
+        enable_checkpointing(model)
     if compiled:
         compile_decoder_layers(model)
     objective = DPO(DPOConfig(beta=0.1))
