@@ -132,3 +132,13 @@ def test_memory_limit_is_validated_as_a_size():
     from tunesmith import config as config_mod
     with pytest.raises(ConfigError, match=r"train.memory_limit: .*'lots' is not a size; write e.g. 24GiB"):
         config_mod.validate({"method": "lora", "data": {"train": "x.jsonl"}, "train": {"memory_limit": "lots"}})
+
+
+def test_the_plan_counts_both_rows_of_a_pair_batch():
+    """A padded DPO batch of 2 pairs is 4 rows of max_seq_len; SFT's 2; a packed micro-batch its budget."""
+    from tunesmith.train import accel
+    from tunesmith.train.objectives import get
+    tc = TrainConfig(batch_size=2, max_seq_len=128)
+    assert accel.step_tokens(tc, get("dpo")) == 512
+    assert accel.step_tokens(tc, get("sft")) == 256
+    assert accel.step_tokens(tc.model_copy(update={"padding_free": True, "max_tokens_per_batch": 300}), get("dpo")) == 300

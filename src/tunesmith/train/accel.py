@@ -70,6 +70,14 @@ def packed_tokens(tc) -> int | None:
     return tc.max_tokens_per_batch or tc.batch_size * tc.max_seq_len
 
 
+def step_tokens(tc, objective) -> int:
+    """Tokens one training forward holds, what ``train.speed`` plans for: the packed micro-batch, else
+    ``batch_size`` rows of ``max_seq_len``, twice as many rows for pair objectives (a chosen and a
+    rejected row per example)."""
+    rows = tc.batch_size * (2 if objective.cfg.tokenized == "pair" else 1)
+    return packed_tokens(tc) or rows * tc.max_seq_len
+
+
 def before_method(model: nn.Module, tc) -> None:
     if tc.liger and not liger.apply(model):
         raise ConfigError(f"train.liger: liger-kernel has no kernels for model type "

@@ -194,8 +194,7 @@ def _train(cfg: RunConfig, resume: Path | None, built, t_start: float, progress:
     tokenizer, train_ds, val_ds, report, model, method, objective = built
     device = next(model.parameters()).device
     precision = precision_for(cfg, device)
-    tokens = accel.packed_tokens(cfg.train) or cfg.train.batch_size * cfg.train.max_seq_len
-    tc, speed_report = speed.resolve(cfg.train, model, type(method), device, tokens)
+    tc, speed_report = speed.resolve(cfg.train, model, type(method), device, accel.step_tokens(cfg.train, objective))
     run_mode = distributed.mode(tc, method, model, device)
     tc, ctx = distributed.resolved_train(tc, run_mode), distributed.context()
     objective.configure(tc)  # again, with the speed fields resolved (the compiled loss chunk follows train.compile)
