@@ -142,3 +142,14 @@ def test_the_plan_counts_both_rows_of_a_pair_batch():
     assert accel.step_tokens(tc, get("dpo")) == 512
     assert accel.step_tokens(tc, get("sft")) == 256
     assert accel.step_tokens(tc.model_copy(update={"padding_free": True, "max_tokens_per_batch": 300}), get("dpo")) == 300
+
+
+def test_the_plan_counts_an_rl_update_pass_of_completions():
+    """GRPO, 2 prompts × G 8: a pass of micro_batch 4 completions of prompt (≤ 128) + 512 new tokens;
+    with micro_batch null all 16 rows."""
+    from tunesmith.train import accel
+    from tunesmith.train.objectives import get
+    tc = TrainConfig(batch_size=2, max_seq_len=128)
+    grpo = {"name": "grpo", "num_generations": 8, "max_tokens": 512, "rewards": [{"function": "length_penalty"}]}
+    assert accel.step_tokens(tc, get({**grpo, "micro_batch": 4})) == 4 * 640
+    assert accel.step_tokens(tc, get({**grpo, "micro_batch": None})) == 16 * 640

@@ -71,10 +71,15 @@ def packed_tokens(tc) -> int | None:
 
 
 def step_tokens(tc, objective) -> int:
-    """Tokens one training forward holds, what ``train.speed`` plans for: the packed micro-batch, else
-    ``batch_size`` rows of ``max_seq_len``, twice as many rows for pair objectives (a chosen and a
-    rejected row per example)."""
-    rows = tc.batch_size * (2 if objective.cfg.tokenized == "pair" else 1)
+    """Tokens one training forward holds, what ``train.speed`` plans for: for online RL, one update
+    pass of ``micro_batch`` completions (prompt of up to ``max_seq_len`` plus ``max_tokens``); else the
+    packed micro-batch, or ``batch_size`` rows of ``max_seq_len``, twice as many rows for pair
+    objectives (a chosen and a rejected row per example)."""
+    cfg = objective.cfg
+    if cfg.tokenized == "rollout":
+        rows = tc.batch_size * cfg.num_generations
+        return min(cfg.micro_batch or rows, rows) * (tc.max_seq_len + cfg.max_tokens)
+    rows = tc.batch_size * (2 if cfg.tokenized == "pair" else 1)
     return packed_tokens(tc) or rows * tc.max_seq_len
 
 
