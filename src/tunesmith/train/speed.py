@@ -20,6 +20,10 @@ kept on the GPU m). Its cost and memory come from a model of one transformer blo
   kept products to the host must hide behind the forward (device→host) and the backward
   (host→device), or the step waits for the excess. The host link's bandwidth is measured once.
 
+The tokens a plan is for are those of one training forward (``accel.step_tokens``): a packed
+micro-batch, the rows of a padded batch (both rows of a preference pair), or one update pass of an
+online RL objective's completions.
+
 After the first step the measured peak is compared with the prediction; both are in the summary.
 """
 from __future__ import annotations
