@@ -18,7 +18,8 @@ defaults. Sides:
 * ``ts+packed``: the same pairs padding-free (``train.padding_free``: each pair's chosen and rejected
   as documents of one row, varlen attention), ``ts+packed+compile`` compiled.
 * ``+auto`` (``ts+auto``, ``ts+packed+auto``): compile and checkpointing left to ``train.speed: auto``
-  (the default of a run) instead of set by hand, planned for 2 × batch × 1,024 tokens; ``+limit16GiB``
+  (the default of a run) instead of set by hand, planned as a run with ``max_seq_len`` 1,024 plans
+  (``accel.step_tokens``); ``+limit16GiB``
   adds ``train.memory_limit: 16GiB``. The JSON row says what it chose and why.
 
 Each run is its own process. Reported per run: pairs/s and real (non-pad) tokens/s over the timed
@@ -143,13 +144,14 @@ def run_ts(batch: int, steps: int, warmup: int, packed: bool, compiled: bool, au
         attention.enable(model)
     model = tunesmith.apply(model, "lora", target_modules=TARGETS, **LORA)
     upcast_trainable(model)
+    objective = DPO(DPOConfig(beta=BETA))
     speed_report = None
     if auto:   # train.speed: auto chooses compile and checkpointing, as a run with the default settings does
         from tunesmith.methods import registry
         from tunesmith.train import accel, speed
         tc = TrainConfig(batch_size=batch, max_seq_len=MAX_LEN, padding_free=packed, memory_limit=memory_limit,
                          chunked_ce=True)
-        tc, report = speed.resolve(tc, model, registry.get("lora"), torch.device(DEV), 2 * batch * MAX_LEN)
+        tc, report = speed.resolve(tc, model, registry.get("lora"), torch.device(DEV), accel.step_tokens(tc, objective))
         speed_report = {"chosen": report.chosen, "reason": report.reason}
         print("speed: auto:", speed_report, flush=True)
         accel.after_method(model, tc)
@@ -160,7 +162,6 @@ def run_ts(batch: int, steps: int, warmup: int, packed: bool, compiled: bool, au
         if compiled:
             from tunesmith.kernels.compile import compile_decoder_layers
             compile_decoder_layers(model)
-    objective = DPO(DPOConfig(beta=BETA))
     objective.configure(tc)
     objective.prepare(model, None, [], run=None)     # the reference: the adapter disabled
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=LR, weight_decay=0.0,
