@@ -14,6 +14,7 @@ new tokens / wall time of the whole call, prefill included. Sides:
 * ``hf-dynamic``: ``model.generate`` with the default DynamicCache;
 * ``hf-static``: ``model.generate(cache_implementation="static")`` (transformers compiles the step);
 * ``ts``: the engine's fast path (static slots, compiled decode step with CUDA graphs);
+* ``ts-separate``: the fast path with q/k/v and gate/up as separate matmuls (no input sharing);
 * ``ts-sync``: the fast path with overlapped steps off (each step's picks read before the next is queued);
 * ``ts-plain``: the engine's plain path (DynamicCache, eager), the reference;
 * lora4 configs: ``ts-base`` (no adapters), ``ts-base-rows`` (4 LoRA adapters r16 on all 7
@@ -98,6 +99,17 @@ def _no_overlap(engine):
     return engine
 
 
+def _separate(make):
+    """An engine built while the fast path's input sharing is off: q/k/v and gate/up stay separate
+    matmuls (the model must not have been shared before: run this side before ``ts``)."""
+    from tunesmith.infer.engine import fast
+    real, fast.share_inputs = fast.share_inputs, lambda model: 0
+    try:
+        return make()
+    finally:
+        fast.share_inputs = real
+
+
 def random_lora(model, seed: int, r: int = 16) -> dict:
     """Factors of a LoRA adapter r16 on the 7 projections of every layer (random, scale alpha/r = 2)."""
     g = torch.Generator(device="cpu").manual_seed(seed)
@@ -163,6 +175,8 @@ def run_config(key: str, args, record) -> None:
     if kind == "plain":
         sides["hf-dynamic"] = lambda: hf_side(model, prompts, new, False)
         sides["hf-static"] = lambda: hf_side(model, prompts, new, True)
+        sides["ts-separate"] = lambda: ts_side(_separate(lambda: Engine(model, fast=True, max_batch=batch,
+                                                                         max_len=max_len)), prompts, new, [None] * batch)
         sides["ts"] = lambda: ts_side(Engine(model, fast=True, max_batch=batch, max_len=max_len), prompts, new,
                                       [None] * batch)
         sides["ts-sync"] = lambda: ts_side(_no_overlap(Engine(model, fast=True, max_batch=batch, max_len=max_len)),

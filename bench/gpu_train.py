@@ -90,7 +90,9 @@ CONFIGS = {
     "1b-full-b4": (("1b", "full", 4, False, "random"), {"hf": "plain", "ts": "plain", "ts+compile": "compile",
                                                           "hf+liger": "liger", "ts+liger": "liger"}),
     "1b-lora-b4": (("1b", "lora", 4, False, "random"), {"hf": "plain", "ts": "plain", "ts+compile": "compile",
-                                                          "ts+liger": "liger"}),
+                                                          "ts+liger": "liger", "ts+compile+cpp": "compile",
+                                                          "ts+compile+cg": "compile", "ts+compile+ce27": "compile",
+                                                          "ts+compile+cpp+ce27": "compile"}),
     "8b-dolly-b4": (("8b", "lora", 4, True, "padded"), {"hf": "plain", "ts": "plain"}),
     "8b-dolly-packed": (("8b", "lora", 8192, True, "packed"), {"ts": "plain", "ts+liger": "liger"}),
 }

@@ -32,6 +32,7 @@ from torch import nn
 from ...errors import ConfigError
 from ...methods import peft_format
 from ...methods.inject import TunedLayer, replace_module
+from .shared_input import unshare
 
 Factors = dict[str, tuple[torch.Tensor, torch.Tensor, float]]   # module -> (A (r, d_in), B (d_out, r), scale)
 
@@ -90,6 +91,7 @@ class MultiLoraLinear(TunedLayer):
     the base matmul instead of following it with a matmul and an add of its own)."""
 
     def __init__(self, base: nn.Linear, table: "AdapterTable"):
+        unshare(base)   # its weight becomes part of W below: out of its decode group first
         super().__init__(base)
         object.__setattr__(self, "table", table)   # not a submodule: shared by every wrapped layer
         self.parts: dict[int, tuple[torch.Tensor, torch.Tensor, float]] = {}

@@ -12,7 +12,8 @@ The step runs slots [0, bucket) (buckets are powers of two up to ``max_batch``, 
 lowest free slot), so batch 1 computes one row however large the buffers are; and it attends over
 columns [0, c) only, c the smallest power of two (at least ``MIN_COLUMNS``) past ``t``, so a short
 generation in long buffers never reads their unused columns. The compiled step takes c as a dynamic
-size (one compilation; CUDA graphs recorded once per column bucket). Attention for the
+size (one compilation; CUDA graphs recorded once per column bucket). Projections that read one
+input (q/k/v, gate/up) run as one matmul each (:mod:`.shared_input`). Attention for the
 one-token step goes through :func:`decode_attention`, which attends grouped-query heads to their
 shared key/value head without copying keys and values per query head (what transformers' SDPA
 path does whenever there is a mask); from ``SPLIT_FROM`` columns on it splits the work over the
@@ -30,6 +31,7 @@ from torch import nn
 
 from ...models.compat import cache_kwargs
 from .runner import ModelRunner, device_of, to_device, virtual_head
+from .shared_input import share_inputs
 
 ATTENTION = "tunesmith_decode"
 MIN_COLUMNS = 256   # the smallest column bucket of a decode step
@@ -119,6 +121,7 @@ class StaticRunner(ModelRunner):
                  max_len: int = 2048, compile_mode: str | None = None):
         super().__init__(model, pad_id, table)
         _register_attention()
+        share_inputs(model)   # q/k/v and gate/up as one matmul each (shared_input.py)
         layers, kv, hd = _kv_shape(model)
         dtype = model.get_input_embeddings().weight.dtype
         if max_len >= SPLIT_FROM:   # whole chunks of split attention in every column bucket
