@@ -141,15 +141,56 @@ def test_a_compiled_decode_graph_has_the_grouped_matmuls():
     assert share.x is None and share.out is None
 
 
-def test_the_fast_path_groups_and_an_adapter_takes_its_layers_out(tokenizer):
+def _factors(model, names, r, seed):
+    g = torch.Generator().manual_seed(seed)
+    found = dict(model.named_modules())
+    return {n: (torch.randn(r, found[n].in_features, generator=g), torch.randn(found[n].out_features, r, generator=g), 0.5)
+            for n in names}
+
+
+def test_a_group_holds_per_row_adapters_as_the_wrapped_layers_do():
+    """Adapters on some layers of a group (k and not v; gate and up of one block only), rows on
+    different adapters and on the base: the grouped model equals the per-layer wrappers, as
+    adapters come and go."""
+    from tunesmith.infer.engine.adapters import AdapterTable
+    model = small("llama")
+    ref = copy.deepcopy(model)
+    share_inputs(model)
+    tables = AdapterTable(model), AdapterTable(ref)
+    a = ["model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.k_proj", "model.layers.1.mlp.gate_proj",
+         "model.layers.1.mlp.up_proj", "model.layers.1.self_attn.o_proj"]
+    b = ["model.layers.0.self_attn.k_proj", "model.layers.1.self_attn.v_proj"]
+    fa, fb = _factors(ref, a, 3, seed=1), _factors(ref, b, 2, seed=2)
+    for t in tables:
+        t.add("a", fa)
+        t.add("b", fb)
+    assert isinstance(model.model.layers[0].self_attn.k_proj, SharedInputLinear)
+    assert isinstance(ref.model.layers[0].self_attn.k_proj, MultiLoraLinear)
+    assert len(tables[0].layers()) == 4    # o_proj's wrapper; block 0's q/k/v, block 1's q/k/v and gate/up
+    x = ids(3, 5, vocab=VOCAB, seed=7)
+
+    def logits(m, t, slots):
+        with torch.no_grad(), t.bind(torch.tensor(slots)):
+            return m(input_ids=x).logits
+    for step in ("both", "b removed", "none"):
+        for slots in ([0, 1, -1], [1, 1, 0]):
+            torch.testing.assert_close(logits(model, tables[0], slots), logits(ref, tables[1], slots),
+                                       rtol=1e-5, atol=1e-5)
+        if step == "both":
+            assert not torch.allclose(logits(model, tables[0], [0, 1, -1])[0], logits(model, tables[0], [-1, 1, -1])[0])
+            for t in tables:
+                t.remove("b")
+        elif step == "b removed":
+            for t in tables:
+                t.remove("a")
+    share = model.model.layers[0].self_attn.q_proj._share
+    assert share.A is None and share.W.shape[1] == model.config.hidden_size and not tables[0].layers()
+
+
+def test_the_fast_path_groups_and_its_adapters_join_the_groups(tokenizer):
     model = small("llama")
     engine = Engine(model, tokenizer, fast=True, max_batch=2)
     assert isinstance(engine.routes["base"].lane.runner, StaticRunner)
+    engine.routes["base"].lane.runner.table.add("a", _factors(model, ["model.layers.0.self_attn.k_proj"], 2, seed=3))
     attn = model.model.layers[0].self_attn
-    assert isinstance(attn.q_proj, SharedInputLinear)
-    d, r = attn.q_proj.in_features, 2
-    factors = {"model.layers.0.self_attn.k_proj": (torch.randn(r, d), torch.randn(attn.k_proj.out_features, r), 1.0)}
-    engine.routes["base"].lane.runner.table.add("a", factors)
-    assert isinstance(attn.k_proj, MultiLoraLinear)
-    assert type(attn.q_proj) is torch.nn.Linear and type(attn.k_proj.base_layer) is torch.nn.Linear
-    assert isinstance(model.model.layers[1].self_attn.q_proj, SharedInputLinear)
+    assert isinstance(attn.k_proj, SharedInputLinear) and attn.q_proj._share.A.shape == (2, attn.q_proj.in_features)

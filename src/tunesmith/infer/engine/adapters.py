@@ -10,7 +10,9 @@ uses adapter slot s_b (-1: the base model)
 
 so each row gets exactly W0 x + s_a B_a A_a x of its own adapter a (Hu et al. 2021, eq. 3): one
 skinny matmul and one widened base matmul per projection whatever the number of adapters, no gather
-of per-row weights.
+of per-row weights. On the fast path, projections that read one input (q/k/v, gate/up) are grouped
+(:mod:`.shared_input`) and the group holds its layers' factors the same way, one pair of matmuls
+per group.
 
 Adapters come from peft-format directories (tunesmith runs and adapters, peft's own) that are
 plain LoRA: :func:`per_row_reasons` says why one is not (DoRA, trained biases or modules_to_save,
@@ -32,7 +34,7 @@ from torch import nn
 from ...errors import ConfigError
 from ...methods import peft_format
 from ...methods.inject import TunedLayer, replace_module
-from .shared_input import unshare
+from .shared_input import SharedInputLinear, unshare
 
 Factors = dict[str, tuple[torch.Tensor, torch.Tensor, float]]   # module -> (A (r, d_in), B (d_out, r), scale)
 
@@ -169,6 +171,9 @@ class AdapterTable:
         self._next += 1
         for module, f in factors.items():
             m = found[module]
+            if isinstance(m, SharedInputLinear):   # a layer of a decode group: the group takes its factors
+                m._share.set(m._index, slot, f, self)
+                continue
             if not isinstance(m, MultiLoraLinear):
                 m = MultiLoraLinear(m, self)
                 replace_module(self.model, module, m)
@@ -181,13 +186,18 @@ class AdapterTable:
         slot = self.slots.pop(name)
         for module in self.modules.pop(name):
             m = self.model.get_submodule(module)
+            if isinstance(m, SharedInputLinear):
+                m._share.set(m._index, slot, None, self)
+                continue
             m.set(slot, None)
             if not m.parts:
                 replace_module(self.model, module, m.base_layer)
         self.version += 1
 
-    def layers(self) -> list[MultiLoraLinear]:
-        return [m for m in self.model.modules() if isinstance(m, MultiLoraLinear)]
+    def layers(self) -> list:
+        """Every wrapped layer and every decode group holding adapters (each with A, W, col_slot, col_scale)."""
+        shares = [m._share for m in self.model.modules() if isinstance(m, SharedInputLinear) and m._index == 0]
+        return [m for m in self.model.modules() if isinstance(m, MultiLoraLinear)] + [s for s in shares if s.A is not None]
 
     @contextlib.contextmanager
     def bind(self, slots: torch.Tensor, active: bool = True):

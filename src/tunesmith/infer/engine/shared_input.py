@@ -8,13 +8,21 @@ row blocks of one buffer, ``[W_q; W_k; W_v]``: every layer's weight becomes a vi
 (no memory is added), and the first projection called computes ``x [W_q; W_k; W_v]ᵀ`` once; the
 others return their columns of it when they are called with the same input tensor.
 
-The group's product is used only with gradients off (decoding). With gradients on (training the
-same model between rollouts), and for a projection whose input is not the one the first was called
-with, each layer computes its own ``F.linear``, so the result is the same in every case. The layers'
-parameters stay what they were (the same objects, names and values; only their storage is shared),
-so an optimizer updating them in place updates the group's buffer too. :func:`unshare` gives each
-layer its own storage again. Only plain ``nn.Linear`` layers with plain-tensor weights of one dtype
-and device, with biases on all or none, are grouped.
+Per-row LoRA adapters (:class:`.adapters.AdapterTable`) join the group instead of wrapping its
+layers: the buffer becomes ``W = [W0 | B]`` (Σ d_out, d_in + C), where each layer's rows hold its own
+adapters' B_cat in its own columns of ``B`` (zeros elsewhere), and ``A`` (C, d_in) stacks every
+layer's A_cat. For rows bound to adapter slots s_b the group computes ``[x | (x Aᵀ) ⊙ M] Wᵀ`` with
+``M[b, c] = col_scale[c] · [col_slot[c] == s_b]``, which is W0 x + s_a B_a A_a x of each row's own
+adapter for every layer of the group: one skinny matmul and one matmul per group, as
+:class:`.adapters.MultiLoraLinear` does per layer.
+
+Without adapters and with gradients on (training the same model between rollouts), and for a
+projection whose input is not the one the first was called with, each layer computes its own
+``F.linear``, so the result is the same in every case. The layers' parameters stay what they were
+(the same objects, names and values; only their storage is shared), so an optimizer updating them
+in place updates the group's buffer too. :func:`unshare` gives each layer its own storage again.
+Only plain ``nn.Linear`` layers with plain-tensor weights of one dtype and device, with biases on
+all or none, are grouped.
 """
 from __future__ import annotations
 
@@ -24,22 +32,56 @@ from torch import nn
 
 #: Sibling layers that a block calls on one input, in the order the block calls them.
 GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+_BUFFERS = ("shared_weight", "shared_bias", "shared_A", "shared_slot", "shared_scale")
 
 
 class _Share:
-    """One group: its layers' row bounds in the shared buffer, and the input and product of the
-    current call (kept only until the group's last layer has taken its columns)."""
+    """One group: its layers, their adapters' factors, and the input and product of the current call
+    (kept only until the group's last layer has taken its columns). ``A``, ``W``, ``col_slot`` and
+    ``col_scale`` are the group's tensors as an adapter table lists them (their addresses are fixed
+    for CUDA graphs)."""
 
-    def __init__(self, n: int):
-        self.n = n
+    def __init__(self, layers: list[nn.Linear]):
+        self.layers, self.n = layers, len(layers)
+        self.parts: list[dict[int, tuple[torch.Tensor, torch.Tensor, float]]] = [{} for _ in layers]
+        self.table = None
         self.x: torch.Tensor | None = None
         self.out: torch.Tensor | None = None
+
+    @property
+    def A(self):
+        return self.layers[0].shared_A
+
+    @property
+    def W(self):
+        return self.layers[0].shared_weight
+
+    @property
+    def col_slot(self):
+        return self.layers[0].shared_slot
+
+    @property
+    def col_scale(self):
+        return self.layers[0].shared_scale
+
+    def set(self, index: int, slot: int, factors, table) -> None:
+        """Add (or with None remove) adapter ``slot``'s (A, B, scale) on the group's layer ``index``."""
+        first = self.layers[0]
+        self.table = table
+        if factors is None:
+            self.parts[index].pop(slot, None)
+        else:
+            a, b, s = factors
+            w = first.shared_weight
+            self.parts[index][slot] = (a.to(w.device, w.dtype), b.to(w.device, w.dtype), float(s))
+        _lay_out(self)
 
 
 class SharedInputLinear(nn.Linear):
     """An ``nn.Linear`` whose weight is a row block of its group's buffer (see the module doc).
-    The group's first layer holds the buffer (and the biases side by side) as non-persistent
-    buffers, so the state dict is the layer's own weight and bias, unchanged."""
+    The group's first layer holds the buffer (and the biases, the adapters' A and their columns'
+    slots and scales) as non-persistent buffers, so the state dict is the layer's own weight and
+    bias, unchanged."""
 
     _share: _Share
     _index: int
@@ -47,19 +89,27 @@ class SharedInputLinear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         share = self._share
-        if torch.is_grad_enabled():
+        first = share.layers[0] if self._index else self
+        if torch.is_grad_enabled() and first.shared_A is None:
             return F.linear(x, self.weight, self.bias)
         lo, hi = self._cols
-        if self._index == 0:
-            out = F.linear(x, self.shared_weight, self.shared_bias)
-            share.x, share.out = x, out
-            return out[..., lo:hi]
-        if share.x is not x:
-            return F.linear(x, self.weight, self.bias)
+        if self._index == 0 or share.x is not x:
+            share.x, share.out = x, _product(first, share, x)
         out = share.out[..., lo:hi]
         if self._index == share.n - 1:
             share.x = share.out = None
         return out
+
+
+def _product(first: SharedInputLinear, share: _Share, x: torch.Tensor) -> torch.Tensor:
+    """The whole group's output for ``x``, with each row's adapter when rows are bound."""
+    w, a = first.shared_weight, first.shared_A
+    rows = None if share.table is None else share.table.rows
+    if a is None or rows is None:
+        return F.linear(x, w if a is None else w[:, : first.in_features], first.shared_bias)
+    m = (rows[:, None] == first.shared_slot).to(x.dtype) * first.shared_scale    # (B, C)
+    h = F.linear(x, a) * m.unsqueeze(1)                                           # (B, T, C)
+    return F.linear(torch.cat([x, h], dim=-1), w, first.shared_bias)
 
 
 def _groupable(layers: list) -> bool:
@@ -80,41 +130,66 @@ def share_inputs(model: nn.Module) -> int:
             layers = [getattr(parent, n, None) for n in names]
             if any(m is None for m in layers) or not _groupable(layers):
                 continue
-            _group(layers)
+            share, lo = _Share(layers), 0
+            for i, m in enumerate(layers):
+                m.__class__ = SharedInputLinear
+                m._share, m._index, m._cols = share, i, (lo, lo + m.out_features)
+                lo += m.out_features
+            for name in _BUFFERS:
+                layers[0].register_buffer(name, None, persistent=False)
+            _lay_out(share)
             made += 1
     return made
 
 
 @torch.no_grad()
-def _group(layers: list[nn.Linear]) -> None:
-    weight = torch.cat([m.weight.detach() for m in layers], dim=0)                 # (Σ d_out, d_in)
-    bias = None if layers[0].bias is None else torch.cat([m.bias.detach() for m in layers])
-    share, lo = _Share(len(layers)), 0
-    for i, m in enumerate(layers):
-        hi = lo + m.out_features
-        m.weight.data = weight[lo:hi]                                               # a view: no copy kept
-        if bias is not None:
-            m.bias.data = bias[lo:hi]
-        m.__class__ = SharedInputLinear
-        m._share, m._index, m._cols = share, i, (lo, hi)
-        lo = hi
-    layers[0].register_buffer("shared_weight", weight, persistent=False)
-    layers[0].register_buffer("shared_bias", bias, persistent=False)
-    share.layers = layers
+def _lay_out(share: _Share) -> None:
+    """(Re)build the group's buffer from its layers' current weights and adapters, and point every
+    layer's weight (and bias) at its rows."""
+    layers, first = share.layers, share.layers[0]
+    d_in = first.in_features
+    w0 = torch.cat([m.weight.detach() for m in layers], dim=0)                    # (Σ d_out, d_in)
+    if first.shared_bias is None and first.bias is not None:
+        first.shared_bias = torch.cat([m.bias.detach() for m in layers])
+        for m in layers:
+            lo, hi = m._cols
+            m.bias.data = first.shared_bias[lo:hi]
+    items = [(m, slot, f) for i, m in enumerate(layers) for slot, f in sorted(share.parts[i].items())]
+    if not items:
+        first.shared_weight, first.shared_A = w0, None
+        first.shared_slot = first.shared_scale = None
+    else:
+        width = sum(a.shape[0] for _, _, (a, _, _) in items)
+        w = w0.new_zeros(w0.shape[0], d_in + width)
+        w[:, :d_in] = w0
+        c = d_in
+        for m, _, (a, b, _) in items:
+            lo, hi = m._cols
+            w[lo:hi, c:c + a.shape[0]] = b
+            c += a.shape[0]
+        dev = w.device
+        first.shared_weight = w
+        first.shared_A = torch.cat([a for _, _, (a, _, _) in items], dim=0)          # (C, d_in)
+        first.shared_slot = torch.cat([torch.full((a.shape[0],), slot, dtype=torch.long, device=dev)
+                                       for _, slot, (a, _, _) in items])
+        first.shared_scale = torch.cat([torch.full((a.shape[0],), s, dtype=w.dtype, device=dev)
+                                        for _, _, (a, _, s) in items])
+    for m in layers:
+        lo, hi = m._cols
+        m.weight.data = first.shared_weight[lo:hi, :d_in]                           # a view: no copy kept
 
 
 @torch.no_grad()
 def unshare(layer: nn.Module) -> None:
     """Undo the group ``layer`` belongs to (nothing if it belongs to none): every layer of it becomes a
-    plain ``nn.Linear`` with its weight and bias in storage of their own."""
+    plain ``nn.Linear`` with its weight and bias in storage of their own, its adapters dropped."""
     if not isinstance(layer, SharedInputLinear):
         return
-    layers = layer._share.layers
-    for m in layers:
-        m.weight.data = m.weight.data.clone()
+    for m in layer._share.layers:
+        m.weight.data = m.weight.data.contiguous().clone()
         if m.bias is not None:
             m.bias.data = m.bias.data.clone()
-        for name in ("shared_weight", "shared_bias"):
+        for name in _BUFFERS:
             m._buffers.pop(name, None)
         for name in ("_share", "_index", "_cols"):
             m.__dict__.pop(name, None)
