@@ -15,7 +15,7 @@ from helpers import ids
 from tunesmith.infer.engine import Engine
 from tunesmith.infer.engine.adapters import MultiLoraLinear
 from tunesmith.infer.engine.fast import StaticRunner
-from tunesmith.infer.engine.shared_input import SharedInputLinear, share_inputs, unshare
+from tunesmith.infer.engine.shared_input import SharedInputLinear, refresh, share_inputs, unshare
 
 
 class _CountMatmuls(TorchDispatchMode):
@@ -194,3 +194,21 @@ def test_the_fast_path_groups_and_its_adapters_join_the_groups(tokenizer):
     engine.routes["base"].lane.runner.table.add("a", _factors(model, ["model.layers.0.self_attn.k_proj"], 2, seed=3))
     attn = model.model.layers[0].self_attn
     assert isinstance(attn.k_proj, SharedInputLinear) and attn.q_proj._share.A.shape == (2, attn.q_proj.in_features)
+
+
+def test_a_moved_or_cast_model_is_laid_out_again():
+    """``model.to(...)`` gives every parameter its own storage; refresh finds the broken groups and
+    lays them out again from the layers' weights, so later in-place updates reach the group."""
+    model = small("qwen2")
+    ref = copy.deepcopy(model)
+    share_inputs(model)
+    assert refresh(model) == 0
+    model.double(), ref.double()
+    assert refresh(model) == 2 * model.config.num_hidden_layers
+    assert refresh(model) == 0
+    with torch.no_grad():
+        for m in (model, ref):
+            m.model.layers[0].self_attn.k_proj.weight.add_(0.5)
+            m.model.layers[0].self_attn.k_proj.bias.add_(0.5)
+    x = ids(2, 6, vocab=VOCAB, seed=5)
+    torch.testing.assert_close(_matmuls(model, x)[1], _matmuls(ref, x)[1])

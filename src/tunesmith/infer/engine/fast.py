@@ -31,7 +31,7 @@ from torch import nn
 
 from ...models.compat import cache_kwargs
 from .runner import ModelRunner, device_of, to_device, virtual_head
-from .shared_input import share_inputs
+from .shared_input import refresh, share_inputs
 
 ATTENTION = "tunesmith_decode"
 MIN_COLUMNS = 256   # the smallest column bucket of a decode step
@@ -184,6 +184,7 @@ class StaticRunner(ModelRunner):
         from transformers import DynamicCache
         from ..generate import left_pad
         from ..proxy import positions
+        refresh(self.model)   # a model moved or cast since: its decode groups laid out again
         ids, mask = left_pad(prompts, self.pad_id)
         ids, mask = ids.to(self.device), mask.to(self.device)
         slot_t = torch.tensor(slots, dtype=torch.long, device=self.device)

@@ -123,7 +123,9 @@ def _groupable(layers: list) -> bool:
 
 def share_inputs(model: nn.Module) -> int:
     """Group every set of :data:`GROUPS` layers found under one module of ``model``; returns how many
-    groups were made (0 when nothing qualifies)."""
+    groups were made (0 when nothing qualifies). Groups made before and since broken are laid out
+    again (:func:`refresh`)."""
+    refresh(model)
     made = 0
     for parent in list(model.modules()):
         for names in GROUPS:
@@ -177,6 +179,36 @@ def _lay_out(share: _Share) -> None:
     for m in layers:
         lo, hi = m._cols
         m.weight.data = first.shared_weight[lo:hi, :d_in]                           # a view: no copy kept
+
+
+def _intact(share: _Share) -> bool:
+    """Whether every layer's weight (and bias) is still its rows of the group's buffer. Moving or
+    casting the model (``model.to(...)``) gives each parameter storage of its own; the group's
+    buffer would then miss later in-place updates of the layers."""
+    first = share.layers[0]
+    for name, buf in (("weight", first.shared_weight), ("bias", first.shared_bias)):
+        if buf is None:
+            continue
+        base, step = buf.data_ptr(), buf.stride(0) * buf.element_size()
+        if any(getattr(m, name).data_ptr() != base + m._cols[0] * step for m in share.layers):
+            return False
+    return True
+
+
+def refresh(model: nn.Module) -> int:
+    """Lay out again every group of ``model`` whose layers no longer share its buffer (see
+    :func:`_intact`), from the layers' current weights; returns how many were. The fast path calls
+    this before each prefill, a host-side check of a few pointers a group."""
+    broken = [m._share for m in model.modules()
+              if isinstance(m, SharedInputLinear) and m._index == 0 and not _intact(m._share)]
+    for share in broken:
+        first = share.layers[0]
+        if first.bias is not None:
+            first.shared_bias = None      # rebuilt from the layers' biases
+        share.parts = [{k: (a.to(first.weight.device, first.weight.dtype), b.to(first.weight.device, first.weight.dtype), s)
+                        for k, (a, b, s) in p.items()} for p in share.parts]
+        _lay_out(share)
+    return len(broken)
 
 
 @torch.no_grad()
