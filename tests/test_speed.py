@@ -153,3 +153,31 @@ def test_the_plan_counts_an_rl_update_pass_of_completions():
     grpo = {"name": "grpo", "num_generations": 8, "max_tokens": 512, "rewards": [{"function": "length_penalty"}]}
     assert accel.step_tokens(tc, get({**grpo, "micro_batch": 4})) == 4 * 640
     assert accel.step_tokens(tc, get({**grpo, "micro_batch": None})) == 16 * 640
+
+
+def test_an_rl_run_plans_with_its_rollout_kv_buffers_held():
+    """The rollout engine's static KV buffers stay allocated through the update: accel.held_bytes is
+    their size (the bytes the fast path allocates for the sampler's slots and columns), nothing for
+    SFT or on the CPU, and the plan adds it to every peak, so a limit that fits the update alone
+    now checkpoints."""
+    from tunesmith.infer.engine.fast import StaticRunner
+    from tunesmith.train import accel
+    from tunesmith.train.objectives import get
+    from tunesmith.train.rl.rollout import Sampler
+    model = tunesmith.apply(tiny(), "lora")
+    tc = TrainConfig(batch_size=2, max_seq_len=40)
+    grpo = get({"name": "grpo", "num_generations": 4, "max_tokens": 24, "rewards": [{"function": "length_penalty"}]})
+    held = accel.held_bytes(tc, grpo, model, torch.device("cuda"))
+    runner = StaticRunner(model, max_batch=Sampler.slots(tc, grpo.cfg), max_len=Sampler.max_len(model, grpo.cfg, 40))
+    assert held == sum(t.numel() * t.element_size() for t in (*runner.k, *runner.v)) > 0
+    assert accel.held_bytes(tc, get("sft"), model, torch.device("cuda")) == 0
+    assert accel.held_bytes(tc, grpo, model, torch.device("cpu")) == 0
+    gpu = speed.GpuMemory(allocated=1e6, free=1e12, link_bytes_s=None)
+    tokens = accel.step_tokens(tc, grpo)
+    free_plan, _ = speed.resolve(tc, model, registry.get("lora"), torch.device("cuda"), tokens, gpu=gpu)
+    assert free_plan.gradient_checkpointing is False
+    _, report = speed.resolve(tc, model, registry.get("lora"), torch.device("cuda"), tokens, gpu=gpu)
+    need = report.predicted_peak_gib * GIB
+    limit = TrainConfig(batch_size=2, max_seq_len=40, memory_limit=f"{int(need + held / 2)}B")
+    tight, report = speed.resolve(limit, model, registry.get("lora"), torch.device("cuda"), tokens, gpu=gpu, held=held)
+    assert tight.gradient_checkpointing is True and "rollout KV buffers" in report.reason

@@ -83,6 +83,21 @@ def step_tokens(tc, objective) -> int:
     return packed_tokens(tc) or rows * tc.max_seq_len
 
 
+def held_bytes(tc, objective, model: nn.Module, device: torch.device) -> int:
+    """GPU memory a run holds through every training step besides the model and its optimizer, which
+    ``train.speed`` adds to a plan's peak: for online RL on CUDA, the rollout engine's KV buffers
+    (one rollout batch's slots of prompt plus completion, kept between rollouts so that the compiled
+    decode step's CUDA graphs stay valid); else nothing."""
+    cfg = objective.cfg
+    if cfg.tokenized != "rollout" or device.type != "cuda":
+        return 0
+    from ..infer.engine.fast import fast_path_refusal, kv_buffer_bytes
+    from .rl.rollout import Sampler
+    if fast_path_refusal(model) is not None:
+        return 0
+    return kv_buffer_bytes(model, Sampler.slots(tc, cfg), Sampler.max_len(model, cfg, tc.max_seq_len))
+
+
 def before_method(model: nn.Module, tc) -> None:
     if tc.liger and not liger.apply(model):
         raise ConfigError(f"train.liger: liger-kernel has no kernels for model type "

@@ -22,7 +22,8 @@ kept on the GPU m). Its cost and memory come from a model of one transformer blo
 
 The tokens a plan is for are those of one training forward (``accel.step_tokens``): a packed
 micro-batch, the rows of a padded batch (both rows of a preference pair), or one update pass of an
-online RL objective's completions.
+online RL objective's completions. Memory the run holds beside the model through every step (an
+online RL run's rollout KV buffers, ``accel.held_bytes``) is added to every plan's peak.
 
 After the first step the measured peak is compared with the prediction; both are in the summary.
 """
@@ -198,9 +199,11 @@ def fixed_fields(tc) -> dict:
     return fixed
 
 
-def resolve(tc, model: nn.Module, method_cls, device: torch.device, tokens: int, gpu: GpuMemory | None = None):
+def resolve(tc, model: nn.Module, method_cls, device: torch.device, tokens: int, gpu: GpuMemory | None = None,
+            held: float = 0.0):
     """(train config with the auto fields filled, SpeedReport). Never changes a field the user set.
-    ``gpu``: the GPU's state (default: read off ``device``)."""
+    ``gpu``: the GPU's state (default: read off ``device``); ``held``: bytes the run keeps allocated
+    beside the model through every step (``accel.held_bytes``: an online RL run's rollout KV buffers)."""
     fixed = fixed_fields(tc)
     off_defaults = {"compile": False, "gradient_checkpointing": False, "offload_activations": False}
     if tc.speed == "off" or device.type != "cuda":
@@ -221,7 +224,7 @@ def resolve(tc, model: nn.Module, method_cls, device: torch.device, tokens: int,
     limit = min(user_limit, available) if user_limit else available
     link = gpu.link_bytes_s * LINK_EFFICIENCY if gpu.link_bytes_s else None
     act = 4.0 if tc.precision == "fp32" else ACT_BYTES
-    candidates = plans(shape, tokens, static_bytes(model, gpu.allocated), compiled, link, fixed, act)
+    candidates = plans(shape, tokens, static_bytes(model, gpu.allocated) + held, compiled, link, fixed, act)
     plan = choose(candidates, limit)
     report = SpeedReport(mode="auto", limit_gib=limit / 2**30, host_link_gb_s=link / 1e9 if link else None)
     if plan is None:
@@ -237,5 +240,6 @@ def resolve(tc, model: nn.Module, method_cls, device: torch.device, tokens: int,
     report.predicted_peak_gib = plan.peak_bytes / 2**30
     report.reason = (f"{plan.checkpointed} of {shape.layers} blocks checkpointed"
                      + (f", offloaded but {plan.kept_on_gpu} kept on the GPU" if plan.offload else "")
-                     + f": predicted peak {plan.peak_bytes / 2**30:.1f} GiB within {limit / 2**30:.1f} GiB")
+                     + f": predicted peak {plan.peak_bytes / 2**30:.1f} GiB within {limit / 2**30:.1f} GiB"
+                     + (f" (with {held / 2**30:.1f} GiB of rollout KV buffers)" if held else ""))
     return tc.model_copy(update=update), report

@@ -124,8 +124,7 @@ class StaticRunner(ModelRunner):
         share_inputs(model)   # q/k/v and gate/up as one matmul each (shared_input.py)
         layers, kv, hd = _kv_shape(model)
         dtype = model.get_input_embeddings().weight.dtype
-        if max_len >= SPLIT_FROM:   # whole chunks of split attention in every column bucket
-            max_len = -(-max_len // SPLIT_CHUNK) * SPLIT_CHUNK
+        max_len = buffer_columns(max_len)
         dev, self.S, self.W = self.device, max_batch, max_len
         self.k = [torch.zeros(self.S, kv, self.W, hd, dtype=dtype, device=dev) for _ in range(layers)]
         self.v = [torch.zeros_like(x) for x in self.k]
@@ -304,11 +303,23 @@ def fast_path_refusal(model: nn.Module) -> str | None:
     return None
 
 
+def buffer_columns(max_len: int) -> int:
+    """The columns of the KV buffers for ``max_len`` tokens: from ``SPLIT_FROM`` on, whole chunks of
+    the split attention in every column bucket."""
+    return -(-max_len // SPLIT_CHUNK) * SPLIT_CHUNK if max_len >= SPLIT_FROM else max_len
+
+
+def kv_buffer_bytes(model: nn.Module, max_batch: int, max_len: int) -> int:
+    """Bytes of the fast path's KV buffers: keys and values of ``max_batch`` slots × the buffer columns
+    for ``max_len`` tokens in every layer."""
+    layers, kv, hd = _kv_shape(model)
+    return 2 * layers * max_batch * kv * buffer_columns(max_len) * hd * model.get_input_embeddings().weight.element_size()
+
+
 def _fits(model: nn.Module, max_batch: int, max_len: int) -> bool:
     """Whether the static buffers take at most half the free GPU memory (else: the plain path, said once)."""
     import logging
-    layers, kv, hd = _kv_shape(model)
-    size = 2 * layers * max_batch * kv * max_len * hd * model.get_input_embeddings().weight.element_size()
+    size = kv_buffer_bytes(model, max_batch, max_len)
     free, _ = torch.cuda.mem_get_info(device_of(model))
     if size <= free // 2:
         return True

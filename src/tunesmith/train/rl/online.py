@@ -72,9 +72,9 @@ class OnlineObjective(Objective):
 
     def _sampler(self, model) -> Sampler:
         if self.sampler is None:
-            t = self.run.train   # rows decoded together: one rollout batch
-            rows = min(256, t.batch_size * t.grad_accum * self.cfg.num_generations)
-            self.sampler = Sampler(model, self.tokenizer, self.cfg, t.max_seq_len, t.seed, max_batch=rows)
+            t = self.run.train
+            self.sampler = Sampler(model, self.tokenizer, self.cfg, t.max_seq_len, t.seed,
+                                   max_batch=Sampler.slots(t, self.cfg))
         return self.sampler
 
     def loss(self, model, batch):

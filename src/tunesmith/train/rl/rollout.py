@@ -46,10 +46,20 @@ class Sampler:
 
     def __init__(self, model, tokenizer, cfg, max_prompt: int, seed: int, max_batch: int = 64):
         from ...infer.engine import Engine
-        cap = getattr(model.config, "max_position_embeddings", None) or (max_prompt + cfg.max_tokens)
         self.engine = Engine(model, tokenizer, max_batch=max_batch, max_queue=1 << 16,
-                             max_len=min(cap, max_prompt + cfg.max_tokens))
+                             max_len=self.max_len(model, cfg, max_prompt))
         self.model, self.cfg, self.seed = model, cfg, seed
+
+    @staticmethod
+    def slots(tc, cfg) -> int:
+        """Rows the engine decodes together: one rollout batch (all its prompts' completions), at most 256."""
+        return min(256, tc.batch_size * tc.grad_accum * cfg.num_generations)
+
+    @staticmethod
+    def max_len(model, cfg, max_prompt: int) -> int:
+        """The engine's tokens a row: prompt plus completion, within the model's context."""
+        cap = getattr(model.config, "max_position_embeddings", None) or (max_prompt + cfg.max_tokens)
+        return min(cap, max_prompt + cfg.max_tokens)
 
     def params(self, temperature: float, seed: int):
         from ...infer.engine import SamplingParams
