@@ -21,7 +21,10 @@ new tokens / wall time of the whole call, prefill included. Sides:
   projections loaded, every row on the base), ``ts-mixed`` (rows cycling the 4 adapters), and
   ``peft-mixed`` (peft's mixed-adapter batch, ``generate(adapter_names=...)``, dynamic cache).
 
-The JSON holds every run; ``agree_row0``: how many leading tokens of the first row a side shares
+With ``--isolate`` each side runs in a process of its own, so that no side runs after another's
+compilations, CUDA graphs and Python objects; by default the sides of a config share one process.
+
+The JSON holds every run; ``row0``: the first row's tokens; ``agree_row0``: how many leading tokens of the first row a side shares
 with its reference (hf-dynamic; ts-base in lora4 configs; ts-mixed for peft-mixed): in bf16 on random
 weights near-ties flip, so a shorter common prefix than the 256 tokens is no error. Then the targets.
 """
@@ -50,6 +53,10 @@ import gpu_common as gc_  # noqa: E402
 
 HBM_TBPS = 4.8          # H200 HBM3e, the weight-bandwidth floor's denominator
 LORA_TARGETS = gc_.TARGETS
+SIDES = {"plain": ("hf-dynamic", "hf-static", "ts-separate", "ts", "ts-sync", "ts-plain"),
+         "lora4": ("ts-base", "ts-base-rows", "ts-mixed", "peft-mixed")}   # each kind's sides, in run order
+REFS = {"plain": "hf-dynamic", "lora4": "ts-base", "ts-mixed": "ts-mixed", "peft-mixed": "ts-mixed"}   # whose tokens a
+# side should repeat: by side, else by kind (ts-mixed: its own, none)
 CONFIGS = {             # key: (arch, batch, kind)
     "1b-b1": ("1b", 1, "plain"), "1b-b64": ("1b", 64, "plain"), "8b-b1": ("8b", 1, "plain"),
     "8b-b64": ("8b", 64, "plain"), "1b-lora4": ("1b", 64, "lora4"), "8b-lora4": ("8b", 64, "lora4"),
@@ -199,23 +206,41 @@ def run_config(key: str, args, record) -> None:
         sides["ts-mixed"] = lambda: with_adapters([f"l{i % 4}" for i in range(batch)])
         if not args.no_peft:
             sides["peft-mixed"] = lambda: peft_side(_plain_copy(model, holder), factors, prompts, new)[0]
-    refs = {"ts-mixed": "ts-mixed", "peft-mixed": "ts-mixed"}   # whose tokens each side should repeat
-    outs: dict = {}
+    assert tuple(sides) == tuple(s for s in SIDES[kind] if s in sides)
     for side, make in sides.items():
         if args.sides and side not in args.sides:
             continue
         try:
             gc_.free()
             res = timed(make(), args.repeats)
-            out = outs[side] = res.pop("out")
-            ref = outs.get(refs.get(side, "hf-dynamic" if kind == "plain" else "ts-base"))
-            res.update(tokens_per_s=batch * new / res["wall_s"], peak_gib=gc_.peak_gib(),
-                       agree_row0=agree(out[0], ref[0]) if ref is not None and ref is not out else None)
+            out = res.pop("out")
+            res.update(tokens_per_s=batch * new / res["wall_s"], peak_gib=gc_.peak_gib(), row0=out[0])
         except Exception as e:  # one failing side never loses the others
             res = {"error": f"{type(e).__name__}: {e}", "trace": traceback.format_exc()[-3000:]}
         record(key, side, res)
     del model
     gc_.free()
+
+
+def run_isolated(key: str, args, record) -> None:
+    """Each side of ``key`` in a process of its own (``--isolate``): no side runs after another's
+    compilations, CUDA graphs or Python heap. The children write JSON that is merged here."""
+    import subprocess
+    import tempfile
+    kind = CONFIGS[key][2]
+    for side in SIDES[kind]:
+        if args.sides and side not in args.sides or (side == "peft-mixed" and args.no_peft):
+            continue
+        with tempfile.TemporaryDirectory() as tmp:
+            out = Path(tmp) / "side.json"
+            cmd = [sys.executable, __file__, "--only", key, "--sides", side, "--repeats", str(args.repeats),
+                   "--prompt-len", str(args.prompt_len), "--new-tokens", str(args.new_tokens), "--out", str(out)] + (["--smoke"] if SMOKE else [])
+            done = subprocess.run(cmd, capture_output=True, text=True)
+            child = json.loads(out.read_text())["results"].get(key, {}) if out.is_file() else {}
+        if "meta" in child:
+            record(key, "meta", child["meta"])
+        record(key, side, child.get(side) or {"error": f"the side's process ended with status {done.returncode}",
+                                              "trace": (done.stdout + done.stderr)[-3000:]})
 
 
 def _plain_copy(model, holder):
@@ -255,6 +280,8 @@ def main() -> int:
     ap.add_argument("--new-tokens", type=int, default=16 if SMOKE else 256)
     ap.add_argument("--no-peft", action="store_true", help="skip peft's mixed-adapter batch")
     ap.add_argument("--smoke", action="store_true", help="CPU, tiny models (BENCH_DEVICE=cpu BENCH_TINY=1)")
+    ap.add_argument("--isolate", action="store_true",
+                    help="run each side in a process of its own (by default the sides of a config share one)")
     args = ap.parse_args()
     args.sides = set(args.sides.split(",")) if args.sides else None
     keys = args.only.split(",") if args.only else list(CONFIGS)
@@ -267,6 +294,9 @@ def main() -> int:
 
     def record(key, side, res):
         results.setdefault(key, {})[side] = res
+        if side != "meta" and "row0" in res:   # the leading tokens shared with the reference side's first row
+            ref = results[key].get(REFS.get(side, REFS[CONFIGS[key][2]]), {}).get("row0")
+            res["agree_row0"] = agree(res["row0"], ref) if ref is not None and ref is not res["row0"] else None
         doc["targets"] = targets(results)
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         Path(args.out).write_text(json.dumps(doc, indent=2))
@@ -276,7 +306,7 @@ def main() -> int:
             print(f"{key:9s} {side:13s} {shown}", flush=True)
     torch.manual_seed(0)
     for key in keys:
-        run_config(key, args, record)
+        (run_isolated if args.isolate else run_config)(key, args, record)
     print(json.dumps(doc["targets"], indent=2))
     return 0
 
