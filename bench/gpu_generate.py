@@ -21,6 +21,10 @@ new tokens / wall time of the whole call, prefill included. Sides:
   projections loaded, every row on the base), ``ts-mixed`` (rows cycling the 4 adapters), and
   ``peft-mixed`` (peft's mixed-adapter batch, ``generate(adapter_names=...)``, dynamic cache).
 
+The engine's sides also time the prompts' prefill alone (``prefill_s``) and the decode step that
+leaves (``step_ms``); ``--profile SIDES`` runs those sides once more under torch.profiler (the
+kernels' device time, in all and the top 25).
+
 With ``--isolate`` each side runs in a process of its own, so that no side runs after another's
 compilations, CUDA graphs and Python objects; by default the sides of a config share one process.
 
@@ -88,16 +92,32 @@ def hf_side(model, prompts, new: int, static: bool):
     return run
 
 
+def profile(fn, top: int = 25) -> dict:
+    """One more call of ``fn`` under torch.profiler: the device time of its kernels in all and the
+    ``top`` kernels by their own device time (CUDA graph replays included)."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+    with torch_profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        fn()
+        gc_.sync()
+    rows = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
+    rows.sort(key=lambda e: e.self_device_time_total, reverse=True)
+    total = sum(e.self_device_time_total for e in rows)
+    return {"kernel_ms": total / 1e3,
+            "top": [{"name": e.key[:120], "ms": e.self_device_time_total / 1e3, "calls": e.count} for e in rows[:top]]}
+
+
 def ts_side(engine, prompts, new: int, models: list[str | None]):
     from tunesmith.infer.engine import Request, SamplingParams
     rows = prompts.tolist()
     params = SamplingParams(max_tokens=new, ignore_eos=True)
 
-    def run():
+    def run(params=params):
         hs = [engine.submit(Request(prompt=p, model=m, params=params), sink=lambda out: None)
               for p, m in zip(rows, models)]
         engine.run_until_done()
         return [h.result().token_ids for h in hs]
+    run.prefill = lambda: run(SamplingParams(max_tokens=1, ignore_eos=True))   # the prompts' prefill alone
     return run
 
 
@@ -212,9 +232,15 @@ def run_config(key: str, args, record) -> None:
             continue
         try:
             gc_.free()
-            res = timed(make(), args.repeats)
+            fn = make()
+            res = timed(fn, args.repeats)
             out = res.pop("out")
             res.update(tokens_per_s=batch * new / res["wall_s"], peak_gib=gc_.peak_gib(), row0=out[0])
+            if hasattr(fn, "prefill"):   # the engine's sides: prefill alone, and the decode step it leaves
+                res["prefill_s"] = timed(fn.prefill, args.repeats)["wall_s"]
+                res["step_ms"] = (res["wall_s"] - res["prefill_s"]) / max(1, new - 1) * 1e3
+            if args.profile and (args.profile == "all" or side in args.profile.split(",")):
+                res["profile"] = profile(fn)
         except Exception as e:  # one failing side never loses the others
             res = {"error": f"{type(e).__name__}: {e}", "trace": traceback.format_exc()[-3000:]}
         record(key, side, res)
@@ -234,7 +260,8 @@ def run_isolated(key: str, args, record) -> None:
         with tempfile.TemporaryDirectory() as tmp:
             out = Path(tmp) / "side.json"
             cmd = [sys.executable, __file__, "--only", key, "--sides", side, "--repeats", str(args.repeats),
-                   "--prompt-len", str(args.prompt_len), "--new-tokens", str(args.new_tokens), "--out", str(out)] + (["--smoke"] if SMOKE else [])
+                   "--prompt-len", str(args.prompt_len), "--new-tokens", str(args.new_tokens), "--out", str(out)] \
+            + (["--smoke"] if SMOKE else []) + (["--profile", args.profile] if args.profile else [])
             done = subprocess.run(cmd, capture_output=True, text=True)
             child = json.loads(out.read_text())["results"].get(key, {}) if out.is_file() else {}
         if "meta" in child:
@@ -280,6 +307,8 @@ def main() -> int:
     ap.add_argument("--new-tokens", type=int, default=16 if SMOKE else 256)
     ap.add_argument("--no-peft", action="store_true", help="skip peft's mixed-adapter batch")
     ap.add_argument("--smoke", action="store_true", help="CPU, tiny models (BENCH_DEVICE=cpu BENCH_TINY=1)")
+    ap.add_argument("--profile", help="comma-separated sides (or 'all') to run once more under torch.profiler: "
+                    "their kernels' device time, in all and the top 25")
     ap.add_argument("--isolate", action="store_true",
                     help="run each side in a process of its own (by default the sides of a config share one)")
     args = ap.parse_args()
@@ -303,6 +332,10 @@ def main() -> int:
         if side != "meta":
             shown = f"{res['tokens_per_s']:9.1f} tok/s  wall {res['wall_s']:.2f}s  agree {res['agree_row0']}" \
                 if "tokens_per_s" in res else res["error"]
+            if "step_ms" in res:
+                shown += f"  prefill {res['prefill_s'] * 1e3:.0f} ms  step {res['step_ms']:.2f} ms"
+            if "profile" in res:
+                shown += f"  kernels {res['profile']['kernel_ms']:.0f} ms"
             print(f"{key:9s} {side:13s} {shown}", flush=True)
     torch.manual_seed(0)
     for key in keys:

@@ -119,7 +119,8 @@ def test_split_decode_attention_equals_sdpa_over_the_mask_columns(monkeypatch, d
 def test_decode_attention_splits_from_split_from_columns_in_whole_chunks(monkeypatch):
     calls = []
     real = fast.split_decode_attention
-    monkeypatch.setattr(fast, "split_decode_attention", lambda *a, **k: (calls.append(a[4].shape[-1]), real(*a, **k))[1])
+    monkeypatch.setattr(fast, "split_decode_attention",
+                        lambda *a, **k: (calls.append((a[4].shape[-1], k["chunk"])), real(*a, **k))[1])
     monkeypatch.setattr(fast, "SPLIT_FROM", 16)
     monkeypatch.setattr(fast, "SPLIT_CHUNK", 8)
     for w in (8, 12, 16, 20, 32):
@@ -128,7 +129,7 @@ def test_decode_attention_splits_from_split_from_columns_in_whole_chunks(monkeyp
         want = F.scaled_dot_product_attention(q, k[:, :, :w].repeat_interleave(4, 1), v[:, :, :w].repeat_interleave(4, 1),
                                               attn_mask=mask, scale=0.25).transpose(1, 2)
         assert rel_err(got, want) < 1e-6, w
-    assert calls == [16, 32]     # 8 and 12 are short, 20 is not whole chunks
+    assert calls == [(8, 8), (12, 12), (16, 8), (20, 20), (32, 8)]   # one piece: short, or not whole chunks
 
 
 def test_static_slots_with_split_attention_equal_the_plain_path(tokenizer, monkeypatch):
@@ -138,14 +139,15 @@ def test_static_slots_with_split_attention_equal_the_plain_path(tokenizer, monke
     monkeypatch.setattr(fast, "SPLIT_CHUNK", 8)
     calls = []
     real = fast.split_decode_attention
-    monkeypatch.setattr(fast, "split_decode_attention", lambda *a, **k: (calls.append(a[4].shape[-1]), real(*a, **k))[1])
+    monkeypatch.setattr(fast, "split_decode_attention",
+                        lambda *a, **k: (calls.append((a[4].shape[-1], k["chunk"])), real(*a, **k))[1])
     model = small()
     lengths = [5, 9, 3, 7, 4, 8]
     plain = _run(Engine(model, tokenizer, fast=False, max_batch=4), _prompts(), lengths)
     engine = Engine(model, tokenizer, fast=True, max_batch=4, max_len=19)
     assert engine.routes["base"].lane.runner.W == 24
     assert _run(engine, _prompts(), lengths) == plain
-    assert set(calls) == {16, 24}
+    assert {c for c in calls if c[0] >= 16} == {(16, 8), (24, 8)} and all(w == c for w, c in calls if w < 16)
 
 
 def test_column_buckets_double_then_grow_in_half_split_steps(monkeypatch):

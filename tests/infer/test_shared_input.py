@@ -184,7 +184,8 @@ def test_a_group_holds_per_row_adapters_as_the_wrapped_layers_do():
             for t in tables:
                 t.remove("a")
     share = model.model.layers[0].self_attn.q_proj._share
-    assert share.A is None and share.W.shape[1] == model.config.hidden_size and not tables[0].layers()
+    assert share.B is None and share.W.shape == (sum(m.out_features for m in share.layers), model.config.hidden_size)
+    assert not tables[0].layers()
 
 
 def test_the_fast_path_groups_and_its_adapters_join_the_groups(tokenizer):
@@ -193,7 +194,10 @@ def test_the_fast_path_groups_and_its_adapters_join_the_groups(tokenizer):
     assert isinstance(engine.routes["base"].lane.runner, StaticRunner)
     engine.routes["base"].lane.runner.table.add("a", _factors(model, ["model.layers.0.self_attn.k_proj"], 2, seed=3))
     attn = model.model.layers[0].self_attn
-    assert isinstance(attn.k_proj, SharedInputLinear) and attn.q_proj._share.A.shape == (2, attn.q_proj.in_features)
+    share = attn.q_proj._share
+    rows = sum(m.out_features for m in share.layers)
+    assert isinstance(attn.k_proj, SharedInputLinear)
+    assert share.B.shape == (rows, 2) and share.W.shape == (rows + 2, attn.q_proj.in_features)
 
 
 def test_a_moved_or_cast_model_is_laid_out_again():

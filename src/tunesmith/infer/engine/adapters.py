@@ -3,16 +3,11 @@
 Every adapted projection of the base model is wrapped once in a :class:`MultiLoraLinear` that
 holds the low-rank factors of all loaded adapters side by side: A_cat (C, d_in) and B_cat
 (d_out, C), C = the sum of their ranks, with ``col_slot`` (C,) naming the adapter of each column
-and ``col_scale`` (C,) its scaling (alpha/r, or alpha/√r for rsLoRA). For a batch whose row b
-uses adapter slot s_b (-1: the base model)
-
-    y = W0 x + ((x A_catᵀ) ⊙ M) B_catᵀ,    M[b, c] = col_scale[c] · [col_slot[c] == s_b],
-
-so each row gets exactly W0 x + s_a B_a A_a x of its own adapter a (Hu et al. 2021, eq. 3): one
-skinny matmul and one widened base matmul per projection whatever the number of adapters, no gather
-of per-row weights. On the fast path, projections that read one input (q/k/v, gate/up) are grouped
-(:mod:`.shared_input`) and the group holds its layers' factors the same way, one pair of matmuls
-per group.
+and ``col_scale`` (C,) its scaling (alpha/r, or alpha/√r for rsLoRA). A_cat joins the base
+weight as rows (:mod:`.joined`), so a mixed batch is two matmuls and one elementwise kernel per projection
+whatever the number of adapters, with no gather of per-row weights. On the fast path, projections
+that read one input (q/k/v, gate/up) are grouped (:mod:`.shared_input`) and the group holds its
+layers' factors the same way, one pair of matmuls per group.
 
 Adapters come from peft-format directories (tunesmith runs and adapters, peft's own) that are
 plain LoRA: :func:`per_row_reasons` says why one is not (DoRA, trained biases or modules_to_save,
@@ -34,6 +29,7 @@ from torch import nn
 from ...errors import ConfigError
 from ...methods import peft_format
 from ...methods.inject import TunedLayer, replace_module
+from . import joined
 from .shared_input import SharedInputLinear, unshare
 
 Factors = dict[str, tuple[torch.Tensor, torch.Tensor, float]]   # module -> (A (r, d_in), B (d_out, r), scale)
@@ -87,17 +83,15 @@ def read_factors(path: Path) -> Factors:
 class MultiLoraLinear(TunedLayer):
     """A frozen linear layer plus the LoRA factors of every loaded adapter, chosen per row.
 
-    The base weight lives inside ``W`` = [W0 | B_cat] (d_out, d_in + C), the base layer's weight a view
-    of its first d_in columns, so a mixed batch is two matmuls and one elementwise kernel per
-    projection: h = (x A_catᵀ) ⊙ M, then y = [x | h] Wᵀ = W0 x + h B_catᵀ (the up-projection joins
-    the base matmul instead of following it with a matmul and an add of its own)."""
+    The base weight lives inside ``W`` = [W0; A_cat] (:mod:`.joined`), the base layer's weight the
+    view of its first d_out rows; ``B`` is B_cat."""
 
     def __init__(self, base: nn.Linear, table: "AdapterTable"):
         unshare(base)   # its weight becomes part of W below: out of its decode group first
         super().__init__(base)
         object.__setattr__(self, "table", table)   # not a submodule: shared by every wrapped layer
         self.parts: dict[int, tuple[torch.Tensor, torch.Tensor, float]] = {}
-        for name in ("A", "W", "col_slot", "col_scale"):   # buffers: fixed addresses for CUDA graphs
+        for name in ("B", "W", "col_slot", "col_scale"):   # buffers: fixed addresses for CUDA graphs
             self.register_buffer(name, None, persistent=False)
 
     def set(self, slot: int, factors: tuple[torch.Tensor, torch.Tensor, float] | None) -> None:
@@ -115,13 +109,13 @@ class MultiLoraLinear(TunedLayer):
         w0 = base.weight.detach()
         if not self.parts:
             base.weight = nn.Parameter(w0.contiguous(), requires_grad=False)   # its own storage again
-            self.A = self.W = self.col_slot = self.col_scale = None
+            self.B = self.W = self.col_slot = self.col_scale = None
             return
         items = sorted(self.parts.items())
         dev, dtype = w0.device, w0.dtype
-        self.A = torch.cat([a for _, (a, _, _) in items], dim=0)                       # (C, d_in)
-        self.W = torch.cat([w0, *(b for _, (_, b, _) in items)], dim=1)                # (d_out, d_in + C)
-        base.weight = nn.Parameter(self.W[:, : base.in_features], requires_grad=False)
+        self.W = joined.join(w0, torch.cat([a for _, (a, _, _) in items], dim=0))       # (d_out + C, d_in)
+        self.B = torch.cat([b for _, (_, b, _) in items], dim=1)                        # (d_out, C)
+        base.weight = nn.Parameter(self.W[: base.out_features], requires_grad=False)
         self.col_slot = torch.cat([torch.full((a.shape[0],), k, dtype=torch.long, device=dev)
                                    for k, (a, _, _) in items])
         self.col_scale = torch.cat([torch.full((a.shape[0],), s, dtype=dtype, device=dev)
@@ -129,11 +123,10 @@ class MultiLoraLinear(TunedLayer):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = self.table.rows
-        if self.A is None or rows is None or self.disabled:
+        if self.B is None or rows is None or self.disabled:
             return self.base_layer(x)
-        m = (rows[:, None] == self.col_slot).to(x.dtype) * self.col_scale    # (B, C)
-        h = F.linear(x, self.A) * m.unsqueeze(1)                             # (B, T, C)
-        return F.linear(torch.cat([x, h], dim=-1), self.W, self.base_layer.bias)
+        m = joined.mask(rows, self.col_slot, self.col_scale, x.dtype)
+        return joined.product(x, self.W, self.B, m, self.base_layer.bias)
 
 
 class AdapterTable:
@@ -195,9 +188,9 @@ class AdapterTable:
         self.version += 1
 
     def layers(self) -> list:
-        """Every wrapped layer and every decode group holding adapters (each with A, W, col_slot, col_scale)."""
+        """Every wrapped layer and every decode group holding adapters (each with B, W, col_slot, col_scale)."""
         shares = [m._share for m in self.model.modules() if isinstance(m, SharedInputLinear) and m._index == 0]
-        return [m for m in self.model.modules() if isinstance(m, MultiLoraLinear)] + [s for s in shares if s.A is not None]
+        return [m for m in self.model.modules() if isinstance(m, MultiLoraLinear)] + [s for s in shares if s.B is not None]
 
     @contextlib.contextmanager
     def bind(self, slots: torch.Tensor, active: bool = True):

@@ -14,10 +14,10 @@ columns [0, c) only, c the smallest power of two (at least ``MIN_COLUMNS``) past
 generation in long buffers never reads their unused columns. The compiled step takes c as a dynamic
 size (one compilation; CUDA graphs recorded once per column bucket). Projections that read one
 input (q/k/v, gate/up) run as one matmul each (:mod:`.shared_input`). Attention for the
-one-token step goes through :func:`decode_attention`, which attends grouped-query heads to their
-shared key/value head without copying keys and values per query head (what transformers' SDPA
-path does whenever there is a mask); from ``SPLIT_FROM`` columns on it splits the work over the
-columns (:func:`split_decode_attention`), so that a few rows with long caches still use the whole GPU.
+one-token step goes through :func:`decode_attention`: batched matmuls around an fp32 softmax,
+query heads grouped under their shared key/value head without copying keys and values per query
+head, and from ``SPLIT_FROM`` columns on the value sum split over the columns, so that a few rows
+with long caches still use the whole GPU.
 
 Models with virtual-token hooks (prompt, prefix, P-tuning), sliding-window attention or attention
 outside transformers' attention interface (BLOOM, Falcon), and proxy-tuning keep to the plain path
@@ -26,7 +26,6 @@ outside transformers' attention interface (BLOOM, Falcon), and proxy-tuning keep
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ...models.compat import cache_kwargs
@@ -40,9 +39,10 @@ SPLIT_CHUNK = 512   # columns per partial sum of the split attention
 
 
 def decode_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-    """transformers attention-interface function. One-token queries with a 4-D mask: query heads
-    are grouped under their key/value head, (B, Hq, 1, D) -> (B, Hkv, G, D), and attend with SDPA
-    directly (no repeated keys and values). Anything else: transformers' SDPA function."""
+    """transformers attention-interface function. One-token queries with a 4-D mask go through
+    :func:`split_decode_attention` over the step's column bucket (the mask's width), split into
+    ``SPLIT_CHUNK``-column chunks from ``SPLIT_FROM`` columns on and in one piece below. Anything
+    else: transformers' SDPA function."""
     b, hq, t, d = query.shape
     hkv = key.shape[1]
     if t != 1 or attention_mask is None or attention_mask.dim() != 4 or hq % hkv:
@@ -50,33 +50,32 @@ def decode_attention(module, query, key, value, attention_mask, scaling=None, dr
         return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout,
                                       **kwargs)
     w = attention_mask.shape[-1]
-    if w >= SPLIT_FROM and w % SPLIT_CHUNK == 0:
-        return split_decode_attention(module, query, key, value, attention_mask, scaling=scaling)
-    if key.shape[2] > w:                                         # the step's column bucket: [0, w)
-        key, value = key[:, :, :w], value[:, :, :w]
-    q = query.reshape(b, hkv, hq // hkv, d)                     # head h -> kv head h // G, as repeat_kv
-    out = F.scaled_dot_product_attention(q, key, value, attn_mask=attention_mask, scale=scaling)
-    return out.reshape(b, hq, 1, d).transpose(1, 2), None      # (B, 1, Hq, D)
+    chunk = SPLIT_CHUNK if w >= SPLIT_FROM and w % SPLIT_CHUNK == 0 else w
+    return split_decode_attention(module, query, key, value, attention_mask, scaling=scaling, chunk=chunk)
 
 
-def split_decode_attention(module, query, key, value, attention_mask, scaling=None, **kwargs):
-    """One-token attention over many columns, split over the columns (flash-decoding's split-K).
+def split_decode_attention(module, query, key, value, attention_mask, scaling=None, chunk=None, **kwargs):
+    """One-token attention as batched matmuls, query heads grouped under their key/value head
+    ((B, Hq, 1, D) -> (B, Hkv, G, D): keys and values are never repeated per query head, which
+    transformers' SDPA path does whenever there is a mask).
 
-    A fused attention kernel walks a row's keys in one thread block per (row, key/value head), which
-    leaves most of the GPU idle once the batch is small and the cache long. Here the scores
-    q·Kᵀ (B, Hkv, G, W) are one batched matmul, parallel over the columns; their softmax is taken
-    in fp32; and the value sum runs in chunks of ``SPLIT_CHUNK`` columns, one matmul per chunk in
-    one batched call, whose partial sums are added in fp32. ``W`` must be a multiple of the chunk."""
+    The scores q·Kᵀ (B, Hkv, G, W) are one batched matmul, parallel over the columns; their softmax
+    is taken in fp32; and the value sum runs in chunks of ``chunk`` columns (default
+    ``SPLIT_CHUNK``), one matmul per chunk in one batched call, whose partial sums are added in fp32
+    (flash-decoding's split-K: a few rows with long caches still use the whole GPU, where a fused
+    kernel walks a row's keys in one thread block per row and head). ``W`` (the mask's width) must
+    be a multiple of the chunk; a chunk of W is one matmul."""
     b, hq, _, d = query.shape
     hkv, w = key.shape[1], attention_mask.shape[-1]
-    g, c = hq // hkv, w // SPLIT_CHUNK
+    chunk = chunk or SPLIT_CHUNK
+    g, c = hq // hkv, w // chunk
     key, value = key[:, :, :w], value[:, :, :w]
     scale = d ** -0.5 if scaling is None else scaling
     q = query.reshape(b, hkv, g, d)
     scores = torch.matmul(q, key.transpose(-1, -2)).float() * scale + attention_mask.float()   # (B, Hkv, G, W)
     p = torch.softmax(scores, dim=-1).to(value.dtype)
-    p = p.reshape(b, hkv, g, c, SPLIT_CHUNK).transpose(2, 3)                                    # (B, Hkv, C, G, K)
-    parts = torch.matmul(p, value.reshape(b, hkv, c, SPLIT_CHUNK, d))                           # (B, Hkv, C, G, D)
+    p = p.reshape(b, hkv, g, c, chunk).transpose(2, 3)                                          # (B, Hkv, C, G, K)
+    parts = torch.matmul(p, value.reshape(b, hkv, c, chunk, d))                                 # (B, Hkv, C, G, D)
     out = parts.float().sum(2).to(query.dtype)                                                   # (B, Hkv, G, D)
     return out.reshape(b, hq, 1, d).transpose(1, 2), None
 
@@ -220,7 +219,7 @@ class StaticRunner(ModelRunner):
         if self.compiled and self.table is not None and self.marked != self.table.version:
             from torch import _dynamo
             for layer in self.table.layers():
-                for t in (layer.A, layer.W, layer.col_slot, layer.col_scale):
+                for t in (layer.B, layer.W, layer.col_slot, layer.col_scale):
                     _dynamo.mark_static_address(t)
             self.marked = self.table.version
         top = max(self.phys) + 1

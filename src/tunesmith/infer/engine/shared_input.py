@@ -9,12 +9,11 @@ row blocks of one buffer, ``[W_q; W_k; W_v]``: every layer's weight becomes a vi
 others return their columns of it when they are called with the same input tensor.
 
 Per-row LoRA adapters (:class:`.adapters.AdapterTable`) join the group instead of wrapping its
-layers: the buffer becomes ``W = [W0 | B]`` (Σ d_out, d_in + C), where each layer's rows hold its own
-adapters' B_cat in its own columns of ``B`` (zeros elsewhere), and ``A`` (C, d_in) stacks every
-layer's A_cat. For rows bound to adapter slots s_b the group computes ``[x | (x Aᵀ) ⊙ M] Wᵀ`` with
-``M[b, c] = col_scale[c] · [col_slot[c] == s_b]``, which is W0 x + s_a B_a A_a x of each row's own
-adapter for every layer of the group: one skinny matmul and one matmul per group, as
-:class:`.adapters.MultiLoraLinear` does per layer.
+layers: the group's A_cat (C, d_in) stacks every layer's adapters' A, and its B_cat (Σ d_out, C)
+holds each layer's adapters' B in that layer's rows and its own columns (zeros elsewhere). The
+group's buffer becomes ``[W0; A_cat]`` as a single layer's weight does (:mod:`.joined`), which gives
+each layer of the group W0 x + s_a B_a A_a x of each row's own adapter: one pair of matmuls per
+group, as :class:`.adapters.MultiLoraLinear` has per layer.
 
 Without adapters and with gradients on (training the same model between rollouts), and for a
 projection whose input is not the one the first was called with, each layer computes its own
@@ -30,14 +29,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import joined
+
 #: Sibling layers that a block calls on one input, in the order the block calls them.
 GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
-_BUFFERS = ("shared_weight", "shared_bias", "shared_A", "shared_slot", "shared_scale")
+_BUFFERS = ("shared_weight", "shared_bias", "shared_B", "shared_slot", "shared_scale")
 
 
 class _Share:
     """One group: its layers, their adapters' factors, and the input and product of the current call
-    (kept only until the group's last layer has taken its columns). ``A``, ``W``, ``col_slot`` and
+    (kept only until the group's last layer has taken its columns). ``B``, ``W``, ``col_slot`` and
     ``col_scale`` are the group's tensors as an adapter table lists them (their addresses are fixed
     for CUDA graphs)."""
 
@@ -49,8 +50,8 @@ class _Share:
         self.out: torch.Tensor | None = None
 
     @property
-    def A(self):
-        return self.layers[0].shared_A
+    def B(self):
+        return self.layers[0].shared_B
 
     @property
     def W(self):
@@ -79,8 +80,8 @@ class _Share:
 
 class SharedInputLinear(nn.Linear):
     """An ``nn.Linear`` whose weight is a row block of its group's buffer (see the module doc).
-    The group's first layer holds the buffer (and the biases, the adapters' A and their columns'
-    slots and scales) as non-persistent buffers, so the state dict is the layer's own weight and
+    The group's first layer holds the buffer (and the biases, the adapters' A and B and their
+    columns' slots and scales) as non-persistent buffers, so the state dict is the layer's own weight and
     bias, unchanged."""
 
     _share: _Share
@@ -90,7 +91,7 @@ class SharedInputLinear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         share = self._share
         first = share.layers[0] if self._index else self
-        if torch.is_grad_enabled() and first.shared_A is None:
+        if torch.is_grad_enabled() and first.shared_B is None:
             return F.linear(x, self.weight, self.bias)
         lo, hi = self._cols
         if self._index == 0 or share.x is not x:
@@ -103,13 +104,14 @@ class SharedInputLinear(nn.Linear):
 
 def _product(first: SharedInputLinear, share: _Share, x: torch.Tensor) -> torch.Tensor:
     """The whole group's output for ``x``, with each row's adapter when rows are bound."""
-    w, a = first.shared_weight, first.shared_A
+    w, b_cat = first.shared_weight, first.shared_B
     rows = None if share.table is None else share.table.rows
-    if a is None or rows is None:
-        return F.linear(x, w if a is None else w[:, : first.in_features], first.shared_bias)
-    m = (rows[:, None] == first.shared_slot).to(x.dtype) * first.shared_scale    # (B, C)
-    h = F.linear(x, a) * m.unsqueeze(1)                                           # (B, T, C)
-    return F.linear(torch.cat([x, h], dim=-1), w, first.shared_bias)
+    if b_cat is None:
+        return F.linear(x, w, first.shared_bias)
+    if rows is None:
+        return F.linear(x, w[: b_cat.shape[0]], first.shared_bias)
+    m = joined.mask(rows, first.shared_slot, first.shared_scale, x.dtype)
+    return joined.product(x, w, b_cat, m, first.shared_bias)
 
 
 def _groupable(layers: list) -> bool:
@@ -158,27 +160,26 @@ def _lay_out(share: _Share) -> None:
             m.bias.data = first.shared_bias[lo:hi]
     items = [(m, slot, f) for i, m in enumerate(layers) for slot, f in sorted(share.parts[i].items())]
     if not items:
-        first.shared_weight, first.shared_A = w0, None
+        first.shared_weight, first.shared_B = w0, None
         first.shared_slot = first.shared_scale = None
     else:
         width = sum(a.shape[0] for _, _, (a, _, _) in items)
-        w = w0.new_zeros(w0.shape[0], d_in + width)
-        w[:, :d_in] = w0
-        c = d_in
+        b_cat = w0.new_zeros(w0.shape[0], width)                                    # (Σ d_out, C)
+        c = 0
         for m, _, (a, b, _) in items:
             lo, hi = m._cols
-            w[lo:hi, c:c + a.shape[0]] = b
+            b_cat[lo:hi, c:c + a.shape[0]] = b
             c += a.shape[0]
-        dev = w.device
-        first.shared_weight = w
-        first.shared_A = torch.cat([a for _, _, (a, _, _) in items], dim=0)          # (C, d_in)
+        dev = w0.device
+        first.shared_weight = joined.join(w0, torch.cat([a for _, _, (a, _, _) in items], dim=0))
+        first.shared_B = b_cat
         first.shared_slot = torch.cat([torch.full((a.shape[0],), slot, dtype=torch.long, device=dev)
                                        for _, slot, (a, _, _) in items])
-        first.shared_scale = torch.cat([torch.full((a.shape[0],), s, dtype=w.dtype, device=dev)
+        first.shared_scale = torch.cat([torch.full((a.shape[0],), s, dtype=w0.dtype, device=dev)
                                         for _, _, (a, _, s) in items])
     for m in layers:
         lo, hi = m._cols
-        m.weight.data = first.shared_weight[lo:hi, :d_in]                           # a view: no copy kept
+        m.weight.data = first.shared_weight[lo:hi]                                                # a view: no copy kept
 
 
 def _intact(share: _Share) -> bool:
