@@ -153,3 +153,37 @@ def test_mixed_batch_equals_peft_mixed_adapter_batch(tokenizer):
         want = pm.generate(input_ids=x, attention_mask=torch.ones_like(x), max_new_tokens=6, do_sample=False,
                            pad_token_id=0, eos_token_id=None, adapter_names=names)[:, 7:].tolist()
     assert [h.result().token_ids for h in got] == want
+
+
+def test_a_wrapped_layer_equals_the_lora_formula_row_by_row():
+    """Hu et al. 2021, eq. 3, written out per row: y_b = W0 x_b + bias + s_a B_a A_a x_b for row b's
+    adapter a (none: W0 x_b + bias). The wrapped layer's base weight is W's first d_out rows."""
+    from tunesmith.infer.engine.adapters import AdapterTable
+    g = torch.Generator().manual_seed(0)
+    base = nn.Linear(12, 10, bias=True)
+    holder = nn.Sequential(base)
+    table = AdapterTable(holder)
+    adapters = {name: (torch.randn(r, 12, generator=g), torch.randn(10, r, generator=g), s)
+                for name, r, s in (("a", 2, 0.5), ("b", 3, 2.0))}
+    w0, bias = base.weight.detach().clone(), base.bias.detach().clone()
+    slots = {name: table.add(name, {"0": f}) for name, f in adapters.items()}
+    layer = holder[0]
+    assert isinstance(layer, MultiLoraLinear)
+    assert layer.W.shape == (10 + 5, 12) and layer.B.shape == (10, 5)
+    assert layer.base_layer.weight.data_ptr() == layer.W.data_ptr()      # a view of W's first rows
+    x = torch.randn(4, 3, 12, generator=g)
+    rows = ["a", None, "b", "a"]
+    with table.bind(torch.tensor([slots[r] if r else -1 for r in rows])):
+        got = layer(x)
+    for i, name in enumerate(rows):
+        want = x[i] @ w0.T + bias
+        if name:
+            a, b, s = adapters[name]
+            want = want + s * (x[i] @ a.T) @ b.T
+        torch.testing.assert_close(got[i], want, rtol=1e-5, atol=1e-5)
+    table.remove("a")
+    with table.bind(torch.tensor([-1, slots["b"]])):
+        got = layer(x[:2])
+    a, b, s = adapters["b"]
+    torch.testing.assert_close(got[1], x[1] @ w0.T + bias + s * (x[1] @ a.T) @ b.T, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got[0], x[0] @ w0.T + bias, rtol=1e-5, atol=1e-5)
