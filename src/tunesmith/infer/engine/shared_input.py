@@ -151,7 +151,6 @@ def _lay_out(share: _Share) -> None:
     """(Re)build the group's buffer from its layers' current weights and adapters, and point every
     layer's weight (and bias) at its rows."""
     layers, first = share.layers, share.layers[0]
-    d_in = first.in_features
     w0 = torch.cat([m.weight.detach() for m in layers], dim=0)                    # (Σ d_out, d_in)
     if first.shared_bias is None and first.bias is not None:
         first.shared_bias = torch.cat([m.bias.detach() for m in layers])
