@@ -75,6 +75,21 @@ def test_chunked_cross_entropy_gives_the_reference_losses(alpaca_file, tmp_path)
         assert abs(x["loss"] - y["loss"]) <= 1e-5 * abs(y["loss"])
 
 
+def test_loss_chunks_of_a_few_rows_give_the_reference_losses(alpaca_file, tmp_path, monkeypatch):
+    """train.loss_chunk_logits reaches the chunked loss: chunks of a few rows, the reference's losses."""
+    from tunesmith.train.objectives import causal_lm
+    seen = []
+    real = causal_lm.linear_cross_entropy
+    monkeypatch.setattr(causal_lm, "linear_cross_entropy", lambda *a, **k: (seen.append(k["chunk_elements"]), real(*a, **k))[1])
+    method = {"name": "lora", "r": 4}
+    ref, _ = tunesmith.train(run_config(alpaca_file, tmp_path / "a", method, max_steps=2, chunked_ce=False))
+    small, _ = tunesmith.train(run_config(alpaca_file, tmp_path / "b", method, max_steps=2, chunked_ce=True,
+                                          loss_chunk_logits=1000))   # a few rows of the small vocabulary a chunk
+    assert seen and set(seen) == {1000}
+    for x, y in zip(_records(small, "train"), _records(ref, "train"), strict=True):
+        assert abs(x["loss"] - y["loss"]) <= 1e-5 * abs(y["loss"])
+
+
 @pytest.mark.slow
 def test_compiled_layers_give_the_eager_losses(alpaca_file, tmp_path):
     method = {"name": "lora", "r": 4}
@@ -92,6 +107,8 @@ def test_compiled_layers_give_the_eager_losses(alpaca_file, tmp_path):
     ({"max_tokens_per_batch": 512}, {"name": "lora"}, "alpaca", "only used with train.padding_free"),
     ({"chunked_ce": True}, {"name": "lora"}, "cls", "train.chunked_ce"),
     ({"liger": True}, {"name": "lora"}, "alpaca", "train.liger"),
+    ({"loss_chunk_logits": 1 << 20}, {"name": "lora"}, "cls", "train.loss_chunk_logits: sizes the chunked loss of pt, sft"),
+    ({"loss_chunk_logits": 1 << 20, "chunked_ce": False}, {"name": "lora"}, "alpaca", "chunked_ce: false turns off"),
 ])
 def test_impossible_speed_settings_are_refused_before_loading(train, method, data, message, alpaca_file, cls_file,
                                                               tmp_path):

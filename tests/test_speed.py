@@ -181,3 +181,37 @@ def test_an_rl_run_plans_with_its_rollout_kv_buffers_held():
     limit = TrainConfig(batch_size=2, max_seq_len=40, memory_limit=f"{int(need + held / 2)}B")
     tight, report = speed.resolve(limit, model, registry.get("lora"), torch.device("cuda"), tokens, gpu=gpu, held=held)
     assert tight.gradient_checkpointing is True and "rollout KV buffers" in report.reason
+
+
+def test_a_frozen_head_takes_larger_loss_chunks_where_the_plan_leaves_room():
+    """Chunks of 2^27 logits instead of 2^25 for sft/pt's chunked loss over a frozen head, when the
+    chosen plan's peak plus the larger chunk's logits and gradient fit; never over a set field."""
+    model = tunesmith.apply(tiny(), "lora")
+    vocab = model.get_output_embeddings().weight.shape[0]
+    tokens = (1 << 27) // vocab + 1                                # a step's logits fill the larger chunk
+    extra = speed.larger_chunk_bytes(model, tokens)
+    assert extra == ((1 << 27) - (1 << 25)) * 6.0                  # fp32 logits and their bf16 gradient
+    big = speed.GpuMemory(allocated=1e6, free=1e12, link_bytes_s=None)
+
+    def resolve(gpu=big, **train):
+        return speed.resolve(TrainConfig(**train), model, registry.get("lora"), torch.device("cuda"), tokens,
+                             gpu=gpu, loss_chunks=True)
+    tc, report = resolve()
+    assert tc.loss_chunk_logits == 1 << 27 and report.chosen["loss_chunk_logits"] == 1 << 27
+    assert "loss chunks of 2^27 logits" in report.reason
+    without, _ = speed.resolve(TrainConfig(), model, registry.get("lora"), torch.device("cuda"), tokens, gpu=big)
+    assert without.loss_chunk_logits is None                     # an objective without the chunked loss
+    assert report.predicted_peak_gib == pytest.approx(_peak(model, tokens, big) + extra / GIB)
+    room = (_peak(model, tokens, big) * GIB + extra / 2 - 1e6) / speed.MARGIN   # the plan fits, the chunk does not
+    tc, report = resolve(gpu=speed.GpuMemory(allocated=1e6, free=room, link_bytes_s=None))
+    assert tc.loss_chunk_logits is None and "loss chunks" not in report.reason
+    tc, report = resolve(loss_chunk_logits=1 << 20)
+    assert tc.loss_chunk_logits == 1 << 20 and "loss_chunk_logits" not in report.chosen
+    full = tiny()                                                  # a trained head: its chunks are 2^27 already
+    assert full.get_output_embeddings().weight.requires_grad and speed.larger_chunk_bytes(full, tokens) == 0
+    assert speed.larger_chunk_bytes(model, 4) == 0                 # a step's logits fit one default chunk
+
+
+def _peak(model, tokens, gpu) -> float:
+    _, report = speed.resolve(TrainConfig(), model, registry.get("lora"), torch.device("cuda"), tokens, gpu=gpu)
+    return report.predicted_peak_gib

@@ -105,6 +105,11 @@ class TrainConfig(BaseModel):
     chunked_ce: bool | Literal["auto"] = Field(
         "auto", description="Causal LM loss through the chunked linear cross-entropy (no full logits tensor); "
                             "auto = on CUDA only.")
+    loss_chunk_logits: int | None = Field(
+        None, ge=1, description="Logits per chunk of the chunked loss of sft and pt (chunked_ce): larger chunks "
+                                "take more memory (4 bytes a logit, and the logits' gradient) and fewer, larger "
+                                "matrix products and launches a step. Null: 2^27 with a trained head, else 2^25, "
+                                "and on CUDA train.speed takes 2^27 where its plan leaves the memory for it.")
     liger: bool = Field(False, description="Patch liger-kernel's Triton RMSNorm, SwiGLU and RoPE into the model "
                                            "(CUDA; `pip install liger-kernel`).")
     compile: bool | None = Field(None, description="torch.compile each decoder layer (one graph a layer) and the "

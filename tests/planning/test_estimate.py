@@ -79,3 +79,23 @@ def test_estimate_within_15_percent_of_the_h200_peaks(file, key, impl):
         "train": {"batch_size": row["batch"], "max_seq_len": row["seq"], "compile": chosen["compile"]}})
     predicted = estimate(cfg, device="cuda").peak / 2**30
     assert abs(predicted - row["peak_gib"]) <= 0.15 * row["peak_gib"], (predicted, row["peak_gib"])
+
+
+def test_a_set_loss_chunk_is_the_chunk_the_estimate_counts():
+    """1B LoRA b4 with chunks of 2^27 logits: the loss part is that chunk's fp32 logits and gradient,
+    and the peak is within 15% of the H200's (bench/results/h200/gpu_train_1b_lora_host.json)."""
+    import sys
+    sys.path.insert(0, str(HERE.parents[1] / "bench"))
+    from gpu_common import ARCHS, LORA, TARGETS
+    row = next(r for r in json.loads((H200 / "gpu_train_1b_lora_host.json").read_text())["results"]
+               if (r["key"], r["impl"]) == ("1b-lora-b4", "ts+compile+ce27"))
+
+    def est(**train):
+        return estimate(config_mod.load({
+            "model": {"name_or_path": "random:llama", "dtype": "bfloat16",
+                      "random_overrides": {**ARCHS["1b"], "max_position_embeddings": 8192}},
+            "method": {"name": "lora", "target_modules": TARGETS, **LORA}, "data": {"train": "x.jsonl"},
+            "train": {"batch_size": 4, "max_seq_len": 2048, "compile": True, **train}}), device="cuda")
+    default, large = est(), est(loss_chunk_logits=1 << 27)
+    assert default.parts["loss (logits)"] == (1 << 25) * 6.0 and large.parts["loss (logits)"] == (1 << 27) * 6.0
+    assert abs(large.peak / 2**30 - row["peak_gib"]) <= 0.15 * row["peak_gib"], (large.peak / 2**30, row["peak_gib"])

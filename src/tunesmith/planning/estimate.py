@@ -200,7 +200,8 @@ def estimate(cfg: RunConfig, *, device: str | None = None, num_labels: int = 2, 
         chunked = cfg.train.chunked_ce is True or (cfg.train.chunked_ce == "auto" and dev_type == "cuda")
         if chunked:   # one chunk's fp32 logits (a trained head takes larger chunks) and their matmul output
             from ..kernels import cross_entropy as ce
-            chunk = ce.CHUNK_ELEMENTS_TRAINED if cfg.method.name == "full" else ce.CHUNK_ELEMENTS
+            chunk = cfg.train.loss_chunk_logits or (ce.CHUNK_ELEMENTS_TRAINED if cfg.method.name == "full"
+                                                    else ce.CHUNK_ELEMENTS)
             parts["loss (logits)"] = min(logit_tokens * act.vocab, chunk) * (4.0 + act_bytes)
         else:
             parts["loss (logits)"] = logit_tokens * act.vocab * 4.0 * LOGIT_COPIES

@@ -61,6 +61,13 @@ def check(tc, objective, method_cls, device: torch.device) -> None:
     if tc.chunked_ce is True and not objective.chunked_ce:
         raise ConfigError(f"train.chunked_ce: applies to the objectives with a language-model head "
                           f"({_allowing('chunked_ce')}), not {objective.name!r}; leave it at auto")
+    if tc.loss_chunk_logits is not None:
+        if not objective.loss_chunks:
+            raise ConfigError(f"train.loss_chunk_logits: sizes the chunked loss of {_allowing('loss_chunks')}, "
+                              f"not of {objective.name!r}; remove it")
+        if tc.chunked_ce is False:
+            raise ConfigError("train.loss_chunk_logits: sizes the chunked loss, which train.chunked_ce: false turns "
+                              "off; remove one of them")
 
 
 def packed_tokens(tc) -> int | None:

@@ -195,7 +195,8 @@ def _train(cfg: RunConfig, resume: Path | None, built, t_start: float, progress:
     device = next(model.parameters()).device
     precision = precision_for(cfg, device)
     tc, speed_report = speed.resolve(cfg.train, model, type(method), device, accel.step_tokens(cfg.train, objective),
-                                     held=accel.held_bytes(cfg.train, objective, model, device))
+                                     held=accel.held_bytes(cfg.train, objective, model, device),
+                                     loss_chunks=bool(getattr(objective, "chunked", False)))
     run_mode = distributed.mode(tc, method, model, device)
     tc, ctx = distributed.resolved_train(tc, run_mode), distributed.context()
     objective.configure(tc)  # again, with the speed fields resolved (the compiled loss chunk follows train.compile)

@@ -27,7 +27,7 @@ _OBJECTIVES: dict[str, type["Objective"]] = {}
 _CONFIGS: dict[str, type["ObjectiveConfig"]] = {}
 TASKS = ("causal_lm", "classification", "seq2seq")
 DECLARED = ("task", "num_labels", "formats", "default_for", "encoder_decoder", "tokenized", "packing", "chunked_ce",
-            "eval_tasks", "online")
+            "loss_chunks", "eval_tasks", "online")
 
 
 class ObjectiveConfig(BaseModel):
@@ -50,6 +50,8 @@ class ObjectiveConfig(BaseModel):
     #: Whether ``train.padding_free`` and ``train.chunked_ce`` apply to it.
     packing: ClassVar[bool] = False
     chunked_ce: ClassVar[bool] = False
+    #: Whether its chunked loss takes ``train.loss_chunk_logits`` (the causal LM loss of sft and pt).
+    loss_chunks: ClassVar[bool] = False
     #: Whose metrics train.eval_metrics may name (tunesmith.eval).
     eval_tasks: ClassVar[tuple[str, ...]] = ("lm",)
     #: Whether it learns from its own samples (online RL: prompts as data, its own step; train/rl/).

@@ -66,10 +66,11 @@ class LogitsLoss:
 
 class ChunkedLoss:
     """Hidden states from the decoder, then the chunked linear cross-entropy over the head
-    (``compiled``: its per-chunk softmax and gradient compiled, with ``train.compile``)."""
+    (``compiled``: its per-chunk softmax and gradient compiled, with ``train.compile``;
+    ``chunk_elements``: logits per chunk, ``train.loss_chunk_logits``, None: the kernel's default)."""
 
-    def __init__(self, compiled: bool = False):
-        self.compiled = compiled
+    def __init__(self, compiled: bool = False, chunk_elements: int | None = None):
+        self.compiled, self.chunk_elements = compiled, chunk_elements
 
     def __call__(self, model: nn.Module, batch: dict) -> torch.Tensor:
         head = plain_head(model)
@@ -80,7 +81,7 @@ class ChunkedLoss:
         rows = "find" if host is None else labelled_rows(next_token_labels(host), labels.device)
         hidden = model.get_decoder()(**model_inputs(batch)).last_hidden_state  # (B, T, d)
         return linear_cross_entropy(hidden.reshape(-1, hidden.shape[-1]), head.weight, labels, head.bias,
-                                    compiled=self.compiled, rows=rows)
+                                    chunk_elements=self.chunk_elements, compiled=self.compiled, rows=rows)
 
 
 def default_chunked() -> bool:
@@ -100,6 +101,12 @@ class CausalLM(Objective):
             self.lm_loss = ChunkedLoss() if train_cfg.chunked_ce else LogitsLoss()
         if isinstance(self.lm_loss, ChunkedLoss):
             self.lm_loss.compiled = bool(train_cfg.compile)
+            self.lm_loss.chunk_elements = train_cfg.loss_chunk_logits
+
+    @property
+    def chunked(self) -> bool:
+        """Whether the loss goes through the chunked linear cross-entropy."""
+        return isinstance(self.lm_loss, ChunkedLoss)
 
     def count(self, batch):
         return int((on_host(batch, "labels")[:, 1:] != IGNORE).sum())

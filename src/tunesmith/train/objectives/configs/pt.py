@@ -14,4 +14,5 @@ class PretrainConfig(ObjectiveConfig):
     tokenized: ClassVar[str] = "pt"
     packing: ClassVar[bool] = True
     chunked_ce: ClassVar[bool] = True
+    loss_chunks: ClassVar[bool] = True
     name: Literal["pt"] = "pt"

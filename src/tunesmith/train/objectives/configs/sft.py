@@ -14,5 +14,6 @@ class SFTConfig(ObjectiveConfig):
     tokenized: ClassVar[str] = "sft"
     packing: ClassVar[bool] = True
     chunked_ce: ClassVar[bool] = True
+    loss_chunks: ClassVar[bool] = True
     eval_tasks: ClassVar[tuple[str, ...]] = ("lm", "generation")
     name: Literal["sft"] = "sft"
