@@ -171,11 +171,10 @@ def setup_tunesmith(model, method: str, gc_on: bool, *, liger: bool = False, pac
     if compile_layers:
         from tunesmith.kernels.compile import compile_decoder_layers
         compile_decoder_layers(model, options=inductor_options(compile_flags))
-    from tunesmith.kernels import cross_entropy   # ceN: 2**N logits a chunk of the chunked loss (a frozen head)
-    ce = [int(f[2:]) for f in compile_flags if f.startswith("ce")]
-    cross_entropy.CHUNK_ELEMENTS = 1 << (ce[0] if ce else 25)   # set each time: configurations share a process
+    ce = [int(f[2:]) for f in compile_flags if f.startswith("ce")]   # ceN: train.loss_chunk_logits = 2**N
     objective = CausalLM()
-    objective.configure(TrainConfig(compile=compile_layers))  # train.compile also compiles the loss's chunks
+    objective.configure(TrainConfig(compile=compile_layers,   # train.compile also compiles the loss's chunks
+                                    loss_chunk_logits=1 << ce[0] if ce else None))
 
     def loss_fn(m, batch):
         n = max(1, objective.count(batch))  # counted before the forward, as the training loop does
@@ -197,11 +196,10 @@ def setup_tunesmith_auto(model, method: str, tokens: int, limit_gib: float | Non
     if registry.get(method).upcast_trainable:
         upcast_trainable(model)
     tc = TrainConfig(memory_limit=f"{limit_gib}GiB" if limit_gib else None)
-    tc, report = speed.resolve(tc, model, registry.get(method), torch.device(DEV), tokens)
-    accel.after_method(model, tc)
-    from tunesmith.kernels import cross_entropy
-    cross_entropy.CHUNK_ELEMENTS = 1 << 25
     objective = CausalLM()
+    tc, report = speed.resolve(tc, model, registry.get(method), torch.device(DEV), tokens,
+                               loss_chunks=objective.chunked)   # as train/runner.py calls it
+    accel.after_method(model, tc)
     objective.configure(tc)
 
     def loss_fn(m, batch):
