@@ -189,7 +189,7 @@ def test_a_frozen_head_takes_larger_loss_chunks_where_the_plan_leaves_room():
     model = tunesmith.apply(tiny(), "lora")
     vocab = model.get_output_embeddings().weight.shape[0]
     tokens = (1 << 27) // vocab + 1                                # a step's logits fill the larger chunk
-    extra = speed.larger_chunk_bytes(model, tokens)
+    extra = speed.chunk_bytes(model, tokens, 1 << 27)
     assert extra == ((1 << 27) - (1 << 25)) * 6.0                  # fp32 logits and their bf16 gradient
     big = speed.GpuMemory(allocated=1e6, free=1e12, link_bytes_s=None)
 
@@ -207,9 +207,11 @@ def test_a_frozen_head_takes_larger_loss_chunks_where_the_plan_leaves_room():
     assert tc.loss_chunk_logits is None and "loss chunks" not in report.reason
     tc, report = resolve(loss_chunk_logits=1 << 20)
     assert tc.loss_chunk_logits == 1 << 20 and "loss_chunk_logits" not in report.chosen
+    smaller = ((1 << 20) - (1 << 25)) * 6.0                        # a set chunk is counted in the plan
+    assert report.predicted_peak_gib == pytest.approx(_peak(model, tokens, big) + smaller / GIB)
     full = tiny()                                                  # a trained head: its chunks are 2^27 already
-    assert full.get_output_embeddings().weight.requires_grad and speed.larger_chunk_bytes(full, tokens) == 0
-    assert speed.larger_chunk_bytes(model, 4) == 0                 # a step's logits fit one default chunk
+    assert full.get_output_embeddings().weight.requires_grad and speed.chunk_bytes(full, tokens, 1 << 27) == 0
+    assert speed.chunk_bytes(model, 4, 1 << 27) == 0               # a step's logits fit one default chunk
 
 
 def _peak(model, tokens, gpu) -> float:

@@ -28,8 +28,8 @@ online RL run's rollout KV buffers, ``accel.held_bytes``) is added to every plan
 Beside the plan, the chunked loss of sft and pt takes chunks of 2^27 logits instead of 2^25 when
 its head is frozen (a trained head's chunks are that large already) and the chosen plan's peak
 leaves room for the larger chunk's logits and their gradient: a quarter of the chunks, each a
-larger matrix product, at 0.4 GiB more (1B LoRA on the H200: 79,272 tokens/s against 77,218,
-bench/results/h200/gpu_train_1b_lora_host.json).
+larger matrix product (1B LoRA on the H200: 79,272 tokens/s against 77,218, at 0.37 GiB more,
+bench/results/h200/gpu_train_1b_lora_host.json). A chunk size the user set is counted in every plan.
 
 After the first step the measured peak is compared with the prediction; both are in the summary.
 """
@@ -206,16 +206,16 @@ def fixed_fields(tc) -> dict:
     return fixed
 
 
-def larger_chunk_bytes(model: nn.Module, tokens: int, act_bytes: float = ACT_BYTES) -> float:
-    """Bytes more that chunks of ``ce.CHUNK_ELEMENTS_TRAINED`` logits take than the default chunks of a
-    frozen head, for ``tokens`` a step (0: the head is trained, its chunks are that large already,
-    or a step's logits fit one default chunk)."""
+def chunk_bytes(model: nn.Module, tokens: int, chunk: int, act_bytes: float = ACT_BYTES) -> float:
+    """Bytes that loss chunks of ``chunk`` logits take more than the default chunks of the model's head
+    (2^27 logits when it is trained, else 2^25; ``WORKSPACE`` counts those), for ``tokens`` a step:
+    a chunk holds its fp32 logits and their gradient in the compute dtype. Negative for smaller chunks."""
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-    if head is None or head.weight.requires_grad:
+    if head is None:
         return 0.0
+    default = ce.CHUNK_ELEMENTS_TRAINED if head.weight.requires_grad else ce.CHUNK_ELEMENTS
     logits = tokens * head.weight.shape[0]
-    big, small = min(logits, ce.CHUNK_ELEMENTS_TRAINED), min(logits, ce.CHUNK_ELEMENTS)
-    return (big - small) * (4.0 + act_bytes)   # fp32 logits and their gradient in the compute dtype
+    return (min(logits, chunk) - min(logits, default)) * (4.0 + act_bytes)
 
 
 def resolve(tc, model: nn.Module, method_cls, device: torch.device, tokens: int, gpu: GpuMemory | None = None,
@@ -244,7 +244,10 @@ def resolve(tc, model: nn.Module, method_cls, device: torch.device, tokens: int,
     limit = min(user_limit, available) if user_limit else available
     link = gpu.link_bytes_s * LINK_EFFICIENCY if gpu.link_bytes_s else None
     act = 4.0 if tc.precision == "fp32" else ACT_BYTES
-    candidates = plans(shape, tokens, static_bytes(model, gpu.allocated) + held, compiled, link, fixed, act)
+    static = static_bytes(model, gpu.allocated) + held
+    if loss_chunks and tc.loss_chunk_logits is not None:   # the user's chunk size, as every plan holds it
+        static += chunk_bytes(model, tokens, tc.loss_chunk_logits, act)
+    candidates = plans(shape, tokens, static, compiled, link, fixed, act)
     plan = choose(candidates, limit)
     report = SpeedReport(mode="auto", limit_gib=limit / 2**30, host_link_gb_s=link / 1e9 if link else None)
     if plan is None:
@@ -257,8 +260,9 @@ def resolve(tc, model: nn.Module, method_cls, device: torch.device, tokens: int,
               "offload_activations": plan.offload, "offload_kept_layers": plan.kept_on_gpu if plan.offload else None}
     update.update({f: v for f, v in chosen.items() if getattr(tc, f) is None})
     peak, chunk_note = plan.peak_bytes, ""
-    extra = larger_chunk_bytes(model, tokens, act) if loss_chunks and tc.loss_chunk_logits is None else 0.0
-    if extra and peak + extra <= limit:
+    extra = chunk_bytes(model, tokens, ce.CHUNK_ELEMENTS_TRAINED, act) if loss_chunks and tc.loss_chunk_logits is None \
+        else 0.0                                      # 0 for a trained head: its chunks are that large already
+    if extra > 0 and peak + extra <= limit:
         update["loss_chunk_logits"] = ce.CHUNK_ELEMENTS_TRAINED
         peak += extra
         chunk_note = f"; loss chunks of 2^27 logits (+{extra / 2**30:.2f} GiB)"
