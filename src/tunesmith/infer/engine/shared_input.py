@@ -49,21 +49,10 @@ class _Share:
         self.x: torch.Tensor | None = None
         self.out: torch.Tensor | None = None
 
-    @property
-    def B(self):
-        return self.layers[0].shared_B
-
-    @property
-    def W(self):
-        return self.layers[0].shared_weight
-
-    @property
-    def col_slot(self):
-        return self.layers[0].shared_slot
-
-    @property
-    def col_scale(self):
-        return self.layers[0].shared_scale
+    B = property(lambda self: self.layers[0].shared_B)
+    W = property(lambda self: self.layers[0].shared_weight)
+    col_slot = property(lambda self: self.layers[0].shared_slot)
+    col_scale = property(lambda self: self.layers[0].shared_scale)
 
     def set(self, index: int, slot: int, factors, table) -> None:
         """Add (or with None remove) adapter ``slot``'s (A, B, scale) on the group's layer ``index``."""
