@@ -163,6 +163,29 @@ def test_column_buckets_double_then_grow_in_half_split_steps(monkeypatch):
     assert got == {0: 4, 3: 4, 4: 8, 15: 16, 16: 24, 23: 24, 24: 32, 40: 48, 99: 104}
 
 
+def test_one_compiled_graph_per_batch_bucket_for_every_column_count(tokenizer, monkeypatch):
+    """The step compiles once per batch bucket: column buckets 16 and 32 and the whole buffer (40)
+    run in that one graph (the buffers' spare column keeps every step's columns non-contiguous)."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+    counter = CompileCounterWithBackend("eager")
+    real = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn, mode=None, dynamic=None: real(fn, backend=counter, dynamic=dynamic))
+    monkeypatch.setattr(fast, "MIN_COLUMNS", 16)
+    torch._dynamo.reset()
+    model = small()
+    lengths = [20, 26, 3, 25]
+    plain = _run(Engine(model, tokenizer, fast=False, max_batch=4), _prompts(4), lengths)
+    engine = Engine(model, tokenizer, fast=False, max_batch=4)
+    lane = engine.routes["base"].lane
+    lane.runner = runner = StaticRunner(model, engine.pad_id, engine.table, max_batch=4, max_len=40,
+                                        compile_mode="default")
+    widths, compiled = set(), runner.step_fn
+    runner.step_fn = lambda i, p, v: (widths.add((i.shape[0], v.shape[1])), compiled(i, p, v))[1]
+    assert _run(engine, _prompts(4), lengths) == plain
+    assert {w for _, w in widths} == {16, 32, 40} and {b for b, _ in widths} == {2, 4}
+    assert counter.frame_count == 2
+
+
 @pytest.mark.slow
 def test_compiled_step_equals_the_plain_path(tokenizer, monkeypatch):
     """The compiled step, its column count dynamic (buckets 16 and 32 here, then the whole 40) and its

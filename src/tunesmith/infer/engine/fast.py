@@ -12,11 +12,12 @@ The step runs slots [0, bucket) (buckets are powers of two up to ``max_batch``, 
 lowest free slot), so batch 1 computes one row however large the buffers are; and it attends over
 columns [0, c) only, c the smallest power of two (at least ``MIN_COLUMNS``) past ``t``, so a short
 generation in long buffers never reads their unused columns. The compiled step takes c as a dynamic
-size (one compilation; CUDA graphs recorded once per column bucket). Projections that read one
-input (q/k/v, gate/up) run as one matmul each (:mod:`.shared_input`). Attention for the
-one-token step goes through :func:`decode_attention`: batched matmuls around an fp32 softmax,
-query heads grouped under their shared key/value head without copying keys and values per query
-head, and from ``SPLIT_FROM`` columns on the value sum split over the columns, so that a few rows
+size (one compilation per batch bucket, the whole width included: a spare column past the last keeps
+every step's columns a non-contiguous slice of the buffers; CUDA graphs recorded once per column
+bucket). Projections that read one input (q/k/v, gate/up) run as one matmul each
+(:mod:`.shared_input`). Attention for the one-token step goes through :func:`decode_attention`:
+batched matmuls around an fp32 softmax, query heads grouped under their shared key/value head
+without copying keys and values per query head, and from ``SPLIT_FROM`` columns on the value sum split over the columns, so that a few rows
 with long caches still use the whole GPU.
 
 Models with virtual-token hooks (prompt, prefix, P-tuning), sliding-window attention or attention
@@ -36,6 +37,7 @@ ATTENTION = "tunesmith_decode"
 MIN_COLUMNS = 256   # the smallest column bucket of a decode step
 SPLIT_FROM = 4096   # column counts from which one-token attention is split over the columns
 SPLIT_CHUNK = 512   # columns per partial sum of the split attention
+SPARE = 1           # buffer columns past the last usable one (StaticRunner)
 
 
 def decode_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
@@ -125,9 +127,11 @@ class StaticRunner(ModelRunner):
         dtype = model.get_input_embeddings().weight.dtype
         max_len = buffer_columns(max_len)
         dev, self.S, self.W = self.device, max_batch, max_len
-        self.k = [torch.zeros(self.S, kv, self.W, hd, dtype=dtype, device=dev) for _ in range(layers)]
+        # SPARE columns past W, never written or attended: a step's columns [0, c) of the buffers are
+        # never contiguous, so one compiled graph serves every column count up to W, c == W included
+        self.k = [torch.zeros(self.S, kv, self.W + SPARE, hd, dtype=dtype, device=dev) for _ in range(layers)]
         self.v = [torch.zeros_like(x) for x in self.k]
-        self.valid = torch.zeros(self.S, self.W, dtype=torch.bool, device=dev)
+        self.valid = torch.zeros(self.S, self.W + SPARE, dtype=torch.bool, device=dev)
         self.write = torch.zeros(1, dtype=torch.long, device=dev)
         self.ids = torch.full((self.S, 1), pad_id, dtype=torch.long, device=dev)
         self.posb = torch.zeros(self.S, 1, dtype=torch.long, device=dev)
@@ -238,10 +242,7 @@ class StaticRunner(ModelRunner):
                 from torch import _dynamo
                 for x in (ids, pos, valid):
                     _dynamo.mark_static(x, 0)     # batch buckets compile apart, as they always have
-                if valid.shape[1] < self.W:
-                    _dynamo.mark_dynamic(valid, 1)
-                else:
-                    _dynamo.mark_static(valid, 1)
+                _dynamo.mark_dynamic(valid, 1)
             with self._bind(self.slotb[:n], self.slot_list):
                 logits = self.step_fn(ids, pos, valid)
         finally:
@@ -312,7 +313,7 @@ def kv_buffer_bytes(model: nn.Module, max_batch: int, max_len: int) -> int:
     """Bytes of the fast path's KV buffers: keys and values of ``max_batch`` slots × the buffer columns
     for ``max_len`` tokens in every layer."""
     layers, kv, hd = _kv_shape(model)
-    return 2 * layers * max_batch * kv * buffer_columns(max_len) * hd * model.get_input_embeddings().weight.element_size()
+    return 2 * layers * max_batch * kv * (buffer_columns(max_len) + SPARE) * hd * model.get_input_embeddings().weight.element_size()
 
 
 def _fits(model: nn.Module, max_batch: int, max_len: int) -> bool:
