@@ -75,3 +75,26 @@ def test_packed_loss_equals_sum_of_document_losses():
                                              padding_value=-100)
     padded_loss = LogitsLoss()(model, {"input_ids": padded, "attention_mask": mask, "labels": labels})
     assert rel_err(padded_loss, want) < 1e-5  # padded batches still use SDPA with the padding mask
+
+
+def test_packed_batches_reach_attention_without_a_dense_mask(monkeypatch):
+    """transformers builds no (T, T) mask for a packed batch: attention gets the 4-D placeholder, and the
+    loss is still the documents' own; enable twice leaves one hook."""
+    seen = []
+    real = attention.attention_forward
+
+    def spy(module, q, k, v, mask, **kw):
+        seen.append(None if mask is None else tuple(mask.shape))
+        return real(module, q, k, v, mask, **kw)
+    monkeypatch.setattr(attention, "attention_forward", spy)
+    model = tiny("llama")
+    docs = _docs(model.config.vocab_size)
+    want = _per_document_loss(model, docs)
+    attention.enable(model)
+    attention.enable(model)
+    batch = collate_packed(docs)
+    seen.clear()
+    assert rel_err(LogitsLoss()(model, batch), want) < 1e-5
+    assert rel_err(ChunkedLoss()(model, batch), want) < 1e-5      # through model.get_decoder() alone
+    assert seen and set(seen) == {attention.PACKED}
+    assert len(model.get_decoder()._forward_pre_hooks) == 1

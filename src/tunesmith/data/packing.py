@@ -10,7 +10,8 @@ with what document-masked attention needs:
 * ``labels`` with each document's first label ignored, so no token learns to predict the next document.
 
 No ``attention_mask`` is produced: with an attention backend that ignores cu_seq_lens, transformers
-derives the document mask from the restarting ``position_ids``.
+derives the document mask from the restarting ``position_ids``; under ``kernels.attention`` (what
+``train.padding_free`` enables) no mask is built at all.
 """
 from __future__ import annotations
 

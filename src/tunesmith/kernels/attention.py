@@ -8,6 +8,11 @@ On CUDA this calls PyTorch's flash-attention varlen kernel (``torch.nn.attention
 skips the blocks across documents; elsewhere, and as the reference, it runs SDPA per document.
 ``enable(model)`` registers the function with transformers' attention interface under
 ``tunesmith_varlen``; batches without ``cu_seq_lens_q`` (padded batches) fall back to SDPA.
+
+A packed batch carries no attention mask, and transformers would derive one from its restarting
+``position_ids``: a host sync to find the documents, then a (T, T) boolean mask (T² bytes: 1 GiB at
+32k tokens) that :func:`attention_forward` never reads. ``enable`` therefore also hands such
+batches a 4-D placeholder mask (:data:`PACKED`), which transformers passes through as prepared.
 """
 from __future__ import annotations
 
@@ -73,6 +78,18 @@ def attention_forward(module, query, key, value, attention_mask, scaling=None, d
     return out.view(b, t, h, d), None
 
 
+PACKED = (1, 1, 1, 1)   # the placeholder mask's shape: 4-D, so transformers builds no mask of its own
+
+
+def _placeholder_for_packed(module, args, kwargs):
+    """Forward pre-hook of the decoder: a packed batch (``cu_seq_lens_q``, no mask) gets the placeholder."""
+    if kwargs.get("cu_seq_lens_q") is None or kwargs.get("attention_mask") is not None or args:
+        return None
+    ref = kwargs.get("input_ids")
+    ref = kwargs.get("inputs_embeds") if ref is None else ref
+    return args, {**kwargs, "attention_mask": torch.ones(PACKED, dtype=torch.bool, device=ref.device)}
+
+
 def enable(model) -> None:
     """Route ``model``'s attention through ``attention_forward`` (padded batches still use SDPA)."""
     from transformers import AttentionInterface
@@ -81,3 +98,7 @@ def enable(model) -> None:
     ALL_MASK_ATTENTION_FUNCTIONS.register(NAME, sdpa_mask)
     for cfg in {id(m.config): m.config for m in model.modules() if hasattr(m, "config")}.values():
         cfg._attn_implementation = NAME
+    decoder = model.get_decoder() if hasattr(model, "get_decoder") else model
+    if not getattr(decoder, "_tunesmith_packed_hook", False):
+        decoder.register_forward_pre_hook(_placeholder_for_packed, with_kwargs=True)
+        decoder._tunesmith_packed_hook = True
