@@ -49,7 +49,7 @@ def server(tmp_path_factory):
     paths = _adapters(tmp)
     cmd = [sys.executable, "-m", "tunesmith.cli", "serve", "random:llama", "--name", "base", "--device", "cpu",
            "--adapter", f"a={paths['a']}", "--adapter", f"b={paths['b']}", "--port", "0", "--api-key", KEY,
-           "--max-tokens", "64", "--max-body-bytes", "20000", "--max-batch", "8"]
+           "--max-tokens", "64", "--max-body-bytes", "20000", "--max-batch", "8", "--warmup", "1,8"]
     env = {**os.environ, "PYTHONPATH": SRC + os.pathsep + os.environ.get("PYTHONPATH", ""), "HF_HUB_OFFLINE": "1"}
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     seen = []
@@ -59,6 +59,7 @@ def server(tmp_path_factory):
         seen.append(line)
     url = seen[-1].split()[2]
     assert any("adapter a" in s and "per row" in s for s in seen)   # the LoRA runs share the base
+    assert any(s.startswith("tunesmith serve: warmed up at batch sizes 1, 8 in ") for s in seen)
     for _ in range(200):
         try:
             with urllib.request.urlopen(url.removesuffix("/v1") + "/health", timeout=1) as r:

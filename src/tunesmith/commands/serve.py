@@ -47,6 +47,9 @@ def _limits(p) -> None:
     p.add_argument("--allow-adapter-loading", action="store_true",
                    help="answer POST /v1/load_lora_adapter and /v1/unload_lora_adapter (vLLM's routes): adapters "
                         "named by a path on this machine are loaded and unloaded while the server runs")
+    p.add_argument("--warmup", nargs="?", const="all", metavar="SIZES",
+                   help="before listening, decode at these batch sizes (e.g. 1,8,32; alone: every batch bucket up "
+                        "to --max-batch), so that the first requests do not wait for the compiled step on CUDA")
     p.add_argument("--no-fast", action="store_true", help="decode on the plain path only (no static cache / compile)")
     p.add_argument("--threads", type=int, help="CPU threads for PyTorch (default: PyTorch's; 1 is fastest on a busy "
                                                "shared machine)")
@@ -69,7 +72,8 @@ def _run(args) -> None:
                              "pip install 'tunesmith[serve]'") from None
     from ..serve.app import create_app
     from ..serve.settings import Settings
-    from ..serve.build import build_engine, build_scorers
+    from ..serve.build import build_engine, build_scorers, warm_up, warmup_sizes
+    sizes = warmup_sizes(args.warmup, args.max_batch) if args.warmup else []
     if args.threads:
         import torch
         torch.set_num_threads(args.threads)
@@ -77,6 +81,9 @@ def _run(args) -> None:
                           dtype=args.dtype, system_prompt=args.system_prompt, max_batch=args.max_batch,
                           max_queue=args.max_queue, max_len=args.max_len, fast=False if args.no_fast else "auto")
     scorers = build_scorers(args.score, args.device, args.dtype)
+    if sizes:
+        took = warm_up(engine, sizes)
+        print(f"tunesmith serve: warmed up at batch sizes {', '.join(map(str, sizes))} in {took:.1f} s", flush=True)
     settings = Settings(api_key=args.api_key, max_body_bytes=args.max_body_bytes, max_tokens=args.max_tokens,
                         max_n=args.max_n, request_timeout=args.request_timeout, shutdown_timeout=args.shutdown_timeout,
                         allow_adapter_loading=args.allow_adapter_loading)

@@ -2,10 +2,11 @@
 from __future__ import annotations
 
 import logging
+import time
 from pathlib import Path
 
 from ..errors import ConfigError
-from ..infer.engine import Engine
+from ..infer.engine import Engine, Request, SamplingParams
 from ..infer.engine.text import run_defaults
 
 log = logging.getLogger(__name__)
@@ -70,3 +71,40 @@ def build_scorers(specs: list[str], device: str = "auto", dtype: str = "auto") -
         sname, path = split_named(spec, "--score")
         out[sname] = Scorer.load(path, device=device, dtype=dtype)
     return out
+
+
+def warmup_sizes(spec: str, max_batch: int) -> list[int]:
+    """``--warmup`` ("all": every batch bucket, 1, 2, 4, ... up to max_batch; or sizes like "1,8") -> sizes."""
+    if spec == "all":
+        return sorted({min(max_batch, 1 << i) for i in range(max_batch.bit_length() + 1)})
+    try:
+        sizes = sorted({int(x) for x in spec.split(",")})
+    except ValueError:
+        raise ConfigError(f"--warmup {spec!r}: expected 'all' or batch sizes such as 1,8,32") from None
+    bad = next((n for n in sizes if not 1 <= n <= max_batch), None)
+    if bad is not None:
+        raise ConfigError(f"--warmup {spec!r}: a batch size must be 1..{max_batch} (--max-batch), got {bad}")
+    return sizes
+
+
+def warm_up(engine: Engine, sizes: list[int]) -> float:
+    """Decode a few tokens at each batch size on every lane before the first request, so that the
+    compiled decode step of each batch bucket (on a lane with per-row adapters: with every row on the
+    base, and with a row on an adapter) is compiled now rather than while requests wait. Returns the
+    seconds it took."""
+    start = time.perf_counter()
+    lanes: dict[int, list[tuple[str, int]]] = {}
+    for name, route in engine.routes.items():
+        lanes.setdefault(id(route.lane), []).append((name, route.slot))
+    params = SamplingParams(max_tokens=3, ignore_eos=True)
+    for routes in lanes.values():
+        base = next((n for n, slot in routes if slot < 0), routes[0][0])
+        firsts = [base] + [n for n, slot in routes if slot >= 0][:1]
+        for size in sizes:
+            for first in firsts:
+                handles = [engine.submit(Request(prompt=[0], model=name, params=params), sink=lambda out: None)
+                           for name in [first] + [base] * (size - 1)]
+                engine.run_until_done()
+                for h in handles:
+                    h.result()
+    return time.perf_counter() - start
