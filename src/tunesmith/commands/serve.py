@@ -57,7 +57,6 @@ def _limits(p) -> None:
 
 def _run(args) -> None:
     import signal
-    import socket
 
     from ..errors import ConfigError, TunesmithError
     for flag, value in (("--max-batch", args.max_batch), ("--max-tokens", args.max_tokens), ("--max-n", args.max_n),
