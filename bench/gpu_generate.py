@@ -262,7 +262,11 @@ def run_isolated(key: str, args, record) -> None:
             cmd = [sys.executable, __file__, "--only", key, "--sides", side, "--repeats", str(args.repeats),
                    "--prompt-len", str(args.prompt_len), "--new-tokens", str(args.new_tokens), "--out", str(out)] \
             + (["--smoke"] if SMOKE else []) + (["--profile", args.profile] if args.profile else [])
+            print(f"{key:9} {side:15} in its own process ...", flush=True)
+            t0 = time.perf_counter()
             done = subprocess.run(cmd, capture_output=True, text=True)
+            print(f"{key:9} {side:15} process ended with status {done.returncode} after "
+                  f"{time.perf_counter() - t0:.0f} s", flush=True)
             child = json.loads(out.read_text())["results"].get(key, {}) if out.is_file() else {}
         if "meta" in child:
             record(key, "meta", child["meta"])
