@@ -189,7 +189,7 @@ def test_one_compiled_graph_per_batch_bucket_for_every_column_count(tokenizer, m
 @pytest.mark.slow
 def test_compiled_step_equals_the_plain_path(tokenizer, monkeypatch):
     """The compiled step, its column count dynamic (buckets 16 and 32 here, then the whole 40) and its
-    batch buckets static, gives the plain path's tokens."""
+    batch buckets static, gives the plain path's tokens, with inductor's one graph per batch bucket."""
     from torch._dynamo.utils import counters
     monkeypatch.setattr(fast, "MIN_COLUMNS", 16)
     model = small()
@@ -200,4 +200,4 @@ def test_compiled_step_equals_the_plain_path(tokenizer, monkeypatch):
     lane.runner = StaticRunner(model, engine.pad_id, engine.table, max_batch=4, max_len=40, compile_mode="default")
     counters.clear()
     assert _run(engine, _prompts(4), lengths) == plain
-    assert counters["stats"]["unique_graphs"] <= 6, dict(counters["stats"])
+    assert counters["stats"]["unique_graphs"] == 2, dict(counters["stats"])   # batch buckets 2 and 4
