@@ -5,9 +5,11 @@ needs them is first called, so the command line answers `--help` and config erro
 """
 import logging as _logging
 
-# peft imports bitsandbytes whenever it is installed, and bitsandbytes' CPU backend then warns that an optional
-# hub-downloaded kernel is missing; its own CPU path is what QLoRA on a CPU uses, so the warning is noise here.
-_logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(_logging.ERROR)
+# peft imports bitsandbytes whenever it is installed, and bitsandbytes' CPU backend then asks the hub `kernels`
+# package (a dependency of transformers >= 5.25) for an optional kernel, and both warn when it is not there (offline,
+# or kernels not installed); bitsandbytes' own CPU path is what QLoRA on a CPU uses, so the warnings are noise here.
+for _noisy in ("bitsandbytes.backends.cpu.ops", "kernels._internals.hf_hub"):
+    _logging.getLogger(_noisy).setLevel(_logging.ERROR)
 
 from . import train as _train_package  # noqa: E402,F401  (loaded first so `tunesmith.train` stays the function)
 from .api import apply, load, merge, methods, train  # noqa: E402

@@ -381,6 +381,11 @@ def compile_decoder_layers(model: nn.Module, mode: str | None = None, options: d
     from torch._inductor import list_mode_options
     options = {**(list_mode_options(mode) if mode else {}), **BLOCK_OPTIONS, **(options or {})}
     _, layers = find_blocks(model)
+    # a block may set state outside its graph and restore it before returning (transformers >= 5.25
+    # routes each model's hub-kernel functions through a context variable of the `kernels` package):
+    # its checkpoint need not replay that in backward, and tracing it then does not break the graph
+    if hasattr(torch._dynamo.config, "skip_fwd_side_effects_in_bwd_under_checkpoint"):
+        torch._dynamo.config.skip_fwd_side_effects_in_bwd_under_checkpoint = True
     for layer in layers:
         for module in layer.modules():  # caches filled outside the graph (a side effect inside it breaks it)
             if hasattr(module, "before_compile"):
