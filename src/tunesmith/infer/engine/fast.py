@@ -17,8 +17,8 @@ every step's columns a non-contiguous slice of the buffers; CUDA graphs recorded
 bucket). Projections that read one input (q/k/v, gate/up) run as one matmul each
 (:mod:`.shared_input`). Attention for the one-token step goes through :func:`decode_attention`:
 batched matmuls around an fp32 softmax, query heads grouped under their shared key/value head
-without copying keys and values per query head, and from ``SPLIT_FROM`` columns on the value sum split over the columns, so that a few rows
-with long caches still use the whole GPU.
+without copying keys and values per query head, and from ``SPLIT_FROM`` columns on the value sum
+split over the columns, so that a few rows with long caches still use the whole GPU.
 
 Models with virtual-token hooks (prompt, prefix, P-tuning), sliding-window attention or attention
 outside transformers' attention interface (BLOOM, Falcon), and proxy-tuning keep to the plain path
