@@ -1,7 +1,7 @@
 """DPO throughput and memory: tunesmith against TRL's DPOTrainer (+ peft), one call.
 
     python bench/gpu_prepare_ufb.py                    # here, once: .benchdata/ufb_pairs.npz
-    python bench/gpu_dpo.py --out $OUT/gpu_dpo.json [--batches 2,4] [--sides trl,ts,ts+packed]
+    python bench/gpu_dpo.py --out $OUT/gpu_dpo.json [--batches 2,4] [--sides trl,ts,ts+packed] [--profile ts+packed]
 
 Both sides train LoRA r16 (alpha 32) on all seven projections of a random-weight Llama-3-8B
 architecture (bf16 weights, fp32 adapter weights, bf16 autocast), with non-reentrant gradient
@@ -125,7 +125,7 @@ def run_trl(batch: int, steps: int, warmup: int) -> dict:
 
 
 def run_ts(batch: int, steps: int, warmup: int, packed: bool, compiled: bool, auto: bool = False,
-           memory_limit: str | None = None) -> dict:
+           memory_limit: str | None = None, profile_to: Path | None = None) -> dict:
     import tunesmith
     from tunesmith.config import TrainConfig
     from tunesmith.data import collate
@@ -186,6 +186,15 @@ def run_ts(batch: int, steps: int, warmup: int, packed: bool, compiled: bool, au
         if first is None:
             first = loss.item()
     out = summarize(times[warmup:], examples[warmup * batch:], batch, first)
+    if profile_to is not None:   # two more steps of the timed batches under torch.profiler (gpu_profile.py)
+        import gpu_profile
+
+        def loss_fn(model, b):
+            loss_sum, n, _ = objective.loss(model, b)
+            return loss_sum / n
+        timed = [to_device(collate_packed_pairs(ours[s * batch:(s + 1) * batch]) if packed else
+                           collate(ours[s * batch:(s + 1) * batch], pad), device) for s in (warmup, warmup + 1)]
+        out["profile"] = gpu_profile.profile(model, loss_fn, timed, profile_to)
     return {**out, "speed_auto": speed_report} if auto else out
 
 
@@ -196,13 +205,13 @@ def summarize(times: list[float], examples: list[dict], batch: int, first: float
             "steps_timed": len(times), "peak_gib": peak_gib(), "first_loss": first}
 
 
-def one(side: str, batch: int, steps: int, warmup: int) -> dict:
+def one(side: str, batch: int, steps: int, warmup: int, profile_to: Path | None = None) -> dict:
     if side == "trl":
         return run_trl(batch, steps, warmup)
     flags = set(side.split("+")[1:])
     limit = next((f[len("limit"):] for f in flags if f.startswith("limit")), None)   # e.g. ts+auto+limit16GiB
     return run_ts(batch, steps, warmup, packed="packed" in flags, compiled="compile" in flags,
-                  auto="auto" in flags, memory_limit=limit)
+                  auto="auto" in flags, memory_limit=limit, profile_to=profile_to)
 
 
 def main() -> None:
@@ -212,12 +221,16 @@ def main() -> None:
     ap.add_argument("--sides", default="trl,ts,ts+compile,ts+packed,ts+packed+compile")
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--profile", default="", help="tunesmith sides to profile after timing (comma-separated); "
+                                                    "the tables go beside --out as profile_dpo_SIDE_bBATCH.txt")
     ap.add_argument("--one", help=argparse.SUPPRESS)   # side:batch, in a child process
+    ap.add_argument("--profile-to", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.one:
         side, batch = args.one.rsplit(":", 1)
         try:
-            res = {"ok": True, **one(side, int(batch), args.steps, args.warmup)}
+            res = {"ok": True, **one(side, int(batch), args.steps, args.warmup,
+                                     Path(args.profile_to) if args.profile_to else None)}
         except Exception as e:   # a side that fails (out of memory, an API change) leaves its row with the reason
             traceback.print_exc()
             res = {"ok": False, "error": f"{type(e).__name__}: {str(e)[:300]}"}
@@ -227,8 +240,11 @@ def main() -> None:
     for batch in map(int, args.batches.split(",")):
         for side in args.sides.split(","):
             t0 = time.time()
-            proc = subprocess.run([sys.executable, __file__, "--one", f"{side}:{batch}", "--steps", str(args.steps),
-                                   "--warmup", str(args.warmup)], capture_output=True, text=True)
+            cmd = [sys.executable, __file__, "--one", f"{side}:{batch}", "--steps", str(args.steps),
+                   "--warmup", str(args.warmup)]
+            if side in args.profile.split(",") and side != "trl":
+                cmd += ["--profile-to", str(Path(args.out).parent / f"profile_dpo_{side.replace('+', '_')}_b{batch}.txt")]
+            proc = subprocess.run(cmd, capture_output=True, text=True)
             lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
             res = json.loads(lines[-1][7:]) if lines else {"ok": False, "error": proc.stderr[-600:]}
             res.update(side=side, batch=batch, wall_s=round(time.time() - t0, 1))

@@ -20,12 +20,16 @@ def _class(name: str) -> str:
 
 
 def profile(model, loss_fn, batches, path: Path, steps: int = 2) -> dict:
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-5, fused=True)
+    """(BENCH_DEVICE=cpu runs it on the CPU, as the benchmarks' smoke tests do: no CUDA rows then.)"""
     import time
-    torch.cuda.synchronize()
+
+    from gpu_common import DEV, sync
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-5, fused=DEV == "cuda")
+    sync()
     t0 = time.perf_counter()
-    with tprofile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if DEV == "cuda" else [])
+    with tprofile(activities=activities) as prof:
         for i in range(steps):
             with torch.autocast("cuda", dtype=torch.bfloat16):
                 loss = loss_fn(model, batches[i % len(batches)])
@@ -33,7 +37,7 @@ def profile(model, loss_fn, batches, path: Path, steps: int = 2) -> dict:
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             opt.step()
             opt.zero_grad(set_to_none=True)
-        torch.cuda.synchronize()
+        sync()
     wall_ms = (time.perf_counter() - t0) * 1e3 / steps
     kernels = {}
     for e in prof.key_averages():

@@ -110,7 +110,10 @@ def test_checkpoint_layers_through_a_run(alpaca_file, tmp_path):
     ({"offload_activations": True}, "model is on cpu"),   # implies gradient_checkpointing
     ({"gradient_checkpointing": True, "offload_activations": True}, "model is on cpu"),
     ({"gradient_checkpointing": True, "checkpoint_layers": 3}, r"3 is not between 1 and the 2 transformer blocks"),
-    ({"gradient_checkpointing": True, "checkpoint_layers": 0}, "train.checkpoint_layers"),
+    ({"gradient_checkpointing": True, "checkpoint_layers": 0}, "train.checkpoint_layers: 0 recomputes no block"),
+    ({"checkpoint_layers": 0, "offload_activations": True, "compile": False},
+     "train.checkpoint_layers: 0 recomputes no block"),
+    ({"checkpoint_layers": 0, "offload_activations": True}, "model is on cpu"),
     ({"gradient_checkpointing": True, "offload_activations": False, "offload_kept_layers": 2},
      "train.offload_kept_layers: applies to offloaded"),
     ({"offload_kept_layers": 2}, "model is on cpu"),   # implies offload_activations
@@ -256,6 +259,12 @@ def test_offload_leaves_the_last_kept_block_on_the_gpu():
     model = _lora_model()
     accel.enable_checkpointing(model, layers=2, offload=True, kept_on_gpu=5)   # more than there are
     assert [getattr(b, "activation_offload", None) is not None for b in find_blocks(model)[1]] == [True, False, True, False]
+    model = _lora_model()
+    chosen = accel.enable_checkpointing(model, layers=0, offload=True)    # none recomputes: all offload but one
+    assert chosen == [False] * 4
+    assert [getattr(b, "activation_offload", None) is not None for b in find_blocks(model)[1]] == [True, True, True, False]
+    with pytest.raises(ConfigError, match=r"checkpoint_layers: 0 is not between 1 and the 4"):
+        accel.enable_checkpointing(_lora_model(), layers=0)
     chosen = accel.enable_checkpointing(_lora_model(layers=32), layers=12, offload=True, kept_on_gpu=4)
     assert sum(chosen) == 12 and chosen[-3:] == [True, False, False] and chosen[0]
 

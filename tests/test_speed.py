@@ -89,6 +89,24 @@ def test_a_tight_limit_offloads_and_checkpoints_only_what_the_host_link_cannot_c
     assert no_link is None or not no_link.offload
 
 
+def test_compiled_blocks_may_offload_with_none_checkpointed_and_ties_copy_the_least():
+    """Between the plan without checkpointing (26.8 GiB) and the tight limit above, no block needs to
+    recompute: the activations of a few blocks go to host memory. Of the plans that cost the same, the
+    chosen one copies the least (keeps the most blocks that fit), not the one with the least memory."""
+    model = _meta_model("8b", "lora")
+    link = 54e9 * speed.LINK_EFFICIENCY
+    candidates = speed.plans(speed.BlockShape.of(model), 2 * 2048, speed.static_bytes(model, _weights(model)),
+                             True, link, {})
+    limit = 24 * GIB
+    plan = speed.choose(candidates, limit)
+    assert (plan.checkpointed, plan.offload, plan.step_cost) == (0, True, 0.0)
+    free = [p for p in candidates if p.peak_bytes <= limit and p.step_cost == 0.0]
+    assert len(free) > 1 and plan.moved_bytes == min(p.moved_bytes for p in free) > 0
+    assert plan.peak_bytes == max(p.peak_bytes for p in free)      # the most blocks kept that fit
+    uncompiled = speed.plans(speed.BlockShape.of(model), 4096, 0.0, False, link, {})
+    assert all(p.checkpointed > 0 for p in uncompiled if p.offload)   # they offload checkpointed inputs only
+
+
 def test_more_memory_never_costs_speed():
     costs = [_choose("8b", "lora", 2, g).step_cost for g in (18, 20, 24, 28, 40)]
     assert costs == sorted(costs, reverse=True) and costs[-1] == 0
@@ -105,6 +123,17 @@ def test_on_the_cpu_unset_fields_mean_off_and_set_ones_stay():
     tc, report = speed.resolve(TrainConfig(checkpoint_layers=1), model, registry.get("lora"), torch.device("cpu"), 64)
     assert (tc.compile, tc.gradient_checkpointing, tc.offload_activations, tc.checkpoint_layers) == (False, True, False, 1)
     assert "cpu" in report.reason
+
+
+def test_an_offload_plan_without_checkpointed_blocks_resolves_to_valid_fields(monkeypatch):
+    """A plan of 0 checkpointed blocks with offload still turns gradient checkpointing on (the offload
+    hooks ride on it) and writes checkpoint_layers 0, which enable_checkpointing accepts with offload."""
+    model = tunesmith.apply(tiny(), "lora")
+    monkeypatch.setattr(speed, "choose", lambda candidates, limit: speed.Plan(0, True, 1, 1e6, 0.0, 1e6))
+    tc, report = _resolve(model, speed.GpuMemory(allocated=1e6, free=1e12, link_bytes_s=50e9))
+    assert (tc.gradient_checkpointing, tc.checkpoint_layers, tc.offload_activations, tc.offload_kept_layers) == \
+        (True, 0, True, 1)
+    assert "0 of 2 blocks checkpointed, offloaded but 1 kept on the GPU" in report.reason
 
 
 def test_auto_fills_only_unset_fields_and_reports_why():

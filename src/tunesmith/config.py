@@ -89,9 +89,11 @@ class TrainConfig(BaseModel):
     gradient_checkpointing: bool | None = Field(
         None, description="Recompute activations in backward to save memory (null: chosen by train.speed).")
     checkpoint_layers: int | None = Field(
-        None, ge=1, description="With gradient_checkpointing: recompute only this many transformer blocks, spread "
+        None, ge=0, description="With gradient_checkpointing: recompute only this many transformer blocks, spread "
                                 "evenly (null: chosen by train.speed, or all with speed off); the others keep their "
-                                "activations: faster, more memory.")
+                                "activations: faster, more memory. 0 (with offload_activations and compile): no "
+                                "block recomputes, and every block's activations wait in host memory except those "
+                                "of the offload_kept_layers last ones.")
     offload_activations: bool | None = Field(
         None, description="With gradient_checkpointing: keep each checkpointed block's input in pinned host memory, "
                           "copied on a side stream (CUDA). Frees layers × tokens × width of GPU memory: long context. "

@@ -54,6 +54,10 @@ def check(tc, objective, method_cls, device: torch.device) -> None:
             if getattr(tc, field) not in (None, False):
                 raise ConfigError(f"train.{field}: applies to checkpointed layers; set train.gradient_checkpointing: "
                                   f"true as well, or remove train.{field}")
+    if tc.checkpoint_layers == 0 and (not tc.offload_activations or tc.compile is False):
+        raise ConfigError("train.checkpoint_layers: 0 recomputes no block, which only moves activations to host "
+                          "memory with train.offload_activations: true and compiled blocks (train.compile not "
+                          "false); set those, or set train.checkpoint_layers to at least 1")
     if tc.offload_activations:
         if device.type != "cuda":
             raise ConfigError(f"train.offload_activations: moves saved activations from GPU to host memory, and the "
@@ -133,9 +137,9 @@ def enable_checkpointing(model: nn.Module, layers: int | None = None, offload: b
     Returns which blocks are checkpointed."""
     _, blocks = find_blocks(model)
     n = len(blocks)
-    if layers is not None and not 1 <= layers <= n:
-        raise ConfigError(f"train.checkpoint_layers: {layers} is not between 1 and the {n} transformer blocks "
-                          f"of {type(model).__name__}; use null to checkpoint all of them")
+    if layers is not None and not (0 if offload else 1) <= layers <= n:
+        raise ConfigError(f"train.checkpoint_layers: {layers} is not between {0 if offload else 1} and the {n} "
+                          f"transformer blocks of {type(model).__name__}; use null to checkpoint all of them")
     k = n if layers is None else layers
     if offload and kept_on_gpu > 0:   # spread so that the last block is one kept on the GPU (see below)
         chosen = [(n - i) * k // n > (n - i - 1) * k // n for i in range(n)]

@@ -19,6 +19,10 @@ kept on the GPU m). Its cost and memory come from a model of one transformer blo
 * with offload, every block except the last m kept ones holds nothing on the GPU; the copies of the
   kept products to the host must hide behind the forward (device→host) and the backward
   (host→device), or the step waits for the excess. The host link's bandwidth is measured once.
+  Compiled blocks can offload with no block checkpointed (k = 0).
+
+Of the plans that cost the same, the one that copies the least to the host wins, then the one with
+the least memory.
 
 The tokens a plan is for are those of one training forward (``accel.step_tokens``): a packed
 micro-batch, the rows of a padded batch (both rows of a preference pair), or one update pass of an
@@ -104,6 +108,7 @@ class Plan:
     kept_on_gpu: int           # with offload: blocks outside the checkpointed ones that stay on the GPU
     peak_bytes: float
     step_cost: float           # predicted extra time over keeping everything, in one block's forward
+    moved_bytes: float = 0.0   # with offload: bytes copied to the host (and back) each step
 
 
 @dataclass
@@ -147,19 +152,23 @@ def plans(shape: BlockShape, tokens: int, static: float, compiled: bool, link_by
         if not gc:
             out.append(Plan(0, False, 0, static + n * kept, 0.0))
             continue
-        for k in ([fixed["checkpoint_layers"] or n] if "checkpoint_layers" in fixed else range(1, n + 1)):
+        for k in ([fixed["checkpoint_layers"]] if "checkpoint_layers" in fixed else range(0, n + 1)):
             for off in offs:
                 if not off:   # the working set: one block's products while its backward runs
-                    out.append(Plan(k, False, 0, static + (n - k) * kept + k * inp + kept, float(k)))
+                    if k:     # (no block recomputed and nothing offloaded is the plan without checkpointing)
+                        out.append(Plan(k, False, 0, static + (n - k) * kept + k * inp + kept, float(k)))
                 elif not compiled:   # uncompiled blocks offload only the checkpointed blocks' inputs
-                    out.append(Plan(k, True, n - k, static + (n - k) * kept + kept, k + _stall(k * inp, n * fwd, link_bytes_s, fwd)))
+                    if k:
+                        out.append(Plan(k, True, n - k, static + (n - k) * kept + kept,
+                                        k + _stall(k * inp, n * fwd, link_bytes_s, fwd), k * inp))
                 else:
                     for m in ([fixed["offload_kept_layers"]] if "offload_kept_layers" in fixed else range(n - k + 1)):
                         m = min(m, n - k)
                         moved = (n - k - m) * kept + k * inp
                         window = n * fwd + shape.head_s(tokens) + m * 2 * fwd  # the copies run until backward needs them
                         first = 0.0 if m else kept / link_bytes_s / fwd        # backward's first block comes from the host
-                        out.append(Plan(k, True, m, static + (m + 1) * kept, k + first + _stall(moved, window, link_bytes_s, fwd)))
+                        out.append(Plan(k, True, m, static + (m + 1) * kept,
+                                        k + first + _stall(moved, window, link_bytes_s, fwd), moved))
     return out
 
 
@@ -169,9 +178,12 @@ def _stall(moved: float, window_s: float, link_bytes_s: float, unit_s: float) ->
 
 
 def choose(candidates: list[Plan], limit_bytes: float) -> Plan | None:
-    """The cheapest plan under ``limit_bytes`` (ties: least memory); None if none fits."""
+    """The cheapest plan under ``limit_bytes``; None if none fits. Of plans that cost the same, the one
+    that copies the least to the host, then the one with the least memory: copies the model predicts to
+    hide behind compute still take the copy engines and memory bandwidth (8B QLoRA b2 on the H200, 14
+    of 32 blocks offloaded, predicted free: 279 ms a step, bench/results/h200/gpu_train_auto.json)."""
     fitting = [p for p in candidates if p.peak_bytes <= limit_bytes]
-    return min(fitting, key=lambda p: (round(p.step_cost, 3), p.peak_bytes)) if fitting else None
+    return min(fitting, key=lambda p: (round(p.step_cost, 3), p.moved_bytes, p.peak_bytes)) if fitting else None
 
 
 @dataclass(frozen=True)
@@ -255,7 +267,7 @@ def resolve(tc, model: nn.Module, method_cls, device: torch.device, tokens: int,
         raise ConfigError(f"train.speed: no checkpointing plan fits {limit / 2**30:.1f} GiB (the least memory, "
                           f"{least.peak_bytes / 2**30:.1f} GiB, checkpoints {least.checkpointed} of {shape.layers} "
                           "blocks); lower train.batch_size or train.max_seq_len, or raise train.memory_limit")
-    gc = plan.checkpointed > 0 or fixed.get("gradient_checkpointing") is True
+    gc = plan.checkpointed > 0 or plan.offload or fixed.get("gradient_checkpointing") is True
     chosen = {"gradient_checkpointing": gc, "checkpoint_layers": plan.checkpointed if gc else None,
               "offload_activations": plan.offload, "offload_kept_layers": plan.kept_on_gpu if plan.offload else None}
     update.update({f: v for f, v in chosen.items() if getattr(tc, f) is None})
