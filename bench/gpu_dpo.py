@@ -195,6 +195,16 @@ def run_ts(batch: int, steps: int, warmup: int, packed: bool, compiled: bool, au
         timed = [to_device(collate_packed_pairs(ours[s * batch:(s + 1) * batch]) if packed else
                            collate(ours[s * batch:(s + 1) * batch], pad), device) for s in (warmup, warmup + 1)]
         out["profile"] = gpu_profile.profile(model, loss_fn, timed, profile_to)
+        if DEV == "cuda":   # and where the host still waits for the GPU within a step
+
+            def step():
+                with torch.autocast(DEV, dtype=torch.bfloat16):
+                    loss_fn(model, timed[0]).backward()
+                torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+            out["syncs"] = gpu_profile.sync_sites(step)
+            print("syncs:", json.dumps(out["syncs"]), flush=True)
     return {**out, "speed_auto": speed_report} if auto else out
 
 

@@ -57,3 +57,29 @@ def profile(model, loss_fn, batches, path: Path, steps: int = 2) -> dict:
                     + "\n\n" + prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=30))
     print("\n".join(text[:40]), flush=True)
     return {"gpu_ms_per_step": total, "wall_ms_per_step": wall_ms, "kernels_per_step": launches, "by_class_ms": by_class, "top": [(n, t, c) for n, (t, c) in top[:12]]}
+
+
+def sync_sites(fn) -> list[dict]:
+    """Run ``fn()`` with CUDA's sync debug mode on: every operation that made the host wait for the GPU,
+    by the innermost frames outside torch that called it, most frequent first."""
+    import collections
+    import traceback
+    import warnings
+    seen = collections.Counter()
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        frames = [f for f in traceback.extract_stack()[:-1]
+                  if "/torch/" not in f.filename and not f.filename.endswith(("warnings.py", "gpu_profile.py"))]
+        where = " <- ".join(f"{Path(f.filename).name}:{f.lineno}" for f in frames[::-1][:4])
+        seen[f"{where} ({str(message)[:50]})"] += 1
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        warnings.showwarning = show            # restored when the block ends
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            fn()
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+    return [{"where": k, "count": v} for k, v in seen.most_common()]
+

@@ -64,6 +64,18 @@ def ids(batch: int = 2, length: int = 12, vocab: int = 1000, seed: int = 0) -> t
     return torch.randint(5, vocab, (batch, length), generator=g)
 
 
+class OnDevice(torch.Tensor):
+    """A tensor whose values the host may not read, as it could not read a GPU tensor's without
+    waiting for the GPU (``int``, ``bool``, ``item``, ``nonzero``, ``tolist``, ``bincount`` raise)."""
+    READS = {"__int__", "__bool__", "__float__", "item", "nonzero", "tolist", "bincount"}
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        if getattr(func, "__name__", None) in cls.READS:
+            raise AssertionError(f"{func.__name__} read a device tensor on the host")
+        return super().__torch_function__(func, types, args, kwargs or {})
+
+
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     a, b = a.detach(), b.detach()
     return float((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30))

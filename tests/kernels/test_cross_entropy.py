@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from helpers import ids, rel_err, tiny
+from helpers import OnDevice, ids, rel_err, tiny
 from tunesmith.config import TrainConfig
 from tunesmith.data.collate import HOST, to_device
 from tunesmith.data.packing import real_tokens
@@ -132,18 +132,6 @@ def test_next_token_labels():
 
 
 # -- rows found on the host: no device-to-host sync in the middle of a step ---------------------------
-class _OnDevice(torch.Tensor):
-    """A tensor whose values the host may not read, as it could not read a GPU tensor's without
-    waiting for the GPU (``int``, ``bool``, ``item``, ``nonzero``, ``tolist`` raise)."""
-    READS = {"__int__", "__bool__", "__float__", "item", "nonzero", "tolist"}
-
-    @classmethod
-    def __torch_function__(cls, func, types, args=(), kwargs=None):
-        if getattr(func, "__name__", None) in cls.READS:
-            raise AssertionError(f"{func.__name__} read a device tensor on the host")
-        return super().__torch_function__(func, types, args, kwargs or {})
-
-
 def test_rows_given_match_rows_found():
     h, w, _, labels = _case()
     rows = CE.labelled_rows(labels, h.device)
@@ -157,7 +145,7 @@ def test_rows_given_match_rows_found():
 
 def test_host_reads_are_detected():
     with pytest.raises(AssertionError, match="nonzero"):
-        (torch.tensor([1, -100]).as_subclass(_OnDevice) != -100).nonzero()
+        (torch.tensor([1, -100]).as_subclass(OnDevice) != -100).nonzero()
 
 
 def test_chunked_loss_and_counts_read_labels_on_the_host():
@@ -170,13 +158,13 @@ def test_chunked_loss_and_counts_read_labels_on_the_host():
     cpu = {"input_ids": x, "attention_mask": torch.ones_like(x), "labels": labels}
     batch = to_device(cpu, torch.device("cpu"))
     assert batch[HOST]["labels"] is labels and set(batch[HOST]) == set(cpu)
-    batch["labels"] = batch["labels"].as_subclass(_OnDevice)   # (the model's mask reads attention_mask)
+    batch["labels"] = batch["labels"].as_subclass(OnDevice)   # (the model's mask reads attention_mask)
     objective = CausalLM(chunked=True)
     loss = objective.lm_loss(model, batch)
     want = ChunkedLoss()(model, cpu)
     assert torch.equal(loss.as_subclass(torch.Tensor), want)
     assert objective.count(batch) == 9 + 6   # targets: row 0 loses 3 of its 9 to the mask
-    assert real_tokens({**batch, "attention_mask": batch["attention_mask"].as_subclass(_OnDevice)}) == 20
+    assert real_tokens({**batch, "attention_mask": batch["attention_mask"].as_subclass(OnDevice)}) == 20
     del batch[HOST]
     with pytest.raises(AssertionError, match="read a device tensor"):
         objective.lm_loss(model, batch)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import tunesmith
-from helpers import preference_rows, rel_err, run_config, write_jsonl
+from helpers import OnDevice, preference_rows, rel_err, run_config, write_jsonl
 from tunesmith import cli
 from tunesmith.errors import ConfigError
 from tunesmith.methods import registry
@@ -38,9 +38,10 @@ def _built(pref_file, tmp_path, method, objective="dpo"):
 
 
 @pytest.mark.slow
-def test_chunked_log_probs_equal_the_full_logits(pref_file, tmp_path, monkeypatch):
+@pytest.mark.parametrize("method", [{"name": "lora", "r": 2}, {"name": "full"}])   # a frozen head; a trained one
+def test_chunked_log_probs_equal_the_full_logits(pref_file, tmp_path, monkeypatch, method):
     from tunesmith.train.objectives import _logps
-    model, _, batch = _built(pref_file, tmp_path, {"name": "lora", "r": 2})
+    model, _, batch = _built(pref_file, tmp_path, method)
     monkeypatch.setattr(_logps, "CHUNK_ELEMENTS", model.get_output_embeddings().weight.shape[0] * 16)  # chunks
     rows, b = pair_rows(batch)
     grads = []
@@ -55,6 +56,38 @@ def test_chunked_log_probs_equal_the_full_logits(pref_file, tmp_path, monkeypatc
     assert torch.equal(counts, want[1])
     for a, g in zip(*grads):
         assert rel_err(g, a) < 1e-4
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_log_probs_find_their_positions_on_the_host(pref_file, tmp_path, packed):
+    """With the batch's CPU copy, the labelled positions and each sequence's count come from the host:
+    no device tensor is read (on CUDA that would wait for the GPU), and the sums are those found on the
+    device."""
+    from tunesmith.data.collate import HOST, to_device
+    from tunesmith.data.packing import collate_packed_pairs
+    model, obj, batch = _built(pref_file, tmp_path, {"name": "lora", "r": 2})
+    if packed:
+        batch = to_device(collate_packed_pairs(_examples(pref_file, tmp_path)[:4]),
+                          torch.device("cpu"))
+    rows, b = pair_rows(batch)
+    assert set(rows[HOST]) == {"labels", "sequence"}
+    plain = {k: v for k, v in rows.items() if k != HOST}
+    guarded = {**rows, "labels": rows["labels"].as_subclass(OnDevice),
+               "sequence": rows["sequence"].as_subclass(OnDevice)}
+    with torch.no_grad():
+        want = chunked_logps(model, plain, 2 * b)
+        got = chunked_logps(model, guarded, 2 * b)
+        with pytest.raises(AssertionError, match="read a device tensor"):
+            chunked_logps(model, {k: v for k, v in guarded.items() if k != HOST}, 2 * b)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g.as_subclass(torch.Tensor), w)
+
+
+def _examples(pref_file, tmp_path):
+    from tunesmith import config as config_mod
+    from tunesmith.train import runner
+    cfg = config_mod.load(_cfg(pref_file, tmp_path, {"name": "lora", "r": 2}, {"name": "dpo"}))
+    return runner.build(cfg, "dpo")[1].examples
 
 
 def test_the_reference_of_an_adapter_is_the_same_weights_disabled_and_of_full_a_frozen_copy(pref_file, tmp_path):

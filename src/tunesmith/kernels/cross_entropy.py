@@ -7,10 +7,10 @@ it trains) of the head weight, as in Liger's fused linear cross-entropy (Hsu et 
 written in plain PyTorch. Rows whose label is ignored (prompt tokens in SFT) are dropped before the
 head, so they cost no head FLOPs at all.
 
-With ``compiled=True`` (``train.compile``) the per-chunk softmax, loss and logit gradient are one
-torch.compile'd function: the compiler fuses them into a reduction and one pass that writes the
-gradient in the head's dtype, where the eager form makes an fp32 copy of the chunk and passes over
-it five more times (about 10 ms of an 8B step at 4096 tokens).
+On CUDA the per-chunk softmax, loss and logit gradient are one Triton kernel that writes the gradient
+over the chunk's logits (kernels/row_ce.py). Elsewhere, with ``compiled=True`` (``train.compile``),
+they are one torch.compile'd function, where the eager form makes an fp32 copy of the chunk and
+passes over it five more times.
 
 Reference: ``linear_cross_entropy_reference`` (the head's full logits, then ``F.cross_entropy``).
 """
@@ -20,6 +20,8 @@ import warnings
 
 import torch
 import torch.nn.functional as F
+
+from . import row_ce
 
 IGNORE = -100
 CHUNK_ELEMENTS = 1 << 25         # fp32 logits per chunk, frozen head: 128 MiB (peak memory stays low)
@@ -77,14 +79,18 @@ class _LinearCE(torch.autograd.Function):
         acc = torch.promote_types(h.dtype, torch.float32)              # fp32, or fp64 for fp64 inputs
         gb = torch.zeros_like(bias, dtype=acc) if need_b else None
         loss = torch.zeros((), dtype=acc, device=h.device)
-        fused = compiled and gb is None and (gh is not None or gw is not None)
+        fused = gb is None and (gh is not None or gw is not None)
         for s in range(0, h.shape[0], chunk):
             hc, lc = h[s:s + chunk], labels[s:s + chunk]              # (c, d), (c,)
-            if fused:
-                part, grad = _compiled_chunk()(F.linear(hc, w, bias), lc)  # fp32 sum, (c, V) in h's dtype
+            logits = F.linear(hc, w, bias)                            # (c, V) in h's dtype
+            if fused and row_ce.available(logits):
+                rows, grad = row_ce.row_ce_(logits, lc)               # the gradient over the logits, in place
+                loss += rows.sum()
+            elif fused and compiled:
+                part, grad = _compiled_chunk()(logits, lc)            # fp32 sum, (c, V) in h's dtype
                 loss += part
             else:
-                logits = F.linear(hc, w, bias).to(acc)                # (c, V)
+                logits = logits.to(acc)
                 lse = torch.logsumexp(logits, dim=-1)                 # (c,)
                 loss += (lse - logits.gather(1, lc[:, None]).squeeze(1)).sum()
                 if gh is None and gw is None and gb is None:
@@ -106,6 +112,40 @@ class _LinearCE(torch.autograd.Function):
         gh, gw, gb = ctx.saved_tensors
         scale = lambda t: None if t is None else t * g.to(t.dtype)  # noqa: E731
         return scale(gh), scale(gw), scale(gb), None, None, None
+
+
+class _LinearLogps(torch.autograd.Function):
+    """Per-row log p(y | h) through a frozen head, chunked. Each row's gradient d log p / d h = −g Wᵀ
+    (g = softmax − one-hot) is computed in forward, so backward only scales it by the upstream
+    gradient of that row: no chunk's logits are recomputed or kept."""
+
+    @staticmethod
+    def forward(ctx, h, w, bias, labels, chunk: int):
+        out = torch.empty(h.shape[0], dtype=torch.promote_types(h.dtype, torch.float32), device=h.device)
+        gh = torch.empty_like(h) if ctx.needs_input_grad[0] else None
+        for s in range(0, h.shape[0], chunk):
+            rows, grad = row_ce.row_ce_(F.linear(h[s:s + chunk], w, bias), labels[s:s + chunk])
+            out[s:s + chunk] = -rows
+            if gh is not None:
+                torch.mm(grad, w, out=gh[s:s + chunk])                # d loss / d h = −d log p / d h
+        ctx.save_for_backward(gh)
+        return out
+
+    @staticmethod
+    def backward(ctx, g):
+        (gh,) = ctx.saved_tensors
+        return -(gh.to(g.dtype) * g[:, None]).to(gh.dtype), None, None, None, None
+
+
+def linear_logps(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, bias: torch.Tensor | None = None,
+                 chunk_elements: int = CHUNK_ELEMENTS) -> torch.Tensor:
+    """log softmax(hidden Wᵀ + b)[label] of every row (N,), in fp32; hidden (N, d), labels (N,) all valid.
+    For a head that does not train (its weight and bias get no gradient); the head runs in autocast's
+    dtype when autocast is on, as :func:`linear_cross_entropy`."""
+    dt = torch.get_autocast_dtype(hidden.device.type) if torch.is_autocast_enabled(hidden.device.type) else hidden.dtype
+    chunk = max(1, chunk_elements // weight.shape[0])
+    with torch.autocast(hidden.device.type, enabled=False):
+        return _LinearLogps.apply(hidden.to(dt), weight.to(dt), None if bias is None else bias.to(dt), labels, chunk)
 
 
 def labelled_rows(labels: torch.Tensor, device: torch.device) -> torch.Tensor | None:
@@ -132,8 +172,8 @@ def linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: tor
     """Fused, chunked ``linear_cross_entropy_reference``: same value and gradients (to rounding).
 
     Computes the head in autocast's dtype when autocast is on, else in ``hidden``'s dtype.
-    ``compiled``: the per-chunk loss and gradient run as one compiled function (a trained bias
-    keeps the eager form). ``rows``: the indices of the rows whose label is not ignored, when the
+    ``compiled``: off CUDA, the per-chunk loss and gradient run as one compiled function (on CUDA the
+    Triton kernel of kernels/row_ce.py runs either way; a trained bias keeps the eager form). ``rows``: the indices of the rows whose label is not ignored, when the
     caller knows them (``labelled_rows``; None: all rows); by default they are found on the device,
     which waits for it.
     """

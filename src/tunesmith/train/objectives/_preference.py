@@ -25,23 +25,28 @@ import torch
 from torch import nn
 
 from . import Objective
-from ...data.collate import on_host
+from ...data.collate import HOST, on_host
 from ...methods import inject
-from ._logps import chunked_logps, logits_logps
+from ._logps import chunked_logps, logits_logps, row_sequence, with_host
 from .causal_lm import default_chunked
 
 REF_KEYS = ("ref_chosen_logps", "ref_rejected_logps")
 
 
 def pair_rows(batch: dict) -> tuple[dict, int]:
-    """``(rows, B)``: the batch as 2B sequences (chosen then rejected), with each position's sequence."""
+    """``(rows, B)``: the batch as 2B sequences (chosen then rejected), with each position's sequence
+    (and their CPU copies, where the batch has its own: ``_logps.with_host``)."""
+    host = batch.get(HOST) or {}
     if "chosen_input_ids" not in batch:   # packed: one row, documents already numbered
-        return {**batch, "sequence": batch["sequence"].reshape(-1)}, int(batch["pairs"])
-    b, t = batch["chosen_input_ids"].shape
+        rows = {k: v for k, v in batch.items() if k != HOST}
+        rows["sequence"] = batch["sequence"].reshape(-1)
+        return with_host(rows, host.get("labels"), host.get("sequence")), int(batch["pairs"])
+    b = batch["chosen_input_ids"].shape[0]
     rows = {k: torch.cat([batch[f"chosen_{k}"], batch[f"rejected_{k}"]]) for k in ("input_ids", "attention_mask",
                                                                                    "labels")}   # (2B, T)
-    rows["sequence"] = torch.arange(2 * b, device=rows["input_ids"].device).repeat_interleave(t)  # (2B*T,)
-    return rows, b
+    rows["sequence"] = row_sequence(rows["labels"])                     # (2B*T,)
+    labels = torch.cat([host["chosen_labels"], host["rejected_labels"]]) if "chosen_labels" in host else None
+    return with_host(rows, labels, None if labels is None else row_sequence(labels)), b
 
 
 def pair_count(batch: dict) -> int:

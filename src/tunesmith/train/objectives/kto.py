@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import torch
 
+from ...data.collate import HOST
 from . import register
+from ._logps import row_sequence, with_host
 from ._preference import PairObjective, Reference
 from .configs.kto import KTOConfig
 
@@ -30,10 +32,10 @@ def kto_loss(logps: torch.Tensor, ref_logps: torch.Tensor, kl_logps: torch.Tenso
 
 
 def _rows(batch: dict, prefix: str) -> tuple[dict, int]:
-    b, t = batch[f"{prefix}input_ids"].shape
     rows = {k: batch[f"{prefix}{k}"] for k in ("input_ids", "attention_mask", "labels")}
-    rows["sequence"] = torch.arange(b, device=rows["input_ids"].device).repeat_interleave(t)
-    return rows, b
+    rows["sequence"] = row_sequence(rows["labels"])
+    labels = (batch.get(HOST) or {}).get(f"{prefix}labels")
+    return with_host(rows, labels, None if labels is None else row_sequence(labels)), rows["labels"].shape[0]
 
 
 @register
