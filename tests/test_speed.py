@@ -39,6 +39,25 @@ def _meta_model(arch: str, method: str):
     return model
 
 
+def test_a_4bit_weight_counts_the_parameters_it_stands_for():
+    """A bitsandbytes 4-bit weight packs two parameters a byte; the block's forward time is that of the
+    matrix it stands for, whose shape its quant_state keeps."""
+    from types import SimpleNamespace
+    model = tiny()
+    plain = speed.BlockShape.of(model).params
+    q = model.model.layers[0].self_attn.q_proj
+    packed = torch.nn.Parameter(torch.zeros(q.weight.numel() // 2, 1, dtype=torch.uint8), requires_grad=False)
+    packed.quant_state = SimpleNamespace(shape=q.weight.shape)
+    q.weight = packed
+    assert speed.BlockShape.of(model).params == plain
+
+
+def test_a_bitsandbytes_4bit_weight_keeps_its_shape_where_the_plan_reads_it():
+    bnb = pytest.importorskip("bitsandbytes")
+    w = bnb.nn.Params4bit(torch.randn(32, 64), requires_grad=False, quant_type="nf4").to("cpu")
+    assert w.numel() == 32 * 64 // 2 and speed._numel(w) == 32 * 64
+
+
 def _weights(model) -> float:
     return float(sum(p.numel() * p.element_size() for p in model.parameters()))
 

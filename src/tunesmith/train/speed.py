@@ -39,6 +39,7 @@ After the first step the measured peak is compared with the prediction; both are
 """
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import asdict, dataclass, field
 
@@ -83,7 +84,7 @@ class BlockShape:
             return None
         ffn = getattr(cfg, "intermediate_size", None) or getattr(cfg, "d_ff", None) or 4 * width
         head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-        return cls(len(blocks), int(width), int(ffn), sum(p.numel() for p in blocks[0].parameters()),
+        return cls(len(blocks), int(width), int(ffn), sum(_numel(p) for p in blocks[0].parameters()),
                    head.weight.numel() if head is not None else 0)
 
     def kept_bytes(self, tokens: int, compiled: bool, act_bytes: float = ACT_BYTES) -> float:
@@ -99,6 +100,13 @@ class BlockShape:
     def head_s(self, tokens: int) -> float:
         """The LM head's forward and backward, between the last block's forward and the first backward."""
         return 6.0 * self.head_params * tokens / TFLOPS
+
+
+def _numel(p: torch.Tensor) -> int:
+    """The parameters a tensor stands for: a 4-bit weight (bitsandbytes) holds two in a byte and keeps its
+    matrix's shape in its ``quant_state``."""
+    shape = getattr(getattr(p, "quant_state", None), "shape", None)
+    return int(math.prod(shape)) if shape is not None else p.numel()
 
 
 @dataclass(frozen=True)
