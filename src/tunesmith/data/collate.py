@@ -115,6 +115,15 @@ def to_device(batch: dict, device: torch.device) -> dict:
     return out
 
 
+def ahead(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A CPU tensor on ``device`` without making the host wait: on CUDA through pinned memory (a copy
+    from pageable memory synchronises the stream, which would stall the host behind the work queued)."""
+    import torch
+    if torch.device(device).type != "cuda":
+        return t.to(device)
+    return t.pin_memory().to(device, non_blocking=True)
+
+
 def on_host(batch: dict, key: str) -> torch.Tensor:
     """``batch[key]`` as the CPU copy ``to_device`` kept, or as it is where there is none."""
     host = batch.get(HOST)

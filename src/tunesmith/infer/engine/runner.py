@@ -20,6 +20,7 @@ import inspect
 import torch
 from torch import nn
 
+from ...data.collate import ahead
 from ...models.compat import cache_kwargs, output_cache
 from ..generate import left_pad
 from ..proxy import positions
@@ -30,12 +31,9 @@ def device_of(model: nn.Module) -> torch.device:
 
 
 def to_device(values: list, device: torch.device, dtype: torch.dtype = torch.long) -> torch.Tensor:
-    """A host list as a tensor on ``device``, copied without waiting for the device: on CUDA through
-    pinned memory (a plain copy from pageable memory synchronises the stream, which would stall the
-    host behind a decode step in flight)."""
-    if torch.device(device).type != "cuda":
-        return torch.tensor(values, dtype=dtype, device=device)
-    return torch.tensor(values, dtype=dtype).pin_memory().to(device, non_blocking=True)
+    """A host list as a tensor on ``device``, copied without waiting for a decode step in flight
+    (``data.collate.ahead``)."""
+    return ahead(torch.tensor(values, dtype=dtype), device)
 
 
 def virtual_head(model: nn.Module) -> int:

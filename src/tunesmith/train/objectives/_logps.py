@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from ...data.collate import HOST
+from ...data.collate import HOST, ahead
 from ...kernels.cross_entropy import IGNORE, linear_logps
 from .causal_lm import model_inputs, next_token_labels, plain_head
 
@@ -57,10 +57,7 @@ def _labelled(rows: dict, n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Ten
         return keep, seq, torch.bincount(seq, minlength=n)
     keep = (next_token_labels(host["labels"]) != IGNORE).nonzero().squeeze(1)
     seq = host["sequence"].index_select(0, keep)
-    out = (keep, seq, torch.bincount(seq, minlength=n))
-    if device.type == "cuda":
-        return tuple(t.pin_memory().to(device, non_blocking=True) for t in out)
-    return tuple(t.to(device) for t in out)
+    return tuple(ahead(t, device) for t in (keep, seq, torch.bincount(seq, minlength=n)))
 
 
 def _per_sequence(token_logps: torch.Tensor, seq: torch.Tensor, n: int,
