@@ -27,12 +27,18 @@ except ImportError:  # no Triton (the CPU build of torch): the reference runs
 
 
 def row_ce_reference(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(loss (c,) in fp32 or wider, gradient (c, V) in the logits' dtype); the logits are not changed."""
+    """(loss (c,) in fp32 or wider, gradient (c, V) in the logits' dtype); the logits are not changed.
+    Written to compile well (kernels/cross_entropy.py compiles it off CUDA): the row maximum and the sum
+    of exponentials are the softmax's pattern, which inductor reduces in one online pass, and give both
+    lse = max + log(sum) (the loss stays lse − logit, finite however unlikely the label) and the
+    softmax; the label's −1 is a comparison with the column index, not a scatter."""
     x = logits.to(torch.promote_types(logits.dtype, torch.float32))
-    lse = torch.logsumexp(x, dim=-1)                                              # (c,)
-    loss = lse - x.gather(1, labels[:, None]).squeeze(1)
-    grad = torch.exp(x - lse[:, None])
-    grad[torch.arange(labels.shape[0], device=labels.device), labels] -= 1.0
+    m = x.amax(dim=-1, keepdim=True)                                              # (c, 1)
+    e = torch.exp(x - m)
+    s = e.sum(dim=-1, keepdim=True)
+    loss = (m + torch.log(s)).squeeze(1) - x.gather(1, labels[:, None]).squeeze(1)  # (c,)
+    cols = torch.arange(x.shape[1], device=x.device)
+    grad = e / s - (cols[None, :] == labels[:, None]).to(x.dtype)                 # softmax − one-hot
     return loss, grad.to(logits.dtype)
 
 
